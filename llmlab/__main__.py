@@ -1,0 +1,3 @@
+from llmlab.main import run
+
+run()

@@ -1,0 +1,204 @@
+"""`build()` and `Data`: seeded, resumable batches on grain.
+
+Training order is a pure function of (seed, step), Levanter-style: for each
+source, rows of its packed training stream (document order seeded by `seed`)
+are shuffled by grain (`MapDataset.shuffle`, reshuffled every epoch by
+`repeat`), sources are interleaved by weight (`MapDataset.mix`, a fixed
+deterministic pattern), and global batch `step` is mixed rows
+[step G, (step+1) G). Process p owns rows [step G + p B, step G + (p+1) B) with
+B = G / process_count, i.e. element `step P + p` of the rows batched by B.
+Resuming at step s is `train_iter(s)`: nothing to checkpoint but the step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import grain
+import numpy as np
+
+from llmlab.data import config as config_lib
+from llmlab.data import corpus
+from llmlab.data import documents
+from llmlab.data import evaluation
+from llmlab.data import files
+from llmlab.data import stdlib
+from llmlab.data import synthetic
+from llmlab.data import tokenizer as tokenizer_lib
+from llmlab.data.errors import DataError
+from llmlab.data.packing import PackedRows
+
+_READERS = {
+    "stdlib": lambda cfg: stdlib.read(cfg.stdlib),
+    "synthetic": lambda cfg: synthetic.read(cfg.synthetic),
+    "files": lambda cfg: files.read(cfg.files, cfg.decode_errors),
+}
+
+
+def read_source(name: str, data_cfg):
+  """The Documents of source `name` as configured in `data_cfg`."""
+  return _READERS[name](data_cfg)
+
+
+def derive_seed(*parts) -> int:
+  """A 32-bit seed (what grain accepts) from any labelled values."""
+  text = "/".join(str(p) for p in parts).encode()
+  return int.from_bytes(hashlib.sha256(text).digest()[:4], "big")
+
+
+class _Part:
+  """One source of the mixture: its weight and tokenized splits."""
+
+  def __init__(self, name, weight, docs, train, val):
+    self.name, self.weight, self.docs = name, weight, docs
+    self.train, self.val = train, val
+
+  def info(self) -> dict:
+    return {"name": self.name, "weight": self.weight,
+            "fingerprint": self.docs.fingerprint, **self.docs.info,
+            "train": self.train.info(), "val": self.val.info()}
+
+
+class Data:
+  """Batches for the train loop; see the package docstring for the layout."""
+
+  def __init__(self, tokenizer, parts: list[_Part], *, seq_len: int,
+               global_batch: int, seed: int, process_index: int,
+               process_count: int, info: dict, read_options):
+    self.tokenizer = tokenizer
+    self.vocab_size = tokenizer.vocab_size
+    self._parts = parts
+    self._seq_len = seq_len
+    self._local_batch = global_batch // process_count
+    self._process_index = process_index
+    self._process_count = process_count
+    self._read_options = read_options
+    self._local, rows_per_epoch = self._train_dataset(seed)
+    self.info = {**info, "rows_per_epoch": rows_per_epoch}
+    self._eval_memo = {}
+
+  def _train_dataset(self, seed: int):
+    """(this process's batches as a grain MapDataset, rows per source)."""
+    rows, rows_per_epoch = [], {}
+    for part in self._parts:
+      packed = PackedRows(part.train, self._seq_len,
+                          derive_seed(seed, part.name, "documents"))
+      rows_per_epoch[part.name] = len(packed)
+      ds = grain.MapDataset.source(packed)
+      rows.append(ds.shuffle(seed=derive_seed(seed, part.name, "rows"))
+                  .repeat())
+    mixed = rows[0] if len(rows) == 1 else grain.MapDataset.mix(
+        rows, [p.weight for p in self._parts])
+    batched = mixed.batch(self._local_batch, drop_remainder=True)
+    return (batched[self._process_index::self._process_count],
+            rows_per_epoch)
+
+  def train_batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of global batch `step`, each array [B, L]."""
+    if step < 0:
+      raise DataError(f"train_batch: step must be >= 0, got {step}")
+    return self._local[step]
+
+  def train_iter(self, start_step: int):
+    """train_batch(start_step), train_batch(start_step + 1), ... prefetched."""
+    if start_step < 0:
+      raise DataError(f"train_iter: start_step must be >= 0, got {start_step}")
+    return iter(self._local[start_step:].to_iter_dataset(self._read_options))
+
+  def eval_batches(self, eval_tokens: int, batch_size: int) -> list[dict]:
+    """The fixed held-out budget as batches of `batch_size` rows (global);
+    this process's share of each. See evaluation.py."""
+    key = (eval_tokens, batch_size)
+    if key not in self._eval_memo:
+      if eval_tokens < 1:
+        raise DataError(f"eval_tokens={eval_tokens}: must be >= 1")
+      weights = [p.weight for p in self._parts]
+      rows = []
+      for part, budget in zip(self._parts,
+                              evaluation.budgets(weights, eval_tokens)):
+        rows += evaluation.rows(part.name, part.val, self._seq_len, budget,
+                                self.tokenizer.pad_id)
+      self._eval_memo[key] = evaluation.batches(
+          rows, batch_size, self.tokenizer.pad_id, self._process_index,
+          self._process_count)
+    return self._eval_memo[key]
+
+
+def build(data_cfg, *, seq_len: int, global_batch: int, seed: int,
+          process_index: int = 0, process_count: int = 1) -> Data:
+  """Reads, splits and tokenizes the configured data; all checks happen here."""
+  _check_shapes(seq_len, global_batch, process_index, process_count)
+  tokenizer = tokenizer_lib.load(str(data_cfg.tokenizer))
+  val_fraction = float(data_cfg.val_fraction)
+  cache_dir = corpus.default_cache_dir(str(data_cfg.cache_dir or ""))
+  parts = [_build_part(name, weight, data_cfg, tokenizer, val_fraction,
+                       cache_dir, seq_len)
+           for name, weight in config_lib.mixture(data_cfg)]
+  info = _info(parts, tokenizer, val_fraction, seq_len)
+  read_options = grain.ReadOptions(
+      num_threads=int(data_cfg.num_threads),
+      prefetch_buffer_size=int(data_cfg.prefetch))
+  return Data(tokenizer, parts, seq_len=seq_len, global_batch=global_batch,
+              seed=seed, process_index=process_index,
+              process_count=process_count, info=info,
+              read_options=read_options)
+
+
+def _check_shapes(seq_len, global_batch, process_index, process_count):
+  if seq_len < 2:
+    raise DataError(f"seq_len={seq_len}: need at least 2 tokens per row")
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise DataError(f"process_index={process_index} is not in "
+                    f"[0, process_count={process_count})")
+  if global_batch < 1 or global_batch % process_count:
+    raise DataError(f"global_batch={global_batch} must be a positive "
+                    f"multiple of process_count={process_count}")
+
+
+def _build_part(name, weight, data_cfg, tokenizer, val_fraction, cache_dir,
+                seq_len) -> _Part:
+  docs = read_source(name, data_cfg)
+  train_texts, val_texts = documents.split(docs, val_fraction)
+  key = f"{docs.fingerprint}|{val_fraction}"
+  train = corpus.tokenize(train_texts, tokenizer, key + "|train", cache_dir)
+  val = corpus.tokenize(val_texts, tokenizer, key + "|val", cache_dir)
+  if train.num_tokens < seq_len:
+    raise DataError(f"source {name!r}: training split has {train.num_tokens} "
+                    f"tokens, less than one row of seq_len={seq_len}")
+  if val.num_docs == 0:
+    raise DataError(f"source {name!r}: every validation document is empty "
+                    "after tokenization")
+  return _Part(name, weight, docs, train, val)
+
+
+def _info(parts: list[_Part], tokenizer, val_fraction, seq_len) -> dict:
+  """JSON-able record of what the run trains and evaluates on."""
+  sources = [p.info() for p in parts]
+  identity = {"sources": [(p.name, p.weight, p.docs.fingerprint)
+                          for p in parts],
+              "tokenizer": tokenizer.fingerprint, "val_fraction": val_fraction}
+  info = {
+      "sources": sources,
+      "fingerprint": hashlib.sha256(
+          json.dumps(identity, sort_keys=True).encode()).hexdigest(),
+      "tokenizer": tokenizer.info(),
+      "val_fraction": val_fraction,
+      "seq_len": seq_len,
+      "docs_train": sum(p.train.num_docs for p in parts),
+      "docs_val": sum(p.val.num_docs for p in parts),
+      "bytes_train": sum(s["train"]["text_bytes"] for s in sources),
+      "bytes_val": sum(s["val"]["text_bytes"] for s in sources),
+      "tokens_train": sum(p.train.num_tokens for p in parts),
+      "tokens_val": sum(p.val.num_tokens for p in parts),
+      "packing": "documents as BOS..EOS in a seeded order cut into rows of "
+                 "seq_len; a cut document continues in the next row with "
+                 "positions restarting at 0",
+  }
+  if len(parts) == 1 and parts[0].name == "synthetic":
+    per_symbol = parts[0].docs.info["entropy_rate_nats_per_symbol"]
+    info["entropy_rate_nats"] = (per_symbol if tokenizer.kind == "byte"
+                                 else None)
+    info["entropy_rate_bits_per_byte"] = (
+        parts[0].docs.info["entropy_rate_bits_per_byte"])
+  return info

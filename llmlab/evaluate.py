@@ -1,0 +1,36 @@
+"""`llmlab eval`: held-out loss and bits per byte of one checkpoint.
+
+The held-out set is the run's own data config's validation documents, cut to
+`train.eval_tokens` tokens: identical for every run sharing that data config
+and tokenizer, so numbers compare across runs (and across tokenizers, in
+bits per byte).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from llmlab import api
+from llmlab import data as data_lib
+from llmlab import sharding as shd
+from llmlab import steps as steps_lib
+
+
+def evaluate_run(workdir: str, step: int | None = None,
+                 eval_tokens: int | None = None, mesh=None) -> dict:
+  run = api.load(workdir, step=step, mesh=mesh)
+  cfg = run.config
+  data = data_lib.build(cfg.data, seq_len=cfg.train.seq_len,
+                        global_batch=cfg.train.batch_size, seed=cfg.train.seed,
+                        process_index=jax.process_index(),
+                        process_count=jax.process_count())
+  setup = run._setup
+  eval_step = steps_lib.make_eval_step(setup)
+  batches = data.eval_batches(eval_tokens or cfg.train.eval_tokens,
+                              cfg.train.eval_batch_size or cfg.train.batch_size)
+  out = steps_lib.evaluate(setup, eval_step, run.params, batches)
+  info = run.info.get("model_info", {})
+  tokens = run.step * info.get("tokens_per_step", 0)
+  return {"workdir": workdir, "step": run.step, "tokens": tokens,
+          "params": info.get("params_total"),
+          "params_nonembed": info.get("params_nonembed"), **out}

@@ -1,0 +1,110 @@
+"""The `llmlab` command line: one subcommand per job.
+
+    llmlab train --config=configs/tiny.py[:variant] --workdir=DIR [--config.KEY=VALUE ...]
+    llmlab eval  --workdir=DIR [--step=N]
+    llmlab fit   --records=records.csv --out=DIR [...]
+    llmlab tokenizer train --source=... --out=tokenizer.json
+
+Config-taking commands use absl flags with ml_collections `config_flags`, so
+`--config=file.py:arg` variants and `--config.train.steps=...` overrides work
+exactly as in big_vision. Multi-process jobs pass `--coordinator`,
+`--num_processes`, `--process_id` (or set LLMLAB_* env vars; on Cloud TPU
+and under SLURM nothing is needed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def _define_common():
+  config_flags.DEFINE_config_file("config", None, "Config file (.py[:arg]).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory.")
+  flags.DEFINE_string("coordinator", None, "jax.distributed host:port.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes.")
+  flags.DEFINE_integer("process_id", None, "This process's index.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+
+
+def _setup_runtime():
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                      datefmt="%H:%M:%S")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  from llmlab import distributed
+  distributed.initialize(FLAGS.coordinator, FLAGS.num_processes,
+                         FLAGS.process_id)
+
+
+def _require(name: str):
+  if getattr(FLAGS, name) is None:
+    raise app.UsageError(f"--{name} is required")
+
+
+def _train(argv):
+  del argv
+  _require("config")
+  _require("workdir")
+  _setup_runtime()
+  from llmlab import train
+  summary = train.train(FLAGS.config, FLAGS.workdir)
+  if train.is_primary():
+    print(json.dumps({k: summary[k] for k in (
+        "step", "loss", "eval_loss", "eval_bpb", "tokens_per_s", "mfu",
+        "params_nonembed", "wall_s")}, default=str))
+
+
+def _eval(argv):
+  del argv
+  _require("workdir")
+  _setup_runtime()
+  from llmlab import evaluate
+  print(json.dumps(evaluate.evaluate_run(FLAGS.workdir, FLAGS.step), indent=2))
+
+
+def _absl(fn):
+  def run(argv):
+    _define_common()
+    app.run(fn, argv=argv)
+    return 0
+  return run
+
+
+def _fit(argv):
+  from llmlab.scaling import fit_cli
+  return fit_cli.main(argv[1:])
+
+
+def _tokenizer(argv):
+  if len(argv) < 2 or argv[1] != "train":
+    print("usage: llmlab tokenizer train --source=... --out=tokenizer.json",
+          file=sys.stderr)
+    return 2
+  from llmlab.data import tokenizer_cli
+  return tokenizer_cli.main(argv[2:])
+
+
+COMMANDS = {
+    "train": _absl(_train),
+    "eval": _absl(_eval),
+    "fit": _fit,
+    "tokenizer": _tokenizer,
+}
+
+
+def run(argv=None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] not in COMMANDS:
+    print("usage: llmlab {" + ",".join(COMMANDS) + "} [flags]\n"
+          "  e.g. llmlab train --config=configs/tiny.py --workdir=/tmp/run",
+          file=sys.stderr)
+    sys.exit(2)
+  cmd = argv[1]
+  sys.exit(COMMANDS[cmd]([f"llmlab {cmd}"] + argv[2:]) or 0)

@@ -1,0 +1,110 @@
+"""Where numbers go: metrics.jsonl, TensorBoard and the console.
+
+Only the primary process (index 0) writes; the others get a no-op writer.
+TensorBoard events are written with tensorboardX (pure Python, no
+TensorFlow); TensorBoard reads them as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def _clean(v):
+  if isinstance(v, (np.floating, np.integer)):
+    v = v.item()
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)
+  return v
+
+
+class Writer:
+  """Appends metric rows to `metrics.jsonl` and TensorBoard scalars."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._tb = None
+    self._jsonl = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               flush_secs=10)
+
+  def row(self, row: dict, tb_tags: dict[str, str]) -> None:
+    """One JSON line; `tb_tags` maps row keys to TensorBoard tags."""
+    if not self.enabled:
+      return
+    row = {k: _clean(v) for k, v in row.items()}
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    for key, tag in tb_tags.items():
+      if key in row and isinstance(row[key], (int, float)):
+        self._tb.add_scalar(tag, row[key], global_step=row["step"])
+
+  def text(self, tag: str, text: str, step: int = 0) -> None:
+    if self.enabled:
+      self._tb.add_text(tag, text, global_step=step)
+
+  def image(self, tag: str, png_path: str, step: int = 0) -> None:
+    if self.enabled:
+      import matplotlib.image as mpimg
+      img = mpimg.imread(png_path)
+      self._tb.add_image(tag, img[..., :3], global_step=step, dataformats="HWC")
+
+  def flush(self) -> None:
+    if self.enabled:
+      self._jsonl.flush()
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def truncate_after(workdir: str, step: int) -> None:
+  """Drop metric rows past `step` (they belong to a run we are replaying).
+
+  After a crash the log may hold rows past the checkpoint we resume from;
+  rewriting the file atomically keeps one row per step, as if uninterrupted.
+  """
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line).get("step", 0) <= step:
+          keep.append(line if line.endswith("\n") else line + "\n")
+      except json.JSONDecodeError:
+        continue  # a line cut by a kill mid-write
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+
+
+class Progress:
+  """A one-line console progress report: step/total, loss, tokens/s, MFU, ETA."""
+
+  def __init__(self, total: int, enabled: bool = True):
+    self.total, self.enabled = total, enabled
+    self.t0 = time.time()
+
+  def update(self, step: int, loss: float, tokens_per_s: float, mfu: float,
+             eta_s: float, extra: str = "") -> None:
+    if not self.enabled:
+      return
+    eta = time.strftime("%H:%M:%S", time.gmtime(max(eta_s, 0)))
+    print(f"step {step}/{self.total}  loss {loss:.4f}  "
+          f"{tokens_per_s:,.0f} tok/s  MFU {100 * mfu:.1f}%  ETA {eta}{extra}",
+          file=sys.stderr, flush=True)

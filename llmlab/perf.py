@@ -1,0 +1,64 @@
+"""Peak FLOP/s per device, for model FLOPs utilisation (MFU).
+
+MFU = achieved model FLOPs per second / (peak FLOP/s x devices), with model
+FLOPs from `llmlab.model.flops_per_token` (no remat recomputation counted).
+Accelerator peaks are the vendors' dense bf16 figures; on CPU there is no
+meaningful datasheet number, so a short fp32 matmul probe measures what the
+machine's matmul kernels actually reach.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+# device_kind substring (lower case) -> dense bf16 peak FLOP/s per device.
+PEAK_FLOPS = {
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,
+    "tpu v6e": 918e12,
+    "tpu7x": 2307e12,
+    "h100": 989e12,
+    "h200": 989e12,
+    "b200": 2250e12,
+    "a100": 312e12,
+    "l4": 121e12,
+    "a10g": 70e12,
+}
+
+_probe_cache: dict[str, float] = {}
+
+
+def matmul_probe(n: int = 1024, repeats: int = 5) -> float:
+  """Measured fp32 matmul FLOP/s of one device (best of `repeats`)."""
+  if "cpu" in _probe_cache:
+    return _probe_cache["cpu"]
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  _probe_cache["cpu"] = 2.0 * n ** 3 / best
+  return _probe_cache["cpu"]
+
+
+def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
+  """(peak FLOP/s, where the number came from)."""
+  if override and override > 0:
+    return float(override), "config train.peak_flops"
+  kind = jax.devices()[0].device_kind.lower()
+  for key, value in PEAK_FLOPS.items():
+    if key in kind:
+      return value, f"table ({jax.devices()[0].device_kind})"
+  if jax.devices()[0].platform == "cpu":
+    return matmul_probe(), "cpu fp32 matmul probe"
+  return 0.0, f"unknown device kind {kind!r} (set train.peak_flops)"

@@ -1,0 +1,144 @@
+"""Loss records: reading the CSV, validating it, and choosing which checkpoints to fit.
+
+A records table is a plain dict of equal-length numpy arrays ("columnar"):
+  params, tokens, loss : float64, required, finite and > 0 (they are logged);
+  run                  : str, the run each row belongs to. Without a `run`
+                         column every row is its own run ("line<N>" / "row<i>"), so that
+                         resampling runs in the bootstrap resamples points;
+  step, flops          : float64, optional.
+Other CSV columns are ignored. `as_records` also accepts a list of row dicts.
+"""
+
+import csv
+from typing import Iterable, Mapping
+
+import numpy as np
+
+REQUIRED = ("params", "tokens", "loss")
+OPTIONAL_NUMERIC = ("step", "flops")
+
+
+class RecordsError(ValueError):
+  """Bad records input; the message names the file, line and column."""
+
+
+def _number(text, where: str, column: str) -> float:
+  if text is None or (isinstance(text, str) and not text.strip()):
+    raise RecordsError(f"{where}: column {column!r}: missing value")
+  try:
+    value = float(text)
+  except (TypeError, ValueError):
+    raise RecordsError(f"{where}: column {column!r}: non-numeric value {text!r}") from None
+  if not np.isfinite(value):
+    raise RecordsError(f"{where}: column {column!r}: non-finite value {text!r}")
+  if column in REQUIRED and value <= 0:
+    raise RecordsError(f"{where}: column {column!r}: value {text!r} must be > 0")
+  return value
+
+
+def _columns(rows: Iterable[tuple[str, str, Mapping]], source: str, present) -> dict:
+  """Validates (where, label, row) triples into columns; `present` are the keys.
+
+  `label` names the row's run when there is no run column.
+  """
+  missing = [c for c in REQUIRED if c not in present]
+  if missing:
+    raise RecordsError(f"{source}: missing required column(s) {missing}; "
+                       f"found {sorted(present)}")
+  numeric = REQUIRED + tuple(c for c in OPTIONAL_NUMERIC if c in present)
+  cols = {c: [] for c in numeric}
+  runs = []
+  for where, label, row in rows:
+    for c in numeric:
+      cols[c].append(_number(row.get(c), where, c))
+    runs.append(str(row["run"]) if "run" in present else label)
+  if not runs:
+    raise RecordsError(f"{source}: no data rows")
+  out = {c: np.asarray(v, dtype=np.float64) for c, v in cols.items()}
+  out["run"] = np.asarray(runs, dtype=object)
+  return out
+
+
+def read_records(path) -> dict:
+  """Reads a records CSV (see the module docstring)."""
+  path = str(path)
+  try:
+    f = open(path, newline="")
+  except OSError as e:
+    raise RecordsError(f"{path}: cannot open records file: {e}") from None
+  with f:
+    reader = csv.DictReader(f)
+    if not reader.fieldnames:
+      raise RecordsError(f"{path}: empty file (no header line)")
+    header = [h.strip() for h in reader.fieldnames]
+    reader.fieldnames = header
+    rows = ((f"{path}, line {reader.line_num}", f"line{reader.line_num}", row)
+            for row in reader)
+    return _columns(rows, path, set(header))
+
+
+def as_records(records, source: str = "records") -> dict:
+  """Normalises a list of row dicts or a dict of columns into a validated table."""
+  if isinstance(records, Mapping):
+    present = set(records)
+    n = len(np.asarray(records[REQUIRED[0]])) if REQUIRED[0] in records else 0
+    lengths = {k: len(np.atleast_1d(records[k])) for k in present}
+    if len(set(lengths.values())) > 1:
+      raise RecordsError(f"{source}: columns have different lengths {lengths}")
+    rows = ((f"{source}, row {i}", f"row{i}",
+             {k: np.atleast_1d(records[k])[i] for k in present}) for i in range(n))
+  else:
+    records = list(records)
+    present = set(records[0]) if records else set(REQUIRED)
+    for i, r in enumerate(records):
+      if set(r) != present:
+        raise RecordsError(f"{source}, row {i}: keys {sorted(r)} differ from row 0's "
+                           f"{sorted(present)}")
+    rows = ((f"{source}, row {i}", f"row{i}", r) for i, r in enumerate(records))
+  return _columns(rows, source, present)
+
+
+def take(records: Mapping, mask_or_index) -> dict:
+  """Rows of every column selected by a boolean mask or an index array."""
+  return {k: np.asarray(v)[mask_or_index] for k, v in records.items()}
+
+
+def run_names(records: Mapping) -> list[str]:
+  """Distinct runs in order of first appearance."""
+  return list(dict.fromkeys(records["run"].tolist()))
+
+
+def final_tokens(records: Mapping) -> np.ndarray:
+  """For each row, the largest token count of its run."""
+  out = np.empty_like(records["tokens"])
+  for r in run_names(records):
+    m = records["run"] == r
+    out[m] = records["tokens"][m].max()
+  return out
+
+
+def select(records: Mapping, *, min_tokens: float | None = None,
+           min_fraction: float | None = None, final_only: bool = False,
+           runs: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> dict:
+  """Checkpoints to fit: early ones (few tokens) are dropped because they follow
+  the warm-up/decay transient, not the law.
+
+  min_fraction is relative to each run's final token count; final_only keeps each
+  run's last checkpoint; runs/exclude pick runs by name.
+  """
+  names = set(run_names(records))
+  wanted = list(runs) if runs is not None else list(names)
+  unknown = [r for r in list(wanted) + list(exclude) if r not in names]
+  if unknown:
+    raise RecordsError(f"unknown run(s) {unknown}; known: {sorted(names)[:20]}")
+  keep = np.isin(records["run"], wanted) & ~np.isin(records["run"], list(exclude))
+  final = final_tokens(records)
+  if min_tokens is not None:
+    keep &= records["tokens"] >= min_tokens
+  if min_fraction is not None:
+    keep &= records["tokens"] >= min_fraction * final
+  if final_only:
+    keep &= records["tokens"] == final
+  if not keep.any():
+    raise RecordsError("checkpoint selection left no records to fit")
+  return take(records, keep)

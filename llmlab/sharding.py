@@ -1,0 +1,124 @@
+"""Meshes and shardings: the one place that maps logical axes to devices.
+
+The mesh has axes (data, fsdp, tensor). `config.mesh.rules` maps logical
+names (from `llmlab/model.py`) to mesh axes; params, optimizer state and
+batches get their `NamedSharding` from it. The mesh uses `AxisType.Auto`
+so XLA's sharding propagation (GSPMD) fills in everything between the
+annotated inputs/outputs and the activation constraints.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) with -1 meaning 'all remaining devices'.
+
+  `data` here is the total data-parallel size: dcn_data (slices, over the
+  data-centre network) times the data size within a slice.
+  """
+  from llmlab.config import ConfigError
+
+  dcn = int(mesh_cfg.get("dcn_data", 1) or 1)
+  sizes = {"data": int(mesh_cfg.data), "fsdp": int(mesh_cfg.fsdp),
+           "tensor": int(mesh_cfg.tensor)}
+  free = [k for k, v in sizes.items() if v == -1]
+  if len(free) > 1:
+    raise ConfigError(f"only one of mesh.data/fsdp/tensor may be -1, got {sizes}")
+  for k, v in sizes.items():
+    if v == 0 or v < -1:
+      raise ConfigError(f"config.mesh.{k}={v}: must be a positive int or -1")
+  fixed = math.prod(v for v in sizes.values() if v != -1) * dcn
+  if free:
+    if num_devices % fixed:
+      raise ConfigError(
+          f"mesh {sizes} (dcn_data={dcn}) cannot fill {num_devices} devices: "
+          f"{num_devices} is not divisible by {fixed}")
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes.values()) * dcn != num_devices:
+    raise ConfigError(
+        f"config.mesh data={sizes['data']} x fsdp={sizes['fsdp']} x "
+        f"tensor={sizes['tensor']} x dcn_data={dcn} = "
+        f"{math.prod(sizes.values()) * dcn} devices, but {num_devices} are "
+        "available")
+  return (sizes["data"] * dcn, sizes["fsdp"], sizes["tensor"])
+
+
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(mesh_cfg, len(devices))
+  dcn = int(mesh_cfg.get("dcn_data", 1) or 1)
+  auto = (jax.sharding.AxisType.Auto,) * 3
+  if dcn > 1:
+    from jax.experimental import mesh_utils
+    ici = (shape[0] // dcn, shape[1], shape[2])
+    arr = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices)
+    return jax.sharding.Mesh(arr, AXES, axis_types=auto)
+  if devices == list(jax.devices()):
+    return jax.make_mesh(shape, AXES, axis_types=auto)
+  return jax.sharding.Mesh(np.array(devices).reshape(shape), AXES,
+                           axis_types=auto)
+
+
+def rules(mesh_cfg) -> tuple:
+  return tuple((name, tuple(ax) if isinstance(ax, list) else ax)
+               for name, ax in mesh_cfg.rules)
+
+
+def logical_sharding(mesh, rule_table, names: tuple) -> NamedSharding:
+  spec = nn.logical_to_mesh_axes(names, rule_table)
+  return NamedSharding(mesh, spec)
+
+
+def tree_shardings(mesh, rule_table, boxed_abstract_tree):
+  """NamedShardings for a tree whose leaves are flax LogicallyPartitioned.
+
+  A dimension that its mesh axes do not divide (e.g. the byte vocabulary of
+  259 over tensor=2) is replicated instead: stored arrays must tile evenly.
+  """
+  specs = nn.get_partition_spec(boxed_abstract_tree)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rule_table)
+  shapes = nn.unbox(boxed_abstract_tree)
+  return jax.tree.map(lambda x, s: fit_sharding(x.shape, s), shapes, shardings)
+
+
+def fit_sharding(shape, sharding: NamedSharding) -> NamedSharding:
+  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+  for i, axes in enumerate(spec):
+    if axes is None:
+      continue
+    names = axes if isinstance(axes, tuple) else (axes,)
+    if shape[i] % math.prod(sharding.mesh.shape[a] for a in names):
+      spec[i] = None
+  return NamedSharding(sharding.mesh, P(*spec))
+
+
+def batch_sharding(mesh, rule_table) -> NamedSharding:
+  return logical_sharding(mesh, rule_table, ("batch", "length"))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local: dict, sharding: NamedSharding) -> dict:
+  """Host-local numpy rows -> one global jax.Array per key."""
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in local.items()}
+
+
+def bytes_per_device(tree) -> int:
+  """Bytes of the largest per-device shard of a tree of (abstract) arrays."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if hasattr(x, "sharding") and x.sharding is not None else x.shape
+    total += math.prod(shape) * np.dtype(x.dtype).itemsize
+  return total

@@ -1,0 +1,200 @@
+"""Jitted, sharded computations: state init, train step, eval step.
+
+Everything here is built from a config and a mesh. State shardings come from
+the params' logical names through the rules table; the train step is
+`jax.jit` with `in_shardings`/`out_shardings` and donates the old state so
+params and optimizer buffers are updated in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from llmlab import model as model_lib
+from llmlab import objectives
+from llmlab import optim
+from llmlab import sharding as shd
+
+BATCH_KEYS = ("tokens", "segment_ids", "positions", "bytes")
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything static about a run: model, optimizer, mesh, shardings."""
+
+  cfg: Any
+  model_cfg: model_lib.ModelConfig
+  model: model_lib.Transformer
+  tx: optax.GradientTransformation
+  lr_schedule: Callable
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  state_shardings: Any
+  batch_sharding: jax.sharding.NamedSharding
+  abstract_state: Any  # unboxed ShapeDtypeStructs with shardings
+
+
+def build(cfg, vocab_size: int, mesh: jax.sharding.Mesh) -> Setup:
+  mcfg = model_lib.ModelConfig.from_config(cfg.model, vocab_size)
+  model = model_lib.Transformer(mcfg)
+  tx, lr = optim.make(cfg.optim, cfg.train.learning_rate, cfg.train.steps)
+  rules = shd.rules(cfg.mesh)
+  boxed = jax.eval_shape(functools.partial(_init_boxed, model, tx,
+                                           cfg.train.seq_len),
+                         jax.random.key(0))
+  shardings = shd.tree_shardings(mesh, rules, boxed)
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      nn.unbox(boxed), shardings)
+  return Setup(cfg, mcfg, model, tx, lr, mesh, rules, shardings,
+               shd.batch_sharding(mesh, rules), abstract)
+
+
+def _init_boxed(model, tx, seq_len, rng):
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  params = model.init(rng, tokens)["params"]
+  return {"step": jnp.zeros((), jnp.int32), "params": params,
+          "opt_state": tx.init(params)}
+
+
+def init_state(setup: Setup, seed: int):
+  """Fresh state, created directly in its sharded layout (never gathered)."""
+  def init(rng):
+    return nn.unbox(_init_boxed(setup.model, setup.tx,
+                                setup.cfg.train.seq_len, rng))
+  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    return jax.jit(init, out_shardings=setup.state_shardings)(
+        jax.random.key(seed))
+
+
+def apply_fn(model: model_lib.Transformer):
+  """(params, batch, rng, train) -> logits, the model as objectives see it."""
+  def apply(params, batch, rng, train):
+    rngs = {"dropout": rng} if (train and model.cfg.dropout > 0) else None
+    return model.apply({"params": params}, batch["tokens"],
+                       batch["segment_ids"], batch["positions"],
+                       deterministic=not train, rngs=rngs)
+  return apply
+
+
+def make_train_step(setup: Setup, aux=None, aux_shardings=None):
+  """Compiled step: (state, batch, aux) -> (state, metrics).
+
+  The batch is split into `train.microbatches` slices scanned in sequence;
+  per-slice loss *sums* and gradients are added and divided once by the
+  total target count, so the update equals the full-batch update.
+  """
+  cfg = setup.cfg
+  ctx_cfg = cfg.objective
+  objective = objectives.get(cfg.objective.name)
+  apply = apply_fn(setup.model)
+  micro = cfg.train.microbatches
+  seed = cfg.train.seed
+
+  def step_fn(state, batch, aux_params):
+    ctx = objectives.Context(apply=apply, cfg=ctx_cfg, aux=aux_params)
+    rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+    grad_fn = jax.value_and_grad(
+        lambda p, b, r: objective(ctx, p, b, r), has_aux=True)
+
+    def one(carry, xs):
+      b, i = xs
+      (loss, sums), grads = grad_fn(state["params"], b,
+                                    jax.random.fold_in(rng, i))
+      sums = dict(sums, loss_sum=loss)
+      return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+    if micro == 1:
+      (grads, sums), _ = one(_zeros_like_out(grad_fn, state, batch, rng),
+                             (batch, 0))
+    else:
+      mb = jax.tree.map(
+          lambda x: x.reshape(micro, x.shape[0] // micro, *x.shape[1:]), batch)
+      mb = jax.tree.map(lambda x: nn.with_logical_constraint(
+          x, (None, "batch", "length")), mb)
+      zero = _zeros_like_out(grad_fn, state, jax.tree.map(lambda x: x[0], mb),
+                             rng)
+      (grads, sums), _ = jax.lax.scan(one, zero, (mb, jnp.arange(micro)))
+    weight = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    updates, opt_state = setup.tx.update(grads, state["opt_state"],
+                                         state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {k[:-4] if k.endswith("_sum") else k: v / weight
+               for k, v in sums.items() if k != "weight"}
+    metrics.update(grad_norm=optax.global_norm(grads),
+                   learning_rate=setup.lr_schedule(state["step"]),
+                   targets=sums["weight"])
+    new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    return new, metrics
+
+  repl = shd.replicated(setup.mesh)
+  jitted = jax.jit(
+      step_fn,
+      in_shardings=(setup.state_shardings, setup.batch_sharding,
+                    aux_shardings),
+      out_shardings=(setup.state_shardings, repl),
+      donate_argnums=(0,))
+
+  def run(state, batch):
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+      return jitted(state, batch, aux)
+  run.jitted = jitted
+  return run
+
+
+def _zeros_like_out(grad_fn, state, batch, rng):
+  """Zero accumulators with the structure of (grads, sums)."""
+  (_, sums), grads = jax.eval_shape(grad_fn, state["params"], batch, rng)
+  zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), t)
+  return zeros(grads), dict(zeros(sums), loss_sum=jnp.zeros((), jnp.float32))
+
+
+def make_eval_step(setup: Setup):
+  """Compiled (params, batch) -> (nll_sum, target_count, byte_count).
+
+  Objective-independent: evaluation is always the next-token NLL of real
+  targets, and bits per byte divide by the UTF-8 bytes of those targets.
+  """
+  from llmlab.objectives.next_token import target_mask, token_nll
+  apply = apply_fn(setup.model)
+
+  def eval_fn(params, batch):
+    logits = apply(params, batch, None, False)
+    mask = target_mask(batch).astype(jnp.float32)
+    nll, _ = token_nll(logits, batch["tokens"])
+    nbytes = batch["bytes"][:, 1:].astype(jnp.float32) * mask
+    return jnp.sum(nll * mask), jnp.sum(mask), jnp.sum(nbytes)
+
+  repl = shd.replicated(setup.mesh)
+  jitted = jax.jit(eval_fn,
+                   in_shardings=(setup.state_shardings["params"],
+                                 setup.batch_sharding),
+                   out_shardings=repl)
+
+  def run(params, batch):
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+      return jitted(params, batch)
+  return run
+
+
+def evaluate(setup: Setup, eval_step, params, eval_batches) -> dict:
+  """Mean eval loss (nats/target token) and bits per byte over a fixed set."""
+  import math
+  tot = [0.0, 0.0, 0.0]
+  pending = [eval_step(params, shd.global_batch(b, setup.batch_sharding))
+             for b in eval_batches]
+  for out in pending:
+    for i, v in enumerate(out):
+      tot[i] += float(v)
+  nll, n, nbytes = tot
+  return {"eval_loss": nll / max(n, 1.0),
+          "eval_bpb": nll / (math.log(2) * max(nbytes, 1.0)),
+          "eval_targets": n}

@@ -1,0 +1,267 @@
+"""The training loop: config -> checkpoints, metrics.jsonl, TensorBoard.
+
+Order of events, so that mistakes surface before anything expensive:
+validate config -> build mesh -> build data (bad files raise here) ->
+abstract state + shardings -> write config.json -> restore or init ->
+compile -> loop.
+
+The loop dispatches step s+1 before reading step s's metrics from the device
+(metrics are one step late), so the host never stalls the accelerator.
+Data batches and dropout RNG are pure functions of (seed, step): resuming
+from a checkpoint at step s replays exactly the run that was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from llmlab import checkpoints as ckpt_lib
+from llmlab import config as config_lib
+from llmlab import data as data_lib
+from llmlab import metrics as metrics_lib
+from llmlab import model as model_lib
+from llmlab import objectives
+from llmlab import perf
+from llmlab import sharding as shd
+from llmlab import steps as steps_lib
+
+log = logging.getLogger("llmlab")
+
+TB_TAGS = {
+    "loss": "train/loss", "learning_rate": "train/learning_rate",
+    "grad_norm": "train/grad_norm", "tokens": "train/tokens",
+    "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu",
+    "step_time_s": "perf/step_time_s",
+    "eval_loss": "eval/loss", "eval_bpb": "eval/bpb",
+}
+
+
+def is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def model_info(cfg, vocab_size: int) -> dict:
+  """Sizes and FLOPs every run logs (and config.json/checkpoints record)."""
+  mcfg = model_lib.ModelConfig.from_config(cfg.model, vocab_size)
+  counts = model_lib.param_counts(mcfg)
+  flops = model_lib.flops_per_token(mcfg, cfg.train.seq_len)
+  return {"vocab_size": vocab_size, "params_total": counts["total"],
+          "params_nonembed": counts["non_embedding"],
+          "params_embed": counts["embedding"],
+          "flops_per_token": flops["train"],
+          "flops_per_token_forward": flops["forward"],
+          "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len}
+
+
+def prepare(cfg, workdir: str | None = None):
+  """Validate, make mesh, data and the sharded setup (no compile, no alloc)."""
+  cfg = config_lib.merge_defaults(cfg)
+  config_lib.validate(cfg, jax.device_count())
+  mesh = shd.make_mesh(cfg.mesh)
+  data = data_lib.build(cfg.data, seq_len=cfg.train.seq_len,
+                        global_batch=cfg.train.batch_size, seed=cfg.train.seed,
+                        process_index=jax.process_index(),
+                        process_count=jax.process_count())
+  setup = steps_lib.build(cfg, data.vocab_size, mesh)
+  return cfg, data, setup
+
+
+class _Preempted:
+  """SIGTERM flag: finish the current step, save, exit cleanly."""
+
+  def __init__(self):
+    self.flag = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._set)
+    except ValueError:  # not the main thread
+      self._old = None
+    return self
+
+  def _set(self, *_):
+    self.flag = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _write_config(workdir: str, cfg, info: dict, data_info: dict, mesh) -> None:
+  out = config_lib.to_dict(cfg)
+  out["model_info"] = info
+  out["data_info"] = data_info
+  out["mesh_shape"] = dict(mesh.shape)
+  out["devices"] = {"count": jax.device_count(),
+                    "kind": jax.devices()[0].device_kind,
+                    "processes": jax.process_count()}
+  out["versions"] = {"jax": jax.__version__}
+  tmp = os.path.join(workdir, "config.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(out, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
+def _check_resume_compatible(saved: dict, cfg) -> None:
+  """Refuse to resume a checkpoint of another model shape or objective."""
+  saved_cfg = saved.get("config", {})
+  want = dict(config_lib.model_shape_keys(cfg),
+              **{"objective.name": cfg.objective.name})
+  diffs = []
+  for key, value in want.items():
+    group, name = key.split(".")
+    old = saved_cfg.get(group, {}).get(name)
+    if old != value:
+      diffs.append(f"{key}: checkpoint {old!r} != config {value!r}")
+  if diffs:
+    raise config_lib.ConfigError(
+        "cannot resume: the workdir's checkpoint was made with a different "
+        "model or objective (" + "; ".join(diffs) + "). Use a new --workdir, "
+        "or --config.init_from=OLD_WORKDIR to start from its params.")
+
+
+def initial_state(setup, cfg):
+  """Fresh params, or params from `init_from` with a fresh optimizer."""
+  state = steps_lib.init_state(setup, cfg.train.seed)
+  if cfg.init_from:
+    from llmlab import api
+    params = api.restore_params(cfg.init_from, setup)
+    state = dict(state, params=params)
+    log.info("initialised params from %s", cfg.init_from)
+  return state
+
+
+def train(cfg, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) one training run; returns a summary dict."""
+  cfg, data, setup = prepare(cfg, workdir)
+  primary = is_primary()
+  if primary:
+    os.makedirs(workdir, exist_ok=True)
+  aux = objectives.prepare(cfg, setup)
+  info = model_info(cfg, data.vocab_size)
+  if aux.info:
+    info["objective_aux"] = aux.info
+  peak, peak_src = perf.peak_flops_per_device(cfg.train.peak_flops)
+  info.update(peak_flops_per_device=peak, peak_flops_source=peak_src)
+  if primary:
+    _write_config(workdir, cfg, info, data.info, setup.mesh)
+  log.info("model: N(non-embedding)=%s total=%s FLOPs/token=%.3g mesh=%s",
+           f"{info['params_nonembed']:,}", f"{info['params_total']:,}",
+           info["flops_per_token"], dict(setup.mesh.shape))
+
+  mgr = ckpt_lib.Manager(workdir, cfg.checkpoint, cfg.train.steps)
+  state, meta = mgr.restore_latest(setup.abstract_state)
+  if state is not None:
+    _check_resume_compatible(meta, cfg)
+    log.info("resumed from step %d", int(state["step"]))
+  else:
+    state = initial_state(setup, cfg)
+  start = int(state["step"])
+  if primary:
+    metrics_lib.truncate_after(workdir, start)
+
+  writer = metrics_lib.Writer(workdir, enabled=primary)
+  if start == 0:
+    writer.text("config", "```\n" + cfg.to_json(indent=2) + "\n```")
+    writer.text("model_info", "```\n" + json.dumps(info, indent=2) + "\n```")
+  train_step = steps_lib.make_train_step(setup, aux.params, aux.shardings)
+  eval_step = steps_lib.make_eval_step(setup)
+  eval_batches = None
+  tokens_per_step = info["tokens_per_step"]
+  flops_per_step = (info["flops_per_token"] +
+                    aux.info.get("flops_per_token", 0.0)) * tokens_per_step
+  peak_total = peak * jax.device_count()
+  progress = metrics_lib.Progress(cfg.train.steps, enabled=primary)
+
+  def meta_for(step):
+    return {"config": config_lib.to_dict(cfg), "model_info": info,
+            "step": step, "tokens": step * tokens_per_step,
+            "data_info": data.info}
+
+  def run_eval(params):
+    nonlocal eval_batches
+    if eval_batches is None:
+      eval_batches = data.eval_batches(cfg.train.eval_tokens,
+                                       cfg.train.eval_batch_size or
+                                       cfg.train.batch_size)
+    return steps_lib.evaluate(setup, eval_step, params, eval_batches)
+
+  last = {}
+  last_eval = {}
+  pending = None  # (step, device metrics) read one step late
+  t_mark, step_mark = time.time(), start
+  t_start = time.time()
+  preempted = False
+  data_iter = data.train_iter(start)
+  with _Preempted() as sig:
+    for step in range(start, cfg.train.steps):
+      batch = shd.global_batch(next(data_iter), setup.batch_sharding)
+      state, m = train_step(state, batch)
+      done = step + 1
+      if pending is not None:
+        row = _finish_row(pending, tokens_per_step)
+        if row is not None:
+          now = time.time()
+          dt = (now - t_mark) / max(row["step"] - step_mark, 1)
+          t_mark, step_mark = now, row["step"]
+          row["step_time_s"] = dt
+          row["tokens_per_s"] = tokens_per_step / dt
+          row["mfu"] = (flops_per_step / dt / peak_total) if peak_total else 0.0
+          writer.row(row, TB_TAGS)
+          last = row
+          progress.update(row["step"], row["loss"], row["tokens_per_s"],
+                          row["mfu"], dt * (cfg.train.steps - row["step"]))
+      log_now = done % cfg.train.log_every == 0 or done == cfg.train.steps
+      pending = (done, m) if log_now else None
+      if cfg.train.eval_every and done % cfg.train.eval_every == 0:
+        last_eval = dict(run_eval(state["params"]), step=done)
+        writer.row({"tokens": done * tokens_per_step, **last_eval}, TB_TAGS)
+      mgr.save(done, state, meta_for(done))
+      if sig.flag:
+        preempted = True
+        mgr.save(done, state, meta_for(done), force=True)
+        break
+  if pending is not None:
+    row = _finish_row(pending, tokens_per_step)
+    now = time.time()
+    dt = (now - t_mark) / max(row["step"] - step_mark, 1)
+    row.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
+               mfu=(flops_per_step / dt / peak_total) if peak_total else 0.0)
+    writer.row(row, TB_TAGS)
+    last = row
+  final_step = int(state["step"])
+  if (not preempted and final_step == cfg.train.steps and
+      last_eval.get("step") != final_step):
+    last_eval = dict(run_eval(state["params"]), step=final_step)
+    writer.row({"tokens": final_step * tokens_per_step, **last_eval}, TB_TAGS)
+  last = {**last, **{k: v for k, v in last_eval.items() if k != "step"}}
+  mgr.save(final_step, state, meta_for(final_step), force=preempted)
+  mgr.close()
+  writer.close()
+  wall = time.time() - t_start
+  summary = {"workdir": workdir, "step": final_step, "preempted": preempted,
+             "wall_s": wall, **{k: last.get(k) for k in (
+                 "loss", "eval_loss", "eval_bpb", "tokens_per_s", "mfu")},
+             **info}
+  if preempted and primary:
+    print(f"llmlab: SIGTERM received; saved step {final_step} to "
+          f"{ckpt_lib.checkpoint_dir(workdir)}. Re-run the same command to "
+          "resume.", flush=True)
+  return summary
+
+
+def _finish_row(pending, tokens_per_step: int) -> dict | None:
+  step, m = pending
+  vals = jax.device_get(m)
+  row = {"step": step, "tokens": step * tokens_per_step}
+  row.update({k: float(np.asarray(v)) for k, v in vals.items()})
+  return row
