@@ -47,7 +47,7 @@ def base() -> ConfigDict:
   c.model = ConfigDict(dict(
       num_layers=2, d_model=128, num_heads=4, num_kv_heads=4, head_dim=0,
       mlp_dim=512, rope_theta=10_000.0, tie_embeddings=False, qk_norm=False,
-      dropout=0.0, norm_eps=1e-6, remat="none", scan_unroll=1,
+      attn_bias=False, dropout=0.0, norm_eps=1e-6, remat="none", scan_unroll=1,
       dtype="float32", param_dtype="float32", init_std=0.02))
 
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1,
@@ -65,7 +65,7 @@ def base() -> ConfigDict:
 
   c.checkpoint = ConfigDict(dict(
       every_steps=0, keep=2, sweep_points=0, sweep_min_fraction=0.1,
-      async_save=True))
+      keep_at_steps=(), async_save=True))
 
   c.objective = ConfigDict(dict(name="next_token", z_loss=0.0,
                                 label_smoothing=0.0))
@@ -165,4 +165,4 @@ def model_shape_keys(cfg: ConfigDict) -> dict:
   m = cfg.model
   return {f"model.{k}": m[k] for k in (
       "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
-      "mlp_dim", "tie_embeddings", "qk_norm")}
+      "mlp_dim", "tie_embeddings", "qk_norm", "attn_bias")}

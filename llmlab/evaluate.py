@@ -30,7 +30,7 @@ def evaluate_run(workdir: str, step: int | None = None,
                               cfg.train.eval_batch_size or cfg.train.batch_size)
   out = steps_lib.evaluate(setup, eval_step, run.params, batches)
   info = run.info.get("model_info", {})
-  tokens = run.step * info.get("tokens_per_step", 0)
+  tokens = run.info.get("tokens", run.step * info.get("tokens_per_step", 0))
   return {"workdir": workdir, "step": run.step, "tokens": tokens,
           "params": info.get("params_total"),
           "params_nonembed": info.get("params_nonembed"), **out}

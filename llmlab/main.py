@@ -2,7 +2,9 @@
 
     llmlab train --config=configs/tiny.py[:variant] --workdir=DIR [--config.KEY=VALUE ...]
     llmlab eval  --workdir=DIR [--step=N]
+    llmlab sweep --workdir=RUN [--workdir=RUN2 ...] --out=records.csv
     llmlab fit   --records=records.csv --out=DIR [...]
+    llmlab study --config=configs/study_quick.py[:smoke] --workdir=DIR
     llmlab tokenizer train --source=... --out=tokenizer.json
 
 Config-taking commands use absl flags with ml_collections `config_flags`, so
@@ -69,6 +71,17 @@ def _eval(argv):
   print(json.dumps(evaluate.evaluate_run(FLAGS.workdir, FLAGS.step), indent=2))
 
 
+def _study(argv):
+  del argv
+  _require("config")
+  _require("workdir")
+  _setup_runtime()
+  from llmlab.scaling import study
+  result = study.run_study(FLAGS.config, FLAGS.workdir)
+  keys = ("are", "naive_are", "skill", "wall_time_s")
+  print(json.dumps({k: result.get(k) for k in keys}, default=str))
+
+
 def _absl(fn):
   def run(argv):
     _define_common()
@@ -80,6 +93,11 @@ def _absl(fn):
 def _fit(argv):
   from llmlab.scaling import fit_cli
   return fit_cli.main(argv[1:])
+
+
+def _sweep(argv):
+  from llmlab.scaling import sweep
+  return sweep.main(argv[1:])
 
 
 def _tokenizer(argv):
@@ -94,6 +112,8 @@ def _tokenizer(argv):
 COMMANDS = {
     "train": _absl(_train),
     "eval": _absl(_eval),
+    "study": _absl(_study),
+    "sweep": _sweep,
     "fit": _fit,
     "tokenizer": _tokenizer,
 }

@@ -41,6 +41,7 @@ class ModelConfig:
   rope_theta: float = 10_000.0
   tie_embeddings: bool = False
   qk_norm: bool = False
+  attn_bias: bool = False  # q/k/v projection biases (Qwen2-style)
   dropout: float = 0.0
   norm_eps: float = 1e-6
   remat: str = "none"  # none | full | dots
@@ -133,6 +134,14 @@ class Attention(nn.Module):
     q_BxLxHxE = jnp.einsum("bld,dhe->blhe", x_BxLxD, wq.astype(dt))
     k_BxLxKxE = jnp.einsum("bld,dke->blke", x_BxLxD, wk.astype(dt))
     v_BxLxKxE = jnp.einsum("bld,dke->blke", x_BxLxD, wv.astype(dt))
+    if cfg.attn_bias:
+      zeros = nn.initializers.zeros
+      bq = _param(self, "bq", ("heads", "head_dim"), (h, e), 0.0, cfg, zeros)
+      bk = _param(self, "bk", ("kv_heads", "head_dim"), (k, e), 0.0, cfg, zeros)
+      bv = _param(self, "bv", ("kv_heads", "head_dim"), (k, e), 0.0, cfg, zeros)
+      q_BxLxHxE = q_BxLxHxE + bq.astype(dt)
+      k_BxLxKxE = k_BxLxKxE + bk.astype(dt)
+      v_BxLxKxE = v_BxLxKxE + bv.astype(dt)
     q_BxLxHxE = constrain(q_BxLxHxE, ("batch", "length", "heads", "head_dim"))
     if cfg.qk_norm:
       q_BxLxHxE = RMSNorm(cfg, "head_dim", name="q_norm")(q_BxLxHxE)
@@ -175,6 +184,12 @@ class Attention(nn.Module):
     cs = self.variable("cache", "seg", jnp.zeros, (b, l), jnp.int32)
     idx = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
     if is_init:  # shape-only pass that allocates the cache
+      if not self.is_initializing():
+        raise ValueError(
+            "Transformer(decode=True) was applied without a 'cache' "
+            "collection: create it with model.init(..., decode=True) at the "
+            "maximum total length and pass it with mutable=['cache'] "
+            "(see llmlab/sample.py)")
       return k_BxLxKxE, v_BxLxKxE, segment_ids_BxL, jnp.ones((b, l, l), bool)
     i = idx.value
     ck.value = jax.lax.dynamic_update_slice(ck.value, k_BxLxKxE, (0, i, 0, 0))
@@ -292,13 +307,15 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
   - `embedding`: the input table V*D plus, if untied, the output matrix D*V.
   - `non_embedding` (the N of Kaplan et al. 2020 / Chinchilla-style laws):
     per layer attention D*E*(H + 2K) + H*E*D, SwiGLU 3*D*F, two norms 2*D
-    (+ 2*E with QK-norm); plus the final norm D.
+    (+ 2*E with QK-norm, + E*(H + 2K) with attention bias); plus the final
+    norm D.
   - `total` = embedding + non_embedding (Chinchilla's convention for N).
   """
   d, h, k, e, f = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads,
                    cfg.head_size, cfg.mlp_dim)
   per_layer = d * e * (h + 2 * k) + h * e * d + 3 * d * f + 2 * d
   per_layer += 2 * e if cfg.qk_norm else 0
+  per_layer += e * (h + 2 * k) if cfg.attn_bias else 0
   non_emb = cfg.num_layers * per_layer + d
   emb = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
   return {"total": non_emb + emb, "non_embedding": non_emb, "embedding": emb}

@@ -75,13 +75,24 @@ def prepare(cfg, workdir: str | None = None):
 
 
 class _Preempted:
-  """SIGTERM flag: finish the current step, save, exit cleanly."""
+  """SIGTERM: finish the current step, save, exit cleanly.
+
+  One process: a Python SIGTERM handler sets a flag. Several processes:
+  JAX's preemption service (started by `jax.distributed.initialize`) owns
+  SIGTERM; it tells every process the same step to stop after, so all of
+  them join the same (collective) final save instead of deadlocking.
+  """
 
   def __init__(self):
     self.flag = False
     self._old = None
+    self._synced = (jax.process_count() > 1 and
+                    bool(getattr(jax.config, "jax_enable_preemption_service",
+                                 False)))
 
   def __enter__(self):
+    if self._synced:
+      return self
     try:
       self._old = signal.signal(signal.SIGTERM, self._set)
     except ValueError:  # not the main thread
@@ -91,9 +102,27 @@ class _Preempted:
   def _set(self, *_):
     self.flag = True
 
+  def reached(self, step: int) -> bool:
+    """Stop after `step`? Called once per step, with the same steps on all
+    processes."""
+    if self._synced:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.flag
+
   def __exit__(self, *exc):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
+
+
+def _resume_command() -> str:
+  """The command line to run again (what the scheduler should re-run)."""
+  import shlex
+  import sys
+  argv = list(sys.argv)
+  if argv and os.path.basename(argv[0]) in ("__main__.py", "main.py"):
+    argv = ["python", "-m", "llmlab"] + argv[1:]
+  return shlex.join(argv)
 
 
 def _write_config(workdir: str, cfg, info: dict, data_info: dict, mesh) -> None:
@@ -111,7 +140,7 @@ def _write_config(workdir: str, cfg, info: dict, data_info: dict, mesh) -> None:
   os.replace(tmp, os.path.join(workdir, "config.json"))
 
 
-def _check_resume_compatible(saved: dict, cfg) -> None:
+def _check_resume_compatible(saved: dict, cfg, vocab_size: int) -> None:
   """Refuse to resume a checkpoint of another model shape or objective."""
   saved_cfg = saved.get("config", {})
   want = dict(config_lib.model_shape_keys(cfg),
@@ -122,11 +151,39 @@ def _check_resume_compatible(saved: dict, cfg) -> None:
     old = saved_cfg.get(group, {}).get(name)
     if old != value:
       diffs.append(f"{key}: checkpoint {old!r} != config {value!r}")
+  old_vocab = saved.get("model_info", {}).get("vocab_size")
+  if old_vocab is not None and old_vocab != vocab_size:
+    diffs.append(f"vocab_size (data.tokenizer): checkpoint {old_vocab!r} != "
+                 f"config {vocab_size!r}")
   if diffs:
     raise config_lib.ConfigError(
-        "cannot resume: the workdir's checkpoint was made with a different "
-        "model or objective (" + "; ".join(diffs) + "). Use a new --workdir, "
-        "or --config.init_from=OLD_WORKDIR to start from its params.")
+        f"cannot resume from step {saved.get('step')}: the workdir's "
+        "checkpoint was made with a different model or objective (" +
+        "; ".join(diffs) + "). Use a new --workdir, or "
+        "--config.init_from=OLD_WORKDIR to start from its params.")
+
+
+def _warn_if_data_changed(saved: dict, data_info: dict) -> None:
+  old = saved.get("data_info", {}).get("fingerprint")
+  new = data_info.get("fingerprint")
+  if old and new and old != new:
+    log.warning("resuming with different data (fingerprint %s, checkpoint "
+                "has %s): batches after step %s differ from the interrupted "
+                "run's", new, old, saved.get("step"))
+
+
+def _last_rows(workdir: str) -> dict:
+  """Last train and eval values of metrics.jsonl (summary of a finished run)."""
+  out = {}
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          out.update({k: v for k, v in json.loads(line).items() if k != "step"})
+        except json.JSONDecodeError:
+          continue
+  return out
 
 
 def initial_state(setup, cfg):
@@ -152,21 +209,33 @@ def train(cfg, workdir: str) -> dict[str, Any]:
     info["objective_aux"] = aux.info
   peak, peak_src = perf.peak_flops_per_device(cfg.train.peak_flops)
   info.update(peak_flops_per_device=peak, peak_flops_source=peak_src)
-  if primary:
-    _write_config(workdir, cfg, info, data.info, setup.mesh)
   log.info("model: N(non-embedding)=%s total=%s FLOPs/token=%.3g mesh=%s",
            f"{info['params_nonembed']:,}", f"{info['params_total']:,}",
            info["flops_per_token"], dict(setup.mesh.shape))
 
-  mgr = ckpt_lib.Manager(workdir, cfg.checkpoint, cfg.train.steps)
-  state, meta = mgr.restore_latest(setup.abstract_state)
+  with _Preempted() as sig:  # from here on, SIGTERM means "save and stop"
+    mgr = ckpt_lib.Manager(workdir, cfg.checkpoint, cfg.train.steps)
+    try:
+      return _run(cfg, workdir, data, setup, aux, info, peak, mgr, sig)
+    finally:
+      mgr.close()  # also on errors: let the last async save complete
+
+
+def _run(cfg, workdir, data, setup, aux, info, peak, mgr, sig):
+  """Restore or init, then the loop; `train` owns the manager and SIGTERM."""
+  primary = is_primary()
+  state, meta = mgr.restore_latest(
+      setup.abstract_state,
+      check=lambda m: _check_resume_compatible(m, cfg, data.vocab_size))
   if state is not None:
-    _check_resume_compatible(meta, cfg)
-    log.info("resumed from step %d", int(state["step"]))
+    _warn_if_data_changed(meta, data.info)
+    log.info("resumed from step %d (%s)", int(state["step"]),
+             mgr.path(int(state["step"])))
   else:
     state = initial_state(setup, cfg)
   start = int(state["step"])
-  if primary:
+  if primary:  # only now: a refused resume must not overwrite config.json
+    _write_config(workdir, cfg, info, data.info, setup.mesh)
     metrics_lib.truncate_after(workdir, start)
 
   writer = metrics_lib.Writer(workdir, enabled=primary)
@@ -181,6 +250,7 @@ def train(cfg, workdir: str) -> dict[str, Any]:
                     aux.info.get("flops_per_token", 0.0)) * tokens_per_step
   peak_total = peak * jax.device_count()
   progress = metrics_lib.Progress(cfg.train.steps, enabled=primary)
+  total = cfg.train.steps
 
   def meta_for(step):
     return {"config": config_lib.to_dict(cfg), "model_info": info,
@@ -200,62 +270,66 @@ def train(cfg, workdir: str) -> dict[str, Any]:
   pending = None  # (step, device metrics) read one step late
   t_mark, step_mark = time.time(), start
   t_start = time.time()
-  preempted = False
-  data_iter = data.train_iter(start)
-  with _Preempted() as sig:
-    for step in range(start, cfg.train.steps):
-      batch = shd.global_batch(next(data_iter), setup.batch_sharding)
-      state, m = train_step(state, batch)
-      done = step + 1
-      if pending is not None:
-        row = _finish_row(pending, tokens_per_step)
-        if row is not None:
-          now = time.time()
-          dt = (now - t_mark) / max(row["step"] - step_mark, 1)
-          t_mark, step_mark = now, row["step"]
-          row["step_time_s"] = dt
-          row["tokens_per_s"] = tokens_per_step / dt
-          row["mfu"] = (flops_per_step / dt / peak_total) if peak_total else 0.0
-          writer.row(row, TB_TAGS)
-          last = row
-          progress.update(row["step"], row["loss"], row["tokens_per_s"],
-                          row["mfu"], dt * (cfg.train.steps - row["step"]))
-      log_now = done % cfg.train.log_every == 0 or done == cfg.train.steps
-      pending = (done, m) if log_now else None
-      if cfg.train.eval_every and done % cfg.train.eval_every == 0:
-        last_eval = dict(run_eval(state["params"]), step=done)
-        writer.row({"tokens": done * tokens_per_step, **last_eval}, TB_TAGS)
-      mgr.save(done, state, meta_for(done))
-      if sig.flag:
-        preempted = True
-        mgr.save(done, state, meta_for(done), force=True)
-        break
-  if pending is not None:
+
+  def write_pending():
+    """Write the row of `pending` (blocks until that step's metrics exist)."""
+    nonlocal last, t_mark, step_mark
     row = _finish_row(pending, tokens_per_step)
     now = time.time()
     dt = (now - t_mark) / max(row["step"] - step_mark, 1)
+    t_mark, step_mark = now, row["step"]
     row.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
                mfu=(flops_per_step / dt / peak_total) if peak_total else 0.0)
     writer.row(row, TB_TAGS)
     last = row
+    progress.update(row["step"], row["loss"], row["tokens_per_s"],
+                    row["mfu"], dt * (total - row["step"]))
+
+  preempted = False
+  data_iter = data.train_iter(start)
+  for step in range(start, total):
+    batch = shd.global_batch(next(data_iter), setup.batch_sharding)
+    state, m = train_step(state, batch)
+    done = step + 1
+    if pending is not None:
+      write_pending()
+    log_now = done % cfg.train.log_every == 0 or done == total
+    pending = (done, m) if log_now else None
+    if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or (
+        done == total):
+      last_eval = dict(run_eval(state["params"]), step=done)
+      writer.row({"tokens": done * tokens_per_step, **last_eval}, TB_TAGS)
+    preempted = sig.reached(done)
+    if preempted or mgr.should_save(done):
+      # Every row up to `done` is written before checkpoint `done` can
+      # exist, so a resume from it (which drops later rows) leaves exactly
+      # one row per logged step.
+      if pending is not None:
+        write_pending()
+        pending = None
+      mgr.save(done, state, meta_for(done), force=preempted)
+    if preempted:
+      break
+  if pending is not None:
+    write_pending()
   final_step = int(state["step"])
-  if (not preempted and final_step == cfg.train.steps and
-      last_eval.get("step") != final_step):
-    last_eval = dict(run_eval(state["params"]), step=final_step)
-    writer.row({"tokens": final_step * tokens_per_step, **last_eval}, TB_TAGS)
-  last = {**last, **{k: v for k, v in last_eval.items() if k != "step"}}
   mgr.save(final_step, state, meta_for(final_step), force=preempted)
-  mgr.close()
   writer.close()
+  if start == total:
+    log.info("nothing to do: %s already holds the final checkpoint (step "
+             "%d)", workdir, total)
+    last = _last_rows(workdir)
+  last = {**last, **{k: v for k, v in last_eval.items() if k != "step"}}
   wall = time.time() - t_start
   summary = {"workdir": workdir, "step": final_step, "preempted": preempted,
              "wall_s": wall, **{k: last.get(k) for k in (
                  "loss", "eval_loss", "eval_bpb", "tokens_per_s", "mfu")},
              **info}
   if preempted and primary:
-    print(f"llmlab: SIGTERM received; saved step {final_step} to "
-          f"{ckpt_lib.checkpoint_dir(workdir)}. Re-run the same command to "
-          "resume.", flush=True)
+    mgr.wait()
+    print(f"llmlab: SIGTERM received; finished step {final_step} and saved "
+          f"it to {mgr.path(final_step)}. To resume, re-run the same "
+          f"command:\n  {_resume_command()}", flush=True)
   return summary
 
 

@@ -81,3 +81,4 @@ def names() -> list[str]:
 
 
 from llmlab.objectives import next_token  # noqa: E402,F401  (registers)
+from llmlab.objectives import distill, on_policy  # noqa: E402,F401  (register)

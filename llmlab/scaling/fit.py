@@ -1,24 +1,31 @@
-"""Fitting scaling laws: Huber on log-loss, L-BFGS from many starts, all in one jit.
+"""Fitting scaling laws: Huber on log-loss, L-BFGS from many starts, in one jit.
 
 Why this shape:
 - The objective (Hoffmann et al. 2022) is sum_i w_i Huber_delta(pred_log_i - log L_i)
-  with delta = 1e-3. It is nearly an L1 loss with a tiny objective value (~1e-3),
-  so optimisers with absolute stopping tolerances stop early and report the
-  exponents of wherever they stopped (Besiroglu et al. 2024 found exactly this in
-  Hoffmann's published fit). Here tolerances are relative to the objective and
-  the iteration cap is generous.
-- Every start (4,500 grid points, or bootstrap replicates x starts) runs as one
-  lane of a vmapped `lax.while_loop` of optax.lbfgs + zoom linesearch inside a
-  single jitted call; a lane that has converged is frozen by the batched loop.
-  Bootstrap replicates differ only by per-point weights (resample counts), so
-  they share the same compiled program.
+  with delta = 1e-3: nearly an L1 loss whose value is tiny (~1e-3), so optimisers
+  with absolute stopping tolerances stop early and report the exponents of
+  wherever they stopped (Besiroglu et al. 2024 found this in Hoffmann's fit).
+  Stopping here is relative to the objective, with a generous evaluation cap.
+- Every start is a lane of a vmapped `lax.while_loop`, all groups (data sets,
+  bootstrap replicates) and starts in a single jitted call. Bootstrap replicates
+  differ only by per-point weights (resample counts), so they share one program.
+- Directions come from optax.lbfgs (its L-BFGS transform, `linesearch=None`); the
+  linesearch is flattened into the lane's loop, one objective evaluation per
+  loop step. optax.lbfgs's own zoom linesearch is a `while_loop` nested in each
+  update: under vmap every lane then waits for the slowest lane's linesearch at
+  every iteration (on the Chinchilla data 11% of iterations hit its step cap) and
+  vmapped `lax.cond` evaluates both of its branches, so it costs ~10x more
+  objective evaluations per iteration here than the flattened search.
+- With many starts, all of them run to a loose tolerance (`SCREEN`, capped), and
+  the best `keep` per group continue to the tight one (`POLISH`): the 4,500-start
+  grid costs a few seconds instead of running every start to 1e-13.
 - Fitting runs in float64 inside `jax.enable_x64(True)`, which restores the
   previous setting on exit: the same process trains float32 models afterwards.
 """
 
 import dataclasses
 import functools
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +36,19 @@ from llmlab.scaling import forms as forms_lib
 from llmlab.scaling import records as records_lib
 
 DELTA = 1e-3
-GTOL = 1e-9        # stop when |grad| <= GTOL * max(objective, TINY)
-FTOL = 1e-13       # ... or when the objective changed by <= FTOL * max(objective, TINY)
-TINY = 1e-12       # floor of the scale, so an exact (zero-loss) fit still stops
-MAX_ITER = 2000
+TINY = 1e-12  # floor of the objective scale, so an exact (zero-loss) fit still stops
+
+
+class Tol(NamedTuple):
+  """A lane stops when |grad| <= gtol * scale, or an accepted step lowered the
+  objective by <= ftol * scale (scale = max(objective, TINY)), or after max_evals."""
+  gtol: float
+  ftol: float
+  max_evals: int
+
+
+SCREEN = Tol(gtol=1e-5, ftol=1e-8, max_evals=60)
+POLISH = Tol(gtol=1e-9, ftol=1e-13, max_evals=5000)
 
 
 def log_inputs(records: Mapping, form: forms_lib.Form) -> dict[str, np.ndarray]:
@@ -40,7 +56,7 @@ def log_inputs(records: Mapping, form: forms_lib.Form) -> dict[str, np.ndarray]:
   cols = {"params": records["params"], "tokens": records["tokens"]}
   if "compute" in form.inputs:
     cols["compute"] = (records["flops"] if "flops" in records else
-                       6.0 * records["params"] * records["tokens"])
+                       6.0 * np.asarray(records["params"]) * np.asarray(records["tokens"]))
   return {k: np.log(np.asarray(cols[k], np.float64)) for k in form.inputs}
 
 
@@ -49,70 +65,336 @@ def huber(r, delta):
 
 
 def objective(form: forms_lib.Form, theta_P, x, log_loss_N, weight_N, delta):
-  """Weighted sum of Huber losses of the log-loss residuals."""
+  """Weighted sum of Huber losses of log-loss residuals (weight 0 = padding)."""
   r_N = form.log_loss(form.named(theta_P), x) - log_loss_N
-  return jnp.sum(weight_N * huber(r_N, delta))
+  return jnp.sum(jnp.where(weight_N > 0, weight_N * huber(r_N, delta), 0.0))
 
 
-def _lbfgs_one(form, theta0_P, weight_N, x, log_loss_N, delta, gtol, ftol, max_iter):
-  """One start: L-BFGS until the relative gradient or relative decrease is tiny.
+# ----------------------------------------------------------------------------
+# The vmapped solver.
 
-  Keeps the best iterate seen, since a failed linesearch may take a step uphill.
+
+def _lane_init(value_and_grad, opt, theta0_P):
+  f, g = value_and_grad(theta0_P)
+  state = opt.init(theta0_P)
+  d, state = opt.update(g, state, theta0_P)
+  return dict(theta=theta0_P, f=jnp.where(jnp.isfinite(f), f, jnp.inf), g=g, d=d,
+              t=jnp.ones_like(f), trials=jnp.asarray(0), fresh=jnp.asarray(True),
+              opt=state, evals=jnp.asarray(1), done=jnp.asarray(False),
+              converged=jnp.asarray(False))
+
+
+def _lane_step(value_and_grad, opt, tol: Tol, c1, max_trials, lane):
+  """One objective evaluation of one lane: a linesearch trial along its direction.
+
+  An accepted trial (Armijo) moves the lane and asks optax.lbfgs for the next
+  direction; a rejected one shrinks the step by safeguarded quadratic
+  interpolation. When the curvature s.y of an accepted step is not positive, or
+  the linesearch fails, the L-BFGS memory is reset (scaled steepest descent); a
+  lane that cannot descend even from a fresh memory is finished.
   """
+  theta, f, g, d, t = lane["theta"], lane["f"], lane["g"], lane["d"], lane["t"]
+  slope = jnp.vdot(g, d)
+  descent = slope < 0
+  theta_t = theta + t * d
+  f_t, g_t = value_and_grad(theta_t)
+  ok = jnp.isfinite(f_t) & jnp.all(jnp.isfinite(g_t))
+  accept = ok & descent & (f_t <= f + c1 * t * slope)
+
+  denom = 2.0 * (f_t - f - slope * t)
+  t_quad = jnp.where(ok & (denom > 0), -slope * t * t / denom, 0.1 * t)
+  t_shrunk = jnp.clip(t_quad, 0.1 * t, 0.5 * t)
+  restart = ~accept & ((lane["trials"] + 1 >= max_trials) | ~descent)
+
+  s_P, y_P = theta_t - theta, g_t - g
+  curvature_ok = jnp.vdot(s_P, y_P) > 1e-12 * jnp.linalg.norm(s_P) * jnp.linalg.norm(y_P)
+  reset = restart | (accept & ~curvature_ok)
+  theta_at = jnp.where(accept, theta_t, theta)
+  g_at = jnp.where(accept, g_t, g)
+  state = jax.tree.map(lambda fresh, old: jnp.where(reset, fresh, old),
+                       opt.init(theta_at), lane["opt"])
+  d_new, state = opt.update(g_at, state, theta_at)
+  moved = accept | restart
+
+  scale = jnp.maximum(jnp.abs(f_t), TINY)
+  # No descent even along the steepest direction: a minimum to working precision.
+  stuck = restart & lane["fresh"]
+  converged = stuck | (accept & ((jnp.linalg.norm(g_t) <= tol.gtol * scale) |
+                                 (f - f_t <= tol.ftol * scale)))
+  evals = lane["evals"] + 1
+  return dict(
+      theta=theta_at, f=jnp.where(accept, f_t, f), g=g_at,
+      d=jnp.where(moved, d_new, d), t=jnp.where(moved, 1.0, t_shrunk),
+      trials=jnp.where(moved, 0, lane["trials"] + 1),
+      fresh=jnp.where(moved, reset, lane["fresh"]),
+      opt=jax.tree.map(lambda u, v: jnp.where(moved, u, v), state, lane["opt"]),
+      evals=evals, converged=converged,
+      done=converged | (evals >= tol.max_evals) | ~jnp.isfinite(f))
+
+
+def _run_lane(value_and_grad, opt, tol: Tol, lane, c1=1e-4, max_trials=30):
+  """lax.while_loop over one lane until it stops (see `Tol`)."""
+  lane = dict(lane, done=~jnp.isfinite(lane["f"]), converged=jnp.asarray(False),
+              evals=jnp.zeros_like(lane["evals"]))
+  step = functools.partial(_lane_step, value_and_grad, opt, tol, c1, max_trials)
+  return jax.lax.while_loop(lambda c: ~c["done"], step, lane)
+
+
+def _solve_group(form, screen: Tol, polish: Tol, keep: int, theta0_KxP, weight_N, x,
+                 log_loss_N, delta):
+  """One data set: K starts screened, the best `keep` polished."""
   value_fn = functools.partial(objective, form, x=x, log_loss_N=log_loss_N,
                                weight_N=weight_N, delta=delta)
-  opt = optax.lbfgs(memory_size=10, linesearch=optax.scale_by_zoom_linesearch(
-      max_linesearch_steps=30, initial_guess_strategy="one"))
-  value_and_grad = optax.value_and_grad_from_state(value_fn)
-  f0, g0 = jax.value_and_grad(value_fn)(theta0_P)
-
-  def cond(c):
-    return (~c["done"]) & (c["it"] < max_iter)
-
-  def body(c):
-    f, g = value_and_grad(c["theta"], state=c["state"])
-    updates, state = opt.update(g, c["state"], c["theta"], value=f, grad=g,
-                                value_fn=value_fn)
-    theta = optax.apply_updates(c["theta"], updates)
-    f_new = optax.tree.get(state, "value")
-    g_new = optax.tree.get(state, "grad")
-    scale = jnp.maximum(jnp.abs(f_new), TINY)
-    finite = jnp.isfinite(f_new) & jnp.all(jnp.isfinite(theta))
-    small_grad = jnp.linalg.norm(g_new) <= gtol * scale
-    stalled = jnp.abs(f - f_new) <= ftol * scale
-    better = finite & (f_new < c["best_f"])
-    return dict(theta=theta, state=state, it=c["it"] + 1,
-                done=small_grad | stalled | ~finite,
-                best_theta=jnp.where(better, theta, c["best_theta"]),
-                best_f=jnp.where(better, f_new, c["best_f"]))
-
-  init = dict(theta=theta0_P, state=opt.init(theta0_P), it=jnp.asarray(0),
-              done=~jnp.isfinite(f0) | (jnp.linalg.norm(g0) <= gtol * jnp.maximum(f0, TINY)),
-              best_theta=theta0_P, best_f=jnp.where(jnp.isfinite(f0), f0, jnp.inf))
-  out = jax.lax.while_loop(cond, body, init)
-  return out["best_theta"], out["best_f"], out["it"], out["done"]
+  value_and_grad = jax.value_and_grad(value_fn)
+  opt = optax.lbfgs(memory_size=10, linesearch=None)
+  lanes = jax.vmap(functools.partial(_lane_init, value_and_grad, opt))(theta0_KxP)
+  if keep < theta0_KxP.shape[0]:
+    lanes = jax.vmap(functools.partial(_run_lane, value_and_grad, opt, screen))(lanes)
+    _, best = jax.lax.top_k(-jnp.where(jnp.isnan(lanes["f"]), jnp.inf, lanes["f"]), keep)
+    lanes = jax.tree.map(lambda a: a[best], lanes)
+  lanes = jax.vmap(functools.partial(_run_lane, value_and_grad, opt, polish))(lanes)
+  return lanes["theta"], lanes["f"], lanes["evals"], lanes["converged"]
 
 
-@functools.partial(jax.jit, static_argnames=("form_name", "per_lane_data"))
-def _solve(theta0_SxP, weight_SxN, x, log_loss_N, delta, gtol, ftol, max_iter, *,
-           form_name: str, per_lane_data: bool = False):
-  """All starts (lanes) at once; data are shared unless `per_lane_data`."""
-  form = forms_lib.get_form(form_name)
-  data_axis = 0 if per_lane_data else None
-  solve = jax.vmap(
-      functools.partial(_lbfgs_one, form),
-      in_axes=(0, 0, data_axis, data_axis, None, None, None, None))
-  return solve(theta0_SxP, weight_SxN, x, log_loss_N, delta, gtol, ftol, max_iter)
+@functools.partial(jax.jit, static_argnames=("form_name", "screen", "polish", "keep"))
+def _solve(theta0_GxKxP, weight_GxN, x_GxN, log_loss_GxN, delta, *, form_name: str,
+           screen: Tol, polish: Tol, keep: int):
+  """Every group and start in one vmapped call."""
+  solve = functools.partial(_solve_group, forms_lib.get_form(form_name), screen, polish,
+                            keep)
+  return jax.vmap(solve, in_axes=(0, 0, 0, 0, None))(
+      theta0_GxKxP, weight_GxN, x_GxN, log_loss_GxN, delta)
 
 
-def minimize(form: forms_lib.Form, theta0_SxP, weight_SxN, x, log_loss_N, *,
-             delta=DELTA, gtol=GTOL, ftol=FTOL, max_iter=MAX_ITER,
-             per_lane_data=False):
-  """Runs every start; returns numpy (theta_SxP, objective_S, iters_S, converged_S)."""
+def _bucket(n: int) -> int:
+  """Padded size (next power of two, >= 8): data sets of similar size share a
+  compiled program instead of each paying for compilation."""
+  return max(8, 1 << (int(n) - 1).bit_length())
+
+
+def minimize(form: forms_lib.Form, theta0_GxKxP, weight_GxN, x_GxN, log_loss_GxN, *,
+             delta=DELTA, keep: int = 32, screen: Tol = SCREEN, polish: Tol = POLISH):
+  """Fits G data sets from K starts each (points padded to a bucket with weight 0).
+
+  Returns numpy (theta_GxkxP, objective_Gxk, evals_Gxk, converged_Gxk) for the
+  k = min(keep, K) polished starts of each group.
+  """
+  theta0_GxKxP = np.asarray(theta0_GxKxP, np.float64)
+  keep = min(int(keep), theta0_GxKxP.shape[1])
+  weight_GxN = np.asarray(weight_GxN, np.float64)
+  n = weight_GxN.shape[1]
+  pad = lambda a: np.pad(np.asarray(a, np.float64), [(0, 0), (0, _bucket(n) - n)])
   with jax.enable_x64(True):
-    f64 = lambda a: jnp.asarray(a, jnp.float64)
-    out = _solve(f64(theta0_SxP), f64(weight_SxN), jax.tree.map(f64, dict(x)),
-                 f64(log_loss_N), f64(delta), f64(gtol), f64(ftol),
-                 jnp.asarray(max_iter, jnp.int64), form_name=form.name,
-                 per_lane_data=per_lane_data)
+    out = _solve(jnp.asarray(theta0_GxKxP), jnp.asarray(pad(weight_GxN)),
+                 {k: jnp.asarray(pad(v)) for k, v in x_GxN.items()},
+                 jnp.asarray(pad(log_loss_GxN)), jnp.asarray(delta, jnp.float64),
+                 form_name=form.name, screen=screen, polish=polish, keep=keep)
     return tuple(np.asarray(o) for o in out)
+
+
+# ----------------------------------------------------------------------------
+# Fits of records.
+
+
+@dataclasses.dataclass
+class FitResult:
+  """Best start of a fit. `theta` is in the form's log space (see forms.py)."""
+  form: str
+  theta: np.ndarray
+  objective: float
+  params: dict
+  n_points: int
+  n_starts: int
+  evals: int
+  converged: bool
+
+
+def _starts(form: forms_lib.Form, init) -> np.ndarray:
+  """init: None (the form's grid), {name: value or list of values}, or a KxP array."""
+  if init is None:
+    return form.grid_starts()
+  if isinstance(init, Mapping):
+    missing = [k for k in form.params if k not in init]
+    if missing:
+      raise ValueError(f"init for form {form.name!r} lacks {missing} (log-space names "
+                       f"{form.params})")
+    grid = dataclasses.replace(form, grid={k: tuple(np.atleast_1d(init[k]).tolist())
+                                           for k in form.params})
+    return grid.grid_starts()
+  starts = np.atleast_2d(np.asarray(init, np.float64))
+  if starts.shape[1] != len(form.params):
+    raise ValueError(f"init has {starts.shape[1]} columns; form {form.name!r} has "
+                     f"params {form.params}")
+  return starts
+
+
+def _data(records: Mapping, form: forms_lib.Form, groups: int):
+  """Log inputs and log losses tiled to `groups` identical data sets."""
+  x = {k: np.broadcast_to(v, (groups, len(v))) for k, v in log_inputs(records, form).items()}
+  log_loss = np.log(np.asarray(records["loss"], np.float64))
+  return x, np.broadcast_to(log_loss, (groups, len(log_loss)))
+
+
+def fit_law(records, form: str = "chinchilla", delta: float = DELTA, init=None,
+            keep: int | None = None) -> FitResult:
+  """Best-of-starts Huber fit of `form` to all rows of `records`.
+
+  keep: starts polished to the tight tolerance after screening; default all
+  starts when there are <= 512 (cheap), else the best 32.
+  """
+  records = records_lib.as_records(records)
+  law = forms_lib.get_form(form)
+  starts = _starts(law, init)
+  keep = keep or (len(starts) if len(starts) <= 512 else 32)
+  x, log_loss = _data(records, law, 1)
+  theta, f, evals, conv = minimize(law, starts[None], np.ones_like(log_loss), x, log_loss,
+                                   delta=delta, keep=keep)
+  i = int(np.argmin(np.where(np.isnan(f[0]), np.inf, f[0])))
+  return FitResult(form=form, theta=theta[0, i], objective=float(f[0, i]),
+                   params=forms_lib.natural_params(law, theta[0, i]),
+                   n_points=len(records["loss"]), n_starts=len(starts),
+                   evals=int(evals[0, i]), converged=bool(conv[0, i]))
+
+
+@dataclasses.dataclass
+class BootstrapResult:
+  """Refits on resampled runs. `thetas` is n x P in log space."""
+  form: str
+  thetas: np.ndarray
+  objectives: np.ndarray
+  params: dict
+  unit: str  # "runs" or "points"
+  converged: np.ndarray
+
+  def intervals(self, level: float = 0.95) -> dict[str, list[float]]:
+    """Percentile intervals of every natural parameter."""
+    q = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
+    return {k: np.percentile(v, q).tolist() for k, v in self.params.items()}
+
+
+def resample_weights(records: Mapping, n: int, seed: int = 0) -> np.ndarray:
+  """n x N point weights from drawing whole runs with replacement (a run drawn
+  twice counts twice). Rows without a run column are their own runs."""
+  runs = np.asarray(records["run"])
+  names, run_of_point = np.unique(runs, return_inverse=True)
+  draws = np.random.default_rng(seed).integers(0, len(names), (n, len(names)))
+  counts = np.stack([np.bincount(d, minlength=len(names)) for d in draws])
+  return counts[:, run_of_point].astype(np.float64)
+
+
+def bootstrap(records, form: str = "chinchilla", n: int = 200, seed: int = 0,
+              delta: float = DELTA, fit: FitResult | None = None,
+              extra_starts: int = 0) -> BootstrapResult:
+  """Refits on n resamples, all in one vmapped call; each refit starts from the
+  full-data optimum (plus `extra_starts` random grid starts, screened)."""
+  records = records_lib.as_records(records)
+  law = forms_lib.get_form(form)
+  fit = fit or fit_law(records, form, delta)
+  rng = np.random.default_rng(seed + 1)
+  grid = law.grid_starts()
+  starts = np.stack([np.concatenate([fit.theta[None], grid[rng.choice(len(grid),
+                                                                       extra_starts)]])
+                     for _ in range(n)])
+  weights = resample_weights(records, n, seed)
+  x, log_loss = _data(records, law, n)
+  theta, f, _, conv = minimize(law, starts, weights, x, log_loss, delta=delta, keep=1)
+  unit = "runs" if len(set(records["run"])) < len(records["run"]) else "points"
+  return BootstrapResult(form=form, thetas=theta[:, 0], objectives=f[:, 0],
+                         params=forms_lib.natural_params(law, theta[:, 0]), unit=unit,
+                         converged=conv[:, 0])
+
+
+def predict(fit: FitResult | BootstrapResult, params=None, tokens=None,
+            compute=None) -> np.ndarray:
+  """Predicted losses at the given N / D / C (C defaults to 6 N D).
+
+  Shape (M,) for a FitResult, (n_boot, M) for a BootstrapResult.
+  """
+  law = forms_lib.get_form(fit.form)
+  cols = {"params": params, "tokens": tokens}
+  if "compute" in law.inputs and compute is None:
+    if params is None or tokens is None:
+      raise ValueError(f"form {law.name!r} needs compute, or params and tokens")
+    compute = 6.0 * np.asarray(params, np.float64) * np.asarray(tokens, np.float64)
+  cols["compute"] = compute
+  missing = [k for k in law.inputs if cols[k] is None]
+  if missing:
+    raise ValueError(f"form {law.name!r} needs inputs {missing}")
+  x = {k: np.log(np.atleast_1d(np.asarray(cols[k], np.float64))) for k in law.inputs}
+  thetas = np.atleast_2d(fit.thetas if isinstance(fit, BootstrapResult) else fit.theta)
+  with jax.enable_x64(True):
+    one = lambda th: law.log_loss(law.named(th), x)
+    out = np.exp(np.asarray(jax.vmap(one)(jnp.asarray(thetas))))
+  return out if isinstance(fit, BootstrapResult) else out[0]
+
+
+# ----------------------------------------------------------------------------
+# Prediction error metrics.
+
+
+def _late(tokens, min_fraction: float, final_only: bool) -> np.ndarray:
+  tokens = np.asarray(tokens, np.float64)
+  return tokens == tokens.max() if final_only else tokens >= min_fraction * tokens.max()
+
+
+def are(actual, predicted, tokens, min_fraction: float = 0.7,
+        final_only: bool = False) -> float:
+  """Absolute relative error, mean |L - L_hat| / L over one target run's
+  checkpoints at >= min_fraction of its final tokens (Choshen et al. 2024)."""
+  actual, predicted = np.asarray(actual, np.float64), np.asarray(predicted, np.float64)
+  m = _late(tokens, min_fraction, final_only)
+  return float(np.mean(np.abs(actual[m] - predicted[m]) / actual[m]))
+
+
+def naive_are(fit_records, target_records, min_fraction: float = 0.7,
+              final_only: bool = False) -> float:
+  """ARE of the naive forecast: the largest fitted model's loss at the same token
+  count (linear interpolation in log tokens, held constant beyond its ends)."""
+  fit_records = records_lib.as_records(fit_records, "fit records")
+  target = records_lib.as_records(target_records, "target records")
+  biggest = fit_records["params"] == fit_records["params"].max()
+  run_final = records_lib.final_tokens(fit_records)
+  longest = biggest & (run_final == run_final[biggest].max())
+  run = fit_records["run"][longest][0]
+  mine = fit_records["run"] == run
+  order = np.argsort(fit_records["tokens"][mine])
+  guess = np.interp(np.log(target["tokens"]), np.log(fit_records["tokens"][mine][order]),
+                    fit_records["loss"][mine][order])
+  return are(target["loss"], guess, target["tokens"], min_fraction, final_only)
+
+
+# ----------------------------------------------------------------------------
+# Saturation of single models.
+
+
+def saturation(records, threshold: float = 0.01, delta: float = DELTA,
+               min_points: int = 4) -> list[dict]:
+  """Per run with >= min_points checkpoints: its `data` law L(D) = E + B/D^beta,
+  fitted on its own checkpoints (all runs in one vmapped call), and the token
+  count after which doubling D gains less than `threshold` nats."""
+  records = records_lib.as_records(records)
+  law = forms_lib.get_form("data")
+  runs = [r for r in records_lib.run_names(records)
+          if np.sum(records["run"] == r) >= min_points]
+  if not runs:
+    return []
+  rows = [np.flatnonzero(records["run"] == r) for r in runs]
+  groups, width = _bucket(len(runs)), max(len(r) for r in rows)
+  weight, log_d, log_loss = (np.zeros((groups, width)) for _ in range(3))
+  for g, idx in enumerate(rows):
+    weight[g, :len(idx)] = 1.0
+    log_d[g, :len(idx)] = np.log(records["tokens"][idx])
+    log_loss[g, :len(idx)] = np.log(records["loss"][idx])
+  starts = np.broadcast_to(law.grid_starts(), (groups,) + law.grid_starts().shape)
+  theta, f, _, conv = minimize(law, starts, weight, {"tokens": log_d}, log_loss,
+                               delta=delta, keep=1)
+  out = []
+  for g, (r, idx) in enumerate(zip(runs, rows)):
+    p = forms_lib.natural_params(law, theta[g, 0])
+    sat = float(forms_lib.saturation_tokens(p["B"], p["beta"], threshold))
+    final = float(records["tokens"][idx].max())
+    out.append(dict(run=r, params=float(records["params"][idx][0]), final_tokens=final,
+                    E=p["E"], B=p["B"], beta=p["beta"], objective=float(f[g, 0]),
+                    converged=bool(conv[g, 0]), saturation_tokens=sat,
+                    saturated=bool(final >= sat)))
+  return out

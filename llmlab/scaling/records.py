@@ -23,6 +23,7 @@ class RecordsError(ValueError):
 
 
 def _number(text, where: str, column: str) -> float:
+  """Parses one cell; `column` is only used in messages."""
   if text is None or (isinstance(text, str) and not text.strip()):
     raise RecordsError(f"{where}: column {column!r}: missing value")
   try:
@@ -31,16 +32,19 @@ def _number(text, where: str, column: str) -> float:
     raise RecordsError(f"{where}: column {column!r}: non-numeric value {text!r}") from None
   if not np.isfinite(value):
     raise RecordsError(f"{where}: column {column!r}: non-finite value {text!r}")
-  if column in REQUIRED and value <= 0:
+  if column not in OPTIONAL_NUMERIC and value <= 0:
     raise RecordsError(f"{where}: column {column!r}: value {text!r} must be > 0")
   return value
 
 
-def _columns(rows: Iterable[tuple[str, str, Mapping]], source: str, present) -> dict:
+def _columns(rows: Iterable[tuple[str, str, Mapping]], source: str, present,
+             display: Mapping[str, str] | None = None) -> dict:
   """Validates (where, label, row) triples into columns; `present` are the keys.
 
-  `label` names the row's run when there is no run column.
+  `label` names the row's run when there is no run column; `display` maps keys to
+  the column names shown in error messages.
   """
+  display = display or {}
   missing = [c for c in REQUIRED if c not in present]
   if missing:
     raise RecordsError(f"{source}: missing required column(s) {missing}; "
@@ -50,7 +54,7 @@ def _columns(rows: Iterable[tuple[str, str, Mapping]], source: str, present) -> 
   runs = []
   for where, label, row in rows:
     for c in numeric:
-      cols[c].append(_number(row.get(c), where, c))
+      cols[c].append(_number(row.get(c), where, display.get(c, c)))
     runs.append(str(row["run"]) if "run" in present else label)
   if not runs:
     raise RecordsError(f"{source}: no data rows")
@@ -59,8 +63,12 @@ def _columns(rows: Iterable[tuple[str, str, Mapping]], source: str, present) -> 
   return out
 
 
-def read_records(path) -> dict:
-  """Reads a records CSV (see the module docstring)."""
+def read_records(path, params_column: str = "params") -> dict:
+  """Reads a records CSV (see the module docstring).
+
+  params_column: the CSV column used as N (e.g. non-embedding parameters); it is
+  stored under "params".
+  """
   path = str(path)
   try:
     f = open(path, newline="")
@@ -71,10 +79,16 @@ def read_records(path) -> dict:
     if not reader.fieldnames:
       raise RecordsError(f"{path}: empty file (no header line)")
     header = [h.strip() for h in reader.fieldnames]
+    if params_column != "params":
+      if params_column not in header:
+        raise RecordsError(f"{path}: missing params column {params_column!r}; found "
+                           f"{header}")
+      header = ["params" if h == params_column else
+                ("_ignored_params" if h == "params" else h) for h in header]
     reader.fieldnames = header
     rows = ((f"{path}, line {reader.line_num}", f"line{reader.line_num}", row)
             for row in reader)
-    return _columns(rows, path, set(header))
+    return _columns(rows, path, set(header), {"params": params_column})
 
 
 def as_records(records, source: str = "records") -> dict:

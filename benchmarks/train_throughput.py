@@ -1,0 +1,88 @@
+"""Training throughput of the reference shape: tokens/s, MFU, matmul peak.
+
+Reference shape (issue "llmlab core"): d_model 384, 6 layers, 6 heads,
+mlp 1536, seq 256, global batch 8, byte vocabulary, float32, 1 device.
+Compare with `python ../shared/bench/torch_gpt_baseline.py --compile` run
+back to back on the same machine (only ratios measured together mean
+anything on a noisy machine).
+
+    python benchmarks/train_throughput.py [--steps=30] [--remat=none] [--unroll=1]
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from llmlab import config as config_lib  # noqa: E402
+from llmlab import perf  # noqa: E402
+from llmlab import sharding as shd  # noqa: E402
+from llmlab import steps as steps_lib  # noqa: E402
+from llmlab import train as train_lib  # noqa: E402
+
+
+def reference_config(remat="none", unroll=1):
+  c = config_lib.base()
+  c.model.update(num_layers=6, d_model=384, num_heads=6, num_kv_heads=6,
+                 mlp_dim=1536, remat=remat, scan_unroll=unroll)
+  c.train.update(steps=1000, batch_size=8, seq_len=256)
+  c.mesh.update(data=1, fsdp=1, tensor=1)
+  return c
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--steps", type=int, default=30)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--remat", default="none")
+  p.add_argument("--unroll", type=int, default=1)
+  p.add_argument("--data", action="store_true",
+                 help="feed real batches from the default corpus pipeline")
+  a = p.parse_args()
+  cfg = reference_config(a.remat, a.unroll)
+  mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
+  setup = steps_lib.build(cfg, 259, mesh)
+  state = steps_lib.init_state(setup, 0)
+  step = steps_lib.make_train_step(setup)
+  b, l = cfg.train.batch_size, cfg.train.seq_len
+  if a.data:
+    from llmlab import data as data_lib
+    data = data_lib.build(cfg.data, seq_len=l, global_batch=b, seed=0)
+    it = data.train_iter(0)
+    next_batch = lambda: shd.global_batch(next(it), setup.batch_sharding)
+  else:
+    rng = np.random.default_rng(0)
+    fixed = shd.global_batch({
+        "tokens": rng.integers(0, 256, (b, l)).astype(np.int32),
+        "segment_ids": np.ones((b, l), np.int32),
+        "positions": np.broadcast_to(np.arange(l), (b, l)).astype(np.int32),
+        "bytes": np.ones((b, l), np.int32)}, setup.batch_sharding)
+    next_batch = lambda: fixed
+  for _ in range(a.warmup):
+    state, m = step(state, next_batch())
+  jax.block_until_ready(m)
+  t = time.perf_counter()
+  for _ in range(a.steps):
+    state, m = step(state, next_batch())
+  jax.block_until_ready(m)
+  dt = (time.perf_counter() - t) / a.steps
+  info = train_lib.model_info(cfg, 259)
+  peak = perf.matmul_probe()
+  tps = b * l / dt
+  achieved = info["flops_per_token"] * tps
+  print(f"reference shape: N(non-embedding)={info['params_nonembed']:,} "
+        f"FLOPs/token={info['flops_per_token']:.4g}")
+  print(f"step time      {dt * 1e3:.1f} ms")
+  print(f"tokens/s       {tps:,.0f}")
+  print(f"model FLOP/s   {achieved / 1e9:.1f} GFLOP/s")
+  print(f"fp32 matmul peak (measured) {peak / 1e9:.1f} GFLOP/s")
+  print(f"MFU            {100 * achieved / peak:.1f}%")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,66 @@
+"""Quick scaling study on the built-in corpus (the README's main job).
+
+Five byte-level models geometric in non-embedding N, one held-out target
+~3.5x the largest, each trained with warmup-stable-decay and branched
+decays (see `llmlab/scaling/study.py`). Variants:
+  configs/study_quick.py         the full quick study (<= 25 min, 2 cores)
+  configs/study_quick.py:smoke   same pipeline, tiny budgets (~3 min)
+
+    llmlab study --config=configs/study_quick.py --workdir=/tmp/llmlab/study
+"""
+
+import ml_collections
+
+from llmlab.config import base as train_base
+
+
+def _model(d, layers, heads, kv=None):
+  return dict(d_model=d, num_layers=layers, num_heads=heads,
+              num_kv_heads=kv or heads, mlp_dim=4 * d)
+
+
+def get_config(arg: str | None = None):
+  s = ml_collections.ConfigDict()
+  b = train_base()
+  b.train.update(batch_size=32, seq_len=128, learning_rate=3e-3, log_every=50,
+                 eval_every=0, eval_tokens=65_536, seed=0)
+  b.optim.update(warmup_steps=50, final_lr_fraction=0.1, weight_decay=0.1)
+  b.checkpoint.update(keep=1, async_save=True)
+  s.base = b
+  # (name, model) pairs; N (non-embedding) ~ 16 * d^2 * layers.
+  s.family = [
+      ("n20k", _model(32, 1, 2)),
+      ("n50k", _model(40, 2, 2)),
+      ("n100k", _model(48, 3, 3)),
+      ("n200k", _model(64, 3, 4)),
+      ("n400k", _model(80, 4, 4)),
+  ]
+  s.target = ("n1400k", _model(128, 5, 4))
+  s.steps = 1000                  # per main run (batch 32 x 128 = 4096 tokens)
+  s.decay_fraction = 0.2          # WSD decay share of each (branch) run
+  s.points = 4                    # branch points per size
+  s.min_fraction = 0.15           # earliest branch end, as share of tokens
+  s.are_fraction = 0.7            # ARE over target points >= 70% of final
+  s.eval_tokens = 65_536
+  s.fit = ml_collections.ConfigDict(dict(form="chinchilla", bootstrap=200,
+                                         min_fraction=0.0))
+  if arg == "smoke":
+    s.family = [
+        ("s1", _model(16, 1, 2)),
+        ("s2", _model(24, 1, 2)),
+        ("s3", _model(32, 1, 2)),
+        ("s4", _model(32, 2, 2)),
+        ("s5", _model(48, 2, 2)),
+    ]
+    s.target = ("s_target", _model(64, 3, 2))
+    s.base.train.update(batch_size=8, seq_len=64)
+    s.base.optim.warmup_steps = 5
+    s.steps = 60
+    s.points = 2
+    s.min_fraction = 0.3
+    s.eval_tokens = 8192
+    s.fit.bootstrap = 20
+  elif arg:
+    raise ValueError(f"configs/study_quick.py: unknown variant {arg!r} "
+                     "(known: smoke)")
+  return s

@@ -1,0 +1,130 @@
+"""Figures of a scaling-law fit, written as PNGs and as TensorBoard images.
+
+Figures are built with matplotlib's object API on the Agg canvas (no pyplot, so
+no global backend or figure state is touched in a process that also trains).
+"""
+
+import os
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+MAX_CURVES = 12
+
+
+def _figure(title: str):
+  fig = Figure(figsize=(6.4, 4.8), dpi=100)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  ax.set_title(title)
+  ax.grid(True, which="both", alpha=0.3)
+  return fig, ax
+
+
+def _models(records) -> list[float]:
+  """Model sizes to draw a curve for: all of them, or MAX_CURVES quantiles."""
+  sizes = np.unique(records["params"])
+  if len(sizes) > MAX_CURVES:
+    sizes = np.unique(np.quantile(sizes, np.linspace(0, 1, MAX_CURVES), method="nearest"))
+  return sizes.tolist()
+
+
+def loss_curves(records, curve, target=None, band=None, xkey: str = "tokens"):
+  """Loss against tokens (or compute) per model with fitted curves.
+
+  curve(N, x) -> fitted losses at model size N; target: dict with "x" and maybe
+  "loss" of the target; band: dict "x", "mid", "lo", "hi" of its prediction.
+  """
+  fig, ax = _figure(f"loss vs {xkey}: data and fit")
+  xs = records[xkey] if xkey in records else 6.0 * records["params"] * records["tokens"]
+  logn = np.log10(records["params"])
+  sc = ax.scatter(xs, records["loss"], c=logn, s=10, cmap="viridis", label="fitted records")
+  fig.colorbar(sc, ax=ax, label="log10 params")
+  norm = sc.norm
+  for n in _models(records):
+    m = records["params"] == n
+    grid = np.geomspace(xs[m].min() if m.sum() > 1 else xs.min(), xs[m].max() if m.sum() > 1
+                        else xs.max(), 100)
+    ax.plot(grid, curve(n, grid), color=sc.cmap(norm(np.log10(n))), lw=1)
+  if band is not None:
+    ax.fill_between(band["x"], band["lo"], band["hi"], color="tab:red", alpha=0.25,
+                    label="target 95% interval")
+    ax.plot(band["x"], band["mid"], color="tab:red", lw=1.5, label="target prediction")
+  if target is not None and target.get("loss") is not None:
+    ax.scatter(target["x"], target["loss"], color="tab:red", marker="x", s=20,
+               label="target actual")
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel(xkey)
+  ax.set_ylabel("loss (nats/token)")
+  ax.legend(fontsize=8)
+  return fig
+
+
+def predicted_vs_actual(actual, predicted, target_actual=None, target_predicted=None):
+  fig, ax = _figure("predicted vs actual loss")
+  ax.scatter(actual, predicted, s=10, label="fitted records")
+  if target_actual is not None and len(target_actual):
+    ax.scatter(target_actual, target_predicted, s=20, color="tab:red", marker="x",
+               label="target")
+  lo = min(np.min(actual), np.min(predicted))
+  hi = max(np.max(actual), np.max(predicted))
+  ax.plot([lo, hi], [lo, hi], color="gray", lw=1, ls="--", label="y = x")
+  ax.set_xlabel("actual loss")
+  ax.set_ylabel("predicted loss")
+  ax.legend(fontsize=8)
+  return fig
+
+
+def compute_frontier(optimal: dict, records=None):
+  """N*(C) and D*(C) of the compute-optimal allocation, with the fitted runs."""
+  fig, ax = _figure(f"compute-optimal frontier (N* ~ C^{optimal['a']:.3f})")
+  ax.plot(optimal["compute"], optimal["params"], label="N* (params)")
+  ax.plot(optimal["compute"], optimal["tokens"], label="D* (tokens)")
+  if records is not None:
+    c = 6.0 * records["params"] * records["tokens"]
+    ax.scatter(c, records["params"], s=8, alpha=0.5, label="fitted runs (N)")
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("training compute C = 6ND (FLOPs)")
+  ax.set_ylabel("params / tokens")
+  ax.legend(fontsize=8)
+  return fig
+
+
+def saturation_plot(rows: list[dict], threshold: float):
+  fig, ax = _figure(f"saturation: doubling tokens gains < {threshold:g} nats")
+  n = [r["params"] for r in rows]
+  ax.scatter(n, [r["saturation_tokens"] for r in rows], label="saturation tokens")
+  ax.scatter(n, [r["final_tokens"] for r in rows], marker="x", label="final tokens")
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("params")
+  ax.set_ylabel("tokens")
+  ax.legend(fontsize=8)
+  return fig
+
+
+def _rgb(fig) -> np.ndarray:
+  canvas = FigureCanvasAgg(fig)
+  canvas.draw()
+  return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def save(figures: dict, out_dir: str) -> list[str]:
+  """Writes name.png for each figure and the same images under out_dir/tensorboard."""
+  from tensorboardX import SummaryWriter  # imported here: only needed when writing
+
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+  try:
+    for name, fig in figures.items():
+      path = os.path.join(out_dir, f"{name}.png")
+      fig.savefig(path)
+      paths.append(path)
+      writer.add_image(f"fit/{name}", _rgb(fig), global_step=0, dataformats="HWC")
+  finally:
+    writer.close()
+  return paths

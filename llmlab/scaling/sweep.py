@@ -1,0 +1,204 @@
+"""`llmlab sweep`: evaluate every saved checkpoint of runs on one held-out set.
+
+    llmlab sweep --workdir=RUN [--workdir=RUN2 ...] --out=records.csv [--eval_tokens=N]
+
+One CSV row per checkpoint: run, step, params (total, embeddings included:
+Chinchilla's convention), params_nonembed, tokens (tokens seen), flops
+(training FLOPs so far), loss (eval nats/token), bpb, plus model-shape
+fields. The held-out token budget is identical for every run (the runs must
+share the data config and tokenizer: their corpus fingerprints are checked),
+so the losses are comparable. The sweep is incremental: rows already in the
+CSV are skipped, so it can run while training continues. Each run also gets
+TensorBoard scalars `sweep/eval_loss` and `sweep/eval_bpb` against tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+
+import jax
+
+from llmlab import api
+from llmlab import checkpoints as ckpt_lib
+from llmlab import data as data_lib
+from llmlab import steps as steps_lib
+
+COLUMNS = ("run", "step", "params", "params_nonembed", "tokens", "flops",
+           "loss", "bpb", "num_layers", "d_model", "num_heads", "num_kv_heads",
+           "mlp_dim", "seq_len", "eval_tokens", "workdir")
+
+
+class SweepError(ValueError):
+  pass
+
+
+def read_csv(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+  """Atomic rewrite: a kill mid-write never leaves a truncated table."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+  os.replace(tmp, path)
+
+
+class RunEvaluator:
+  """Evaluates checkpoints of one run with one compiled eval step."""
+
+  def __init__(self, workdir: str, eval_tokens: int, mesh=None):
+    self.workdir = workdir
+    self.cfg, self.raw = api.read_run_config(workdir)
+    self.setup = api._setup_for(self.cfg, self.raw, mesh)
+    self.mgr = ckpt_lib.Manager(workdir, self.cfg.checkpoint,
+                                self.cfg.train.steps, read_only=True)
+    self.eval_step = steps_lib.make_eval_step(self.setup)
+    self.eval_tokens = eval_tokens
+    self._batches = None
+    self._tb = None
+
+  def fingerprint(self) -> str:
+    info = self.raw.get("data_info", {})
+    return f"{info.get('fingerprint')}|{info.get('tokenizer')}"
+
+  def batches(self):
+    if self._batches is None:
+      c = self.cfg
+      data = data_lib.build(c.data, seq_len=c.train.seq_len,
+                            global_batch=c.train.batch_size, seed=c.train.seed,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count())
+      self._batches = data.eval_batches(
+          self.eval_tokens, c.train.eval_batch_size or c.train.batch_size)
+    return self._batches
+
+  def steps(self) -> list[int]:
+    return self.mgr.steps()
+
+  def evaluate(self, step: int) -> dict:
+    state, _ = self.mgr.restore(step, self.setup.abstract_state)
+    out = steps_lib.evaluate(self.setup, self.eval_step, state["params"],
+                             self.batches())
+    info = self.raw["model_info"]
+    m = self.cfg.model
+    tokens = step * info["tokens_per_step"]
+    return {"step": step, "params": info["params_total"],
+            "params_nonembed": info["params_nonembed"], "tokens": tokens,
+            "flops": info["flops_per_token"] * tokens,
+            "loss": out["eval_loss"], "bpb": out["eval_bpb"],
+            "num_layers": m.num_layers, "d_model": m.d_model,
+            "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads,
+            "mlp_dim": m.mlp_dim, "seq_len": self.cfg.train.seq_len,
+            "eval_tokens": self.eval_tokens, "workdir": self.workdir}
+
+  def tensorboard(self, row: dict) -> None:
+    """Eval loss against tokens seen, one writer per run and sweep pass."""
+    if self._tb is None:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard",
+                                            "sweep"))
+    self._tb.add_scalar("sweep/eval_loss", row["loss"],
+                        global_step=int(row["tokens"]))
+    self._tb.add_scalar("sweep/eval_bpb", row["bpb"],
+                        global_step=int(row["tokens"]))
+
+  def close(self):
+    self.mgr.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def run_name(workdir: str) -> str:
+  return os.path.basename(os.path.normpath(workdir))
+
+
+def sweep(workdirs: list[str], out: str, eval_tokens: int | None = None,
+          names: list[str] | None = None, only_steps: dict | None = None,
+          tensorboard: bool = True, log=print) -> list[dict]:
+  """Evaluate the not-yet-evaluated checkpoints of `workdirs` into `out`.
+
+  `only_steps` maps a workdir to the steps to evaluate (default: all).
+  Returns all rows of `out` after the sweep.
+  """
+  names = names or [run_name(w) for w in workdirs]
+  if len(set(names)) != len(names):
+    raise SweepError(f"run names must be unique, got {names}")
+  rows = read_csv(out)
+  done = {(r["run"], int(float(r["step"]))) for r in rows}
+  fingerprint = None
+  todo = []
+  evaluators = {}
+  for w, name in zip(workdirs, names):
+    ev = RunEvaluator(w, eval_tokens or _default_eval_tokens(w))
+    eval_tokens = eval_tokens or ev.eval_tokens
+    if fingerprint is None:
+      fingerprint = ev.fingerprint()
+    elif ev.fingerprint() != fingerprint:
+      raise SweepError(
+          f"{w}: its held-out data ({ev.fingerprint()}) differs from the "
+          f"first run's ({fingerprint}); a sweep compares runs on one "
+          "held-out set, so they must share data config and tokenizer")
+    steps = ev.steps() if not only_steps else only_steps.get(w, ev.steps())
+    todo += [(name, ev, s) for s in steps if (name, s) not in done]
+    evaluators[name] = ev
+  t0 = time.time()
+  for i, (name, ev, step) in enumerate(todo):
+    row = dict(run=name, **ev.evaluate(step))
+    rows.append(row)
+    write_csv(out, rows)
+    if tensorboard:
+      ev.tensorboard(row)
+    eta = (time.time() - t0) / (i + 1) * (len(todo) - i - 1)
+    log(f"[sweep {_bar(i + 1, len(todo))} {i + 1}/{len(todo)} ETA {eta:.0f}s] "
+        f"{name} step {step}: loss {row['loss']:.4f} bpb {row['bpb']:.4f}")
+  for ev in evaluators.values():
+    ev.close()
+  if not todo:
+    log(f"[sweep] nothing new to evaluate ({len(rows)} rows in {out})")
+  return rows
+
+
+def _default_eval_tokens(workdir: str) -> int:
+  cfg, _ = api.read_run_config(workdir)
+  return int(cfg.train.eval_tokens)
+
+
+def _bar(i: int, n: int, width: int = 20) -> str:
+  k = int(width * i / max(n, 1))
+  return "#" * k + "." * (width - k)
+
+
+def main(argv: list[str]) -> int:
+  p = argparse.ArgumentParser(prog="llmlab sweep", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", action="append", required=True,
+                 help="run directory (repeat for several runs)")
+  p.add_argument("--out", required=True, help="records CSV (appended)")
+  p.add_argument("--eval_tokens", type=int, default=None,
+                 help="held-out tokens per checkpoint (default: first run's "
+                      "train.eval_tokens)")
+  args = p.parse_args(argv)
+  for w in args.workdir:
+    if not os.path.exists(os.path.join(w, "config.json")):
+      print(f"llmlab sweep: {w}: not a run directory (no config.json)",
+            file=sys.stderr)
+      return 2
+  log = lambda s: print(s, file=sys.stderr, flush=True)
+  try:
+    rows = sweep(args.workdir, args.out, args.eval_tokens, log=log)
+  except SweepError as e:
+    print(f"llmlab sweep: {e}", file=sys.stderr)
+    return 2
+  print(f"{len(rows)} rows in {args.out}")
+  return 0

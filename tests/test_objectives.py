@@ -1,0 +1,375 @@
+"""Distillation objectives: the loss terms by hand, the frozen teacher, the
+offline top-k store, on-policy distillation, errors before training, and the
+same loss on an 8-device mesh as on one device.
+
+Run as a script (`python tests/test_objectives.py JSON`), this file is the
+body of the 8-device subprocess (XLA_FLAGS set by the test).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmlab import config as config_lib
+from llmlab import objectives
+from llmlab import sharding as shd
+from llmlab import steps as steps_lib
+from llmlab.objectives import distill as distill_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cfg(**objective):
+  """Tiny student on the default corpus (byte tokenizer)."""
+  c = config_lib.base()
+  c.model.update(num_layers=1, d_model=32, num_heads=2, num_kv_heads=2,
+                 mlp_dim=64)
+  c.train.update(steps=3, batch_size=4, seq_len=32, log_every=1,
+                 eval_tokens=64, learning_rate=1e-2)
+  c.optim.warmup_steps = 1
+  c.objective.update(objective)
+  return c
+
+
+def _setup(cfg, vocab=259, devices=1):
+  mesh = shd.make_mesh(cfg.mesh, jax.devices()[:devices])
+  return steps_lib.build(cfg, vocab, mesh)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+  """A teacher 4x wider than the student, trained for a few steps."""
+  from llmlab import train
+  c = _cfg()
+  c.model.update(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
+                 mlp_dim=128)
+  workdir = str(tmp_path_factory.mktemp("teacher"))
+  train.train(c, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def batch():
+  from llmlab import data as data_lib
+  c = _cfg()
+  data = data_lib.build(c.data, seq_len=32, global_batch=4, seed=0)
+  return {k: jnp.asarray(v) for k, v in data.train_batch(0).items()}
+
+
+def _loss_fn(cfg, setup, name=None):
+  """jit((aux, params, batch, rng) -> (loss_sum, sums)) of a frozen copy of
+  `cfg.objective` (eager flax is slow; a copy keeps the trace honest when
+  the test changes the config afterwards)."""
+  import ml_collections
+  ocfg = ml_collections.ConfigDict(cfg.objective.to_dict())
+  fn = objectives.get(name or ocfg.name)
+  apply = steps_lib.apply_fn(setup.model)
+  return jax.jit(lambda aux, params, batch, rng: fn(
+      objectives.Context(apply=apply, cfg=ocfg, aux=aux), params, batch, rng))
+
+
+def _student_params(setup, seed=1):
+  return steps_lib.init_state(setup, seed)["params"]
+
+
+# ---------------------------------------------------------------------------
+# Loss terms.
+# ---------------------------------------------------------------------------
+
+
+def _np_logp(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_kl_terms_by_hand_and_zero_for_equal_distributions():
+  rng = np.random.default_rng(0)
+  t, s = (rng.normal(size=(3, 5, 11)) * 2 for _ in range(2))
+  tl, sl = _np_logp(t), _np_logp(s)
+  fwd = (np.exp(tl) * (tl - sl)).sum(-1)
+  rev = (np.exp(sl) * (sl - tl)).sum(-1)
+  np.testing.assert_allclose(distill_lib.dense_kl(tl, sl, "forward"), fwd,
+                             rtol=1e-5)
+  np.testing.assert_allclose(distill_lib.dense_kl(tl, sl, "reverse"), rev,
+                             rtol=1e-5)
+  assert fwd.min() > 0.01 and not np.allclose(fwd, rev)
+  for kind in ("forward", "reverse"):
+    np.testing.assert_allclose(distill_lib.dense_kl(sl, sl, kind), 0.0,
+                               atol=1e-6)
+
+
+def test_top_k_renormalisation_by_hand():
+  rng = np.random.default_rng(1)
+  t, s = rng.normal(size=(2, 4, 9)), rng.normal(size=(2, 4, 9))
+  k = 3
+  ids, logp = distill_lib.top_k_support(jnp.asarray(t), k)
+  want_ids = np.argsort(-t, axis=-1)[..., :k]
+  np.testing.assert_array_equal(np.asarray(ids), want_ids)
+  top = np.take_along_axis(t, want_ids, -1)
+  q = np.exp(top) / np.exp(top).sum(-1, keepdims=True)  # renormalised
+  np.testing.assert_allclose(np.exp(logp), q, rtol=1e-5)
+  sl = _np_logp(s)
+  s_k = np.take_along_axis(sl, want_ids, -1)
+  fwd = (q * (np.log(q) - s_k)).sum(-1)
+  r = np.exp(s_k) / np.exp(s_k).sum(-1, keepdims=True)
+  rev = (r * (np.log(r) - np.log(q))).sum(-1)
+  np.testing.assert_allclose(distill_lib.sparse_kl(ids, logp, sl, "forward"),
+                             fwd, rtol=1e-5)
+  np.testing.assert_allclose(distill_lib.sparse_kl(ids, logp, sl, "reverse"),
+                             rev, rtol=1e-5)
+  # The same truncation through the objective's kl_term, at temperature 2:
+  # stored T=1 log-probs are re-tempered and renormalised on the support.
+  cfg = config_lib.base().objective
+  cfg.update(temperature=2.0, top_k=k, kl="forward")
+  online = distill_lib.kl_term(jnp.asarray(s), {"kind": "logits",
+                                                "logits": jnp.asarray(t)},
+                               cfg)
+  full_ids = np.argsort(-t, axis=-1)[..., :5]
+  stored = distill_lib.kl_term(
+      jnp.asarray(s), {"kind": "stored", "ids": jnp.asarray(full_ids),
+                       "logprobs": jnp.asarray(
+                           np.take_along_axis(_np_logp(t), full_ids, -1))},
+      cfg)
+  np.testing.assert_allclose(online, stored, rtol=1e-5)
+  q2 = np.exp(top / 2) / np.exp(top / 2).sum(-1, keepdims=True)
+  s2 = np.take_along_axis(_np_logp(s / 2), want_ids, -1)
+  np.testing.assert_allclose(online, (q2 * (np.log(q2) - s2)).sum(-1),
+                             rtol=1e-5)
+
+
+def test_kl_zero_when_teacher_is_the_student(batch):
+  cfg = _cfg(name="distill", alpha=1.0, temperature=2.0, kl="reverse")
+  setup = _setup(cfg)
+  params = _student_params(setup)
+  teacher = distill_lib.Teacher(params, setup.model_cfg)
+  loss, sums = _loss_fn(cfg, setup)(teacher, params, batch, jax.random.key(0))
+  assert abs(float(loss)) < 1e-4 and abs(float(sums["kl_sum"])) < 1e-4
+  assert float(sums["nll_sum"]) > 1.0
+
+
+def test_one_hot_teacher_equals_next_token_loss(batch):
+  cfg = _cfg(name="distill", alpha=0.5)
+  setup = _setup(cfg)
+  params = _student_params(setup)
+  want, want_sums = _loss_fn(cfg, setup, "next_token")(None, params, batch,
+                                                       None)
+  nxt = jnp.concatenate([batch["tokens"][:, 1:], batch["tokens"][:, :1]], 1)
+  one_hot = dict(batch, teacher_ids=nxt[..., None],
+                 teacher_logprobs=jnp.zeros(nxt.shape + (1,)))
+  got, sums = _loss_fn(cfg, setup)(None, params, one_hot, None)
+  # alpha * KL(one-hot || s) + (1 - alpha) * CE = alpha * CE + (1 - alpha) * CE
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  np.testing.assert_allclose(float(sums["kl_sum"]), float(want), rtol=1e-5)
+  assert float(sums["weight"]) == float(want_sums["weight"]) > 0
+
+
+# ---------------------------------------------------------------------------
+# The frozen teacher.
+# ---------------------------------------------------------------------------
+
+
+def test_teacher_frozen_not_optimized_and_counted(teacher_run, batch):
+  from llmlab import model as model_lib
+  cfg = _cfg(name="distill", teacher=teacher_run, alpha=0.7, temperature=2.0)
+  setup = _setup(cfg)
+  aux = objectives.prepare(cfg, setup)
+  teacher = aux.params
+  assert teacher.model_cfg.d_model == 64
+  counts = model_lib.param_counts(teacher.model_cfg)
+  assert aux.info["teacher_params_total"] == counts["total"]
+  assert aux.info["teacher_step"] == 3
+  assert aux.info["flops_per_token"] == model_lib.flops_per_token(
+      teacher.model_cfg, 32)["forward"]
+  before = jax.device_get(teacher.params)
+  state = steps_lib.init_state(setup, 0)
+  # The optimizer state is the student's alone, leaf for leaf.
+  want = jax.tree.map(lambda x: x.shape, setup.abstract_state["opt_state"])
+  assert jax.tree.map(lambda x: x.shape, state["opt_state"]) == want
+  step = steps_lib.make_train_step(setup, aux.params, aux.shardings)
+  losses = []
+  for _ in range(3):
+    state, m = step(state, batch)
+    losses.append(float(m["loss"]))
+    assert float(m["kl"]) > 0
+  assert losses[-1] < losses[0]
+  jax.tree.map(np.testing.assert_array_equal, before,
+               jax.device_get(teacher.params))
+  # No gradient reaches the teacher.
+  loss = _loss_fn(cfg, setup)
+  grads = jax.jit(jax.grad(lambda tp: loss(
+      distill_lib.Teacher(tp, teacher.model_cfg), state["params"], batch,
+      None)[0]))(teacher.params)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+def test_offline_store_matches_online_top_k(teacher_run, batch, tmp_path):
+  from llmlab import teacher_logits
+  out = str(tmp_path / "store")
+  cfg = _cfg(name="distill", top_k=4, kl="reverse", temperature=1.5)
+  summary = teacher_logits.write(teacher_run, cfg, out, top_k=6,
+                                 chunk_steps=2, steps=3)
+  assert summary["steps"] == 3 and sorted(os.listdir(out)) == [
+      "index.json", "steps_00000000.npz", "steps_00000002.npz"]
+  setup = _setup(cfg)
+  params = _student_params(setup)
+  online_cfg = _cfg(**cfg.objective.to_dict())
+  online_cfg.objective.teacher = teacher_run
+  aux = objectives.prepare(online_cfg, setup)
+  want, _ = _loss_fn(online_cfg, setup)(aux.params, params, batch, None)
+  cfg.objective.teacher_logits = out
+  offline_aux = objectives.prepare(cfg, setup)
+  assert offline_aux.params is None and offline_aux.info["top_k"] == 6
+  extras = distill_lib.make_batch_extras(cfg, 0, 1)
+  local = jax.device_get(batch)
+  got, _ = _loss_fn(cfg, setup)(None, params,
+                                dict(batch, **extras(0, local)), None)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-4)
+  # Process 1 of 2 gets the second half of the rows.
+  half = distill_lib.make_batch_extras(cfg, 1, 2)(
+      0, {k: v[2:] for k, v in local.items()})
+  np.testing.assert_array_equal(half["teacher_ids"],
+                                extras(0, local)["teacher_ids"][2:])
+  with pytest.raises(ValueError, match="stored tokens of step 1 differ"):
+    extras(1, local)
+  for key, value, message in (("train.seed", 1, "seed: store 0 != config 1"),
+                              ("train.steps", 5, "holds steps \\[0, 3\\)"),
+                              ("objective.top_k", 7, "holds only the top 6")):
+    bad = _cfg(**cfg.objective.to_dict())
+    group, name = key.split(".")
+    bad[group][name] = value
+    with pytest.raises(config_lib.ConfigError, match=message):
+      objectives.prepare(bad, setup)
+
+
+# ---------------------------------------------------------------------------
+# On-policy distillation.
+# ---------------------------------------------------------------------------
+
+
+def test_on_policy_distill(teacher_run, batch):
+  from llmlab.objectives import on_policy
+  cfg = _cfg(name="on_policy_distill", teacher=teacher_run, prompt_len=8,
+             rollout_len=6, rollout_temperature=1.0)
+  setup = _setup(cfg)
+  aux = objectives.prepare(cfg, setup)
+  assert aux.info["flops_per_token"] > 0
+  state = steps_lib.init_state(setup, 0)
+  # Teacher == student: the reverse KL on the student's samples is zero.
+  same = on_policy.OnPolicy(distill_lib.Teacher(state["params"],
+                                                setup.model_cfg),
+                            setup.model_cfg, aux.params.eos_id,
+                            aux.params.pad_id)
+  loss, sums = _loss_fn(cfg, setup)(same, state["params"], batch,
+                                    jax.random.key(0))
+  assert abs(float(loss)) < 1e-4 and 0 < float(sums["weight"]) <= 4 * 6
+  step = steps_lib.make_train_step(setup, aux.params, aux.shardings)
+  kls = []
+  for _ in range(3):
+    state, m = step(state, batch)
+    kls.append(float(m["kl"]))
+    assert float(m["grad_norm"]) > 0 and np.isfinite(float(m["teacher_nll"]))
+  assert kls[-1] < kls[0]
+
+
+# ---------------------------------------------------------------------------
+# Errors before training.
+# ---------------------------------------------------------------------------
+
+
+def test_bad_teacher_fails_before_training(teacher_run, tmp_path):
+  from llmlab import train
+  setup = _setup(_cfg())
+  bad_path = str(tmp_path / "no_such_run")
+  cases = [(dict(teacher=bad_path), "no_such_run"),
+           (dict(), "needs exactly one of"),
+           (dict(teacher=teacher_run, kl="sideways"), "objective.kl"),
+           (dict(teacher=teacher_run + ":2"), "no checkpoint at step 2")]
+  other = str(tmp_path / "other_vocab")
+  shutil.copytree(teacher_run, other)
+  with open(os.path.join(other, "config.json")) as f:
+    raw = json.load(f)
+  raw["model_info"]["vocab_size"] = 300
+  with open(os.path.join(other, "config.json"), "w") as f:
+    json.dump(raw, f)
+  cases.append((dict(teacher=other), "vocabulary has 300 ids, the student's "
+                                     "259"))
+  for objective, message in cases:
+    with pytest.raises(config_lib.ConfigError, match=message):
+      objectives.prepare(_cfg(name="distill", **objective), setup)
+  with pytest.raises(config_lib.ConfigError, match="needs objective.teacher"):
+    objectives.prepare(_cfg(name="on_policy_distill"), setup)
+  workdir = str(tmp_path / "student")
+  with pytest.raises(config_lib.ConfigError, match="no_such_run"):
+    train.train(_cfg(name="distill", teacher=bad_path), workdir)
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+
+# ---------------------------------------------------------------------------
+# 8 simulated devices.
+# ---------------------------------------------------------------------------
+
+VOCAB = 64
+
+
+def _mesh_losses(mesh, objective: dict, steps=3):
+  """Student losses with a random teacher, both sharded on `mesh`."""
+  cfg = _cfg(name="distill", **objective)
+  cfg.train.update(batch_size=8, seq_len=16)
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
+  tcfg = _cfg()
+  tcfg.model.update(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
+                    mlp_dim=128)
+  tcfg.mesh = cfg.mesh
+  n = int(np.prod(mesh))
+  setup = _setup(cfg, VOCAB, n)
+  tsetup = _setup(tcfg, VOCAB, n)
+  tparams = steps_lib.init_state(tsetup, 7)["params"]
+  teacher = distill_lib.Teacher(tparams, tsetup.model_cfg)
+  shardings = distill_lib.Teacher(tsetup.state_shardings["params"],
+                                  tsetup.model_cfg)
+  step = steps_lib.make_train_step(setup, teacher, shardings)
+  state = steps_lib.init_state(setup, 0)
+  rng = np.random.default_rng(0)
+  losses = []
+  for _ in range(steps):
+    tokens = rng.integers(0, VOCAB, (8, 16)).astype(np.int32)
+    b = {"tokens": tokens, "segment_ids": np.ones_like(tokens),
+         "positions": np.broadcast_to(np.arange(16), (8, 16)).astype(np.int32),
+         "bytes": np.ones_like(tokens)}
+    state, m = step(state, shd.global_batch(b, setup.batch_sharding))
+    losses.append(float(m["loss"]))
+  sharded = tparams["layers"]["mlp"]["w_up"].sharding.shard_shape(
+      tparams["layers"]["mlp"]["w_up"].shape)
+  return {"losses": losses, "teacher_w_up_shard": list(sharded)}
+
+
+def test_distill_on_8_devices_matches_1_device():
+  spec = {"meshes": [[1, 1, 1], [2, 2, 2]],
+          "objective": dict(alpha=0.5, temperature=2.0, top_k=8,
+                            kl="reverse")}
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  out = subprocess.run([sys.executable, os.path.abspath(__file__),
+                        json.dumps(spec)], capture_output=True, text=True,
+                       timeout=600, env=env, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  res = json.loads(out.stdout.strip().splitlines()[-1])
+  one, eight = res["[1, 1, 1]"], res["[2, 2, 2]"]
+  np.testing.assert_allclose(eight["losses"], one["losses"], rtol=2e-4)
+  assert one["losses"][-1] < one["losses"][0]
+  # The teacher is sharded too: w_up [layers, embed, mlp] over fsdp, tensor.
+  assert one["teacher_w_up_shard"] == [2, 64, 128]
+  assert eight["teacher_w_up_shard"] == [2, 32, 64]
+
+
+if __name__ == "__main__":
+  _spec = json.loads(sys.argv[1])
+  print(json.dumps({str(m): _mesh_losses(tuple(m), _spec["objective"])
+                    for m in _spec["meshes"]}))

@@ -1,0 +1,73 @@
+"""`llmlab sweep`: every checkpoint evaluated once, incrementally, on one
+held-out set; rows carry sizes, tokens and FLOPs."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+
+
+def _llmlab(*args, check=True):
+  out = subprocess.run([sys.executable, "-m", "llmlab", *args],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env=ENV)
+  if check:
+    assert out.returncode == 0, out.stderr[-4000:]
+  return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  base = tmp_path_factory.mktemp("sweep")
+  dirs = []
+  for name, d in (("small", 32), ("big", 64)):
+    w = str(base / name)
+    _llmlab("train", f"--config={ROOT}/configs/tiny.py:smoke", f"--workdir={w}",
+            f"--config.model.d_model={d}", "--config.train.eval_every=0",
+            "--config.checkpoint.keep=5")
+    dirs.append(w)
+  return base, dirs
+
+
+def test_sweep_rows_and_incremental(runs):
+  base, dirs = runs
+  out = str(base / "records.csv")
+  res = _llmlab("sweep", *[f"--workdir={w}" for w in dirs], f"--out={out}",
+                "--eval_tokens=2048")
+  rows = list(csv.DictReader(open(out)))
+  assert sorted((r["run"], int(r["step"])) for r in rows) == [
+      ("big", 6), ("big", 12), ("small", 6), ("small", 12)]
+  for r in rows:
+    for key in ("params", "params_nonembed", "tokens", "flops", "loss", "bpb"):
+      assert float(r[key]) > 0, key
+    assert int(r["tokens"]) == int(r["step"]) * 8 * 128
+    assert float(r["params"]) > float(r["params_nonembed"])
+  big = {int(r["step"]): float(r["loss"]) for r in rows if r["run"] == "big"}
+  assert big[12] < big[6]
+  assert "sweep" in res.stderr
+  # Second pass: nothing new, the table is unchanged.
+  res = _llmlab("sweep", *[f"--workdir={w}" for w in dirs], f"--out={out}",
+                "--eval_tokens=2048")
+  assert "nothing new" in res.stderr
+  assert list(csv.DictReader(open(out))) == rows
+
+
+def test_sweep_tensorboard(runs):
+  from tensorboard.backend.event_processing import event_accumulator
+  _, dirs = runs
+  acc = event_accumulator.EventAccumulator(
+      os.path.join(dirs[0], "tensorboard", "sweep"))
+  acc.Reload()
+  steps = [e.step for e in acc.Scalars("sweep/eval_loss")]
+  assert sorted(steps) == [6 * 1024, 12 * 1024]
+
+
+def test_sweep_bad_workdir(tmp_path):
+  res = _llmlab("sweep", f"--workdir={tmp_path}/nope",
+                f"--out={tmp_path}/r.csv", check=False)
+  assert res.returncode == 2 and "not a run directory" in res.stderr
