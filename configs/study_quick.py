@@ -60,7 +60,19 @@ def get_config(arg: str | None = None):
     s.min_fraction = 0.3
     s.eval_tokens = 8192
     s.fit.bootstrap = 20
+  elif arg == "test":  # the pipeline in ~1-2 minutes, for tests/test_study.py
+    s.family = [("t1", _model(16, 1, 2)), ("t2", _model(24, 1, 2)),
+                ("t3", _model(32, 1, 2))]
+    s.target = ("t_target", _model(48, 3, 2))
+    s.base.train.update(batch_size=4, seq_len=32)
+    s.base.optim.warmup_steps = 2
+    s.steps = 20
+    s.points = 1
+    s.min_fraction = 0.3
+    s.are_fraction = 0.5
+    s.eval_tokens = 2048
+    s.fit.bootstrap = 4
   elif arg:
     raise ValueError(f"configs/study_quick.py: unknown variant {arg!r} "
-                     "(known: smoke)")
+                     "(known: smoke, test)")
   return s

@@ -67,6 +67,9 @@ def sweep_steps(total_steps: int, points: int, min_fraction: float) -> list[int]
 
 
 def checkpoint_dir(workdir: str) -> str:
+  """WORKDIR/checkpoints, absolute for local paths (orbax requires it)."""
+  if "://" not in workdir:
+    workdir = os.path.abspath(workdir)
   return os.path.join(workdir, "checkpoints")
 
 

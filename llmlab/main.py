@@ -100,6 +100,11 @@ def _sweep(argv):
   return sweep.main(argv[1:])
 
 
+def _convert(argv):
+  from llmlab.convert import cli as convert_cli
+  return convert_cli.main(argv[1:])
+
+
 def _tokenizer(argv):
   if len(argv) < 2 or argv[1] != "train":
     print("usage: llmlab tokenizer train --source=... --out=tokenizer.json",
@@ -115,6 +120,7 @@ COMMANDS = {
     "study": _absl(_study),
     "sweep": _sweep,
     "fit": _fit,
+    "convert": _convert,
     "tokenizer": _tokenizer,
 }
 

@@ -42,10 +42,10 @@ def schedule(optim_cfg, learning_rate: float, steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-  """True where weight decay applies: matrices, not norm scales."""
+  """True where weight decay applies: matrices, not norm scales or biases."""
   def keep(path, _):
     names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
-    return not any(n == "scale" for n in names)
+    return not any(n in ("scale", "bq", "bk", "bv") for n in names)
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

@@ -164,6 +164,7 @@ def write(teacher_ref: str, cfg, out: str, top_k: int = 16,
   from llmlab import data as data_lib
   from llmlab import sharding as shd
   from llmlab import steps as steps_lib
+  from llmlab.data import tokenizer as tokenizer_lib
   from llmlab.objectives import distill
 
   if jax.process_count() > 1:
@@ -176,15 +177,17 @@ def write(teacher_ref: str, cfg, out: str, top_k: int = 16,
                       ("--steps", steps)):
     if value < 1:
       raise config_lib.ConfigError(f"{name}={value}: must be >= 1")
-  mesh = shd.make_mesh(cfg.mesh)
-  data = data_lib.build(cfg.data, seq_len=cfg.train.seq_len,
-                        global_batch=cfg.train.batch_size, seed=cfg.train.seed)
-  if top_k > data.vocab_size:
+  vocab = tokenizer_lib.load(str(cfg.data.tokenizer)).vocab_size
+  if top_k > vocab:
     raise config_lib.ConfigError(f"--top_k={top_k}: larger than the "
-                                 f"vocabulary ({data.vocab_size})")
-  setup = steps_lib.build(cfg, data.vocab_size, mesh)
+                                 f"vocabulary ({vocab})")
+  mesh = shd.make_mesh(cfg.mesh)
+  setup = steps_lib.build(cfg, vocab, mesh)
+  # The teacher is checked first: a bad path fails before reading the data.
   teacher, shardings, info = distill.load_teacher(teacher_ref, cfg, setup,
                                                   key="--teacher")
+  data = data_lib.build(cfg.data, seq_len=cfg.train.seq_len,
+                        global_batch=cfg.train.batch_size, seed=cfg.train.seed)
   index = dict(format=FORMAT, complete=False, teacher=info, top_k=top_k,
                chunk_steps=chunk_steps, steps=steps,
                vocab_size=data.vocab_size,

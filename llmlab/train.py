@@ -148,7 +148,8 @@ def _check_resume_compatible(saved: dict, cfg, vocab_size: int) -> None:
   diffs = []
   for key, value in want.items():
     group, name = key.split(".")
-    old = saved_cfg.get(group, {}).get(name)
+    # Keys added after a checkpoint was written take their default then.
+    old = saved_cfg.get(group, {}).get(name, config_lib.base()[group][name])
     if old != value:
       diffs.append(f"{key}: checkpoint {old!r} != config {value!r}")
   old_vocab = saved.get("model_info", {}).get("vocab_size")

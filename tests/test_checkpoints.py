@@ -315,10 +315,10 @@ def test_init_from_restores_params_not_optimizer(ref):
   saved_mu = jax.tree.leaves(_state(ref, 12)["opt_state"])
   assert any(np.any(x != 0) for x in saved_mu if x.ndim)  # it was not read
   bad = _config(**{"model.d_model": 48, "model.mlp_dim": 96})
-  bad.init_from = ref
-  bad, _, bad_setup = train_lib.prepare(bad)
-  with pytest.raises(config_lib.ConfigError, match="model.d_model: 32"):
-    train_lib.initial_state(bad_setup, bad)
+  bad_setup = api._setup_for(bad, api.read_run_config(ref)[1])
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"model.d_model: 32 \(in .*\) != 48"):
+    api.restore_params(ref, bad_setup)
 
 
 def test_load_api(ref):

@@ -6,12 +6,14 @@ Run as a script (`python tests/test_objectives.py JSON`), this file is the
 body of the 8-device subprocess (XLA_FLAGS set by the test).
 """
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,8 +77,22 @@ def _loss_fn(cfg, setup, name=None):
       objectives.Context(apply=apply, cfg=ocfg, aux=aux), params, batch, rng))
 
 
-def _student_params(setup, seed=1):
-  return steps_lib.init_state(setup, seed)["params"]
+@pytest.fixture(scope="module")
+def student():
+  """(setup, host copy of a fresh state) of the student, built once: every
+  objective shares the model, and each compile costs seconds on CPU."""
+  setup = _setup(_cfg())
+  return setup, jax.device_get(steps_lib.init_state(setup, 1))
+
+
+def _for(setup, cfg):
+  """The shared student setup, training objective `cfg.objective`."""
+  return dataclasses.replace(setup, cfg=cfg)
+
+
+def _state(setup, host_state):
+  """A device copy of `host_state` (train steps donate their input)."""
+  return jax.device_put(host_state, setup.state_shardings)
 
 
 # ---------------------------------------------------------------------------
@@ -144,20 +160,20 @@ def test_top_k_renormalisation_by_hand():
                              rtol=1e-5)
 
 
-def test_kl_zero_when_teacher_is_the_student(batch):
+def test_kl_zero_when_teacher_is_the_student(batch, student):
   cfg = _cfg(name="distill", alpha=1.0, temperature=2.0, kl="reverse")
-  setup = _setup(cfg)
-  params = _student_params(setup)
+  setup, host = student
+  params = _state(setup, host)["params"]
   teacher = distill_lib.Teacher(params, setup.model_cfg)
   loss, sums = _loss_fn(cfg, setup)(teacher, params, batch, jax.random.key(0))
   assert abs(float(loss)) < 1e-4 and abs(float(sums["kl_sum"])) < 1e-4
   assert float(sums["nll_sum"]) > 1.0
 
 
-def test_one_hot_teacher_equals_next_token_loss(batch):
+def test_one_hot_teacher_equals_next_token_loss(batch, student):
   cfg = _cfg(name="distill", alpha=0.5)
-  setup = _setup(cfg)
-  params = _student_params(setup)
+  setup, host = student
+  params = _state(setup, host)["params"]
   want, want_sums = _loss_fn(cfg, setup, "next_token")(None, params, batch,
                                                        None)
   nxt = jnp.concatenate([batch["tokens"][:, 1:], batch["tokens"][:, :1]], 1)
@@ -175,10 +191,11 @@ def test_one_hot_teacher_equals_next_token_loss(batch):
 # ---------------------------------------------------------------------------
 
 
-def test_teacher_frozen_not_optimized_and_counted(teacher_run, batch):
+def test_teacher_frozen_not_optimized_and_counted(teacher_run, batch,
+                                                  student):
   from llmlab import model as model_lib
   cfg = _cfg(name="distill", teacher=teacher_run, alpha=0.7, temperature=2.0)
-  setup = _setup(cfg)
+  setup, host = student
   aux = objectives.prepare(cfg, setup)
   teacher = aux.params
   assert teacher.model_cfg.d_model == 64
@@ -188,11 +205,11 @@ def test_teacher_frozen_not_optimized_and_counted(teacher_run, batch):
   assert aux.info["flops_per_token"] == model_lib.flops_per_token(
       teacher.model_cfg, 32)["forward"]
   before = jax.device_get(teacher.params)
-  state = steps_lib.init_state(setup, 0)
+  state = _state(setup, host)
   # The optimizer state is the student's alone, leaf for leaf.
   want = jax.tree.map(lambda x: x.shape, setup.abstract_state["opt_state"])
   assert jax.tree.map(lambda x: x.shape, state["opt_state"]) == want
-  step = steps_lib.make_train_step(setup, aux.params, aux.shardings)
+  step = steps_lib.make_train_step(_for(setup, cfg), aux.params, aux.shardings)
   losses = []
   for _ in range(3):
     state, m = step(state, batch)
@@ -209,7 +226,8 @@ def test_teacher_frozen_not_optimized_and_counted(teacher_run, batch):
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
 
 
-def test_offline_store_matches_online_top_k(teacher_run, batch, tmp_path):
+def test_offline_store_matches_online_top_k(teacher_run, batch, student,
+                                            tmp_path):
   from llmlab import teacher_logits
   out = str(tmp_path / "store")
   cfg = _cfg(name="distill", top_k=4, kl="reverse", temperature=1.5)
@@ -217,8 +235,8 @@ def test_offline_store_matches_online_top_k(teacher_run, batch, tmp_path):
                                  chunk_steps=2, steps=3)
   assert summary["steps"] == 3 and sorted(os.listdir(out)) == [
       "index.json", "steps_00000000.npz", "steps_00000002.npz"]
-  setup = _setup(cfg)
-  params = _student_params(setup)
+  setup, host = student
+  params = _state(setup, host)["params"]
   online_cfg = _cfg(**cfg.objective.to_dict())
   online_cfg.objective.teacher = teacher_run
   aux = objectives.prepare(online_cfg, setup)
@@ -253,14 +271,14 @@ def test_offline_store_matches_online_top_k(teacher_run, batch, tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def test_on_policy_distill(teacher_run, batch):
+def test_on_policy_distill(teacher_run, batch, student):
   from llmlab.objectives import on_policy
   cfg = _cfg(name="on_policy_distill", teacher=teacher_run, prompt_len=8,
              rollout_len=6, rollout_temperature=1.0)
-  setup = _setup(cfg)
+  setup, host = student
   aux = objectives.prepare(cfg, setup)
   assert aux.info["flops_per_token"] > 0
-  state = steps_lib.init_state(setup, 0)
+  state = _state(setup, host)
   # Teacher == student: the reverse KL on the student's samples is zero.
   same = on_policy.OnPolicy(distill_lib.Teacher(state["params"],
                                                 setup.model_cfg),
@@ -269,7 +287,7 @@ def test_on_policy_distill(teacher_run, batch):
   loss, sums = _loss_fn(cfg, setup)(same, state["params"], batch,
                                     jax.random.key(0))
   assert abs(float(loss)) < 1e-4 and 0 < float(sums["weight"]) <= 4 * 6
-  step = steps_lib.make_train_step(setup, aux.params, aux.shardings)
+  step = steps_lib.make_train_step(_for(setup, cfg), aux.params, aux.shardings)
   kls = []
   for _ in range(3):
     state, m = step(state, batch)
@@ -283,9 +301,9 @@ def test_on_policy_distill(teacher_run, batch):
 # ---------------------------------------------------------------------------
 
 
-def test_bad_teacher_fails_before_training(teacher_run, tmp_path):
+def test_bad_teacher_fails_before_training(teacher_run, student, tmp_path):
   from llmlab import train
-  setup = _setup(_cfg())
+  setup, _ = student
   bad_path = str(tmp_path / "no_such_run")
   cases = [(dict(teacher=bad_path), "no_such_run"),
            (dict(), "needs exactly one of"),
@@ -311,6 +329,17 @@ def test_bad_teacher_fails_before_training(teacher_run, tmp_path):
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
 
 
+def test_teacher_logits_command_errors(tmp_path, capsys):
+  from llmlab import teacher_logits
+  assert teacher_logits.main([]) == 2
+  assert "missing --config, --teacher, --out" in capsys.readouterr().err
+  rc = teacher_logits.main([f"--config={ROOT}/configs/tiny.py:smoke",
+                            f"--teacher={tmp_path}/none",
+                            f"--out={tmp_path}/store"])
+  assert rc == 1 and f"--teacher='{tmp_path}/none'" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "store")
+
+
 # ---------------------------------------------------------------------------
 # 8 simulated devices.
 # ---------------------------------------------------------------------------
@@ -318,36 +347,49 @@ def test_bad_teacher_fails_before_training(teacher_run, tmp_path):
 VOCAB = 64
 
 
-def _mesh_losses(mesh, objective: dict, steps=3):
-  """Student losses with a random teacher, both sharded on `mesh`."""
+def _mesh_losses(meshes, objective: dict, steps=3) -> dict:
+  """Student losses with a random teacher, both sharded on each mesh."""
   cfg = _cfg(name="distill", **objective)
   cfg.train.update(batch_size=8, seq_len=16)
-  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
   tcfg = _cfg()
   tcfg.model.update(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
                     mlp_dim=128)
-  tcfg.mesh = cfg.mesh
-  n = int(np.prod(mesh))
-  setup = _setup(cfg, VOCAB, n)
-  tsetup = _setup(tcfg, VOCAB, n)
-  tparams = steps_lib.init_state(tsetup, 7)["params"]
-  teacher = distill_lib.Teacher(tparams, tsetup.model_cfg)
-  shardings = distill_lib.Teacher(tsetup.state_shardings["params"],
-                                  tsetup.model_cfg)
-  step = steps_lib.make_train_step(setup, teacher, shardings)
-  state = steps_lib.init_state(setup, 0)
+  host = jax.device_get(steps_lib.init_state(_setup(cfg, VOCAB), 0))
+  t_model = _setup(tcfg, VOCAB).model
+  t_host = jax.device_get(nn.unbox(jax.jit(t_model.init)(
+      jax.random.key(7), jnp.zeros((1, 16), jnp.int32))["params"]))
   rng = np.random.default_rng(0)
-  losses = []
+  batches = []
   for _ in range(steps):
     tokens = rng.integers(0, VOCAB, (8, 16)).astype(np.int32)
-    b = {"tokens": tokens, "segment_ids": np.ones_like(tokens),
-         "positions": np.broadcast_to(np.arange(16), (8, 16)).astype(np.int32),
-         "bytes": np.ones_like(tokens)}
-    state, m = step(state, shd.global_batch(b, setup.batch_sharding))
-    losses.append(float(m["loss"]))
-  sharded = tparams["layers"]["mlp"]["w_up"].sharding.shard_shape(
-      tparams["layers"]["mlp"]["w_up"].shape)
-  return {"losses": losses, "teacher_w_up_shard": list(sharded)}
+    seg = np.ones_like(tokens)
+    seg[:, 10:] = 2
+    seg[0, -3:] = 0
+    pos = np.concatenate([np.arange(10), np.arange(6)])
+    batches.append({"tokens": tokens, "segment_ids": seg,
+                    "positions": np.broadcast_to(pos, (8, 16)).astype(np.int32),
+                    "bytes": np.ones_like(tokens)})
+  out = {}
+  for mesh in meshes:
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
+    tcfg.mesh = cfg.mesh
+    n = int(np.prod(mesh))
+    setup, tsetup = _setup(cfg, VOCAB, n), _setup(tcfg, VOCAB, n)
+    tparams = jax.device_put(t_host, tsetup.state_shardings["params"])
+    step = steps_lib.make_train_step(
+        setup, distill_lib.Teacher(tparams, tsetup.model_cfg),
+        distill_lib.Teacher(tsetup.state_shardings["params"],
+                            tsetup.model_cfg))
+    state = _state(setup, host)
+    losses = []
+    for b in batches:
+      state, m = step(state, shd.global_batch(b, setup.batch_sharding))
+      losses.append(float(m["loss"]))
+    w_up = tparams["layers"]["mlp"]["w_up"]
+    out[str(list(mesh))] = {"losses": losses,
+                            "teacher_w_up_shard": list(
+                                w_up.sharding.shard_shape(w_up.shape))}
+  return out
 
 
 def test_distill_on_8_devices_matches_1_device():
@@ -371,5 +413,5 @@ def test_distill_on_8_devices_matches_1_device():
 
 if __name__ == "__main__":
   _spec = json.loads(sys.argv[1])
-  print(json.dumps({str(m): _mesh_losses(tuple(m), _spec["objective"])
-                    for m in _spec["meshes"]}))
+  print(json.dumps(_mesh_losses([tuple(m) for m in _spec["meshes"]],
+                                _spec["objective"])))

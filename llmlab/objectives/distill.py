@@ -155,18 +155,23 @@ def _teacher_view(ctx: Context, batch) -> dict:
 
 
 def distill(ctx: Context, params, batch, rng):
-  """alpha * T^2 * KL + (1 - alpha) * CE, summed over real targets."""
+  """alpha * T^2 * KL + (1 - alpha) * CE, summed over real targets.
+
+  Logged per target: `kl` (the tempered KL, without the T^2) and `nll` (the
+  plain cross-entropy, comparable with next_token's loss).
+  """
   logits = ctx.apply(params, batch, rng, True)
   mask = target_mask(batch).astype(jnp.float32)
   nll, _ = token_nll(logits, batch["tokens"])
   kl = kl_term(logits[:, :-1].astype(jnp.float32), _teacher_view(ctx, batch),
                ctx.cfg)
+  kl = jnp.where(mask > 0, kl, 0.0)  # padding rows of a store may be junk
   alpha = float(option(ctx.cfg, "alpha"))
   temp = float(option(ctx.cfg, "temperature"))
   per_pos = alpha * temp * temp * kl + (1.0 - alpha) * nll
   return jnp.sum(per_pos * mask), {"weight": jnp.sum(mask),
                                    "nll_sum": jnp.sum(nll * mask),
-                                   "kl_sum": jnp.sum(kl * mask)}
+                                   "kl_sum": jnp.sum(kl)}
 
 
 # ----------------------------------------------------------------------------

@@ -9,13 +9,16 @@ Why this shape:
 - Every start is a lane of a vmapped `lax.while_loop`, all groups (data sets,
   bootstrap replicates) and starts in a single jitted call. Bootstrap replicates
   differ only by per-point weights (resample counts), so they share one program.
-- Directions come from optax.lbfgs (its L-BFGS transform, `linesearch=None`); the
-  linesearch is flattened into the lane's loop, one objective evaluation per
-  loop step. optax.lbfgs's own zoom linesearch is a `while_loop` nested in each
-  update: under vmap every lane then waits for the slowest lane's linesearch at
-  every iteration (on the Chinchilla data 11% of iterations hit its step cap) and
-  vmapped `lax.cond` evaluates both of its branches, so it costs ~10x more
-  objective evaluations per iteration here than the flattened search.
+- Directions come from optax.lbfgs (`linesearch=None`: its L-BFGS transform);
+  the linesearch is flattened into the lane's loop, one objective evaluation per
+  loop step, and the lane carries its value and gradient (the job
+  optax.value_and_grad_from_state does in the unflattened loop). optax.lbfgs's
+  own zoom linesearch is a `while_loop` nested in each update: under vmap every
+  lane waits for the slowest lane's linesearch at every iteration (on the
+  Chinchilla grid 11% of iterations hit its 30-step cap) and vmapped `lax.cond`
+  evaluates both branches of each step, so an iteration costs up to 60
+  evaluations of the whole batch instead of ~2 here (measured: 20 iterations
+  of the 4,500-start grid took 76 s that way).
 - With many starts, all of them run to a loose tolerance (`SCREEN`, capped), and
   the best `keep` per group continue to the tight one (`POLISH`): the 4,500-start
   grid costs a few seconds instead of running every start to 1e-13.
@@ -236,16 +239,15 @@ def _data(records: Mapping, form: forms_lib.Form, groups: int):
 
 
 def fit_law(records, form: str = "chinchilla", delta: float = DELTA, init=None,
-            keep: int | None = None) -> FitResult:
+            keep: int = 32) -> FitResult:
   """Best-of-starts Huber fit of `form` to all rows of `records`.
 
-  keep: starts polished to the tight tolerance after screening; default all
-  starts when there are <= 512 (cheap), else the best 32.
+  keep: how many of the screened starts are polished to the tight tolerance (a
+  few bad starts crawl for thousands of steps; in lockstep everyone would wait).
   """
   records = records_lib.as_records(records)
   law = forms_lib.get_form(form)
   starts = _starts(law, init)
-  keep = keep or (len(starts) if len(starts) <= 512 else 32)
   x, log_loss = _data(records, law, 1)
   theta, f, evals, conv = minimize(law, starts[None], np.ones_like(log_loss), x, log_loss,
                                    delta=delta, keep=keep)
@@ -323,9 +325,15 @@ def predict(fit: FitResult | BootstrapResult, params=None, tokens=None,
   x = {k: np.log(np.atleast_1d(np.asarray(cols[k], np.float64))) for k in law.inputs}
   thetas = np.atleast_2d(fit.thetas if isinstance(fit, BootstrapResult) else fit.theta)
   with jax.enable_x64(True):
-    one = lambda th: law.log_loss(law.named(th), x)
-    out = np.exp(np.asarray(jax.vmap(one)(jnp.asarray(thetas))))
+    out = np.exp(np.asarray(_predict_log(jnp.asarray(thetas), x, form_name=law.name)))
   return out if isinstance(fit, BootstrapResult) else out[0]
+
+
+@functools.partial(jax.jit, static_argnames="form_name")
+def _predict_log(thetas_BxP, x_M, *, form_name: str):
+  """Jitted: op-by-op dispatch of the form is slower than compiling it."""
+  law = forms_lib.get_form(form_name)
+  return jax.vmap(lambda th: law.log_loss(law.named(th), x_M))(thetas_BxP)
 
 
 # ----------------------------------------------------------------------------

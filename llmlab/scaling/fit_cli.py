@@ -14,7 +14,6 @@ import numpy as np
 
 from llmlab.scaling import fit as fit_lib
 from llmlab.scaling import forms as forms_lib
-from llmlab.scaling import plots
 from llmlab.scaling import records as records_lib
 
 
@@ -61,10 +60,12 @@ def _compute_optimal(fit, boot, fit_records, extra_compute):
   return out
 
 
-def _predictions(fit, boot, n, d, actual=None):
-  mid = fit_lib.predict(fit, params=n, tokens=d)
-  lo, hi = (_interval(fit_lib.predict(boot, params=n, tokens=d)) if boot is not None
-            else (np.full_like(mid, np.nan),) * 2)
+def _predictions(fit, boot, n, d, actual=None, compute=None):
+  """Rows of fit.json "predictions": point estimate and bootstrap 95% interval
+  (parameter uncertainty only)."""
+  mid = fit_lib.predict(fit, params=n, tokens=d, compute=compute)
+  lo, hi = (_interval(fit_lib.predict(boot, params=n, tokens=d, compute=compute))
+            if boot is not None else (np.full_like(mid, np.nan),) * 2)
   rows = []
   for i in range(len(mid)):
     row = dict(params=float(n[i]), tokens=float(d[i]), loss_hat=float(mid[i]),
@@ -76,6 +77,8 @@ def _predictions(fit, boot, n, d, actual=None):
 
 
 def _figures(fit, boot, fit_records, target_records, point, optimal, sat, threshold):
+  from llmlab.scaling import plots  # matplotlib: imported only when plotting
+
   law = forms_lib.get_form(fit.form)
   xkey = "compute" if "compute" in law.inputs else "tokens"
 
@@ -162,7 +165,8 @@ def run_fit(records, form: str = "chinchilla", target=None, out_dir: str | None 
     t = records_lib.take(records, records["run"] == target_run)
     target_records = records_lib.take(t, np.argsort(t["tokens"], kind="stable"))
     predictions = _predictions(fit, boot, target_records["params"],
-                               target_records["tokens"], target_records["loss"])
+                               target_records["tokens"], target_records["loss"],
+                               target_records.get("flops"))
     loss_hat = np.array([p["loss_hat"] for p in predictions])
     are["are"] = fit_lib.are(target_records["loss"], loss_hat, target_records["tokens"],
                              are_min_fraction, are_final_only)
@@ -199,6 +203,8 @@ def run_fit(records, form: str = "chinchilla", target=None, out_dir: str | None 
       saturation=dict(threshold=saturation_threshold, runs=sat),
   )
   if out_dir is not None:
+    from llmlab.scaling import plots
+
     figs = _figures(fit, boot, fit_records, target_records, point, optimal, sat,
                     saturation_threshold)
     result["plots"] = [os.path.basename(p) for p in plots.save(figs, out_dir)]

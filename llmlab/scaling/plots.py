@@ -6,6 +6,7 @@ no global backend or figure state is touched in a process that also trains).
 
 import os
 
+import matplotlib.image
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -106,10 +107,11 @@ def saturation_plot(rows: list[dict], threshold: float):
   return fig
 
 
-def _rgb(fig) -> np.ndarray:
+def _rgba(fig) -> np.ndarray:
+  """Renders once; the pixels go both to the PNG and to TensorBoard."""
   canvas = FigureCanvasAgg(fig)
   canvas.draw()
-  return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+  return np.asarray(canvas.buffer_rgba()).copy()
 
 
 def save(figures: dict, out_dir: str) -> list[str]:
@@ -121,10 +123,11 @@ def save(figures: dict, out_dir: str) -> list[str]:
   writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
   try:
     for name, fig in figures.items():
+      rgba = _rgba(fig)
       path = os.path.join(out_dir, f"{name}.png")
-      fig.savefig(path)
+      matplotlib.image.imsave(path, rgba)
       paths.append(path)
-      writer.add_image(f"fit/{name}", _rgb(fig), global_step=0, dataformats="HWC")
+      writer.add_image(f"fit/{name}", rgba[..., :3], global_step=0, dataformats="HWC")
   finally:
     writer.close()
   return paths

@@ -71,21 +71,24 @@ def read_records(path, params_column: str = "params") -> dict:
   """
   path = str(path)
   try:
-    f = open(path, newline="")
+    f = open(path, newline="", encoding="utf-8-sig")
   except OSError as e:
     raise RecordsError(f"{path}: cannot open records file: {e}") from None
   with f:
     reader = csv.DictReader(f)
     if not reader.fieldnames:
       raise RecordsError(f"{path}: empty file (no header line)")
-    header = [h.strip() for h in reader.fieldnames]
-    if params_column != "params":
-      if params_column not in header:
-        raise RecordsError(f"{path}: missing params column {params_column!r}; found "
-                           f"{header}")
+    original = [h.strip() for h in reader.fieldnames]
+    header = original
+    if params_column != "params":  # read params_column as "params", ignore "params"
       header = ["params" if h == params_column else
-                ("_ignored_params" if h == "params" else h) for h in header]
+                ("_ignored_params" if h == "params" else h) for h in original]
     reader.fieldnames = header
+    missing = [c for c in REQUIRED if c not in header]
+    if missing:
+      raise RecordsError(f"{path}, line 1 (header): missing required column(s) "
+                         f"{[params_column if c == 'params' else c for c in missing]}; "
+                         f"found {original}")
     rows = ((f"{path}, line {reader.line_num}", f"line{reader.line_num}", row)
             for row in reader)
     return _columns(rows, path, set(header), {"params": params_column})

@@ -132,6 +132,7 @@ def plan(scfg, workdir: str) -> list[dict]:
 def run_study(scfg, workdir: str) -> dict:
   t0 = time.time()
   os.makedirs(workdir, exist_ok=True)
+  _compilation_cache(os.path.join(workdir, ".jax_cache"))
   with open(os.path.join(workdir, "study_config.json"), "w") as f:
     f.write(scfg.to_json_best_effort(indent=2))
   runs = plan(scfg, workdir)
@@ -163,6 +164,15 @@ def run_study(scfg, workdir: str) -> dict:
   return result
 
 
+def _compilation_cache(path: str) -> None:
+  """Persist compiled executables: the many runs of a study share eval and
+  init programs, and a resumed study skips compiling them again."""
+  import jax
+  if jax.config.jax_compilation_cache_dir is None:
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 DESIGN_NOTE = ("warmup-stable-decay: one long run per size with a constant "
                "learning rate after warmup; at log-spaced stable checkpoints "
                "a branch decays the learning rate linearly to 10% over the "
@@ -173,30 +183,27 @@ DESIGN_NOTE = ("warmup-stable-decay: one long run per size with a constant "
 
 
 def analyse(scfg, records: list[dict], workdir: str) -> dict:
-  """Fit on the family, predict the target, score against naive baseline."""
-  from llmlab.scaling import fit as fit_lib
-  from llmlab.scaling import records as rec_lib
-  table = rec_lib.as_records([{k: r[k] for k in ("run", "step", "params",
-                                                 "tokens", "loss", "flops")}
-                              for r in records])
+  """Fit on the family, predict the target, score against the naive
+  baseline (the largest fitted model's loss at the same token counts)."""
+  from llmlab.scaling import fit_cli
+  col = scfg.fit.get("params_column", "params")
+  table = [{"run": r["run"], "step": r["step"], "params": r[col],
+            "tokens": r["tokens"], "loss": r["loss"], "flops": r["flops"]}
+           for r in records]
   target = scfg.target[0]
-  out = fit_lib.run_fit(table, form=scfg.fit.form, target=target,
-                        out_dir=workdir, bootstrap=int(scfg.fit.bootstrap),
-                        min_fraction=float(scfg.fit.min_fraction),
-                        are_fraction=float(scfg.are_fraction))
-  naive = fit_lib.naive_are(table, target=target,
-                            are_fraction=float(scfg.are_fraction),
-                            min_fraction=float(scfg.fit.min_fraction))
-  are = out["are"]["are"] if isinstance(out["are"], dict) else out["are"]
-  out["naive_are"] = naive
-  out["skill"] = 1.0 - are / naive if naive else None
-  fam = [r for r in records if r["role"] == "family"]
-  tgt = [r for r in records if r["role"] == "target"]
-  n_fam = max(float(r["params"]) for r in fam)
-  out["target"] = {"name": target,
-                   "params": float(tgt[0]["params"]) if tgt else None,
-                   "ratio_to_largest_fitted": (float(tgt[0]["params"]) / n_fam)
-                   if tgt else None}
+  out = fit_cli.run_fit(table, form=scfg.fit.form, target=target,
+                        out_dir=workdir, n_bootstrap=int(scfg.fit.bootstrap),
+                        min_fraction=float(scfg.fit.min_fraction) or None,
+                        are_min_fraction=float(scfg.are_fraction),
+                        source=os.path.join(workdir, "records.csv"))
+  fam = [float(r[col]) for r in records if r["role"] == "family"]
+  tgt = [float(r[col]) for r in records if r["role"] == "target"]
+  out["params_column"] = col
+  out["target"] = {"name": target, "params": tgt[0] if tgt else None,
+                   "ratio_to_largest_fitted": tgt[0] / max(fam) if tgt else None}
+  final = [p for p in out["predictions"]
+           if p.get("tokens") == max(q.get("tokens") for q in out["predictions"])]
+  out["prediction"] = final[0] if final else None
   return out
 
 
@@ -211,7 +218,7 @@ def _json_default(o):
 def write_report(result: dict, workdir: str) -> None:
   """report.md: the numbers a researcher reads first, and the plots."""
   p = result.get("params", {})
-  are = result["are"]["are"] if isinstance(result.get("are"), dict) else result.get("are")
+  are = result.get("are")
   lines = [
       "# Scaling study", "",
       f"Design: {result['design']}", "",
@@ -227,6 +234,10 @@ def write_report(result: dict, workdir: str) -> None:
       f"{100 * result['naive_are']:.2f}% |",
       f"| skill = 1 - ARE/naive | {result['skill']:.3f} |",
       f"| wall time | {result['wall_time_s'] / 60:.1f} min |", ""]
+  pred = result.get("prediction")
+  if pred:
+    lines += ["Target at its final tokens: " + json.dumps(
+        pred, default=_json_default), ""]
   co = result.get("compute_optimal")
   if co:
     lines += ["Compute-optimal allocation:", "",

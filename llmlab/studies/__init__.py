@@ -1,0 +1,1 @@
+"""Experiment drivers: each runs several llmlab trainings and reports a table."""
