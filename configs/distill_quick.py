@@ -36,7 +36,7 @@ def get_config(arg: str | None = None):
   # 2 x 128 x 512: 4.0x the student's non-embedding parameters.
   s.teacher_model = dict(num_layers=2, d_model=128, num_heads=4,
                          num_kv_heads=2, mlp_dim=512)
-  s.teacher_steps = 600
+  s.teacher_steps = 500
   s.teacher_batch_size = 16
   s.distill = ml_collections.ConfigDict(dict(alpha=0.5, temperature=1.0,
                                              kl="forward"))

@@ -78,6 +78,10 @@ def _train(cfg, workdir: str) -> None:
     return
   t = time.time()
   summary = train.train(cfg, workdir)
+  if summary["preempted"]:  # SIGTERM: the run saved; stop the whole study
+    print("llmlab study: preempted (SIGTERM); the current run saved its "
+          "checkpoint. Re-run the same command to resume.", file=sys.stderr)
+    sys.exit(0)
   log.info("trained %s: step %d eval_loss %.4f in %.0fs", workdir,
            summary["step"], summary.get("eval_loss") or float("nan"),
            time.time() - t)
