@@ -207,6 +207,7 @@ class Manager:
     self.protected = set(self.keep_steps) | {total_steps}
     self.incomplete = self._find_incomplete()
     if not read_only:
+      _sync("llmlab_ckpt_listed")  # every process listed before any rename
       self._set_aside(self.incomplete, "incomplete")
     options = ocp.CheckpointManagerOptions(
         preservation_policy=KeepProtectedAndLatest(int(ckpt_cfg.keep),

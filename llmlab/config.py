@@ -69,11 +69,9 @@ def base() -> ConfigDict:
 
   c.objective = ConfigDict(dict(name="next_token", z_loss=0.0,
                                 label_smoothing=0.0))
-  try:  # objective-specific keys live beside their objective
-    from llmlab.objectives import distill
-    c.objective.update(distill.OBJECTIVE_DEFAULTS)
-  except ImportError:
-    pass
+  # Objective-specific keys live beside their objective.
+  from llmlab.objectives import distill
+  c.objective.update(distill.OBJECTIVE_DEFAULTS)
 
   c.data = data_lib.default_config()
   return c

@@ -12,7 +12,6 @@ import jax
 
 from llmlab import api
 from llmlab import data as data_lib
-from llmlab import sharding as shd
 from llmlab import steps as steps_lib
 
 

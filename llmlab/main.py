@@ -105,6 +105,21 @@ def _convert(argv):
   return convert_cli.main(argv[1:])
 
 
+def _sample(argv):
+  from llmlab import sample
+  return sample.main(argv[1:])
+
+
+def _teacher_logits(argv):
+  from llmlab import teacher_logits
+  return teacher_logits.main(argv[1:])
+
+
+def _distill_study(argv):
+  from llmlab.studies import distill
+  return distill.main(argv[1:])
+
+
 def _tokenizer(argv):
   if len(argv) < 2 or argv[1] != "train":
     print("usage: llmlab tokenizer train --source=... --out=tokenizer.json",
@@ -121,6 +136,9 @@ COMMANDS = {
     "sweep": _sweep,
     "fit": _fit,
     "convert": _convert,
+    "sample": _sample,
+    "teacher-logits": _teacher_logits,
+    "distill-study": _distill_study,
     "tokenizer": _tokenizer,
 }
 

@@ -27,7 +27,7 @@ def _clean(v):
 class Writer:
   """Appends metric rows to `metrics.jsonl` and TensorBoard scalars."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0):
     self.enabled = enabled
     self._tb = None
     self._jsonl = None
@@ -35,8 +35,11 @@ class Writer:
       from tensorboardX import SummaryWriter
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      # On resume, TensorBoard drops events a killed run wrote past the
+      # checkpoint we restart from (purge_step), so curves are not doubled.
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                               flush_secs=10)
+                               flush_secs=10,
+                               purge_step=start_step + 1 if start_step else None)
 
   def row(self, row: dict, tb_tags: dict[str, str]) -> None:
     """One JSON line; `tb_tags` maps row keys to TensorBoard tags."""

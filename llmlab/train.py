@@ -29,6 +29,7 @@ from llmlab import data as data_lib
 from llmlab import metrics as metrics_lib
 from llmlab import model as model_lib
 from llmlab import objectives
+from llmlab.objectives import distill as distill_obj
 from llmlab import perf
 from llmlab import sharding as shd
 from llmlab import steps as steps_lib
@@ -41,6 +42,7 @@ TB_TAGS = {
     "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu",
     "step_time_s": "perf/step_time_s",
     "eval_loss": "eval/loss", "eval_bpb": "eval/bpb",
+    "kl": "train/kl", "nll": "train/nll", "teacher_nll": "train/teacher_nll",
 }
 
 
@@ -239,7 +241,7 @@ def _run(cfg, workdir, data, setup, aux, info, peak, mgr, sig):
     _write_config(workdir, cfg, info, data.info, setup.mesh)
     metrics_lib.truncate_after(workdir, start)
 
-  writer = metrics_lib.Writer(workdir, enabled=primary)
+  writer = metrics_lib.Writer(workdir, enabled=primary, start_step=start)
   if start == 0:
     writer.text("config", "```\n" + cfg.to_json(indent=2) + "\n```")
     writer.text("model_info", "```\n" + json.dumps(info, indent=2) + "\n```")
@@ -288,8 +290,13 @@ def _run(cfg, workdir, data, setup, aux, info, peak, mgr, sig):
 
   preempted = False
   data_iter = data.train_iter(start)
+  # Objectives that read per-step inputs (stored teacher logits) add them.
+  extras = distill_obj.make_batch_extras(cfg)
   for step in range(start, total):
-    batch = shd.global_batch(next(data_iter), setup.batch_sharding)
+    local = next(data_iter)
+    if extras is not None:
+      local = {**local, **extras(step, local)}
+    batch = shd.global_batch(local, setup.batch_sharding)
     state, m = train_step(state, batch)
     done = step + 1
     if pending is not None:

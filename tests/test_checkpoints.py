@@ -108,17 +108,20 @@ def _assert_bitwise_equal(a, b):
 
 
 def _data_files(workdir, step):
+  """The files holding checkpoint `step`'s array data (orbax's OCDBT
+  layout: which arrays share a file varies from save to save)."""
   d = os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step), "state")
-  files = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs
-           if os.path.basename(r) == "d"]
-  return sorted(files, key=os.path.getsize)
+  return sorted(os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs
+                if os.path.basename(r) == "d")
 
 
-def _flip(path):
-  data = bytearray(open(path, "rb").read())
-  mid = len(data) // 2
-  data[mid:mid + 16] = bytes(b ^ 0x5A for b in data[mid:mid + 16])
-  open(path, "wb").write(bytes(data))
+def _flip(paths):
+  """Flip 16 bytes in the middle of each file (bit rot the storage missed)."""
+  for path in paths:
+    data = bytearray(open(path, "rb").read())
+    mid = len(data) // 2
+    data[mid:mid + 16] = bytes(b ^ 0x5A for b in data[mid:mid + 16])
+    open(path, "wb").write(bytes(data))
 
 
 def _start(workdir, sleep):
@@ -164,7 +167,7 @@ def test_kill9_damage_sigterm_resume_is_exact(ref, tmp_path):
   # Damage: the latest checkpoint's data silently corrupted, a save killed
   # before its rename (orbax's tmp dir), one whose commit marker is missing.
   ckpts = ckpt_lib.checkpoint_dir(workdir)
-  _flip(_data_files(workdir, killed_at)[-1])
+  _flip(_data_files(workdir, killed_at))
   tmp = f"{killed_at + 1}.orbax-checkpoint-tmp-1234"
   shutil.copytree(os.path.join(ckpts, str(killed_at)), os.path.join(ckpts, tmp))
   shutil.copytree(os.path.join(ckpts, str(killed_at)),
@@ -206,18 +209,19 @@ def test_kill9_damage_sigterm_resume_is_exact(ref, tmp_path):
   _assert_bitwise_equal(_state(workdir, STEPS), _state(ref, STEPS))
 
 
-def test_truncated_or_corrupted_file_is_a_clear_error(ref, tmp_path,
-                                                       caplog):
+def test_truncated_or_corrupted_files_are_a_clear_error(ref, tmp_path,
+                                                        caplog):
   workdir = str(tmp_path / "damaged")
   shutil.copytree(ref, workdir)
-  with open(_data_files(workdir, 24)[-1], "r+b") as f:
-    f.truncate(os.path.getsize(f.name) // 3)
-  _flip(_data_files(workdir, 20)[-1])
+  for path in _data_files(workdir, 24):
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 3)
+  _flip(_data_files(workdir, 20))
   with pytest.raises(ckpt_lib.CheckpointError,
                      match=r"checkpoints/24 is unreadable"):
     api.load(workdir)
   with pytest.raises(ckpt_lib.CheckpointError,
-                     match=r"checkpoints/20 is corrupted: checksum mismatch"):
+                     match=r"checkpoints/20 is (corrupted|unreadable)"):
     api.load(workdir, step=20)
   assert api.load(workdir, step=16).step == 16
   # What resuming does: warn, set both aside, use 16.
@@ -228,8 +232,35 @@ def test_truncated_or_corrupted_file_is_a_clear_error(ref, tmp_path,
   mgr.close()
   assert meta["step"] == 16 and int(state["step"]) == 16
   assert "checkpoints/24 is unreadable" in caplog.text
-  assert "checkpoints/20 is corrupted" in caplog.text
+  assert "checkpoints/20 is" in caplog.text
   assert _complete(workdir) == [12, 16]
+
+
+def test_checksums_catch_data_that_reads_fine_but_is_wrong(tmp_path):
+  """Well-formed array files that are not the ones saved (orbax reads
+  them without complaint) must not restore silently."""
+  cfg = config_lib.base().checkpoint
+  workdir = str(tmp_path / "swap")
+  mgr = ckpt_lib.Manager(workdir, cfg, 10)
+  a = {"step": jax.numpy.int32(1), "w": jax.numpy.arange(12.0).reshape(3, 4)}
+  b = {"step": jax.numpy.int32(1), "w": a["w"].at[1, 2].set(-1.0)}
+  mgr.save(1, a, {"step": 1}, force=True)
+  mgr.save(2, b, {"step": 2}, force=True)
+  mgr.close()
+  d = ckpt_lib.checkpoint_dir(workdir)
+  shutil.rmtree(os.path.join(d, "1", "state"))
+  shutil.copytree(os.path.join(d, "2", "state"), os.path.join(d, "1", "state"))
+  mgr = ckpt_lib.Manager(workdir, cfg, 10, read_only=True)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), a)
+  restored, _ = mgr.restore(2, abstract)
+  assert np.asarray(restored["w"])[1, 2] == -1.0
+  with pytest.raises(ckpt_lib.CheckpointError,
+                     match=r"checkpoints/1 is corrupted: checksum mismatch "
+                     r"for \['w'\] \(1 of 2 arrays"):
+    mgr.restore(1, abstract)
+  mgr.close()
+  assert ckpt_lib.checksums(a) != ckpt_lib.checksums(b)
 
 
 def test_resume_with_another_model_is_refused(ref, tmp_path):

@@ -1,6 +1,7 @@
 """Distillation objectives: the loss terms by hand, the frozen teacher, the
-offline top-k store, on-policy distillation, errors before training, and the
-same loss on an 8-device mesh as on one device.
+offline top-k store, on-policy distillation, errors before training, the
+same loss on an 8-device mesh as on one device, and `llmlab sample` on the
+trained teacher run.
 
 Run as a script (`python tests/test_objectives.py JSON`), this file is the
 body of the 8-device subprocess (XLA_FLAGS set by the test).
@@ -216,8 +217,8 @@ def test_teacher_frozen_not_optimized_and_counted(teacher_run, batch,
   # The optimizer state is the student's alone, leaf for leaf.
   shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)
   assert shapes(state["opt_state"]) == shapes(setup.abstract_state["opt_state"])
-  opt_shapes = set(jax.tree.leaves(shapes(state["opt_state"])))
-  assert not set(jax.tree.leaves(shapes(teacher.params))) & opt_shapes - {()}
+  leaf_shapes = lambda t: {tuple(x.shape) for x in jax.tree.leaves(t)}
+  assert not leaf_shapes(teacher.params) & leaf_shapes(state["opt_state"])
   jax.tree.map(np.testing.assert_array_equal, before,
                jax.device_get(teacher.params))
   # No gradient reaches the teacher.
@@ -274,26 +275,20 @@ def test_offline_store_matches_online_top_k(teacher_run, batch, student,
 
 
 def test_on_policy_distill(teacher_run, batch, student):
-  from llmlab.objectives import on_policy
   cfg = _cfg(name="on_policy_distill", teacher=teacher_run, prompt_len=8,
              rollout_len=6, rollout_temperature=1.0)
   setup, host = student
   aux = objectives.prepare(cfg, setup)
   assert aux.info["flops_per_token"] > 0
+  assert aux.params.teacher.model_cfg.d_model == 64
   state = _state(setup, host)
-  # Teacher == student: the reverse KL on the student's samples is zero.
-  same = on_policy.OnPolicy(distill_lib.Teacher(state["params"],
-                                                setup.model_cfg),
-                            setup.model_cfg, aux.params.eos_id,
-                            aux.params.pad_id)
-  loss, sums = _loss_fn(cfg, setup)(same, state["params"], batch,
-                                    jax.random.key(0))
-  assert abs(float(loss)) < 1e-4 and 0 < float(sums["weight"]) <= 4 * 6
   step = steps_lib.make_train_step(_for(setup, cfg), aux.params, aux.shardings)
   kls = []
   for _ in range(3):
     state, m = step(state, batch)
     kls.append(float(m["kl"]))
+    # Scored: the sampled positions up to each row's EOS, at most B x R.
+    assert 0 < float(m["targets"]) <= 4 * 6
     assert float(m["grad_norm"]) > 0 and np.isfinite(float(m["teacher_nll"]))
   assert kls[-1] < kls[0]
 
@@ -340,6 +335,41 @@ def test_teacher_logits_command_errors(tmp_path, capsys):
                             f"--out={tmp_path}/store"])
   assert rc == 1 and f"--teacher='{tmp_path}/none'" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "store")
+
+
+def test_distill_quick_experiment_configs(tmp_path):
+  from llmlab import model as model_lib
+  from llmlab.studies import distill as study
+  scfg = study.load_config(f"{ROOT}/configs/distill_quick.py")
+  n = lambda c: model_lib.param_counts(model_lib.ModelConfig.from_config(
+      c.model, 259))["non_embedding"]
+  teacher = study.teacher_config(scfg)
+  runs = {k: study.student_config(scfg, k, str(tmp_path))
+          for k in scfg.students}
+  assert 3.5 < n(teacher) / n(runs["next_token"]) < 4.5
+  assert (teacher.train.steps * teacher.train.batch_size >
+          runs["next_token"].train.steps * runs["next_token"].train.batch_size)
+  for kind, c in runs.items():
+    diff = {k for k, v in c.to_dict().items()
+            if v != runs["next_token"].to_dict()[k]}
+    assert diff <= {"name", "objective"}, (kind, diff)
+  assert runs["distill"].objective.teacher == str(tmp_path / "teacher")
+  assert runs["offline"].objective.teacher_logits == str(
+      tmp_path / "teacher_logits")
+  with pytest.raises(config_lib.ConfigError, match="unknown student"):
+    study.student_config(scfg, "nope", str(tmp_path))
+
+
+def test_sample_command_on_a_run(teacher_run, tmp_path, capsys):
+  from llmlab import sample
+  rc = sample.main([f"--workdir={teacher_run}", "--prompt=def ",
+                    "--max_new_tokens=20", "--num_samples=2", "--seed=1"])
+  out = capsys.readouterr().out
+  assert rc == 0 and out.count("def ") >= 2 and "--- sample 1" in out
+  assert sample.main([f"--workdir={tmp_path}/nope", "--prompt=x"]) == 1
+  assert f"{tmp_path}/nope" in capsys.readouterr().err
+  assert sample.main([f"--workdir={teacher_run}", "--top_p=0"]) == 2
+  assert "--top_p=0.0: must be in (0, 1]" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------

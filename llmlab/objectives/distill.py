@@ -285,7 +285,6 @@ def _check_tokenizer(raw: dict, cfg, key: str, ref: str) -> None:
 
 def restore_params(workdir, tcfg, abstract_params, step, key, ref):
   """(params, step): only the params of a checkpoint, never its optimizer."""
-  import orbax.checkpoint as ocp
   from llmlab import checkpoints as ckpt_lib
 
   mgr = ckpt_lib.Manager(workdir, tcfg.checkpoint, tcfg.train.steps,
@@ -301,15 +300,11 @@ def restore_params(workdir, tcfg, abstract_params, step, key, ref):
       raise config_lib.ConfigError(
           f"{key}={ref!r}: no checkpoint at step {step}; available: "
           f"{steps}")
-    item = {"params": abstract_params}
-    args = ocp.args.PyTreeRestore(
-        item=item, partial_restore=True,
-        restore_args=jax.tree.map(
-            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), item))
-    out = mgr.mgr.restore(step, args=ocp.args.Composite(state=args))
+    # Params only, checksum-verified, laid out by the student's mesh/rules.
+    params, _ = mgr.restore_params(step, abstract_params)
   finally:
     mgr.close()
-  return out["state"]["params"], step
+  return params, step
 
 
 register("distill", prepare=prepare)(distill)

@@ -18,25 +18,26 @@ def target_mask(batch) -> jax.Array:
   return (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
 
 
-def token_nll(logits_BxLxV, tokens_BxL, label_smoothing: float = 0.0):
+def token_nll(logits_BxLxV, tokens_BxL):
   """Per-position NLL of the next token and the log-normaliser (for z-loss)."""
   logits = logits_BxLxV[:, :-1].astype(jnp.float32)
   targets = tokens_BxL[:, 1:]
   lse_BxL = jax.nn.logsumexp(logits, axis=-1)
   tgt_BxL = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  nll = lse_BxL - tgt_BxL
-  if label_smoothing:
-    mean_logit = jnp.mean(logits, axis=-1)
-    nll = (1 - label_smoothing) * nll + label_smoothing * (lse_BxL - mean_logit)
-  return nll, lse_BxL
+  return lse_BxL - tgt_BxL, lse_BxL
 
 
 @register("next_token")
 def next_token(ctx: Context, params, batch, rng):
   logits = ctx.apply(params, batch, rng, True)
   mask = target_mask(batch).astype(jnp.float32)
-  nll, lse = token_nll(logits, batch["tokens"], ctx.cfg.get("label_smoothing", 0.0))
-  loss_sum = jnp.sum(nll * mask)
+  nll, lse = token_nll(logits, batch["tokens"])
+  loss = nll
+  smooth = ctx.cfg.get("label_smoothing", 0.0)
+  if smooth:  # cross-entropy to (1-s)*one_hot + s*uniform
+    mean_logit = jnp.mean(logits[:, :-1].astype(jnp.float32), axis=-1)
+    loss = (1 - smooth) * nll + smooth * (lse - mean_logit)
+  loss_sum = jnp.sum(loss * mask)
   z = ctx.cfg.get("z_loss", 0.0)
   if z:
     loss_sum = loss_sum + z * jnp.sum(jnp.square(lse) * mask)

@@ -87,8 +87,9 @@ class RunEvaluator:
     return self.mgr.steps()
 
   def evaluate(self, step: int) -> dict:
-    state, _ = self.mgr.restore(step, self.setup.abstract_state)
-    out = steps_lib.evaluate(self.setup, self.eval_step, state["params"],
+    params, _ = self.mgr.restore_params(step,
+                                        self.setup.abstract_state["params"])
+    out = steps_lib.evaluate(self.setup, self.eval_step, params,
                              self.batches())
     info = self.raw["model_info"]
     m = self.cfg.model
