@@ -90,34 +90,13 @@ def _absl(fn):
   return run
 
 
-def _fit(argv):
-  from llmlab.scaling import fit_cli
-  return fit_cli.main(argv[1:])
-
-
-def _sweep(argv):
-  from llmlab.scaling import sweep
-  return sweep.main(argv[1:])
-
-
-def _convert(argv):
-  from llmlab.convert import cli as convert_cli
-  return convert_cli.main(argv[1:])
-
-
-def _sample(argv):
-  from llmlab import sample
-  return sample.main(argv[1:])
-
-
-def _teacher_logits(argv):
-  from llmlab import teacher_logits
-  return teacher_logits.main(argv[1:])
-
-
-def _distill_study(argv):
-  from llmlab.studies import distill
-  return distill.main(argv[1:])
+def _module(path: str):
+  """A subcommand whose module owns its argparse `main(argv)`; imported
+  lazily so `llmlab train` never pays for the others' imports."""
+  def run(argv):
+    import importlib
+    return importlib.import_module(path).main(argv[1:])
+  return run
 
 
 def _tokenizer(argv):
@@ -133,12 +112,12 @@ COMMANDS = {
     "train": _absl(_train),
     "eval": _absl(_eval),
     "study": _absl(_study),
-    "sweep": _sweep,
-    "fit": _fit,
-    "convert": _convert,
-    "sample": _sample,
-    "teacher-logits": _teacher_logits,
-    "distill-study": _distill_study,
+    "sweep": _module("llmlab.scaling.sweep"),
+    "fit": _module("llmlab.scaling.fit_cli"),
+    "convert": _module("llmlab.convert.cli"),
+    "sample": _module("llmlab.sample"),
+    "teacher-logits": _module("llmlab.teacher_logits"),
+    "distill-study": _module("llmlab.studies.distill"),
     "tokenizer": _tokenizer,
 }
 
