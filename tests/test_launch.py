@@ -118,9 +118,10 @@ def test_two_process_jax_job_over_gloo():
   assert result.returncode == 0, result.stdout + result.stderr
   for i in range(2):
     assert (f"[p{i}] info global_device_count=4 local_device_count=2 platform=cpu "
-            f"process_count=2 process_index={i} slice_count=1") in result.stdout
-    assert f"[p{i}] shape=(8, 3) sum=36 expected=36 primary={i == 0}" in result.stdout
-  assert all(line.startswith(("[p0] ", "[p1] ")) for line in result.stdout.splitlines())
+            f"process_count=2 process_index={i} slice_count=1") in result.stderr.splitlines()
+    assert f"[p{i}] shape=(8, 3) sum=36 expected=36 primary={i == 0}" in result.stderr.splitlines()
+  for stream in (result.stdout, result.stderr):
+    assert all(line.startswith(("[p0] ", "[p1] ")) for line in stream.splitlines())
 
 
 def test_env_wiring_and_prefixes():
