@@ -26,7 +26,7 @@ from llmlab import steps as steps_lib  # noqa: E402
 from llmlab import train as train_lib  # noqa: E402
 
 
-def reference_config(remat="none", unroll=1):
+def reference_config(remat="none", unroll=0):
   c = config_lib.base()
   c.model.update(num_layers=6, d_model=384, num_heads=6, num_kv_heads=6,
                  mlp_dim=1536, remat=remat, scan_unroll=unroll)
@@ -40,7 +40,7 @@ def main():
   p.add_argument("--steps", type=int, default=30)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--remat", default="none")
-  p.add_argument("--unroll", type=int, default=1)
+  p.add_argument("--unroll", type=int, default=0, help="layers per scan iteration (0 = auto)")
   p.add_argument("--data", action="store_true",
                  help="feed real batches from the default corpus pipeline")
   a = p.parse_args()

@@ -78,8 +78,9 @@ class Run:
     return self._fwd(self.params, batch)
 
 
-def _setup_for(cfg, raw: dict, mesh=None):
-  """Model and abstract state of `cfg` on `mesh` (default: one device);
+def setup_for(cfg, raw: dict, mesh=None):
+  """Model and abstract state of a saved run's `cfg` on `mesh` (default: one
+  device), for tools that evaluate or transform checkpoints (sweep, studies);
   `raw` is config.json or checkpoint metadata (for model_info.vocab_size)."""
   from llmlab import sharding as shd
   from llmlab import steps as steps_lib
@@ -88,6 +89,9 @@ def _setup_for(cfg, raw: dict, mesh=None):
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data = 1, 1, 1, 1
     mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
   return steps_lib.build(cfg, _vocab_size(raw, "run"), mesh)
+
+
+_setup_for = setup_for  # the former private name
 
 
 def _open(ref: str, step: int | None):
@@ -152,7 +156,7 @@ def load(path: str, step: int | None = None, mesh=None) -> Run:
   """Load a run directory (or `DIR:STEP`) for inspection and inference."""
   mgr, step, meta, cfg = _open(path, step)
   try:
-    setup = _setup_for(cfg, meta, mesh)
+    setup = setup_for(cfg, meta, mesh)
     params, meta = mgr.restore_params(step, setup.abstract_state["params"])
   finally:
     mgr.close()

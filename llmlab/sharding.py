@@ -58,14 +58,34 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   dcn = int(mesh_cfg.get("dcn_data", 1) or 1)
   auto = (jax.sharding.AxisType.Auto,) * 3
   if dcn > 1:
-    from jax.experimental import mesh_utils
-    ici = (shape[0] // dcn, shape[1], shape[2])
-    arr = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices)
+    arr = _hybrid_devices((shape[0] // dcn, shape[1], shape[2]), dcn, devices)
     return jax.sharding.Mesh(arr, AXES, axis_types=auto)
   if devices == list(jax.devices()):
     return jax.make_mesh(shape, AXES, axis_types=auto)
   return jax.sharding.Mesh(np.array(devices).reshape(shape), AXES,
                            axis_types=auto)
+
+
+def _hybrid_devices(ici: tuple, dcn: int, devices: list) -> np.ndarray:
+  """Devices for a mesh whose data axis spans `dcn` slices.
+
+  Multi-slice TPU devices know their slice (`slice_index`) and mesh_utils
+  lays each slice out along its interconnect. CPU and GPU devices all report
+  slice 0: there a slice is a
+  group of processes (one host's devices talk fast, hosts over the network),
+  so each process is a granule when there is one per slice, and otherwise
+  consecutive processes form a slice (a single process simulating slices in
+  tests included). Either way the data index is slice-major, so the inner
+  `ici` part of the data axis never leaves its slice.
+  """
+  from jax.experimental import mesh_utils
+  if len({getattr(d, "slice_index", 0) for d in devices}) == dcn:
+    return mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices)
+  if len({d.process_index for d in devices}) == dcn:
+    return mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices,
+                                                process_is_granule=True)
+  ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+  return np.array(ordered).reshape(dcn * ici[0], ici[1], ici[2])
 
 
 def rules(mesh_cfg) -> tuple:

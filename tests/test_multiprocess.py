@@ -78,3 +78,16 @@ def test_checkpoints_move_between_layouts(runs, tmp_path):
                        text=True, timeout=600, cwd=ROOT, env=_env(1))
   assert out.returncode == 0, out.stderr[-3000:]
   assert json.loads(out.stdout)["step"] == 16
+
+
+def test_dcn_data_axis_across_processes(runs, tmp_path):
+  """Each process plays one slice (dcn_data=2): a data axis over the
+  network with fsdp inside each process trains like the 1-process run."""
+  dcn = str(tmp_path / "dcn")
+  _two(dcn, "--config.train.steps=4", "--config.mesh.dcn_data=2",
+       "--config.mesh.fsdp=2")
+  config = json.load(open(os.path.join(dcn, "config.json")))
+  assert config["mesh_shape"] == {"data": 2, "fsdp": 2, "tensor": 1}
+  one, got = _losses(runs / "one"), _losses(dcn)
+  for s in range(1, 5):
+    assert got[s] == pytest.approx(one[s], rel=1e-4), s

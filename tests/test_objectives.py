@@ -447,3 +447,37 @@ if __name__ == "__main__":
   _spec = json.loads(sys.argv[1])
   print(json.dumps(_mesh_losses([tuple(m) for m in _spec["meshes"]],
                                 _spec["objective"])))
+
+
+def test_label_smoothing_and_z_loss_by_hand():
+  """next_token's extras against a numpy computation on fixed logits."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+  tokens = rng.integers(0, 7, size=(2, 5)).astype(np.int32)
+  seg = np.array([[1, 1, 1, 2, 2], [1, 1, 1, 1, 0]], np.int32)
+  batch = {"tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(seg)}
+  objective = objectives.get("next_token")
+
+  def run(**cfg):
+    ctx = objectives.Context(apply=lambda p, b, r, t: jnp.asarray(logits),
+                             cfg=dict(cfg), aux=None)
+    loss_sum, sums = objective(ctx, None, batch, None)
+    return float(loss_sum), {k: float(v) for k, v in sums.items()}
+
+  logp = logits[:, :-1] - np.log(np.exp(logits[:, :-1]).sum(-1, keepdims=True))
+  lse = np.log(np.exp(logits[:, :-1]).sum(-1))
+  nll = -np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+  mask = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+  assert mask.sum() == 6  # the boundary 1->2 and the padding are masked
+  plain, sums = run()
+  np.testing.assert_allclose(plain, nll[mask].sum(), rtol=1e-5)
+  assert sums["weight"] == 6
+  s, z = 0.1, 1e-2
+  smoothed, sums = run(label_smoothing=s)
+  uniform_ce = -logp.mean(-1)
+  np.testing.assert_allclose(
+      smoothed, ((1 - s) * nll + s * uniform_ce)[mask].sum(), rtol=1e-5)
+  np.testing.assert_allclose(sums["nll_sum"], nll[mask].sum(), rtol=1e-5)
+  with_z, _ = run(z_loss=z)
+  np.testing.assert_allclose(with_z, nll[mask].sum() + z * (lse[mask] ** 2).sum(),
+                             rtol=1e-5)

@@ -160,6 +160,9 @@ def run_study(scfg, workdir: str) -> dict:
     records.append(dict(row, run=r["name"], role=r["role"]))
   sweep_lib.write_csv(os.path.join(workdir, "records.csv"), records)
   result = analyse(scfg, records, workdir)
+  truth = known_entropy(runs[0]["workdir"], result)
+  if truth:
+    result["known_entropy"] = truth
   result["wall_time_s"] = time.time() - t0
   result["design"] = DESIGN_NOTE.format(f=scfg.decay_fraction)
   with open(os.path.join(workdir, "study.json"), "w") as f:
@@ -211,6 +214,34 @@ def analyse(scfg, records: list[dict], workdir: str) -> dict:
   return out
 
 
+def known_entropy(run_dir: str, result: dict) -> dict | None:
+  """The fitted E next to the true floor, when the data has one.
+
+  On the synthetic language the entropy rate h is exact; the best mean loss
+  per target is slightly above h (document starts cost H(pi), EOS is free),
+  recorded by the source as `doc_entropy_nats_per_target`. A law whose E
+  lands near it has found the real irreducible loss, not a fitting artefact.
+  """
+  try:
+    with open(os.path.join(run_dir, "config.json")) as f:
+      info = json.load(f).get("data_info", {})
+  except (OSError, ValueError):
+    return None
+  h = info.get("entropy_rate_nats")
+  if h is None:
+    return None
+  floor = next((src.get("doc_entropy_nats_per_target")
+                for src in info.get("sources", [])
+                if "doc_entropy_nats_per_target" in src), None)
+  e = result.get("params", {}).get("E")
+  out = {"entropy_rate_nats": h, "floor_nats_per_target": floor,
+         "fitted_E": e}
+  if e is not None:
+    out["E_minus_entropy_rate"] = e - h
+    out["E_relative_error"] = abs(e - h) / h
+  return out
+
+
 def _json_default(o):
   if isinstance(o, (np.floating, np.integer)):
     return o.item()
@@ -238,6 +269,12 @@ def write_report(result: dict, workdir: str) -> None:
       f"{100 * result['naive_are']:.2f}% |",
       f"| skill = 1 - ARE/naive | {result['skill']:.3f} |",
       f"| wall time | {result['wall_time_s'] / 60:.1f} min |", ""]
+  truth = result.get("known_entropy")
+  if truth:
+    lines += [f"Known entropy rate of the data: {truth['entropy_rate_nats']:.4f}"
+              f" nats/token (best mean loss per target "
+              f"{truth['floor_nats_per_target'] or float('nan'):.4f}); "
+              f"fitted E = {truth['fitted_E']:.4f}.", ""]
   pred = result.get("prediction")
   if pred:
     lines += ["Target at its final tokens: " + json.dumps(

@@ -60,7 +60,7 @@ class RunEvaluator:
   def __init__(self, workdir: str, eval_tokens: int, mesh=None):
     self.workdir = workdir
     self.cfg, self.raw = api.read_run_config(workdir)
-    self.setup = api._setup_for(self.cfg, self.raw, mesh)
+    self.setup = api.setup_for(self.cfg, self.raw, mesh)
     self.mgr = ckpt_lib.Manager(workdir, self.cfg.checkpoint,
                                 self.cfg.train.steps, read_only=True)
     self.eval_step = steps_lib.make_eval_step(self.setup)
