@@ -55,6 +55,24 @@ class CheckpointError(RuntimeError):
   """A checkpoint is missing, incomplete, unreadable or corrupted."""
 
 
+class CheckpointSaveError(CheckpointError):
+  """Writing checkpoint `step` failed (disk full, permissions, ...).
+
+  What it left behind is never trusted: an orbax tmp dir is not listed, a
+  step dir without the commit file is set aside on the next start, and
+  checksums catch anything else.
+  """
+
+  def __init__(self, step: int, path: str, cause: BaseException,
+               latest: int | None):
+    self.step, self.path, self.cause = step, path, cause
+    super().__init__(
+        f"checkpoint save of step {step} to {path} failed: "
+        f"{type(cause).__name__}: {cause}. The partial write is never used; "
+        f"the newest complete checkpoint is "
+        f"{'step %d' % latest if latest is not None else 'none'}.")
+
+
 def sweep_steps(total_steps: int, points: int, min_fraction: float) -> list[int]:
   """`points` steps log-spaced from min_fraction*total to total (in tokens,
   which are proportional to steps), plus the final step."""
@@ -219,6 +237,9 @@ class Manager:
         cleanup_tmp_directories=not read_only,
     )
     self.mgr = ocp.CheckpointManager(self.directory, options=options)
+    self._async = options.enable_async_checkpointing
+    self._unconfirmed = None  # step of an async save not yet known to be done
+    self.failures = 0  # consecutive failed saves (reset by a confirmed one)
     if not read_only:
       self._protect_saved()
 
@@ -285,15 +306,47 @@ class Manager:
 
   def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
     """Start an async save of `state` at `step` (if the schedule says so,
-    or `force`). Returns once the arrays are in host memory."""
+    or `force`). Returns once the arrays are in host memory.
+
+    Raises CheckpointSaveError if this save, or the previous asynchronous
+    one (whose failure only surfaces now), could not be written.
+    """
     if not force and not self.should_save(step):
       return False
+    self._confirm()
     if step in self.mgr.all_steps():
       return False
     meta = dict(meta, checksums=checksums(state),
                 keep_forever=step in self.protected)
-    return self.mgr.save(step, force=True, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)))
+    try:
+      saved = self.mgr.save(step, force=True, args=ocp.args.Composite(
+          state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # noqa: BLE001 - any storage error: name it
+      self._failed(step, e)
+    self._unconfirmed = step if saved and self._async else None
+    if saved and not self._async:
+      self.failures = 0
+    return saved
+
+  def _confirm(self) -> None:
+    """Wait for the in-flight async save; raise if it failed."""
+    step, self._unconfirmed = self._unconfirmed, None
+    try:
+      self.mgr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      if step is None:
+        raise
+      self._failed(step, e)
+    if step is not None:
+      self.failures = 0
+
+  def _failed(self, step: int, cause: BaseException) -> None:
+    self.failures += 1
+    self.mgr.reload()  # orbax may still list the step: re-read the disk
+    log.error("checkpoint save of step %d to %s failed: %s: %s", step,
+              self.path(step), type(cause).__name__, cause)
+    raise CheckpointSaveError(step, self.path(step), cause,
+                              self.latest_step()) from cause
 
   # -- restore
 
@@ -390,8 +443,11 @@ class Manager:
     return None, None
 
   def wait(self) -> None:
-    self.mgr.wait_until_finished()
+    """Block until the last save is written; CheckpointSaveError if not."""
+    self._confirm()
 
   def close(self) -> None:
-    self.mgr.wait_until_finished()
-    self.mgr.close()
+    try:
+      self._confirm()
+    finally:
+      self.mgr.close()

@@ -47,7 +47,7 @@ def base() -> ConfigDict:
   c.model = ConfigDict(dict(
       num_layers=2, d_model=128, num_heads=4, num_kv_heads=4, head_dim=0,
       mlp_dim=512, rope_theta=10_000.0, tie_embeddings=False, qk_norm=False,
-      attn_bias=False, dropout=0.0, norm_eps=1e-6, remat="none", scan_unroll=1,
+      attn_bias=False, dropout=0.0, norm_eps=1e-6, remat="none", scan_unroll=0,
       dtype="float32", param_dtype="float32", init_std=0.02))
 
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1,
@@ -74,6 +74,20 @@ def base() -> ConfigDict:
   c.objective.update(distill.OBJECTIVE_DEFAULTS)
 
   c.data = data_lib.default_config()
+
+  # Guardrails for long runs (llmlab/guard.py, docs/reliability.md).
+  c.guard = ConfigDict(dict(
+      policy="stop",          # on divergence: stop | skip | rollback
+      spike_factor=0.0,       # loss > factor x running median is a spike; 0 = off
+      spike_window=32,        # losses in the running median
+      max_rollbacks=3,        # policy=rollback: then stop
+      on_save_error="stop",   # failed checkpoint write: stop | retry
+      save_retries=3,         # on_save_error=retry: consecutive failures allowed
+      save_retry_wait_s=5.0,  # pause before a retry
+      lock=True,              # one writer per workdir
+      preflight=True,         # AOT compile + XLA memory analysis before step 1
+      debug_nan_step=0,       # debug: NaN loss on batch k (fire drill); 0 = off
+      debug_spike_step=0))    # debug: loss x 100 on batch k; 0 = off
   return c
 
 
@@ -126,6 +140,9 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
   _require(m.remat in ("none", "full", "dots"), "model.remat", m.remat,
            "must be one of none, full, dots")
   _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+  _require(isinstance(m.scan_unroll, int) and m.scan_unroll >= 0,
+           "model.scan_unroll", m.scan_unroll,
+           "must be an integer >= 0 (0 = auto: unrolled on CPU, 1 elsewhere)")
   for key in ("steps", "batch_size", "seq_len", "microbatches", "log_every"):
     _require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key],
              "must be a positive integer")
@@ -143,6 +160,8 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
            cfg.checkpoint.every_steps, "must be >= 0 (0 = final only)")
   _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep,
            "must be >= 1")
+  if "guard" in cfg:
+    _validate_guard(cfg.guard)
   if num_devices is not None:
     from llmlab import sharding
     shape = sharding.mesh_shape(cfg.mesh, num_devices)
@@ -151,6 +170,22 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
     _require(micro % dp == 0, "train.batch_size", t.batch_size,
              f"the per-microbatch batch {micro} must be divisible by the "
              f"data-parallel size data*fsdp={dp} (mesh {shape})")
+
+
+def _validate_guard(g: ConfigDict) -> None:
+  _require(g.policy in ("stop", "skip", "rollback"), "guard.policy", g.policy,
+           "must be one of stop, skip, rollback")
+  _require(g.spike_factor == 0 or g.spike_factor > 1, "guard.spike_factor",
+           g.spike_factor, "must be 0 (off) or > 1")
+  minimum = {"spike_window": 1, "max_rollbacks": 0, "save_retries": 0,
+             "debug_nan_step": 0, "debug_spike_step": 0}
+  for key, low in minimum.items():
+    _require(isinstance(g[key], int) and g[key] >= low, f"guard.{key}",
+             g[key], f"must be an integer >= {low}")
+  _require(g.on_save_error in ("stop", "retry"), "guard.on_save_error",
+           g.on_save_error, "must be one of stop, retry")
+  _require(g.save_retry_wait_s >= 0, "guard.save_retry_wait_s",
+           g.save_retry_wait_s, "must be >= 0")
 
 
 def to_dict(cfg: ConfigDict) -> dict:

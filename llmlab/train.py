@@ -1,18 +1,26 @@
 """The training loop: config -> checkpoints, metrics.jsonl, TensorBoard.
 
 Order of events, so that mistakes surface before anything expensive:
-validate config -> build mesh -> build data (bad files raise here) ->
-abstract state + shardings -> write config.json -> restore or init ->
-compile -> loop.
+validate config -> workdir writable + locked -> build mesh -> build data
+(bad files raise here) -> abstract state + shardings -> restore or init ->
+AOT compile + memory pre-flight -> write config.json -> loop.
 
 The loop dispatches step s+1 before reading step s's metrics from the device
 (metrics are one step late), so the host never stalls the accelerator.
 Data batches and dropout RNG are pure functions of (seed, step): resuming
 from a checkpoint at step s replays exactly the run that was interrupted.
+(After a guard rollback the data stream runs `data_offset` batches ahead
+of the step; the offset is saved with every checkpoint.)
+
+The divergence guard (llmlab/guard.py) lives inside the jitted step; the
+loop reads its counters with the one-step-late metrics and before every
+eval and save, and applies `guard.policy` (stop, skip, rollback).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import os
@@ -26,13 +34,16 @@ import numpy as np
 from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
 from llmlab import data as data_lib
+from llmlab import guard
 from llmlab import metrics as metrics_lib
 from llmlab import model as model_lib
 from llmlab import objectives
 from llmlab.objectives import distill as distill_obj
 from llmlab import perf
+from llmlab import plan as plan_lib
 from llmlab import sharding as shd
 from llmlab import steps as steps_lib
+from llmlab import workdir_lock
 
 log = logging.getLogger("llmlab")
 
@@ -43,6 +54,9 @@ TB_TAGS = {
     "step_time_s": "perf/step_time_s",
     "eval_loss": "eval/loss", "eval_bpb": "eval/bpb",
     "kl": "train/kl", "nll": "train/nll", "teacher_nll": "train/teacher_nll",
+    "skipped_steps": "guard/skipped_steps",
+    "nonfinite_steps": "guard/nonfinite_steps",
+    "spike_steps": "guard/spike_steps", "rollbacks": "guard/rollbacks",
 }
 
 
@@ -202,10 +216,17 @@ def initial_state(setup, cfg):
 
 def train(cfg, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) one training run; returns a summary dict."""
+  cfg = config_lib.merge_defaults(cfg)
+  config_lib.validate(cfg, jax.device_count())  # cheap: before the workdir
+  workdir_lock.check_writable(workdir)
+  with contextlib.ExitStack() as stack:
+    if cfg.guard.lock and is_primary():  # the job's processes share it
+      stack.enter_context(workdir_lock.Lock(workdir))
+    return _train(cfg, workdir)
+
+
+def _train(cfg, workdir: str) -> dict[str, Any]:
   cfg, data, setup = prepare(cfg, workdir)
-  primary = is_primary()
-  if primary:
-    os.makedirs(workdir, exist_ok=True)
   aux = objectives.prepare(cfg, setup)
   info = model_info(cfg, data.vocab_size)
   if aux.info:
@@ -219,131 +240,289 @@ def train(cfg, workdir: str) -> dict[str, Any]:
   with _Preempted() as sig:  # from here on, SIGTERM means "save and stop"
     mgr = ckpt_lib.Manager(workdir, cfg.checkpoint, cfg.train.steps)
     try:
-      return _run(cfg, workdir, data, setup, aux, info, peak, mgr, sig)
+      return _Loop(cfg, workdir, data, setup, aux, info, peak, mgr, sig).run()
     finally:
       mgr.close()  # also on errors: let the last async save complete
 
 
-def _run(cfg, workdir, data, setup, aux, info, peak, mgr, sig):
-  """Restore or init, then the loop; `train` owns the manager and SIGTERM."""
-  primary = is_primary()
-  state, meta = mgr.restore_latest(
-      setup.abstract_state,
-      check=lambda m: _check_resume_compatible(m, cfg, data.vocab_size))
-  if state is not None:
-    _warn_if_data_changed(meta, data.info)
-    log.info("resumed from step %d (%s)", int(state["step"]),
-             mgr.path(int(state["step"])))
-  else:
-    state = initial_state(setup, cfg)
-  start = int(state["step"])
-  if primary:  # only now: a refused resume must not overwrite config.json
-    _write_config(workdir, cfg, info, data.info, setup.mesh)
-    metrics_lib.truncate_after(workdir, start)
+class _RollBack(Exception):
+  """Raised inside the loop: restore the last good checkpoint."""
 
-  writer = metrics_lib.Writer(workdir, enabled=primary, start_step=start)
-  if start == 0:
-    writer.text("config", "```\n" + cfg.to_json(indent=2) + "\n```")
-    writer.text("model_info", "```\n" + json.dumps(info, indent=2) + "\n```")
-  train_step = steps_lib.make_train_step(setup, aux.params, aux.shardings)
-  eval_step = steps_lib.make_eval_step(setup)
-  eval_batches = None
-  tokens_per_step = info["tokens_per_step"]
-  flops_per_step = (info["flops_per_token"] +
-                    aux.info.get("flops_per_token", 0.0)) * tokens_per_step
-  peak_total = peak * jax.device_count()
-  progress = metrics_lib.Progress(cfg.train.steps, enabled=primary)
-  total = cfg.train.steps
+  def __init__(self, event: guard.Event):
+    super().__init__(event.describe())
+    self.event = event
 
-  def meta_for(step):
-    return {"config": config_lib.to_dict(cfg), "model_info": info,
-            "step": step, "tokens": step * tokens_per_step,
-            "data_info": data.info}
 
-  def run_eval(params):
-    nonlocal eval_batches
-    if eval_batches is None:
-      eval_batches = data.eval_batches(cfg.train.eval_tokens,
-                                       cfg.train.eval_batch_size or
-                                       cfg.train.batch_size)
-    return steps_lib.evaluate(setup, eval_step, params, eval_batches)
+class _Loop:
+  """Restore or init, then the steps; owns metrics, evals, saves and the
+  guard's policy (`train` owns the manager and SIGTERM)."""
 
-  last = {}
-  last_eval = {}
-  pending = None  # (step, device metrics) read one step late
-  t_mark, step_mark = time.time(), start
-  t_start = time.time()
+  def __init__(self, cfg, workdir, data, setup, aux, info, peak, mgr, sig):
+    self.cfg, self.workdir, self.data, self.setup = cfg, workdir, data, setup
+    self.info, self.mgr, self.sig = info, mgr, sig
+    self.primary = is_primary()
+    self.total = cfg.train.steps
+    self.tokens_per_step = info["tokens_per_step"]
+    self.flops_per_step = (info["flops_per_token"] +
+                           aux.info.get("flops_per_token", 0.0)
+                           ) * self.tokens_per_step
+    self.peak_total = peak * jax.device_count()
+    self.policy = guard.Policy(cfg.guard)
+    self.offset = 0  # data step - train step (grows with each rollback)
+    self.train_step = steps_lib.make_guarded_train_step(setup, aux.params,
+                                                         aux.shardings)
+    self.eval_step = steps_lib.make_eval_step(setup)
+    self.eval_batches = None
+    # Objectives that read per-step inputs (stored teacher logits) add them.
+    self.extras = distill_obj.make_batch_extras(cfg)
+    self.progress = metrics_lib.Progress(self.total, enabled=self.primary)
+    self.writer = None
+    self.last, self.last_eval = {}, {}
+    self.t_mark, self.step_mark = time.time(), 0
 
-  def write_pending():
-    """Write the row of `pending` (blocks until that step's metrics exist)."""
-    nonlocal last, t_mark, step_mark
-    row = _finish_row(pending, tokens_per_step)
+  # -- state
+
+  def restore(self, rollback: guard.Event | None = None):
+    """(state, device carry) from the newest usable checkpoint, else fresh."""
+    cfg = self.cfg
+    state, meta = self.mgr.restore_latest(
+        self.setup.abstract_state,
+        check=lambda m: _check_resume_compatible(m, cfg,
+                                                 self.data.vocab_size))
+    if state is not None:
+      _warn_if_data_changed(meta, self.data.info)
+      log.info("%s step %d (%s)",
+               "rolled back to" if rollback else "resumed from",
+               int(state["step"]), self.mgr.path(int(state["step"])))
+    else:
+      state = initial_state(self.setup, cfg)
+    carry, rollbacks = guard.carry_from_meta(meta, cfg.guard)
+    if rollback is None:
+      self.policy.rollbacks = rollbacks
+    else:  # the failed stretch is gone, but its event still counts
+      key = "spikes" if rollback.kind == 3 else "nonfinite"
+      carry[key] = carry[key] + 1
+      carry["data_offset"] = self.offset + rollback.step - int(state["step"])
+    self.offset = int(carry["data_offset"])
+    return state, guard.to_device(carry, shd.replicated(self.setup.mesh))
+
+  def roll_back(self, ev: guard.Event):
+    self.policy.rollbacks += 1
+    self.mgr.wait()
+    old_offset = self.offset
+    state, carry = self.restore(rollback=ev)
+    step = int(state["step"])
+    log.warning(
+        "guard: %s at step %d; rolled back to step %d (rollback %d of %d) "
+        "and skipped data steps %d..%d", ev.describe(), ev.step, step,
+        self.policy.rollbacks, self.policy.max_rollbacks, step + old_offset,
+        ev.step + old_offset - 1)
+    self._event({"event": "rollback", "step": ev.step, "metric": ev.metric,
+                 "value": str(ev.value), "to_step": step,
+                 "data_offset": self.offset})
+    self.open_writer(step)
+    return state, carry
+
+  def _event(self, row: dict) -> None:
+    """guard_events.jsonl: rollbacks and stops, never truncated."""
+    if self.primary:
+      with open(os.path.join(self.workdir, "guard_events.jsonl"), "a") as f:
+        f.write(json.dumps(dict(row, time=time.time())) + "\n")
+
+  def last_good(self) -> str:
+    step = self.mgr.latest_step()
+    return ("none (no checkpoint was written yet)" if step is None else
+            f"step {step} ({self.mgr.path(step)})")
+
+  def check(self, g) -> None:
+    """Apply the policy to a step's guard report (host copy or device)."""
+    try:
+      ev = self.policy.check(jax.device_get(g), self.last_good())
+    except guard.Diverged as e:
+      self._event({"event": "stop", "message": str(e)})
+      raise
+    if ev is not None:
+      raise _RollBack(ev)
+
+  # -- metrics
+
+  def open_writer(self, start: int) -> None:
+    if self.writer is not None:
+      self.writer.close()
+    if self.primary:
+      metrics_lib.truncate_after(self.workdir, start)
+    self.writer = metrics_lib.Writer(self.workdir, enabled=self.primary,
+                                     start_step=start)
+    self.t_mark, self.step_mark = time.time(), start
+
+  def write_pending(self, pending) -> None:
+    """Write the row of `pending` (blocks until that step's metrics exist),
+    then apply the guard policy to it."""
+    row, g = _finish_row(pending, self.tokens_per_step)
     now = time.time()
-    dt = (now - t_mark) / max(row["step"] - step_mark, 1)
-    t_mark, step_mark = now, row["step"]
-    row.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
-               mfu=(flops_per_step / dt / peak_total) if peak_total else 0.0)
-    writer.row(row, TB_TAGS)
-    last = row
-    progress.update(row["step"], row["loss"], row["tokens_per_s"],
-                    row["mfu"], dt * (total - row["step"]))
+    dt = (now - self.t_mark) / max(row["step"] - self.step_mark, 1)
+    self.t_mark, self.step_mark = now, row["step"]
+    row.update(step_time_s=dt, tokens_per_s=self.tokens_per_step / dt,
+               mfu=(self.flops_per_step / dt / self.peak_total)
+               if self.peak_total else 0.0)
+    row.update(guard.row_counts(g, self.policy.rollbacks))
+    self.writer.row(row, TB_TAGS)
+    self.last = row
+    self.progress.update(row["step"], row["loss"], row["tokens_per_s"],
+                         row["mfu"], dt * (self.total - row["step"]))
+    self.check(g)
 
-  preempted = False
-  data_iter = data.train_iter(start)
-  # Objectives that read per-step inputs (stored teacher logits) add them.
-  extras = distill_obj.make_batch_extras(cfg)
-  for step in range(start, total):
-    local = next(data_iter)
-    if extras is not None:
-      local = {**local, **extras(step, local)}
-    batch = shd.global_batch(local, setup.batch_sharding)
-    state, m = train_step(state, batch)
-    done = step + 1
-    if pending is not None:
-      write_pending()
-    log_now = done % cfg.train.log_every == 0 or done == total
-    pending = (done, m) if log_now else None
-    if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or (
-        done == total):
-      last_eval = dict(run_eval(state["params"]), step=done)
-      writer.row({"tokens": done * tokens_per_step, **last_eval}, TB_TAGS)
-    preempted = sig.reached(done)
-    if preempted or mgr.should_save(done):
-      # Every row up to `done` is written before checkpoint `done` can
-      # exist, so a resume from it (which drops later rows) leaves exactly
-      # one row per logged step.
+  def run_eval(self, params):
+    if self.eval_batches is None:
+      self.eval_batches = self.data.eval_batches(
+          self.cfg.train.eval_tokens,
+          self.cfg.train.eval_batch_size or self.cfg.train.batch_size)
+    return steps_lib.evaluate(self.setup, self.eval_step, params,
+                              self.eval_batches)
+
+  # -- saving
+
+  def meta_for(self, step: int, carry) -> dict:
+    return {"config": config_lib.to_dict(self.cfg), "model_info": self.info,
+            "step": step, "tokens": step * self.tokens_per_step,
+            "data_info": self.data.info,
+            "guard": guard.carry_to_meta(carry, self.policy.rollbacks)}
+
+  def save(self, step: int, state, carry, force: bool = False,
+           wait: bool = False) -> None:
+    """Save by schedule (or `force`), applying guard.on_save_error."""
+    g = self.cfg.guard
+    if not force and not self.mgr.should_save(step):
+      return
+    meta = self.meta_for(step, carry)
+    while True:
+      try:
+        self.mgr.save(step, state, meta, force=force)
+        if wait:
+          self.mgr.wait()
+        return
+      except ckpt_lib.CheckpointSaveError as e:
+        if g.on_save_error == "stop" or self.mgr.failures > g.save_retries:
+          log.error("stopping (guard.on_save_error=%s, %d consecutive "
+                    "failed save(s)); re-run the same command to resume from "
+                    "the newest complete checkpoint", g.on_save_error,
+                    self.mgr.failures)
+          raise
+        log.warning("%s Retrying (%d of guard.save_retries=%d) in %g s", e,
+                    self.mgr.failures, g.save_retries, g.save_retry_wait_s)
+        time.sleep(g.save_retry_wait_s)
+
+  # -- the loop
+
+  def batches(self, start: int):
+    """Local batches from train step `start` (data step start + offset)."""
+    first = start + self.offset
+    for i, local in enumerate(self.data.train_iter(first)):
+      if self.extras is not None:
+        local = {**local, **self.extras(first + i, local)}
+      yield local
+
+  def run(self) -> dict[str, Any]:
+    t_start = time.time()
+    state, carry = self.restore()
+    start = int(state["step"])
+    batches = self.batches(start)
+    first = next(batches, None)
+    if self.cfg.guard.preflight and start < self.total:
+      batch = shd.global_batch(first, self.setup.batch_sharding)
+      self.info["memory_per_device"] = plan_lib.preflight(
+          self.cfg, self.setup, self.train_step, carry, batch)
+    if self.primary:  # only now: a refused resume must not overwrite it
+      _write_config(self.workdir, self.cfg, self.info, self.data.info,
+                    self.setup.mesh)
+    self.open_writer(start)
+    if start == 0:
+      self.writer.text("config", "```\n" + self.cfg.to_json(indent=2) +
+                       "\n```")
+      self.writer.text("model_info", "```\n" + json.dumps(
+          self.info, indent=2, default=str) + "\n```")
+    batches = itertools.chain([first], batches)
+    try:
+      while True:
+        try:
+          state, carry, preempted = self.segment(state, carry, start,
+                                                 batches)
+          break
+        except _RollBack as rb:
+          state, carry = self.roll_back(rb.event)
+          start = int(state["step"])
+          batches = self.batches(start)
+      final_step = int(state["step"])
+      self.save(final_step, state, carry, force=preempted, wait=True)
+    finally:
+      self.writer.close()
+    return self.summary(start, final_step, preempted, carry,
+                        time.time() - t_start)
+
+  def segment(self, state, carry, start: int, batches):
+    """Steps start..total (or until SIGTERM); raises _RollBack."""
+    cfg, total = self.cfg, self.total
+    preempted = False
+    pending = None  # (step, device metrics) read one step late
+    for step in range(start, total):
+      batch = shd.global_batch(next(batches), self.setup.batch_sharding)
+      state, carry, m = self.train_step(state, carry, batch)
+      done = step + 1
       if pending is not None:
-        write_pending()
-        pending = None
-      mgr.save(done, state, meta_for(done), force=preempted)
-    if preempted:
-      break
-  if pending is not None:
-    write_pending()
-  final_step = int(state["step"])
-  mgr.save(final_step, state, meta_for(final_step), force=preempted)
-  writer.close()
-  if start == total:
-    log.info("nothing to do: %s already holds the final checkpoint (step "
-             "%d)", workdir, total)
-    last = _last_rows(workdir)
-  last = {**last, **{k: v for k, v in last_eval.items() if k != "step"}}
-  wall = time.time() - t_start
-  summary = {"workdir": workdir, "step": final_step, "preempted": preempted,
-             "wall_s": wall, **{k: last.get(k) for k in (
-                 "loss", "eval_loss", "eval_bpb", "tokens_per_s", "mfu")},
-             **info}
-  if preempted and primary:
-    mgr.wait()
-    print(f"llmlab: SIGTERM received; finished step {final_step} and saved "
-          f"it to {mgr.path(final_step)}. To resume, re-run the same "
-          f"command:\n  {_resume_command()}", flush=True)
-  return summary
+        self.write_pending(pending)
+      log_now = done % cfg.train.log_every == 0 or done == total
+      pending = (done, m) if log_now else None
+      evaluate = bool(cfg.train.eval_every and
+                      done % cfg.train.eval_every == 0) or done == total
+      preempted = self.sig.reached(done)
+      save = preempted or self.mgr.should_save(done)
+      if evaluate or save:  # these points wait for the device anyway
+        self.check(m["guard"])
+      if evaluate:
+        self.last_eval = dict(self.run_eval(state["params"]), step=done)
+        self.writer.row({"tokens": done * self.tokens_per_step,
+                         **self.last_eval}, TB_TAGS)
+      if save:
+        # Every row up to `done` is written before checkpoint `done` can
+        # exist, so a resume from it (which drops later rows) leaves exactly
+        # one row per logged step.
+        if pending is not None:
+          self.write_pending(pending)
+          pending = None
+        self.save(done, state, carry, force=preempted)
+      if preempted:
+        break
+    if pending is not None:
+      self.write_pending(pending)
+    return state, carry, preempted
+
+  def summary(self, start, final_step, preempted, carry, wall) -> dict:
+    last = self.last
+    if start == self.total:
+      log.info("nothing to do: %s already holds the final checkpoint (step "
+               "%d)", self.workdir, self.total)
+      last = _last_rows(self.workdir)
+    last = {**last, **{k: v for k, v in self.last_eval.items()
+                       if k != "step"}}
+    out = {"workdir": self.workdir, "step": final_step,
+           "preempted": preempted, "wall_s": wall,
+           **{k: last.get(k) for k in ("loss", "eval_loss", "eval_bpb",
+                                       "tokens_per_s", "mfu")},
+           "guard": guard.carry_to_meta(carry, self.policy.rollbacks),
+           **self.info}
+    if preempted and self.primary:
+      self.mgr.wait()
+      print(f"llmlab: SIGTERM received; finished step {final_step} and saved "
+            f"it to {self.mgr.path(final_step)}. To resume, re-run the same "
+            f"command:\n  {_resume_command()}", flush=True)
+    return out
 
 
-def _finish_row(pending, tokens_per_step: int) -> dict | None:
+def _finish_row(pending, tokens_per_step: int) -> tuple[dict, dict]:
+  """(metrics row, guard report) of a (step, device metrics) pair."""
   step, m = pending
   vals = jax.device_get(m)
+  g = vals.pop("guard")
   row = {"step": step, "tokens": step * tokens_per_step}
   row.update({k: float(np.asarray(v)) for k, v in vals.items()})
-  return row
+  return row, g

@@ -20,6 +20,7 @@ from llmlab import steps as steps_lib  # noqa: E402
 out = {}
 for variant in sys.argv[2:]:
   cfg = presets.get_config(variant)
+  cfg.model.scan_unroll = 1  # the rolled scan accelerators compile ("auto" unrolls on CPU)
   config_lib.validate(cfg, n)
   mesh = shd.make_mesh(cfg.mesh)
   setup = steps_lib.build(cfg, 32_000, mesh)
