@@ -19,6 +19,9 @@ Keys (all in `default_config()`):
   prefetch      batches `train_iter` keeps ready in the background.
   num_threads   grain threads producing those batches.
   stdlib.max_file_bytes   larger stdlib files are skipped (counted).
+  stdlib.include, stdlib.exclude   comma-separated fnmatch patterns on
+                relative paths selecting a slice of the corpus ('' = all;
+                see stdlib.py, e.g. `stdlib.TEST_PATTERNS`).
   files.paths   comma-separated list (or list) of paths/globs; local or any
                 URI `etils.epath` opens. Format by suffix: .txt (one document
                 per file), .jsonl / .jsonl.gz (one per line, `text_field`),
@@ -49,7 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
       cache_dir="",
       prefetch=16,
       num_threads=2,
-      stdlib=dict(max_file_bytes=1_000_000),
+      stdlib=dict(max_file_bytes=1_000_000, include="", exclude=""),
       files=dict(paths="", text_field="text", column="text"),
       synthetic=dict(seed=0, order=2, num_symbols=16, branching=3,
                      num_docs=1000, doc_len=256),

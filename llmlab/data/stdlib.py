@@ -12,10 +12,22 @@ are skipped (third-party code is not the standard library); files larger than
 `__init__.py`) are skipped and counted; files that are not valid
 UTF-8 (a few deliberately mis-encoded test fixtures) are skipped, counted and
 listed. Each file is one document, keyed by its relative path.
+
+Slices (`data.stdlib.include` / `data.stdlib.exclude`, comma-separated
+`fnmatch` patterns on the relative path, '' = no filter): keep the files
+matching any `include` pattern (all if empty), then drop those matching any
+`exclude` pattern. `TEST_PATTERNS` names the standard library's own test
+suites, so `exclude=TEST_PATTERNS` is the library code and
+`include=TEST_PATTERNS` its tests: two related but distinct distributions
+from the same corpus (the overtraining study fine-tunes on one after
+pretraining on the other). A slice's fingerprint is the same sha256 over the
+files it keeps; with no filter the documents (and fingerprint) are exactly
+the unfiltered corpus's.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import platform
@@ -26,6 +38,10 @@ from llmlab.data.errors import DataError
 
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 _MEMO: dict = {}
+_SLICES: dict = {}  # (stamp, include, exclude) -> Documents of that slice
+
+# The stdlib's test suites (`fnmatch`: `*` also matches `/`).
+TEST_PATTERNS = "test/*,*/test/*,*/tests/*,*/idle_test/*"
 
 
 def root() -> str:
@@ -56,8 +72,43 @@ def read(cfg) -> Documents:
            tuple((rel, st.st_size, st.st_mtime_ns) for rel, st in files))
   if stamp not in _MEMO:
     _MEMO.clear()  # one interpreter has one stdlib; keep one entry
+    _SLICES.clear()
     _MEMO[stamp] = _read(base, files, max_bytes)
-  return _MEMO[stamp]
+  include = str(cfg.get("include", "") or "")
+  exclude = str(cfg.get("exclude", "") or "")
+  if not include and not exclude:
+    return _MEMO[stamp]
+  key = (stamp, include, exclude)
+  if key not in _SLICES:
+    _SLICES[key] = select(_MEMO[stamp], include, exclude)
+  return _SLICES[key]
+
+
+def _patterns(spec: str) -> list[str]:
+  return [p.strip() for p in spec.split(",") if p.strip()]
+
+
+def select(docs: Documents, include: str, exclude: str) -> Documents:
+  """The documents whose relative path matches `include` and not `exclude`
+  (comma-separated fnmatch patterns; empty `include` keeps everything)."""
+  inc, exc = _patterns(include), _patterns(exclude)
+  keep = [i for i, key in enumerate(docs.keys)
+          if (not inc or any(fnmatch.fnmatchcase(key, p) for p in inc))
+          and not any(fnmatch.fnmatchcase(key, p) for p in exc)]
+  if not keep:
+    raise DataError(f"data.stdlib.include={include!r}, "
+                    f"data.stdlib.exclude={exclude!r}: no file of the "
+                    f"{len(docs.keys)} stdlib files is left")
+  sha = hashlib.sha256()
+  total = 0
+  for i in keep:  # the fingerprint of _read, over the kept files only
+    data = docs.texts[i].encode("utf-8")
+    sha.update(docs.keys[i].encode("utf-8") + b"\0" + data + b"\0")
+    total += len(data)
+  info = dict(docs.info, include=include, exclude=exclude, files=len(keep),
+              bytes=total, files_before_slice=len(docs.keys))
+  return Documents(docs.name, [docs.keys[i] for i in keep],
+                   [docs.texts[i] for i in keep], sha.hexdigest(), info)
 
 
 def _read(base: str, files, max_bytes: int) -> Documents:
