@@ -242,7 +242,7 @@ class _Evaluators:
       from llmlab import api
       from llmlab.studies import sensitivity as sens_lib
       cfg, raw = api.read_run_config(self.pre_dir)
-      setup = api._setup_for(cfg, raw)
+      setup = api.setup_for(cfg, raw)
       kw = dict(seq_len=int(cfg.train.seq_len),
                 eval_tokens=int(self.scfg.eval_tokens),
                 batch_size=int(self.scfg.eval_batch_size))
