@@ -16,7 +16,11 @@ from llmlab import steps as steps_lib
 
 
 def evaluate_run(workdir: str, step: int | None = None,
-                 eval_tokens: int | None = None, mesh=None) -> dict:
+                 eval_tokens: int | None = None, mesh=None,
+                 quantize: str | None = None) -> dict:
+  """Eval loss/bpb; with `quantize="int8"` the loss of the int8 weight-only
+  model (`llmlab/compress/quantize.py`) next to the float one, the change,
+  and the sizes."""
   run = api.load(workdir, step=step, mesh=mesh)
   cfg = run.config
   data = data_lib.build(cfg.data, seq_len=cfg.train.seq_len,
@@ -28,6 +32,14 @@ def evaluate_run(workdir: str, step: int | None = None,
   batches = data.eval_batches(eval_tokens or cfg.train.eval_tokens,
                               cfg.train.eval_batch_size or cfg.train.batch_size)
   out = steps_lib.evaluate(setup, eval_step, run.params, batches)
+  if quantize:
+    from llmlab.compress import quantize as quantize_lib
+    params, report = quantize_lib.roundtrip(run.params, quantize)
+    base = out
+    out = steps_lib.evaluate(setup, eval_step, params, batches)
+    out.update(report, float_eval_loss=base["eval_loss"],
+               float_eval_bpb=base["eval_bpb"],
+               eval_loss_change=out["eval_loss"] - base["eval_loss"])
   info = run.info.get("model_info", {})
   tokens = run.info.get("tokens", run.step * info.get("tokens_per_step", 0))
   return {"workdir": workdir, "step": run.step, "tokens": tokens,

@@ -34,6 +34,8 @@ def _define_common():
   flags.DEFINE_integer("num_processes", None, "Number of processes.")
   flags.DEFINE_integer("process_id", None, "This process's index.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.DEFINE_enum("quantize", None, ["int8"],
+                    "eval: weight-only quantization to evaluate.")
 
 
 def _setup_runtime():
@@ -68,7 +70,8 @@ def _eval(argv):
   _require("workdir")
   _setup_runtime()
   from llmlab import evaluate
-  print(json.dumps(evaluate.evaluate_run(FLAGS.workdir, FLAGS.step), indent=2))
+  print(json.dumps(evaluate.evaluate_run(FLAGS.workdir, FLAGS.step,
+                                         quantize=FLAGS.quantize), indent=2))
 
 
 def _study(argv):
@@ -118,6 +121,10 @@ COMMANDS = {
     "sample": _module("llmlab.sample"),
     "teacher-logits": _module("llmlab.teacher_logits"),
     "distill-study": _module("llmlab.studies.distill"),
+    "prune": _module("llmlab.compress.cli"),
+    "compress-study": _module("llmlab.compress.experiment"),
+    "plan": _module("llmlab.plan"),
+    "overtrain": _module("llmlab.studies.overtrain"),
     "tokenizer": _tokenizer,
 }
 

@@ -169,6 +169,9 @@ def _flags():
                        flag_values=fv)
   flags.DEFINE_integer("num_samples", 1, "Continuations of the prompt.",
                        flag_values=fv)
+  flags.DEFINE_enum("quantize", None, ["int8"],
+                    "Sample from int8 weight-only quantized params.",
+                    flag_values=fv)
   return fv
 
 
@@ -186,8 +189,9 @@ def _check(fv) -> None:
 def sample_run(workdir: str, prompt: str, *, max_new_tokens: int = 200,
                temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
                seed: int = 0, step: int | None = None,
-               num_samples: int = 1) -> list[str]:
-  """Continuations (text) of `prompt` by the run in `workdir`."""
+               num_samples: int = 1, quantize: str | None = None) -> list[str]:
+  """Continuations (text) of `prompt` by the run in `workdir` (with
+  `quantize="int8"`, by its int8 weight-only quantized params)."""
   from llmlab import api
   from llmlab.data import tokenizer as tokenizer_lib
   run = api.load(workdir, step=step)
@@ -198,11 +202,15 @@ def sample_run(workdir: str, prompt: str, *, max_new_tokens: int = 200,
                      f"has {tok.vocab_size} ids, the model {vocab}")
   model = model_lib.Transformer(
       model_lib.ModelConfig.from_config(run.config.model, vocab))
+  params = run.params
+  if quantize:
+    from llmlab.compress import quantize as quantize_lib
+    params, _ = quantize_lib.roundtrip(params, quantize)
   ids = [tok.bos_id] + list(tok.encode(prompt))
   sampler = make_sampler(model, max_new_tokens=max_new_tokens,
                          temperature=temperature, top_k=top_k, top_p=top_p,
                          eos_id=tok.eos_id, pad_id=tok.pad_id)
-  out = jax.device_get(sampler(run.params, left_pad([ids] * num_samples,
+  out = jax.device_get(sampler(params, left_pad([ids] * num_samples,
                                                     tok.pad_id),
                                jax.random.key(seed)))
   return [tok.decode(row[:n]) for row, n in zip(out["tokens"],
@@ -221,14 +229,15 @@ def main(argv) -> int:
   except (flags.Error, ValueError) as e:
     print(f"llmlab sample: {e}\nusage: llmlab sample --workdir=DIR "
           "--prompt=TEXT [--max_new_tokens=200 --temperature=0.8 --top_k=0 "
-          "--top_p=1.0 --seed=0 --step=N --num_samples=1]", file=sys.stderr)
+          "--top_p=1.0 --seed=0 --step=N --num_samples=1 --quantize=int8]",
+          file=sys.stderr)
     return 2
   try:
     texts = sample_run(fv.workdir, fv.prompt,
                        max_new_tokens=fv.max_new_tokens,
                        temperature=fv.temperature, top_k=fv.top_k,
                        top_p=fv.top_p, seed=fv.seed, step=fv.step,
-                       num_samples=fv.num_samples)
+                       num_samples=fv.num_samples, quantize=fv.quantize)
   except (OSError, ValueError) as e:
     print(f"llmlab sample: {e}", file=sys.stderr)
     return 1
