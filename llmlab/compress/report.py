@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+from llmlab.scaling.study import _json_default  # one JSON encoder for study reports
+
 DESIGN_NOTE = ("continued runs and scratch: equal steps, batch and data "
                "order; constant learning rate after warmup, so every "
                "checkpoint is on the same footing for L(D); D = tokens of "
@@ -165,14 +167,6 @@ def write_report(result: dict, table: str, workdir: str) -> None:
            "![curves](curves.png)"]
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
-
-
-def _json_default(o):
-  if isinstance(o, (np.floating, np.integer)):
-    return o.item()
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  return str(o)
 
 
 def write(result: dict, workdir: str) -> None:
