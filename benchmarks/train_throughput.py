@@ -2,15 +2,22 @@
 
 Reference shape (issue "llmlab core"): d_model 384, 6 layers, 6 heads,
 mlp 1536, seq 256, global batch 8, byte vocabulary, float32, 1 device.
-Compare with `python ../shared/bench/torch_gpt_baseline.py --compile` run
-back to back on the same machine (only ratios measured together mean
-anything on a noisy machine).
+`--baseline` also runs `../shared/bench/torch_gpt_baseline.py --compile`
+(the PyTorch reference; needs torch) right after, and prints the ratio: only
+ratios measured back to back mean anything on a noisy machine.
 
-    python benchmarks/train_throughput.py [--steps=30] [--remat=none] [--unroll=1]
+    python benchmarks/train_throughput.py [--steps=30] [--matmul_dtype=bfloat16]
+        [--baseline] [--remat=none] [--unroll=1]
+
+`--matmul_dtype=bfloat16` rounds the operands of every product to bf16 and
+sums in float32 (`model.matmul_dtype`; what TPUs do with float32 matmuls by
+default); MFU is then measured against a bf16 matmul probe.
 """
 
 import argparse
 import os
+import re
+import subprocess
 import sys
 import time
 
@@ -26,10 +33,11 @@ from llmlab import steps as steps_lib  # noqa: E402
 from llmlab import train as train_lib  # noqa: E402
 
 
-def reference_config(remat="none", unroll=0):
+def reference_config(remat="none", unroll=0, matmul_dtype=""):
   c = config_lib.base()
   c.model.update(num_layers=6, d_model=384, num_heads=6, num_kv_heads=6,
-                 mlp_dim=1536, remat=remat, scan_unroll=unroll)
+                 mlp_dim=1536, remat=remat, scan_unroll=unroll,
+                 matmul_dtype=matmul_dtype)
   c.train.update(steps=1000, batch_size=8, seq_len=256)
   c.mesh.update(data=1, fsdp=1, tensor=1)
   return c
@@ -43,8 +51,12 @@ def main():
   p.add_argument("--unroll", type=int, default=0, help="layers per scan iteration (0 = auto)")
   p.add_argument("--data", action="store_true",
                  help="feed real batches from the default corpus pipeline")
+  p.add_argument("--matmul_dtype", default="",
+                 help='"" = float32 products; "bfloat16" = bf16 operands, f32 sums')
+  p.add_argument("--baseline", action="store_true",
+                 help="then run the PyTorch reference and print the ratio")
   a = p.parse_args()
-  cfg = reference_config(a.remat, a.unroll)
+  cfg = reference_config(a.remat, a.unroll, a.matmul_dtype)
   mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
   setup = steps_lib.build(cfg, 259, mesh)
   state = steps_lib.init_state(setup, 0)
@@ -66,22 +78,45 @@ def main():
   for _ in range(a.warmup):
     state, m = step(state, next_batch())
   jax.block_until_ready(m)
-  t = time.perf_counter()
-  for _ in range(a.steps):
+  times = []
+  for _ in range(a.steps):  # per-step times: the median shrugs off noise
+    t = time.perf_counter()
     state, m = step(state, next_batch())
-  jax.block_until_ready(m)
-  dt = (time.perf_counter() - t) / a.steps
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  dt = float(np.median(times))
   info = train_lib.model_info(cfg, 259)
-  peak = perf.matmul_probe()
+  mm = a.matmul_dtype or "float32"
+  peak = perf.matmul_probe(dtype=mm)
   tps = b * l / dt
   achieved = info["flops_per_token"] * tps
   print(f"reference shape: N(non-embedding)={info['params_nonembed']:,} "
         f"FLOPs/token={info['flops_per_token']:.4g}")
-  print(f"step time      {dt * 1e3:.1f} ms")
+  print(f"step time      {dt * 1e3:.1f} ms (median of {a.steps}; "
+        f"min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})")
   print(f"tokens/s       {tps:,.0f}")
   print(f"model FLOP/s   {achieved / 1e9:.1f} GFLOP/s")
-  print(f"fp32 matmul peak (measured) {peak / 1e9:.1f} GFLOP/s")
+  print(f"{mm} matmul peak (measured, f32 sums) {peak / 1e9:.1f} GFLOP/s")
   print(f"MFU            {100 * achieved / peak:.1f}%")
+  if a.baseline:
+    torch_tps = _torch_baseline()
+    print(f"torch.compile  {torch_tps:,.0f} tokens/s (fp32)")
+    print(f"ratio          {tps / torch_tps:.2f}x")
+
+
+def _torch_baseline() -> float:
+  """tokens/s of the PyTorch reference trainer, run in a fresh process."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  script = os.path.join(here, "..", "..", "shared", "bench",
+                        "torch_gpt_baseline.py")
+  if not os.path.exists(script):
+    raise SystemExit(f"--baseline: {script} not found (expects ../shared)")
+  out = subprocess.run([sys.executable, script, "--compile"], check=True,
+                       capture_output=True, text=True).stdout
+  match = re.search(r"tokens_per_s=(\d+)", out)
+  if not match:
+    raise SystemExit(f"--baseline: no tokens_per_s in its output:\n{out}")
+  return float(match.group(1))
 
 
 if __name__ == "__main__":

@@ -35,24 +35,35 @@ PEAK_FLOPS = {
 _probe_cache: dict[str, float] = {}
 
 
-def matmul_probe(n: int = 1024, repeats: int = 5) -> float:
-  """Measured fp32 matmul FLOP/s of one device (best of `repeats`)."""
-  if "cpu" in _probe_cache:
-    return _probe_cache["cpu"]
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
+def matmul_probe(n: int = 1024, repeats: int = 5,
+                 dtype: str = "float32") -> float:
+  """Measured matmul FLOP/s of one device (best of `repeats`).
+
+  `dtype` is the operand dtype; sums (and the result) are float32, as in
+  `llmlab.model.dense`, so a bf16 probe measures the bf16 matrix units
+  (AMX / AVX512-BF16) that `model.matmul_dtype="bfloat16"` uses.
+  """
+  if dtype in _probe_cache:
+    return _probe_cache[dtype]
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
   f(a).block_until_ready()
   best = float("inf")
   for _ in range(repeats):
     t = time.perf_counter()
     f(a).block_until_ready()
     best = min(best, time.perf_counter() - t)
-  _probe_cache["cpu"] = 2.0 * n ** 3 / best
-  return _probe_cache["cpu"]
+  _probe_cache[dtype] = 2.0 * n ** 3 / best
+  return _probe_cache[dtype]
 
 
-def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
-  """(peak FLOP/s, where the number came from)."""
+def peak_flops_per_device(override: float = 0.0,
+                          matmul_dtype: str = "float32") -> tuple[float, str]:
+  """(peak FLOP/s, where the number came from).
+
+  On CPU the peak is probed with the operand dtype the model's products use
+  (`matmul_dtype`), so MFU is measured against the kernels actually run.
+  """
   if override and override > 0:
     return float(override), "config train.peak_flops"
   kind = jax.devices()[0].device_kind.lower()
@@ -60,5 +71,6 @@ def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
     if key in kind:
       return value, f"table ({jax.devices()[0].device_kind})"
   if jax.devices()[0].platform == "cpu":
-    return matmul_probe(), "cpu fp32 matmul probe"
+    dtype = matmul_dtype or "float32"
+    return matmul_probe(dtype=dtype), f"cpu {dtype} matmul probe"
   return 0.0, f"unknown device kind {kind!r} (set train.peak_flops)"

@@ -231,7 +231,8 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
   info = model_info(cfg, data.vocab_size)
   if aux.info:
     info["objective_aux"] = aux.info
-  peak, peak_src = perf.peak_flops_per_device(cfg.train.peak_flops)
+  peak, peak_src = perf.peak_flops_per_device(
+      cfg.train.peak_flops, cfg.model.matmul_dtype or cfg.model.dtype)
   info.update(peak_flops_per_device=peak, peak_flops_source=peak_src)
   log.info("model: N(non-embedding)=%s total=%s FLOPs/token=%.3g mesh=%s",
            f"{info['params_nonembed']:,}", f"{info['params_total']:,}",
