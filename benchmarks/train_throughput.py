@@ -33,11 +33,11 @@ from llmlab import steps as steps_lib  # noqa: E402
 from llmlab import train as train_lib  # noqa: E402
 
 
-def reference_config(remat="none", unroll=0, matmul_dtype=""):
+def reference_config(remat="none", unroll=0, matmul_dtype="", dtype="float32"):
   c = config_lib.base()
   c.model.update(num_layers=6, d_model=384, num_heads=6, num_kv_heads=6,
                  mlp_dim=1536, remat=remat, scan_unroll=unroll,
-                 matmul_dtype=matmul_dtype)
+                 matmul_dtype=matmul_dtype, dtype=dtype)
   c.train.update(steps=1000, batch_size=8, seq_len=256)
   c.mesh.update(data=1, fsdp=1, tensor=1)
   return c
@@ -53,10 +53,12 @@ def main():
                  help="feed real batches from the default corpus pipeline")
   p.add_argument("--matmul_dtype", default="",
                  help='"" = float32 products; "bfloat16" = bf16 operands, f32 sums')
+  p.add_argument("--dtype", default="float32",
+                 help="compute dtype of activations (params stay float32)")
   p.add_argument("--baseline", action="store_true",
                  help="then run the PyTorch reference and print the ratio")
   a = p.parse_args()
-  cfg = reference_config(a.remat, a.unroll, a.matmul_dtype)
+  cfg = reference_config(a.remat, a.unroll, a.matmul_dtype, a.dtype)
   mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
   setup = steps_lib.build(cfg, 259, mesh)
   state = steps_lib.init_state(setup, 0)
@@ -86,7 +88,7 @@ def main():
     times.append(time.perf_counter() - t)
   dt = float(np.median(times))
   info = train_lib.model_info(cfg, 259)
-  mm = a.matmul_dtype or "float32"
+  mm = a.matmul_dtype or a.dtype
   peak = perf.matmul_probe(dtype=mm)
   tps = b * l / dt
   achieved = info["flops_per_token"] * tps
