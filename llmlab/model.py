@@ -158,17 +158,14 @@ class RMSNorm(nn.Module):
 def rope_tables(positions_BxL: Array, head_size: int, theta: float):
   """(sin, cos) of the rotary angles, [B, L, E/2] each, float32.
 
-  Computed once per forward pass and shared by every layer: computed inside
-  the layers, XLA:CPU fuses sin/cos into each head's rotation and evaluates
-  them 2 x num_heads times per angle. Positions come from the data (they
-  restart at every packed document), so a document sees the same encoding
-  wherever it was packed.
+  Computed once per forward pass and passed to every layer. Positions come
+  from the data (they restart at every packed document), so a document sees
+  the same encoding wherever it was packed.
   """
   freq_E2 = theta ** (-jnp.arange(0, head_size, 2, dtype=jnp.float32) /
                       head_size)
   ang_BxLxE2 = positions_BxL[..., None].astype(jnp.float32) * freq_E2
-  # The barrier keeps XLA from fusing (and so recomputing) them per head.
-  return jax.lax.optimization_barrier((jnp.sin(ang_BxLxE2), jnp.cos(ang_BxLxE2)))
+  return jnp.sin(ang_BxLxE2), jnp.cos(ang_BxLxE2)
 
 
 def rope(x_BxNxLxE: Array, sin_cos) -> Array:
@@ -183,7 +180,8 @@ def rope(x_BxNxLxE: Array, sin_cos) -> Array:
 def _attention(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, bias_BxLxS, mm, dt):
   """softmax(q k^T + bias) v with `mm` operands in all four products (see
   `dense`), scores and softmax in float32; q, k, v and their gradients in
-  `dt`. Hand-written VJP: 35% faster than autodiff on XLA:CPU."""
+  `dt`. With `dense`'s hand-written VJP, the reference shape trains 35%
+  faster in float32 on XLA:CPU than with autodiff of the same code."""
   return _attention_fwd(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, bias_BxLxS,
                         mm, dt)[0]
 
