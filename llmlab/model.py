@@ -193,13 +193,13 @@ def _attention_fwd(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, bias_BxLxS, mm, dt):
   p_BxKxGxLxS = jax.nn.softmax(s_BxKxGxLxS + bias_BxLxS[:, None, None], -1)
   o_BxKxGxLxE = jnp.einsum("bkgls,bkse->bkgle", p_BxKxGxLxS.astype(mm), v,
                            preferred_element_type=jnp.float32)
-  return o_BxKxGxLxE, (q, k, v, p_BxKxGxLxS, o_BxKxGxLxE, bias_BxLxS)
+  return o_BxKxGxLxE, (q, k, v, p_BxKxGxLxS, o_BxKxGxLxE)
 
 
 def _attention_bwd(mm, dt, res, do_BxKxGxLxE):
   """Softmax backward as ds = p * (dp - rowsum(do * o)): the row sum runs
   over head_dim, not over the (longer) key axis."""
-  q, k, v, p_BxKxGxLxS, o_BxKxGxLxE, bias_BxLxS = res
+  q, k, v, p_BxKxGxLxS, o_BxKxGxLxE = res
   f32 = jnp.float32
   do = do_BxKxGxLxE.astype(mm)
   dp_BxKxGxLxS = jnp.einsum("bkgle,bkse->bkgls", do, v, preferred_element_type=f32)
@@ -209,7 +209,7 @@ def _attention_bwd(mm, dt, res, do_BxKxGxLxE):
   ds = (p_BxKxGxLxS * (dp_BxKxGxLxS - row_BxKxGxL[..., None])).astype(mm)
   dq = jnp.einsum("bkgls,bkse->bkgle", ds, k, preferred_element_type=f32)
   dk = jnp.einsum("bkgls,bkgle->bkse", ds, q, preferred_element_type=f32)
-  return dq.astype(dt), dk.astype(dt), dv.astype(dt), jnp.zeros_like(bias_BxLxS)
+  return dq.astype(dt), dk.astype(dt), dv.astype(dt), None  # bias: no grad
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
