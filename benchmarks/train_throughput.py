@@ -4,10 +4,15 @@ Reference shape (issue "llmlab core"): d_model 384, 6 layers, 6 heads,
 mlp 1536, seq 256, global batch 8, byte vocabulary, float32, 1 device.
 `--baseline` also runs `../shared/bench/torch_gpt_baseline.py --compile`
 (the PyTorch reference; needs torch) right after, and prints the ratio: only
-ratios measured back to back mean anything on a noisy machine.
+ratios measured back to back mean anything on a noisy machine. By default it
+runs PyTorch at the same product precision as llmlab: float32 ("highest") for
+float32 products, and for `--matmul_dtype=bfloat16` PyTorch's own bf16 path
+for float32 matmuls (`torch.set_float32_matmul_precision("medium")`, oneDNN
+on CPUs with bf16 units). `--torch_precision` overrides that.
 
     python benchmarks/train_throughput.py [--steps=30] [--matmul_dtype=bfloat16]
-        [--baseline] [--remat=none] [--unroll=1]
+        [--baseline [--torch_precision=highest|medium]] [--remat=none]
+        [--unroll=1]
 
 `--matmul_dtype=bfloat16` rounds the operands of every product to bf16 and
 sums in float32 (`model.matmul_dtype`; what TPUs do with float32 matmuls by
@@ -57,6 +62,8 @@ def main():
                  help="compute dtype of activations (params stay float32)")
   p.add_argument("--baseline", action="store_true",
                  help="then run the PyTorch reference and print the ratio")
+  p.add_argument("--torch_precision", default="",
+                 help='torch float32 matmul precision; "" = match llmlab')
   a = p.parse_args()
   cfg = reference_config(a.remat, a.unroll, a.matmul_dtype, a.dtype)
   mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
@@ -101,19 +108,26 @@ def main():
   print(f"{mm} matmul peak (measured, f32 sums) {peak / 1e9:.1f} GFLOP/s")
   print(f"MFU            {100 * achieved / peak:.1f}%")
   if a.baseline:
-    torch_tps = _torch_baseline()
-    print(f"torch.compile  {torch_tps:,.0f} tokens/s (fp32)")
+    prec = a.torch_precision or ("highest" if mm == "float32" else "medium")
+    torch_tps = _torch_baseline(prec)
+    print(f"torch.compile  {torch_tps:,.0f} tokens/s (fp32 params, "
+          f'float32_matmul_precision="{prec}")')
     print(f"ratio          {tps / torch_tps:.2f}x")
 
 
-def _torch_baseline() -> float:
-  """tokens/s of the PyTorch reference trainer, run in a fresh process."""
+def _torch_baseline(precision: str) -> float:
+  """tokens/s of the PyTorch reference trainer, run in a fresh process with
+  `torch.set_float32_matmul_precision(precision)`."""
   here = os.path.dirname(os.path.abspath(__file__))
   script = os.path.join(here, "..", "..", "shared", "bench",
                         "torch_gpt_baseline.py")
   if not os.path.exists(script):
     raise SystemExit(f"--baseline: {script} not found (expects ../shared)")
-  out = subprocess.run([sys.executable, script, "--compile"], check=True,
+  run = ("import runpy, sys, torch; "
+         f"torch.set_float32_matmul_precision({precision!r}); "
+         f"sys.argv = [{script!r}, '--compile']; "
+         f"runpy.run_path({script!r}, run_name='__main__')")
+  out = subprocess.run([sys.executable, "-c", run], check=True,
                        capture_output=True, text=True).stdout
   match = re.search(r"tokens_per_s=(\d+)", out)
   if not match:
