@@ -15,10 +15,9 @@ training). Prints one JSON summary; bad input exits 1 with the message.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
 
+from llmlab import cli_common
 from llmlab.compress import learned as learned_lib
 from llmlab.compress import prune as prune_lib
 
@@ -52,27 +51,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                      datefmt="%H:%M:%S")
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  logging.getLogger("llmlab").setLevel(logging.INFO)  # if set up already
+  cli_common.setup_logging()
   from llmlab.studies import distill
   settings = learned_lib.Settings(
       steps=args.mask_steps, batch_size=args.mask_batch_size,
       learning_rate=args.learning_rate, mask_lr=args.mask_lr,
       lambda_lr=args.lambda_lr, target_warmup=args.target_warmup,
       constrain_size=args.constrain_size, seed=args.seed)
-  try:
-    target = distill.load_config(args.to_config)
-    summary = prune_lib.prune(args.source, target, args.workdir, args.method,
-                              calib_rows=args.calib_rows,
-                              learned=settings if args.method == "learned"
-                              else None)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f"llmlab prune: error: {e}", file=sys.stderr)
-    return 1
-  print(json.dumps(summary, default=str))
-  return 0
+  return cli_common.print_summary("llmlab prune", lambda: prune_lib.prune(
+      args.source, distill.load_config(args.to_config), args.workdir,
+      args.method, calib_rows=args.calib_rows,
+      learned=settings if args.method == "learned" else None))
 
 
 if __name__ == "__main__":

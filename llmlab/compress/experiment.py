@@ -48,6 +48,7 @@ import ml_collections
 import numpy as np
 
 from llmlab import checkpoints as ckpt_lib
+from llmlab import cli_common
 from llmlab import config as config_lib
 from llmlab.compress import report as report_lib
 
@@ -243,10 +244,7 @@ def main(argv) -> int:
   parser.add_argument("--config", default="configs/compress_quick.py")
   parser.add_argument("--workdir", required=True)
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                      datefmt="%H:%M:%S")
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  logging.getLogger("llmlab").setLevel(logging.INFO)  # if set up already
+  cli_common.setup_logging()
   from llmlab.studies import distill
   try:
     scfg = distill.load_config(args.config)

@@ -11,10 +11,9 @@ Prints one JSON summary line; a bad input exits 1 with the error message.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
 
+from llmlab import cli_common
 from llmlab.convert import hf
 
 
@@ -52,33 +51,23 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                      datefmt="%H:%M:%S")
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  try:
-    if args.to_hf:
-      if not args.out:
-        print("llmlab convert: --to_hf needs --out=DIR", file=sys.stderr)
-        return 2
-      summary = hf.to_hf(args.workdir, args.out, step=args.step,
-                         dtype=args.dtype,
-                         max_shard_bytes=int(args.max_shard_gb * 2**30))
-    else:
-      if args.out:
-        print("llmlab convert: --out is for --to_hf; --from_hf writes "
-              "--workdir", file=sys.stderr)
-        return 2
-      fields = [f for f in args.ignore_fields.split(",") if f]
-      summary = hf.from_hf(args.from_hf, args.workdir,
-                           step=args.step or 0, dtype=args.dtype or "float32",
-                           ignore_fields=fields,
-                           mesh_axes={"fsdp": args.fsdp,
-                                      "tensor": args.tensor})
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f"llmlab convert: error: {e}", file=sys.stderr)
-    return 1
-  print(json.dumps(summary, default=str))
-  return 0
+  cli_common.setup_logging()
+  if args.to_hf and not args.out:
+    print("llmlab convert: --to_hf needs --out=DIR", file=sys.stderr)
+    return 2
+  if args.from_hf and args.out:
+    print("llmlab convert: --out is for --to_hf; --from_hf writes --workdir",
+          file=sys.stderr)
+    return 2
+  if args.to_hf:
+    return cli_common.print_summary("llmlab convert", lambda: hf.to_hf(
+        args.workdir, args.out, step=args.step, dtype=args.dtype,
+        max_shard_bytes=int(args.max_shard_gb * 2**30)))
+  fields = [f for f in args.ignore_fields.split(",") if f]
+  return cli_common.print_summary("llmlab convert", lambda: hf.from_hf(
+      args.from_hf, args.workdir, step=args.step or 0,
+      dtype=args.dtype or "float32", ignore_fields=fields,
+      mesh_axes={"fsdp": args.fsdp, "tensor": args.tensor}))
 
 
 if __name__ == "__main__":

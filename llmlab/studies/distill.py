@@ -31,6 +31,7 @@ import time
 
 import ml_collections
 
+from llmlab import cli_common
 from llmlab import config as config_lib
 
 log = logging.getLogger("llmlab")
@@ -138,9 +139,7 @@ def main(argv) -> int:
   parser.add_argument("--config", default="configs/distill_quick.py")
   parser.add_argument("--workdir", required=True)
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                      datefmt="%H:%M:%S")
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  cli_common.setup_logging()
   try:
     scfg = load_config(args.config)
     results = run(scfg, args.workdir)

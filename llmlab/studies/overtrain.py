@@ -57,6 +57,7 @@ import ml_collections
 import numpy as np
 
 from llmlab import checkpoints as ckpt_lib
+from llmlab import cli_common
 from llmlab import config as config_lib
 from llmlab.studies import overtrain_analysis
 from llmlab.studies import overtrain_report
@@ -464,12 +465,8 @@ def main(argv) -> int:
                       help="an existing run with sweep checkpoints (instead "
                            "of training the config's `pretrain`)")
   args = parser.parse_args(argv)
-  # force: importing orbax (above) already gave the root logger a handler
-  # at WARNING, which would silence the study's progress lines.
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                      datefmt="%H:%M:%S", force=True)
   # orbax warns through absl each time a checkpoint is opened read-only.
-  logging.getLogger("absl").setLevel(logging.ERROR)
+  cli_common.setup_logging(absl_level=logging.ERROR)
   try:
     scfg = distill.load_config(args.config)
     if args.pretrain_run:
