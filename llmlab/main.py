@@ -42,6 +42,8 @@ def _setup_runtime():
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                       datefmt="%H:%M:%S")
   logging.getLogger("absl").setLevel(logging.WARNING)
+  from llmlab import cli_common
+  cli_common.setup_compile_cache()
   from llmlab import distributed
   distributed.initialize(FLAGS.coordinator, FLAGS.num_processes,
                          FLAGS.process_id)

@@ -1,10 +1,23 @@
 """Shared test fixtures. Tests run on CPU; multi-device tests start their
 own subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole session (commands started
+# by tests inherit it), empty at the start so every run of the suite
+# compiles each program once, and nothing is written to ~/.cache.
+if "LLMLAB_COMPILE_CACHE" not in os.environ:
+  os.environ["LLMLAB_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="llmlab-xla-")
+  atexit.register(shutil.rmtree, os.environ["LLMLAB_COMPILE_CACHE"], True)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+from llmlab import cli_common  # noqa: E402
+
+cli_common.setup_compile_cache()  # in-process tests share it too

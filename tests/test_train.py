@@ -11,21 +11,31 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _train(workdir, *overrides, check=True):
+def _train(workdir, *overrides, check=True, cache=None):
   cmd = [sys.executable, "-m", "llmlab", "train",
          f"--config={ROOT}/configs/tiny.py:smoke", f"--workdir={workdir}",
          *overrides]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  if cache:
+    env["LLMLAB_COMPILE_CACHE"] = cache
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                       cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                       cwd=ROOT, env=env)
   if check:
     assert out.returncode == 0, out.stderr[-4000:]
   return out
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def cache(tmp_path_factory):
+  """This module's own compilation cache, empty at the first run."""
+  return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, cache):
   workdir = str(tmp_path_factory.mktemp("run"))
-  out = _train(workdir, "--config.train.steps=30", "--config.train.eval_every=15")
+  out = _train(workdir, "--config.train.steps=30",
+               "--config.train.eval_every=15", cache=cache)
   return workdir, out
 
 
@@ -67,13 +77,18 @@ def test_tensorboard_scalars(run):
   assert len(acc.Scalars("train/loss")) >= 10
 
 
-def test_same_seed_same_losses(run, tmp_path):
+def test_same_seed_same_losses(run, cache, tmp_path):
+  """Same config + seed => same losses, whether the steps come from the
+  persistent compilation cache the first run filled or from a fresh
+  compile with the cache off."""
   workdir, _ = run
-  other = str(tmp_path / "again")
-  _train(other, "--config.train.steps=30", "--config.train.eval_every=15")
-  a = [r["loss"] for r in _rows(workdir) if "loss" in r]
-  b = [r["loss"] for r in _rows(other) if "loss" in r]
-  assert a == b
+  assert any(f.endswith("-cache") for f in os.listdir(cache)), os.listdir(cache)
+  losses = lambda d: [r["loss"] for r in _rows(d) if "loss" in r]
+  for name, where in (("cached", cache), ("uncached", "off")):
+    other = str(tmp_path / name)
+    _train(other, "--config.train.steps=30", "--config.train.eval_every=15",
+           cache=where)
+    assert losses(other) == losses(workdir), name
 
 
 def test_bad_config_fails_before_compile(tmp_path):

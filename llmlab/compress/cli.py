@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
-  cli_common.setup_logging()
+  cli_common.setup()
   from llmlab.studies import distill
   settings = learned_lib.Settings(
       steps=args.mask_steps, batch_size=args.mask_batch_size,

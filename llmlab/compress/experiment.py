@@ -244,7 +244,7 @@ def main(argv) -> int:
   parser.add_argument("--config", default="configs/compress_quick.py")
   parser.add_argument("--workdir", required=True)
   args = parser.parse_args(argv)
-  cli_common.setup_logging()
+  cli_common.setup()
   from llmlab.studies import distill
   try:
     scfg = distill.load_config(args.config)

@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
-  cli_common.setup_logging()
+  cli_common.setup()
   if args.to_hf and not args.out:
     print("llmlab convert: --to_hf needs --out=DIR", file=sys.stderr)
     return 2

@@ -139,7 +139,7 @@ def main(argv) -> int:
   parser.add_argument("--config", default="configs/distill_quick.py")
   parser.add_argument("--workdir", required=True)
   args = parser.parse_args(argv)
-  cli_common.setup_logging()
+  cli_common.setup()
   try:
     scfg = load_config(args.config)
     results = run(scfg, args.workdir)

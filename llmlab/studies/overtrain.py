@@ -466,7 +466,7 @@ def main(argv) -> int:
                            "of training the config's `pretrain`)")
   args = parser.parse_args(argv)
   # orbax warns through absl each time a checkpoint is opened read-only.
-  cli_common.setup_logging(absl_level=logging.ERROR)
+  cli_common.setup(absl_level=logging.ERROR)
   try:
     scfg = distill.load_config(args.config)
     if args.pretrain_run:
