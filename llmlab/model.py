@@ -57,6 +57,11 @@ class ModelConfig:
   def head_size(self) -> int:
     return self.head_dim or self.d_model // self.num_heads
 
+  @property
+  def product_dtype(self) -> str:
+    """Operand dtype of every product (`matmul_dtype`, default `dtype`)."""
+    return self.matmul_dtype or self.dtype
+
   @classmethod
   def from_config(cls, model_cfg, vocab_size: int) -> "ModelConfig":
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -93,7 +98,8 @@ def _product(eq, x, w, mm, x_dt, w_dt):
 
 def _product_fwd(eq, x, w, mm, x_dt, w_dt):
   x_lo, w_lo = x.astype(mm), w.astype(mm)
-  return _product(eq, x, w, mm, x_dt, w_dt), (x_lo, w_lo)
+  y = jnp.einsum(eq, x_lo, w_lo, preferred_element_type=jnp.float32)
+  return y, (x_lo, w_lo)
 
 
 def _product_bwd(eq, mm, x_dt, w_dt, res, g):
@@ -121,8 +127,7 @@ def dense(eq: str, x: Array, w: Array, cfg: ModelConfig,
   Only the products' operands are rounded: params, activations, gradients
   and optimizer state keep their dtypes.
   """
-  mm = _dtype(cfg.matmul_dtype or cfg.dtype)
-  y = _product(eq, x, w, mm, x.dtype, w.dtype)
+  y = _product(eq, x, w, _dtype(cfg.product_dtype), x.dtype, w.dtype)
   return checkpoint_name(y.astype(out_dtype or _dtype(cfg.dtype)), "dense")
 
 
@@ -273,7 +278,7 @@ class Attention(nn.Module):
     g = h // k
     q_BxKxGxLxE = q_BxHxLxE.reshape(b, k, g, l, e) * jnp.asarray(e ** -0.5, dt)
     o_BxKxGxLxE = _attention(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, bias_BxLxS,
-                             _dtype(cfg.matmul_dtype or cfg.dtype), dt)
+                             _dtype(cfg.product_dtype), dt)
     o_BxHxLxE = o_BxKxGxLxE.reshape(b, h, l, e).astype(dt)
     return dense("bhle,hed->bld", o_BxHxLxE, wo, cfg)
 
