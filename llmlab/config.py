@@ -152,6 +152,8 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
            t.microbatches, f"must divide train.batch_size={t.batch_size}")
   _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate,
            "must be positive")
+  _require(isinstance(t.seed, int) and 0 <= t.seed < 2**32, "train.seed",
+           t.seed, "must be an integer in [0, 2**32)")
   _require(o.schedule in ("cosine", "constant", "wsd"), "optim.schedule",
            o.schedule, "must be one of cosine, constant, wsd")
   _require(0.0 <= o.decay_fraction <= 1.0, "optim.decay_fraction",

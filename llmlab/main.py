@@ -97,9 +97,13 @@ def _absl(fn):
 
 def _module(path: str):
   """A subcommand whose module owns its argparse `main(argv)`; imported
-  lazily so `llmlab train` never pays for the others' imports."""
+  lazily so `llmlab train` never pays for the others' imports. Every one
+  gets the persistent compilation cache (sweep's eval steps, plan's AOT
+  compiles and sample's decode steps are the same programs run to run)."""
   def run(argv):
     import importlib
+    from llmlab import cli_common
+    cli_common.setup_compile_cache()
     return importlib.import_module(path).main(argv[1:])
   return run
 

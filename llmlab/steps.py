@@ -15,6 +15,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from llmlab import model as model_lib
@@ -34,6 +35,7 @@ class Setup:
   model: model_lib.Transformer
   tx: optax.GradientTransformation
   lr_schedule: Callable
+  hparams: dict  # run-time numbers of the step: schedule and seed
   mesh: jax.sharding.Mesh
   rules: tuple
   state_shardings: Any
@@ -53,8 +55,17 @@ def build(cfg, vocab_size: int, mesh: jax.sharding.Mesh) -> Setup:
   abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       nn.unbox(boxed), shardings)
-  return Setup(cfg, mcfg, model, tx, lr, mesh, rules, shardings,
-               shd.batch_sharding(mesh, rules), abstract)
+  return Setup(cfg, mcfg, model, tx, lr, step_hparams(cfg), mesh, rules,
+               shardings, shd.batch_sharding(mesh, rules), abstract)
+
+
+def step_hparams(cfg) -> dict:
+  """What the train step takes as data rather than compiling in: the LR
+  schedule's numbers and the seed. Runs differing only in these (a study's
+  decay branches, an LR grid, reseeded fine-tunes) share one executable."""
+  return {"schedule": optim.schedule_params(cfg.optim, cfg.train.learning_rate,
+                                            cfg.train.steps),
+          "seed": np.uint32(cfg.train.seed)}
 
 
 def _init_boxed(model, tx, seq_len, rng):
@@ -98,7 +109,8 @@ def apply_fn(model: model_lib.Transformer):
 
 
 def _step_fn(setup: Setup):
-  """(state, batch, aux_params, loss_scale) -> (state, metrics), untraced.
+  """(state, batch, aux_params, hparams, loss_scale) -> (state, metrics),
+  untraced. `hparams` is `Setup.hparams` (traced, see `step_hparams`).
 
   `loss_scale` (None in normal runs) multiplies the objective's loss: the
   guard's fire drills use it to inject a NaN or a spike into one batch.
@@ -108,11 +120,12 @@ def _step_fn(setup: Setup):
   objective = objectives.get(cfg.objective.name)
   apply = apply_fn(setup.model)
   micro = cfg.train.microbatches
-  seed = cfg.train.seed
+  kind = cfg.optim.schedule
 
-  def step_fn(state, batch, aux_params, loss_scale=None):
+  def step_fn(state, batch, aux_params, hparams, loss_scale=None):
     ctx = objectives.Context(apply=apply, cfg=ctx_cfg, aux=aux_params)
-    rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+    rng = jax.random.fold_in(jax.random.key(hparams["seed"]), state["step"])
+    lr = lambda count: optim.lr_at(kind, hparams["schedule"], count)
 
     def loss_fn(p, b, r):
       loss, sums = objective(ctx, p, b, r)
@@ -139,13 +152,13 @@ def _step_fn(setup: Setup):
       (grads, sums), _ = jax.lax.scan(one, zero, (mb, jnp.arange(micro)))
     weight = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
-    updates, opt_state = setup.tx.update(grads, state["opt_state"],
-                                         state["params"])
+    updates, opt_state = optim.transform(cfg.optim, lr).update(
+        grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {k[:-4] if k.endswith("_sum") else k: v / weight
                for k, v in sums.items() if k != "weight"}
     metrics.update(grad_norm=optax.global_norm(grads),
-                   learning_rate=setup.lr_schedule(state["step"]),
+                   learning_rate=lr(state["step"]),
                    targets=sums["weight"])
     new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
     return new, metrics
@@ -163,15 +176,16 @@ def make_train_step(setup: Setup, aux=None, aux_shardings=None):
   step_fn = _step_fn(setup)
   repl = shd.replicated(setup.mesh)
   jitted = jax.jit(
-      lambda state, batch, aux_params: step_fn(state, batch, aux_params),
+      lambda state, batch, aux_params, hparams: step_fn(
+          state, batch, aux_params, hparams),
       in_shardings=(setup.state_shardings, setup.batch_sharding,
-                    aux_shardings),
+                    aux_shardings, repl),
       out_shardings=(setup.state_shardings, repl),
       donate_argnums=(0,))
 
   def run(state, batch):
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-      return jitted(state, batch, aux)
+      return jitted(state, batch, aux, setup.hparams)
   run.jitted = jitted
   return run
 
@@ -189,9 +203,9 @@ def make_guarded_train_step(setup: Setup, aux=None, aux_shardings=None):
   step_fn = _step_fn(setup)
   drop = setup.cfg.guard.policy == "skip"
 
-  def guarded(state, carry, batch, aux_params):
+  def guarded(state, carry, batch, aux_params, hparams):
     scale = guard.loss_scale(carry, state["step"] + carry["data_offset"])
-    new, metrics = step_fn(state, batch, aux_params, scale)
+    new, metrics = step_fn(state, batch, aux_params, hparams, scale)
     ok, carry = guard.update(carry, new["step"], metrics["loss"],
                              metrics["grad_norm"], drop)
     if drop:
@@ -202,18 +216,18 @@ def make_guarded_train_step(setup: Setup, aux=None, aux_shardings=None):
   jitted = jax.jit(
       guarded,
       in_shardings=(setup.state_shardings, repl, setup.batch_sharding,
-                    aux_shardings),
+                    aux_shardings, repl),
       out_shardings=(setup.state_shardings, repl, repl),
       donate_argnums=(0,))
 
   def run(state, carry, batch):
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-      return jitted(state, carry, batch, aux)
+      return jitted(state, carry, batch, aux, setup.hparams)
 
   def lower(state, carry, batch):
     """Ahead-of-time lowering (abstract arguments are fine)."""
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-      return jitted.lower(state, carry, batch, aux)
+      return jitted.lower(state, carry, batch, aux, setup.hparams)
   run.jitted, run.lower = jitted, lower
   return run
 

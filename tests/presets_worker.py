@@ -37,7 +37,8 @@ for variant in sys.argv[2:]:
     with jax.set_mesh(mesh):
       from flax import linen as nn
       with nn.logical_axis_rules(setup.rules):
-        compiled = step.jitted.lower(setup.abstract_state, batch, None).compile()
+        compiled = step.jitted.lower(setup.abstract_state, batch, None,
+                                    setup.hparams).compile()
     mem = compiled.memory_analysis()
     row["temp_bytes_per_device"] = int(getattr(mem, "temp_size_in_bytes", 0))
   out[variant] = row
