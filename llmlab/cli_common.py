@@ -5,6 +5,7 @@ line (exit 1) on bad input."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -26,6 +27,22 @@ def setup_logging(absl_level: int = logging.WARNING) -> None:
                       datefmt="%H:%M:%S", force=True)
   logging.getLogger("absl").setLevel(absl_level)
   logging.getLogger("llmlab").setLevel(logging.INFO)
+
+
+def load_config(spec: str):
+  """`path.py[:arg]` -> the file's `get_config(arg)`, as absl's `--config`
+  reads it (for the argparse commands: studies, prune, tokenizer)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--config={spec!r}: no file {path}")
+  mod_spec = importlib.util.spec_from_file_location("_llmlab_config", path)
+  if mod_spec is None or mod_spec.loader is None:
+    raise ValueError(f"--config={spec!r}: not a Python file")
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  if not hasattr(mod, "get_config"):
+    raise ValueError(f"--config={spec!r}: {path} defines no get_config(arg)")
+  return mod.get_config(arg or None)
 
 
 def print_summary(prog: str, run: Callable[[], Any]) -> int:

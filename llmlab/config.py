@@ -98,6 +98,23 @@ def merge_defaults(cfg: ConfigDict) -> ConfigDict:
   return full
 
 
+def with_overrides(cfg: ConfigDict, overrides: dict) -> ConfigDict:
+  """`merge_defaults(cfg)` with dotted keys set, as `--config.train.steps=10`
+  would set them: {"train.steps": 10, "model.d_model": 32}."""
+  full = merge_defaults(cfg)
+  for key, value in overrides.items():
+    *groups, name = key.split(".")
+    node = full
+    for g in groups:
+      node = node.get(g) if isinstance(node, ConfigDict) else None
+    if not isinstance(node, ConfigDict) or name not in node or isinstance(
+        node[name], ConfigDict):
+      raise ConfigError(f"unknown config key {key!r} (value {value!r}): "
+                        "give group.key")
+    node[name] = value
+  return full
+
+
 def _merge(dst: ConfigDict, src: ConfigDict, prefix: str) -> None:
   for key, value in src.items():
     path = f"{prefix}{key}"

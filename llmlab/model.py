@@ -325,7 +325,6 @@ class Mlp(nn.Module):
   def __call__(self, x_BxLxD):
     cfg = self.cfg
     d, f = cfg.d_model, cfg.mlp_dim
-    dt = _dtype(cfg.dtype)
     w_gate = _param(self, "w_gate", ("embed", "mlp"), (d, f), d ** -0.5, cfg)
     w_up = _param(self, "w_up", ("embed", "mlp"), (d, f), d ** -0.5, cfg)
     w_down = _param(self, "w_down", ("mlp", "embed"), (f, d),

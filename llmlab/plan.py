@@ -226,12 +226,6 @@ def _state_bytes(cfg, vocab_size: int, devices) -> int:
   return shd.bytes_per_device(setup.abstract_state)
 
 
-def _variant(cfg, overrides: dict):
-  c = config_lib.merge_defaults(cfg)
-  for key, value in overrides.items():
-    group, name = key.split(".")
-    c[group][name] = value
-  return c
 
 
 def candidates(cfg, n: int) -> list[dict]:
@@ -295,7 +289,7 @@ def plan(cfg, devices=None, device: str | None = None,
     return out
   compiles = 0
   for overrides in candidates(cfg, len(devices)):
-    variant = _variant(cfg, overrides)
+    variant = config_lib.with_overrides(cfg, overrides)
     state = _state_bytes(variant, vocab, devices)
     tried = {"overrides": overrides, "state_bytes": state}
     out["tried"].append(tried)

@@ -157,7 +157,7 @@ def _step_fn(setup: Setup):
     params = optax.apply_updates(state["params"], updates)
     metrics = {k[:-4] if k.endswith("_sum") else k: v / weight
                for k, v in sums.items() if k != "weight"}
-    metrics.update(grad_norm=optax.global_norm(grads),
+    metrics.update(grad_norm=optax.tree.norm(grads),
                    learning_rate=lr(state["step"]),
                    targets=sums["weight"])
     new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}

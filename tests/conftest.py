@@ -11,6 +11,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole session (commands started
 # by tests inherit it), empty at the start so every run of the suite
 # compiles each program once, and nothing is written to ~/.cache.
+# Every compile is kept (not only those over 0.5 s): tests re-run the same
+# small steps in-process and in subprocesses.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 if "LLMLAB_COMPILE_CACHE" not in os.environ:
   os.environ["LLMLAB_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="llmlab-xla-")
   atexit.register(shutil.rmtree, os.environ["LLMLAB_COMPILE_CACHE"], True)

@@ -6,9 +6,9 @@ One uninterrupted reference run is compared with a run that is killed,
 resumed past damaged checkpoints, preempted and resumed again: metrics rows
 and the final state must be identical, bit for bit.
 
-Compiling dominates the cost on CPU, so this module and its subprocesses
-share one persistent JAX compilation cache (a loaded executable is the
-same code, so bitwise comparisons are unaffected).
+Compiling dominates the cost on CPU; this module and its subprocesses use
+the test session's persistent compilation cache (tests/conftest.py; a loaded
+executable is the same code, so bitwise comparisons are unaffected).
 """
 
 import json
@@ -44,30 +44,9 @@ TIMING = {"step_time_s", "tokens_per_s", "mfu"}
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  names = ("jax_compilation_cache_dir",
-           "jax_persistent_cache_min_compile_time_secs")
-  old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  cc.reset_cache()  # an earlier test module may have initialised it
-  ENV.update(JAX_COMPILATION_CACHE_DIR=path,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  yield path
-  for n, v in old.items():
-    jax.config.update(n, v)
-  cc.reset_cache()
-
-
 def _config(**extra):
-  c = tiny.get_config("smoke")
-  for key, value in {**OVERRIDES, **extra}.items():
-    group, name = key.split(".")
-    c[group][name] = value
-  return c
+  return config_lib.with_overrides(tiny.get_config("smoke"),
+                                   {**OVERRIDES, **extra})
 
 
 def _flags(**extra):

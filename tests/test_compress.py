@@ -318,7 +318,7 @@ def test_activation_prune_and_cli_errors(source_run, tmp_path, capsys):
 def test_experiment_reach_tokens_and_config_checks():
   from llmlab.compress import experiment
   from llmlab.compress import report
-  from llmlab.studies import distill
+  from llmlab import cli_common
   tokens, losses = [100, 200, 400, 800], [3.0, 2.5, 2.0, 1.5]
   # 2.25 lies halfway between 200 and 400 tokens in log space.
   assert report.tokens_to_reach(tokens, losses, 2.25) == pytest.approx(
@@ -328,7 +328,7 @@ def test_experiment_reach_tokens_and_config_checks():
   law = {"E": 1.0, "B": 16.0, "beta": 0.5}  # L(64) = 1 + 16/8 = 3
   assert report.law_tokens(law, 3.0) == pytest.approx(64.0)
   assert report.law_tokens(law, 0.9) is None
-  scfg = distill.load_config(os.path.join(
+  scfg = cli_common.load_config(os.path.join(
       os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
       "configs", "compress_quick.py"))
   names = [r["name"] for r in experiment.plan(scfg, "/tmp/x")]

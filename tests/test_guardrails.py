@@ -2,9 +2,9 @@
 policies under injected NaNs and spikes, the memory pre-flight and
 `llmlab plan`, workdir checks and locks, storage faults, malformed inputs.
 
-Every training run here is the same tiny model, in-process, sharing one
-persistent JAX compilation cache (policies stop and rollback trace the same
-step, so only skip compiles a second one).
+Every training run here is the same tiny model, in-process, using the test
+session's persistent compilation cache (tests/conftest.py: policies stop and
+rollback trace the same step, so only skip compiles a second one).
 """
 
 import errno
@@ -46,28 +46,9 @@ OVERRIDES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  names = ("jax_compilation_cache_dir",
-           "jax_persistent_cache_min_compile_time_secs")
-  old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update("jax_compilation_cache_dir",
-                    str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  cc.reset_cache()
-  yield
-  for n, v in old.items():
-    jax.config.update(n, v)
-  cc.reset_cache()
-
-
 def _config(**extra):
-  c = tiny.get_config("smoke")
-  for key, value in {**OVERRIDES, **extra}.items():
-    group, name = key.split(".")
-    c[group][name] = value
-  return c
+  return config_lib.with_overrides(tiny.get_config("smoke"),
+                                   {**OVERRIDES, **extra})
 
 
 def _rows(workdir):

@@ -339,8 +339,9 @@ def test_teacher_logits_command_errors(tmp_path, capsys):
 
 def test_distill_quick_experiment_configs(tmp_path):
   from llmlab import model as model_lib
+  from llmlab import cli_common
   from llmlab.studies import distill as study
-  scfg = study.load_config(f"{ROOT}/configs/distill_quick.py")
+  scfg = cli_common.load_config(f"{ROOT}/configs/distill_quick.py")
   n = lambda c: model_lib.param_counts(model_lib.ModelConfig.from_config(
       c.model, 259))["non_embedding"]
   teacher = study.teacher_config(scfg)

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from llmlab import api
+from llmlab import cli_common
 from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
 from llmlab import train as train_mod
 from llmlab.data import default_config
 from llmlab.data import stdlib
-from llmlab.studies import distill
 from llmlab.studies import overtrain
 from llmlab.studies import overtrain_analysis
 from llmlab.studies import sensitivity
@@ -25,7 +25,7 @@ REQUESTED = (9, 30)  # of the test pretraining's sweep steps 3, 9, 30
 
 
 def _config(**overrides):
-  scfg = distill.load_config(f"{ROOT}/configs/overtrain_quick.py:test")
+  scfg = cli_common.load_config(f"{ROOT}/configs/overtrain_quick.py:test")
   scfg.checkpoints = ",".join(map(str, REQUESTED))
   scfg.update(overrides)
   return scfg

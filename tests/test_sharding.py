@@ -76,11 +76,10 @@ def test_grad_accumulation_equals_full_batch():
     ("train.microbatches", 3, "train.microbatches=3"),
     ("optim.schedule", "linear", "optim.schedule='linear'"),
     ("model.remat", "some", "model.remat='some'"),
+    ("train.seed", -1, "train.seed=-1"),
 ])
 def test_bad_values_name_key_and_value(key, value, message):
-  cfg = _tiny(steps=1)
-  group, name = key.split(".")
-  cfg[group][name] = value
+  cfg = config_lib.with_overrides(_tiny(steps=1), {key: value})
   with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(")):
     config_lib.validate(cfg, 1)
 
@@ -90,6 +89,9 @@ def test_unknown_key_and_mesh_errors():
   bad = config_lib.ConfigDict({"model": {"num_layer": 2}})
   with pytest.raises(config_lib.ConfigError, match="model.num_layer"):
     config_lib.merge_defaults(bad)
+  for key in ("model.num_layer", "train", "nothing.steps", "train.steps.x"):
+    with pytest.raises(config_lib.ConfigError, match=f"unknown.*{key!r}"):
+      config_lib.with_overrides(cfg, {key: 1})
   cfg.mesh.data = 3
   with pytest.raises(config_lib.ConfigError, match="3 devices, but 8|but 1"):
     config_lib.validate(cfg, 1)

@@ -52,14 +52,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
   cli_common.setup()
-  from llmlab.studies import distill
   settings = learned_lib.Settings(
       steps=args.mask_steps, batch_size=args.mask_batch_size,
       learning_rate=args.learning_rate, mask_lr=args.mask_lr,
       lambda_lr=args.lambda_lr, target_warmup=args.target_warmup,
       constrain_size=args.constrain_size, seed=args.seed)
   return cli_common.print_summary("llmlab prune", lambda: prune_lib.prune(
-      args.source, distill.load_config(args.to_config), args.workdir,
+      args.source, cli_common.load_config(args.to_config), args.workdir,
       args.method, calib_rows=args.calib_rows,
       learned=settings if args.method == "learned" else None))
 

@@ -245,9 +245,8 @@ def main(argv) -> int:
   parser.add_argument("--workdir", required=True)
   args = parser.parse_args(argv)
   cli_common.setup()
-  from llmlab.studies import distill
   try:
-    scfg = distill.load_config(args.config)
+    scfg = cli_common.load_config(args.config)
     result = run(scfg, args.workdir)
   except (ValueError, OSError) as e:
     print(f"llmlab compress-study: {e}", file=sys.stderr)

@@ -12,7 +12,6 @@ decoding is lossless), special tokens <pad>, <bos>, <eos> (ids 0, 1, 2) that
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 
@@ -57,16 +56,11 @@ def _data_config(args):
 
 
 def _load_config(flag: str):
-  path, _, arg = flag.partition(":")
-  spec = importlib.util.spec_from_file_location("_llmlab_cfg", path)
-  if spec is None or spec.loader is None:
-    raise DataError(f"--config={flag}: not a Python file")
-  module = importlib.util.module_from_spec(spec)
+  from llmlab import cli_common
   try:
-    spec.loader.exec_module(module)
-  except FileNotFoundError:
-    raise DataError(f"--config={flag}: no such file") from None
-  return module.get_config(arg or None)
+    return cli_common.load_config(flag)
+  except (FileNotFoundError, ValueError) as e:
+    raise DataError(str(e)) from None
 
 
 def train(texts: list[str], vocab_size: int, min_frequency: int = 2):

@@ -16,7 +16,6 @@ Inputs a form may use, all as natural logs: "params" (N, parameters), "tokens"
 import dataclasses
 from typing import Callable, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -43,12 +43,12 @@ def read_csv(path: str) -> list[dict]:
     return list(csv.DictReader(f))
 
 
-def write_csv(path: str, rows: list[dict]) -> None:
+def write_csv(path: str, rows: list[dict], columns=COLUMNS) -> None:
   """Atomic rewrite: a kill mid-write never leaves a truncated table."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+    w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
   os.replace(tmp, path)

@@ -22,7 +22,6 @@ and a complete teacher-logits store is reused.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -121,17 +120,6 @@ def markdown_table(results: dict, scfg) -> str:
           f"total {results['wall_s']:.0f} s")
 
 
-def load_config(spec: str):
-  """`path.py[:arg]` -> get_config(arg), as `--config` files are read."""
-  path, _, arg = spec.partition(":")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"--config={spec!r}: no file {path}")
-  mod_spec = importlib.util.spec_from_file_location("distill_study_cfg", path)
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  return mod.get_config(arg or None)
-
-
 def main(argv) -> int:
   """`python -m llmlab.studies.distill --config=FILE[:arg] --workdir=DIR`."""
   import argparse
@@ -141,7 +129,7 @@ def main(argv) -> int:
   args = parser.parse_args(argv)
   cli_common.setup()
   try:
-    scfg = load_config(args.config)
+    scfg = cli_common.load_config(args.config)
     results = run(scfg, args.workdir)
   except (ValueError, OSError) as e:
     print(f"llmlab distill-study: {e}", file=sys.stderr)

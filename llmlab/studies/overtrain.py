@@ -454,7 +454,6 @@ def _finetune_evals(ev, run_dir: str, cfg, identity: dict) -> dict:
 def main(argv) -> int:
   """`llmlab overtrain --config=FILE[:arg] --workdir=DIR [--pretrain_run=RUN]`."""
   import argparse
-  from llmlab.studies import distill
   parser = argparse.ArgumentParser(prog="llmlab overtrain",
                                    description=__doc__,
                                    formatter_class=argparse.
@@ -468,7 +467,7 @@ def main(argv) -> int:
   # orbax warns through absl each time a checkpoint is opened read-only.
   cli_common.setup(absl_level=logging.ERROR)
   try:
-    scfg = distill.load_config(args.config)
+    scfg = cli_common.load_config(args.config)
     if args.pretrain_run:
       scfg.pretrain_run = args.pretrain_run
     result = run(scfg, args.workdir)

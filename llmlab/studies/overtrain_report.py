@@ -7,11 +7,12 @@ Figures use matplotlib's object API on the Agg canvas, rendered once
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 
 import numpy as np
+
+from llmlab.scaling import sweep as sweep_lib
 
 RUN_COLUMNS = ("run", "step", "tokens", "tokens_per_param", "learning_rate",
                "seed", "finetune_tokens", "target_loss_before", "target_loss",
@@ -21,21 +22,12 @@ SENS_COLUMNS = ("step", "tokens", "gamma", "seed", "base_loss", "loss",
                 "increase")
 
 
-def _write_csv(path: str, columns, rows) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-  os.replace(tmp, path)
-
-
 def write_outputs(result: dict, workdir: str) -> None:
   """overtrain.csv, sensitivity.csv, plots, TensorBoard, overtrain.json."""
-  _write_csv(os.path.join(workdir, "overtrain.csv"), RUN_COLUMNS,
-             result["runs"])
-  _write_csv(os.path.join(workdir, "sensitivity.csv"), SENS_COLUMNS,
-             result["sensitivity_runs"])
+  sweep_lib.write_csv(os.path.join(workdir, "overtrain.csv"), result["runs"],
+                      RUN_COLUMNS)
+  sweep_lib.write_csv(os.path.join(workdir, "sensitivity.csv"),
+                      result["sensitivity_runs"], SENS_COLUMNS)
   result["files"] = write_plots(result, workdir)
   with open(os.path.join(workdir, "overtrain.json"), "w") as f:
     json.dump(result, f, indent=2, default=_json_default)
