@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -33,8 +33,7 @@ class Setup:
   cfg: Any
   model_cfg: model_lib.ModelConfig
   model: model_lib.Transformer
-  tx: optax.GradientTransformation
-  lr_schedule: Callable
+  tx: optax.GradientTransformation  # for init; the step rebuilds its own
   hparams: dict  # run-time numbers of the step: schedule and seed
   mesh: jax.sharding.Mesh
   rules: tuple
@@ -46,7 +45,7 @@ class Setup:
 def build(cfg, vocab_size: int, mesh: jax.sharding.Mesh) -> Setup:
   mcfg = model_lib.ModelConfig.from_config(cfg.model, vocab_size)
   model = model_lib.Transformer(mcfg)
-  tx, lr = optim.make(cfg.optim, cfg.train.learning_rate, cfg.train.steps)
+  tx, _ = optim.make(cfg.optim, cfg.train.learning_rate, cfg.train.steps)
   rules = shd.rules(cfg.mesh)
   boxed = jax.eval_shape(functools.partial(_init_boxed, model, tx,
                                            cfg.train.seq_len),
@@ -55,7 +54,7 @@ def build(cfg, vocab_size: int, mesh: jax.sharding.Mesh) -> Setup:
   abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       nn.unbox(boxed), shardings)
-  return Setup(cfg, mcfg, model, tx, lr, step_hparams(cfg), mesh, rules,
+  return Setup(cfg, mcfg, model, tx, step_hparams(cfg), mesh, rules,
                shardings, shd.batch_sharding(mesh, rules), abstract)
 
 

@@ -108,8 +108,9 @@ def test_step_uses_its_runs_schedule_and_seed():
   batch = shd.global_batch(batch, b.batch_sharding)
   step = steps_lib.make_train_step(b)
   state = steps_lib.init_state(b, 5)
+  lr = optim.schedule(b.cfg.optim, 3e-2, 6)
   for i in range(4):
     state, m = step(state, batch)
     assert float(m["learning_rate"]) == float(
-        jax.jit(b.lr_schedule)(jnp.int32(i)))
+        jax.jit(lr)(jnp.int32(i)))
   assert float(m["learning_rate"]) == pytest.approx(3e-2, rel=1e-6)
