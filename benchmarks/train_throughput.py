@@ -95,7 +95,7 @@ def main():
     times.append(time.perf_counter() - t)
   dt = float(np.median(times))
   info = train_lib.model_info(cfg, 259)
-  mm = a.matmul_dtype or a.dtype
+  mm = setup.model_cfg.product_dtype
   peak = perf.matmul_probe(dtype=mm)
   tps = b * l / dt
   achieved = info["flops_per_token"] * tps

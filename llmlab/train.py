@@ -232,7 +232,7 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
   if aux.info:
     info["objective_aux"] = aux.info
   peak, peak_src = perf.peak_flops_per_device(
-      cfg.train.peak_flops, cfg.model.matmul_dtype or cfg.model.dtype)
+      cfg.train.peak_flops, setup.model_cfg.product_dtype)
   info.update(peak_flops_per_device=peak, peak_flops_source=peak_src)
   log.info("model: N(non-embedding)=%s total=%s FLOPs/token=%.3g mesh=%s",
            f"{info['params_nonembed']:,}", f"{info['params_total']:,}",
