@@ -226,8 +226,6 @@ def _state_bytes(cfg, vocab_size: int, devices) -> int:
   return shd.bytes_per_device(setup.abstract_state)
 
 
-
-
 def candidates(cfg, n: int) -> list[dict]:
   """Overrides to try, fewest extra FLOPs first: fsdp over all data-parallel
   devices (if data > 1: no recompute, shards params and optimizer state),

@@ -262,9 +262,8 @@ def test_offline_store_matches_online_top_k(teacher_run, batch, student,
   for key, value, message in (("train.seed", 1, "seed: store 0 != config 1"),
                               ("train.steps", 5, "holds steps \\[0, 3\\)"),
                               ("objective.top_k", 7, "holds only the top 6")):
-    bad = _cfg(**cfg.objective.to_dict())
-    group, name = key.split(".")
-    bad[group][name] = value
+    bad = config_lib.with_overrides(_cfg(**cfg.objective.to_dict()),
+                                    {key: value})
     with pytest.raises(config_lib.ConfigError, match=message):
       objectives.prepare(bad, setup)
 
