@@ -10,6 +10,7 @@ Keys other tools rely on (`model.*`, `mesh.*`, `train.*`, `checkpoint.*`,
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import ml_collections
@@ -32,14 +33,46 @@ DEFAULT_RULES = (
 )
 
 
+# `config.objective` keys beyond the name, for every objective of
+# llmlab/objectives (distill and on_policy_distill read them).
+OBJECTIVE_DEFAULTS = dict(
+    teacher="",               # DIR[:STEP] of an llmlab run (online teacher)
+    teacher_logits="",        # PATH of a `llmlab teacher-logits` store
+    alpha=0.5,                # weight of the KL term; 1 - alpha weights CE
+    temperature=1.0,          # T of both softmaxes in the KL
+    kl="forward",             # forward KL(teacher||student) | reverse
+    top_k=0,                  # truncate the teacher to its top k (0 = all)
+    prompt_len=32,            # on_policy_distill: prompt tokens per row
+    rollout_len=32,           # on_policy_distill: sampled tokens per row
+    rollout_temperature=1.0,  # on_policy_distill: sampling temperature
+    rollout_top_k=0,          # on_policy_distill: sample from the top k
+)
+
+
 class ConfigError(ValueError):
   """A config key has a bad value; raised before any compilation."""
 
 
+def data_defaults() -> ConfigDict:
+  """The `config.data` group (keys documented in llmlab/data/config.py)."""
+  return ConfigDict(dict(
+      source="stdlib",
+      mixture="",
+      tokenizer="byte",
+      val_fraction=0.02,
+      decode_errors="error",
+      cache_dir="",
+      prefetch=16,
+      num_threads=2,
+      stdlib=dict(max_file_bytes=1_000_000, include="", exclude=""),
+      files=dict(paths="", text_field="text", column="text"),
+      synthetic=dict(seed=0, order=2, num_symbols=16, branching=3,
+                     num_docs=1000, doc_len=256),
+  ))
+
+
 def base() -> ConfigDict:
   """All keys with defaults; a config file overrides what it needs."""
-  from llmlab import data as data_lib
-
   c = ConfigDict()
   c.name = ""
   c.init_from = ""  # DIR[:STEP]: initialise params (not optimizer) from a run
@@ -68,12 +101,9 @@ def base() -> ConfigDict:
       keep_at_steps=(), async_save=True))
 
   c.objective = ConfigDict(dict(name="next_token", z_loss=0.0,
-                                label_smoothing=0.0))
-  # Objective-specific keys live beside their objective.
-  from llmlab.objectives import distill
-  c.objective.update(distill.OBJECTIVE_DEFAULTS)
+                                label_smoothing=0.0, **OBJECTIVE_DEFAULTS))
 
-  c.data = data_lib.default_config()
+  c.data = data_defaults()
 
   # Guardrails for long runs (llmlab/guard.py, docs/reliability.md).
   c.guard = ConfigDict(dict(
@@ -184,13 +214,44 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
   if "guard" in cfg:
     _validate_guard(cfg.guard)
   if num_devices is not None:
-    from llmlab import sharding
-    shape = sharding.mesh_shape(cfg.mesh, num_devices)
+    shape = mesh_shape(cfg.mesh, num_devices)
     dp = shape[0] * shape[1]
     micro = t.batch_size // t.microbatches
     _require(micro % dp == 0, "train.batch_size", t.batch_size,
              f"the per-microbatch batch {micro} must be divisible by the "
              f"data-parallel size data*fsdp={dp} (mesh {shape})")
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) with -1 meaning 'all remaining devices'.
+
+  `data` here is the total data-parallel size: dcn_data (slices, over the
+  data-centre network) times the data size within a slice. Lives here, not
+  in sharding.py, because validation needs it and config imports nothing.
+  """
+  dcn = int(mesh_cfg.get("dcn_data", 1) or 1)
+  sizes = {"data": int(mesh_cfg.data), "fsdp": int(mesh_cfg.fsdp),
+           "tensor": int(mesh_cfg.tensor)}
+  free = [k for k, v in sizes.items() if v == -1]
+  if len(free) > 1:
+    raise ConfigError(f"only one of mesh.data/fsdp/tensor may be -1, got {sizes}")
+  for k, v in sizes.items():
+    if v == 0 or v < -1:
+      raise ConfigError(f"config.mesh.{k}={v}: must be a positive int or -1")
+  fixed = math.prod(v for v in sizes.values() if v != -1) * dcn
+  if free:
+    if num_devices % fixed:
+      raise ConfigError(
+          f"mesh {sizes} (dcn_data={dcn}) cannot fill {num_devices} devices: "
+          f"{num_devices} is not divisible by {fixed}")
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes.values()) * dcn != num_devices:
+    raise ConfigError(
+        f"config.mesh data={sizes['data']} x fsdp={sizes['fsdp']} x "
+        f"tensor={sizes['tensor']} x dcn_data={dcn} = "
+        f"{math.prod(sizes.values()) * dcn} devices, but {num_devices} are "
+        "available")
+  return (sizes["data"] * dcn, sizes["fsdp"], sizes["tensor"])
 
 
 def _validate_guard(g: ConfigDict) -> None:

@@ -22,6 +22,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
@@ -416,6 +417,24 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------
 # Sizes and FLOPs: the N and C of scaling laws.
 # ----------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class Frozen:
+  """A frozen model as a jit input (a distillation teacher): params are
+  traced, the shape is static. Keeping `model_cfg` in the pytree's static
+  part lets a step rebuild the module without any global state; a `Frozen`
+  with NamedShardings as leaves describes its layout."""
+
+  params: Any
+  model_cfg: ModelConfig = flax.struct.field(pytree_node=False)
+
+  def logits(self, batch) -> Array:
+    """[B, L, V] float32 logits, deterministic and without gradient."""
+    out = Transformer(self.model_cfg).apply(
+        {"params": self.params}, batch["tokens"], batch["segment_ids"],
+        batch["positions"], deterministic=True)
+    return jax.lax.stop_gradient(out)
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:

@@ -16,40 +16,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from llmlab.config import mesh_shape  # noqa: F401  (sharding's API too)
+
 AXES = ("data", "fsdp", "tensor")
-
-
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) with -1 meaning 'all remaining devices'.
-
-  `data` here is the total data-parallel size: dcn_data (slices, over the
-  data-centre network) times the data size within a slice.
-  """
-  from llmlab.config import ConfigError
-
-  dcn = int(mesh_cfg.get("dcn_data", 1) or 1)
-  sizes = {"data": int(mesh_cfg.data), "fsdp": int(mesh_cfg.fsdp),
-           "tensor": int(mesh_cfg.tensor)}
-  free = [k for k, v in sizes.items() if v == -1]
-  if len(free) > 1:
-    raise ConfigError(f"only one of mesh.data/fsdp/tensor may be -1, got {sizes}")
-  for k, v in sizes.items():
-    if v == 0 or v < -1:
-      raise ConfigError(f"config.mesh.{k}={v}: must be a positive int or -1")
-  fixed = math.prod(v for v in sizes.values() if v != -1) * dcn
-  if free:
-    if num_devices % fixed:
-      raise ConfigError(
-          f"mesh {sizes} (dcn_data={dcn}) cannot fill {num_devices} devices: "
-          f"{num_devices} is not divisible by {fixed}")
-    sizes[free[0]] = num_devices // fixed
-  if math.prod(sizes.values()) * dcn != num_devices:
-    raise ConfigError(
-        f"config.mesh data={sizes['data']} x fsdp={sizes['fsdp']} x "
-        f"tensor={sizes['tensor']} x dcn_data={dcn} = "
-        f"{math.prod(sizes.values()) * dcn} devices, but {num_devices} are "
-        "available")
-  return (sizes["data"] * dcn, sizes["fsdp"], sizes["tensor"])
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:

@@ -38,9 +38,9 @@ from llmlab import guard
 from llmlab import metrics as metrics_lib
 from llmlab import model as model_lib
 from llmlab import objectives
-from llmlab.objectives import distill as distill_obj
 from llmlab import perf
 from llmlab import plan as plan_lib
+from llmlab import runs
 from llmlab import sharding as shd
 from llmlab import steps as steps_lib
 from llmlab import workdir_lock
@@ -189,26 +189,11 @@ def _warn_if_data_changed(saved: dict, data_info: dict) -> None:
                 "run's", new, old, saved.get("step"))
 
 
-def _last_rows(workdir: str) -> dict:
-  """Last train and eval values of metrics.jsonl (summary of a finished run)."""
-  out = {}
-  path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          out.update({k: v for k, v in json.loads(line).items() if k != "step"})
-        except json.JSONDecodeError:
-          continue
-  return out
-
-
 def initial_state(setup, cfg):
   """Fresh params, or params from `init_from` with a fresh optimizer."""
   state = steps_lib.init_state(setup, cfg.train.seed)
   if cfg.init_from:
-    from llmlab import api
-    params = api.restore_params(cfg.init_from, setup)
+    params = runs.restore_params(cfg.init_from, setup)
     state = dict(state, params=params)
     log.info("initialised params from %s", cfg.init_from)
   return state
@@ -227,7 +212,7 @@ def train(cfg, workdir: str) -> dict[str, Any]:
 
 def _train(cfg, workdir: str) -> dict[str, Any]:
   cfg, data, setup = prepare(cfg, workdir)
-  aux = objectives.prepare(cfg, setup)
+  aux = objectives.prepare(cfg, setup, runs.load_teacher)
   info = model_info(cfg, data.vocab_size)
   if aux.info:
     info["objective_aux"] = aux.info
@@ -275,7 +260,7 @@ class _Loop:
     self.eval_step = steps_lib.make_eval_step(setup)
     self.eval_batches = None
     # Objectives that read per-step inputs (stored teacher logits) add them.
-    self.extras = distill_obj.make_batch_extras(cfg)
+    self.extras = aux.batch_extras
     self.progress = metrics_lib.Progress(self.total, enabled=self.primary)
     self.writer = None
     self.last, self.last_eval = {}, {}
@@ -502,7 +487,7 @@ class _Loop:
     if start == self.total:
       log.info("nothing to do: %s already holds the final checkpoint (step "
                "%d)", self.workdir, self.total)
-      last = _last_rows(self.workdir)
+      last = runs.last_values(self.workdir)
     last = {**last, **{k: v for k, v in self.last_eval.items()
                        if k != "step"}}
     out = {"workdir": self.workdir, "step": final_step,

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from llmlab import api
+from llmlab import runs
 from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
 from llmlab import train as train_lib
@@ -72,7 +73,7 @@ def _state(workdir, step):
   """Host copy of the full train state of checkpoint `step`."""
   mgr = ckpt_lib.Manager(workdir, _config().checkpoint, STEPS, read_only=True)
   meta = mgr.restore_meta(step)
-  setup = api._setup_for(api.config_from_dict(meta["config"]), meta)
+  setup = runs.setup_for(runs.config_from_dict(meta["config"]), meta)
   state, _ = mgr.restore(step, setup.abstract_state)
   mgr.close()
   return jax.tree.map(np.asarray, state)
@@ -205,7 +206,7 @@ def test_truncated_or_corrupted_files_are_a_clear_error(ref, tmp_path,
   assert api.load(workdir, step=16).step == 16
   # What resuming does: warn, set both aside, use 16.
   caplog.set_level(logging.WARNING, logger="llmlab")
-  setup = api._setup_for(_config(), api.read_run_config(ref)[1])
+  setup = runs.setup_for(_config(), runs.read_config(ref)[1])
   mgr = ckpt_lib.Manager(workdir, _config().checkpoint, STEPS)
   state, meta = mgr.restore_latest(setup.abstract_state)
   mgr.close()
@@ -325,10 +326,10 @@ def test_init_from_restores_params_not_optimizer(ref):
   saved_mu = jax.tree.leaves(_state(ref, 12)["opt_state"])
   assert any(np.any(x != 0) for x in saved_mu if x.ndim)  # it was not read
   bad = _config(**{"model.d_model": 48, "model.mlp_dim": 96})
-  bad_setup = api._setup_for(bad, api.read_run_config(ref)[1])
+  bad_setup = runs.setup_for(bad, runs.read_config(ref)[1])
   with pytest.raises(config_lib.ConfigError,
                      match=r"model.d_model: 32 \(in .*\) != 48"):
-    api.restore_params(ref, bad_setup)
+    runs.restore_params(ref, bad_setup)
 
 
 def test_load_api(ref):

@@ -20,6 +20,7 @@ import pytest
 
 import llmlab
 from llmlab import api
+from llmlab import runs
 from llmlab import steps as steps_lib
 from llmlab import sharding as shd
 from llmlab.convert import cli
@@ -303,14 +304,14 @@ def test_converted_run_feeds_init_from_and_copies_tokenizer(tmp_path):
   tok.save(str(src / "tokenizer.json"))
   summary = hf_lib.from_hf(str(src), str(run))
   assert summary["warnings"] == []
-  cfg, raw = api.read_run_config(str(run))
+  cfg, raw = runs.read_config(str(run))
   assert cfg.data.tokenizer == str(run / "tokenizer.json")
   assert raw["data_info"]["tokenizer"]["vocab_size"] == VOCAB
   assert raw["hf_source"]["architecture"] == "Qwen2ForCausalLM"
   # A fresh run with the same model keys passes init_from's shape checks.
   mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
   setup = steps_lib.build(cfg, raw["model_info"]["vocab_size"], mesh)
-  params = api.restore_params(str(run), setup)
+  params = runs.restore_params(str(run), setup)
   jax.tree.map(np.testing.assert_array_equal, params,
                hf_lib.load(str(src)).params)
   bias = _hf_tensors(src)["model.layers.1.self_attn.q_proj.bias"].numpy()

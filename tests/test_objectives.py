@@ -22,8 +22,10 @@ import pytest
 
 from llmlab import config as config_lib
 from llmlab import objectives
+from llmlab import runs
 from llmlab import sharding as shd
 from llmlab import steps as steps_lib
+from llmlab.data import teacher_store
 from llmlab.objectives import distill as distill_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,7 +199,7 @@ def test_teacher_frozen_not_optimized_and_counted(teacher_run, batch,
   from llmlab import model as model_lib
   cfg = _cfg(name="distill", teacher=teacher_run, alpha=0.7, temperature=2.0)
   setup, host = student
-  aux = objectives.prepare(cfg, setup)
+  aux = objectives.prepare(cfg, setup, runs.load_teacher)
   teacher = aux.params
   assert teacher.model_cfg.d_model == 64
   counts = model_lib.param_counts(teacher.model_cfg)
@@ -242,18 +244,18 @@ def test_offline_store_matches_online_top_k(teacher_run, batch, student,
   params = _state(setup, host)["params"]
   online_cfg = _cfg(**cfg.objective.to_dict())
   online_cfg.objective.teacher = teacher_run
-  aux = objectives.prepare(online_cfg, setup)
+  aux = objectives.prepare(online_cfg, setup, runs.load_teacher)
   want, _ = _loss_fn(online_cfg, setup)(aux.params, params, batch, None)
   cfg.objective.teacher_logits = out
-  offline_aux = objectives.prepare(cfg, setup)
+  offline_aux = objectives.prepare(cfg, setup, runs.load_teacher)
   assert offline_aux.params is None and offline_aux.info["top_k"] == 6
-  extras = distill_lib.make_batch_extras(cfg, 0, 1)
+  extras = offline_aux.batch_extras
   local = jax.device_get(batch)
   got, _ = _loss_fn(cfg, setup)(None, params,
                                 dict(batch, **extras(0, local)), None)
   np.testing.assert_allclose(float(got), float(want), rtol=1e-4)
   # Process 1 of 2 gets the second half of the rows.
-  half = distill_lib.make_batch_extras(cfg, 1, 2)(
+  half = teacher_store.Store(out).batch_extras(1, 2)(
       0, {k: v[2:] for k, v in local.items()})
   np.testing.assert_array_equal(half["teacher_ids"],
                                 extras(0, local)["teacher_ids"][2:])
@@ -265,7 +267,7 @@ def test_offline_store_matches_online_top_k(teacher_run, batch, student,
     bad = config_lib.with_overrides(_cfg(**cfg.objective.to_dict()),
                                     {key: value})
     with pytest.raises(config_lib.ConfigError, match=message):
-      objectives.prepare(bad, setup)
+      objectives.prepare(bad, setup, runs.load_teacher)
 
 
 # ---------------------------------------------------------------------------
@@ -277,7 +279,7 @@ def test_on_policy_distill(teacher_run, batch, student):
   cfg = _cfg(name="on_policy_distill", teacher=teacher_run, prompt_len=8,
              rollout_len=6, rollout_temperature=1.0)
   setup, host = student
-  aux = objectives.prepare(cfg, setup)
+  aux = objectives.prepare(cfg, setup, runs.load_teacher)
   assert aux.info["flops_per_token"] > 0
   assert aux.params.teacher.model_cfg.d_model == 64
   state = _state(setup, host)
@@ -316,9 +318,11 @@ def test_bad_teacher_fails_before_training(teacher_run, student, tmp_path):
                                      "259"))
   for objective, message in cases:
     with pytest.raises(config_lib.ConfigError, match=message):
-      objectives.prepare(_cfg(name="distill", **objective), setup)
+      objectives.prepare(_cfg(name="distill", **objective), setup,
+                         runs.load_teacher)
   with pytest.raises(config_lib.ConfigError, match="needs objective.teacher"):
-    objectives.prepare(_cfg(name="on_policy_distill"), setup)
+    objectives.prepare(_cfg(name="on_policy_distill"), setup,
+                         runs.load_teacher)
   workdir = str(tmp_path / "student")
   with pytest.raises(config_lib.ConfigError, match="no_such_run"):
     train.train(_cfg(name="distill", teacher=bad_path), workdir)
@@ -326,7 +330,7 @@ def test_bad_teacher_fails_before_training(teacher_run, student, tmp_path):
 
 
 def test_teacher_logits_command_errors(tmp_path, capsys):
-  from llmlab import teacher_logits
+  from llmlab.commands import teacher_logits
   assert teacher_logits.main([]) == 2
   assert "missing --config, --teacher, --out" in capsys.readouterr().err
   rc = teacher_logits.main([f"--config={ROOT}/configs/tiny.py:smoke",
@@ -361,7 +365,7 @@ def test_distill_quick_experiment_configs(tmp_path):
 
 
 def test_sample_command_on_a_run(teacher_run, tmp_path, capsys):
-  from llmlab import sample
+  from llmlab.commands import sample
   rc = sample.main([f"--workdir={teacher_run}", "--prompt=def ",
                     "--max_new_tokens=20", "--num_samples=2", "--seed=1"])
   out = capsys.readouterr().out

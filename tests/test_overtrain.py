@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from llmlab import api
+from llmlab import runs
 from llmlab import cli_common
 from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
@@ -89,7 +90,7 @@ def test_finetuning_goes_through_the_train_loop(study):
 def test_selected_checkpoints_are_exactly_the_requested_ones(study):
   workdir, result, _ = study
   pre_dir = os.path.join(workdir, "pretrain")
-  pre_cfg, _ = api.read_run_config(pre_dir)
+  pre_cfg, _ = runs.read_config(pre_dir)
   available, protected = overtrain.run_checkpoints(pre_dir, pre_cfg)
   assert available == protected == [3, 9, 30]  # 3 exists, not requested
   assert [c["step"] for c in result["checkpoints"]] == list(REQUESTED)

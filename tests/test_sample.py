@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llmlab import model as model_lib
-from llmlab import sample
+from llmlab import decode as sample
 
 VOCAB = 40
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmlab import api
+from llmlab import runs
 from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
 from llmlab import data as data_lib
@@ -47,10 +48,10 @@ SELECTION_FILE = "prune_selection.json"
 def source_model(ref: str):
   """(model config, run config, step) of checkpoint `DIR[:STEP]`, from its
   metadata only (no arrays read)."""
-  mgr, step, meta, cfg = api._open(ref, None)  # pylint: disable=protected-access
-  mgr.close()
-  vocab = api._vocab_size(meta, ref)  # pylint: disable=protected-access
-  return model_lib.ModelConfig.from_config(cfg.model, vocab), cfg, step
+  with runs.Checkpoint(ref) as ck:
+    vocab = runs.vocab_size(ck.meta, ref)
+    return (model_lib.ModelConfig.from_config(ck.config.model, vocab),
+            ck.config, ck.step)
 
 
 def _source_data(cfg, rows: int):

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from llmlab import api
+from llmlab import runs
 from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
 from llmlab import sharding as shd
@@ -326,7 +327,7 @@ def to_hf(workdir: str, out_dir: str, *, step: int | None = None,
           max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
   """Write run `workdir`'s checkpoint as a Hugging Face model directory."""
   workdir = os.path.abspath(workdir)  # orbax wants absolute paths
-  cfg, raw = api.read_run_config(workdir)
+  cfg, raw = runs.read_config(workdir)
   dtype = dtype or cfg.model.param_dtype
   if dtype not in DTYPES:
     raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")

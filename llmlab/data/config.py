@@ -36,27 +36,16 @@ from typing import Any
 
 import ml_collections
 
+from llmlab import config as config_lib
 from llmlab.data.errors import DataError
 
 SOURCES = ("stdlib", "synthetic", "files")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The `config.data` group with all keys and their defaults."""
-  return ml_collections.ConfigDict(dict(
-      source="stdlib",
-      mixture="",
-      tokenizer="byte",
-      val_fraction=0.02,
-      decode_errors="error",
-      cache_dir="",
-      prefetch=16,
-      num_threads=2,
-      stdlib=dict(max_file_bytes=1_000_000, include="", exclude=""),
-      files=dict(paths="", text_field="text", column="text"),
-      synthetic=dict(seed=0, order=2, num_symbols=16, branching=3,
-                     num_docs=1000, doc_len=256),
-  ))
+  """The `config.data` group with all keys and their defaults (owned by
+  llmlab/config.py, which holds every default)."""
+  return config_lib.data_defaults()
 
 
 def mixture(data_cfg) -> list[tuple[str, float]]:

@@ -14,11 +14,15 @@ Adding an objective: write the function in a module here, decorate it with
 `@register("my_name")`, import the module below.
 
 An objective that needs frozen auxiliary models (a distillation teacher)
-registers a `prepare(cfg, setup) -> Aux` too. It runs once before
-compilation (so a bad teacher path fails early); `Aux.params` are passed to
-every step as a separate, non-donated, non-differentiated input laid out by
-`Aux.shardings`, and `Aux.info` is logged (e.g. the teacher's size) and may
-add `flops_per_token` that MFU counts.
+or per-step inputs registers a `prepare(cfg, setup, load_teacher) -> Aux`
+too. It runs once before compilation (so a bad teacher path fails early).
+`load_teacher(ref, cfg, setup)` -> (params, shardings, model_cfg, info) is
+supplied by the caller (llmlab/runs.py), so objectives stay pure losses that
+never read run directories. `Aux.params` are passed to every step as a
+separate, non-donated, non-differentiated input laid out by
+`Aux.shardings`; `Aux.batch_extras(step, local_batch) -> dict`, if set, adds
+arrays to every batch (stored teacher logits); `Aux.info` is logged (e.g.
+the teacher's size) and may add `flops_per_token` that MFU counts.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class Aux:
   params: Any = None
   shardings: Any = None
   info: dict = dataclasses.field(default_factory=dict)
+  batch_extras: Callable | None = None  # (data step, local batch) -> dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +67,11 @@ def register(name: str, prepare: Callable | None = None):
   return deco
 
 
-def prepare(cfg, setup) -> Aux:
-  """Frozen auxiliary inputs of objective `cfg.objective.name` (maybe none)."""
+def prepare(cfg, setup, load_teacher: Callable | None = None) -> Aux:
+  """Auxiliary inputs of objective `cfg.objective.name` (maybe none)."""
   get(cfg.objective.name)
   fn = _PREPARE.get(cfg.objective.name)
-  return fn(cfg, setup) if fn is not None else Aux()
+  return fn(cfg, setup, load_teacher) if fn is not None else Aux()
 
 
 def get(name: str) -> Callable:

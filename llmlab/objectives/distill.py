@@ -17,9 +17,10 @@ The teacher comes from one of two places:
   likely tokens, renormalised.
 - offline, `objective.teacher_logits=PATH`: a store written by
   `llmlab teacher-logits` (see `llmlab/teacher_logits.py`) holding the
-  teacher's top-k (ids, log-probs) per position of every training batch; the
-  train loop adds them to the batch (`make_batch_extras`). The KL is then
-  taken over the stored support, the teacher renormalised on it.
+  teacher's top-k (ids, log-probs) per position of every training batch;
+  `prepare` returns them as `Aux.batch_extras`, which the train loop merges
+  into each batch without knowing the objective. The KL is then taken over
+  the stored support, the teacher renormalised on it.
 
 On a truncated support the reverse KL is undefined (the student has mass
 where the teacher has none), so there both distributions are renormalised
@@ -30,56 +31,21 @@ also pushes the student's mass onto the teacher's support.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from llmlab import config as config_lib
 from llmlab import model as model_lib
+from llmlab.config import OBJECTIVE_DEFAULTS
+from llmlab.data import teacher_store
 from llmlab.objectives import Aux, Context, register
 from llmlab.objectives.next_token import target_mask, token_nll
 
 log = logging.getLogger("llmlab")
 
-# Keys merged into `config.objective` by `llmlab/config.py`. One table for
-# every objective of this package (distill and on_policy_distill).
-OBJECTIVE_DEFAULTS = dict(
-    teacher="",               # DIR[:STEP] of an llmlab run (online teacher)
-    teacher_logits="",        # PATH of a `llmlab teacher-logits` store
-    alpha=0.5,                # weight of the KL term; 1 - alpha weights CE
-    temperature=1.0,          # T of both softmaxes in the KL
-    kl="forward",             # forward KL(teacher||student) | reverse
-    top_k=0,                  # truncate the teacher to its top k (0 = all)
-    prompt_len=32,            # on_policy_distill: prompt tokens per row
-    rollout_len=32,           # on_policy_distill: sampled tokens per row
-    rollout_temperature=1.0,  # on_policy_distill: sampling temperature
-    rollout_top_k=0,          # on_policy_distill: sample from the top k
-)
-
 KL_KINDS = ("forward", "reverse")
-
-
-@flax.struct.dataclass
-class Teacher:
-  """A frozen model as a jit input: params are traced, the shape is static.
-
-  Keeping `model_cfg` in the pytree's static part lets the objective rebuild
-  the module inside the step without any global state; `Aux.shardings` is a
-  `Teacher` of the same static part with NamedShardings as leaves.
-  """
-
-  params: Any
-  model_cfg: model_lib.ModelConfig = flax.struct.field(pytree_node=False)
-
-  def logits(self, batch) -> jax.Array:
-    """[B, L, V] float32 logits, deterministic and without gradient."""
-    out = model_lib.Transformer(self.model_cfg).apply(
-        {"params": self.params}, batch["tokens"], batch["segment_ids"],
-        batch["positions"], deterministic=True)
-    return jax.lax.stop_gradient(out)
+Teacher = model_lib.Frozen  # the online teacher, a frozen model
 
 
 def option(cfg, key: str):
@@ -149,9 +115,8 @@ def _teacher_view(ctx: Context, batch) -> dict:
   raise ValueError(
       "objective 'distill': no teacher in this step. With "
       "objective.teacher_logits set, the train loop must merge "
-      "llmlab.objectives.distill.make_batch_extras(cfg)(step, batch) into "
-      "each batch; with objective.teacher set, objectives.prepare() must "
-      "have run")
+      "Aux.batch_extras(step, batch) into each batch; with objective.teacher "
+      "set, objectives.prepare() must have run")
 
 
 def distill(ctx: Context, params, batch, rng):
@@ -197,8 +162,8 @@ def check_options(cfg) -> None:
               "(0 = the full vocabulary)")
 
 
-def prepare(cfg, setup) -> Aux:
-  """Aux for `distill`: the online teacher, or the offline store's info."""
+def prepare(cfg, setup, load_teacher) -> Aux:
+  """Aux for `distill`: the online teacher, or the offline store's rows."""
   check_options(cfg)
   o = cfg.objective
   teacher, stored = str(option(o, "teacher")), str(option(o, "teacher_logits"))
@@ -208,127 +173,21 @@ def prepare(cfg, setup) -> Aux:
         f"objective.teacher=DIR[:STEP] (got {teacher!r}) and "
         f"objective.teacher_logits=PATH (got {stored!r})")
   if stored:
-    from llmlab import teacher_logits
-    store = teacher_logits.Store(stored)
+    store = teacher_store.Store(stored)
     store.check_compatible(cfg, setup.model_cfg.vocab_size)
     info = dict(store.teacher_info(), teacher_logits=stored,
                 top_k=store.top_k, flops_per_token=0.0)
     log.info("distill: offline teacher logits %s (top-%d of %s)", stored,
              store.top_k, store.teacher_info().get("teacher"))
-    return Aux(info=info)
+    return Aux(info=info, batch_extras=store.batch_extras(
+        jax.process_index(), jax.process_count()))
   if int(option(o, "top_k")) > setup.model_cfg.vocab_size:
     raise config_lib.ConfigError(
         f"config.objective.top_k={option(o, 'top_k')}: larger than the "
         f"vocabulary ({setup.model_cfg.vocab_size})")
-  params, shardings, info = load_teacher(teacher, cfg, setup)
-  return Aux(params=params, shardings=shardings, info=info)
-
-
-def load_teacher(ref: str, cfg, setup, key: str = "config.objective.teacher"):
-  """(Teacher, its shardings, info) of run `ref` on the student's mesh.
-
-  Every failure (no such run, no checkpoint, other vocabulary or tokenizer)
-  raises a ConfigError naming `key` (the config key or flag) and `ref`,
-  before anything compiles.
-  """
-  from llmlab import api
-  from llmlab import checkpoints as ckpt_lib
-  from llmlab import steps as steps_lib
-
-  workdir, step = ckpt_lib.parse_ref(ref)
-  err = config_lib.ConfigError
-  try:
-    tcfg, raw = api.read_run_config(workdir)
-  except (FileNotFoundError, ValueError, KeyError) as e:
-    raise err(f"{key}={ref!r}: cannot read the teacher run ({e})") \
-        from None
-  vocab = raw.get("model_info", {}).get("vocab_size")
-  if vocab != setup.model_cfg.vocab_size:
-    raise err(f"{key}={ref!r}: the teacher's vocabulary has {vocab} "
-              f"ids, the student's {setup.model_cfg.vocab_size}; distillation "
-              "needs the same tokenizer")
-  _check_tokenizer(raw, cfg, key, ref)
-  tcfg = ml_collections.ConfigDict(tcfg.to_dict())
-  tcfg.mesh = ml_collections.ConfigDict(cfg.mesh.to_dict())  # student rules
-  tsetup = steps_lib.build(tcfg, vocab, setup.mesh)
-  abstract = tsetup.abstract_state["params"]
-  params, step = restore_params(workdir, tcfg, abstract, step, key, ref)
-  shardings = tsetup.state_shardings["params"]
-  counts = model_lib.param_counts(tsetup.model_cfg)
-  flops = model_lib.flops_per_token(tsetup.model_cfg, cfg.train.seq_len)
-  info = {"teacher": workdir, "teacher_step": step,
-          "teacher_params_total": counts["total"],
-          "teacher_params_nonembed": counts["non_embedding"],
-          "flops_per_token": flops["forward"]}
-  log.info("teacher %s step %d: N(non-embedding)=%s total=%s, forward "
-           "FLOPs/token=%.3g", workdir, step, f"{counts['non_embedding']:,}",
-           f"{counts['total']:,}", flops["forward"])
-  return (Teacher(params, tsetup.model_cfg),
-          Teacher(shardings, tsetup.model_cfg), info)
-
-
-def _check_tokenizer(raw: dict, cfg, key: str, ref: str) -> None:
-  """Same vocabulary size is not enough: the ids must mean the same."""
-  from llmlab.data import tokenizer as tokenizer_lib
-  have = raw.get("data_info", {}).get("tokenizer")
-  if not have:
-    return
-  want = tokenizer_lib.load(str(cfg.data.tokenizer)).info()
-  fields = ("kind", "vocab_size", "sha256")
-  diffs = [f"{f}: teacher {have.get(f)!r} != student {want.get(f)!r}"
-           for f in fields if have.get(f) != want.get(f)]
-  if diffs:
-    raise config_lib.ConfigError(
-        f"{key}={ref!r}: the teacher was trained with another "
-        "tokenizer (" + "; ".join(diffs) + ")")
-
-
-def restore_params(workdir, tcfg, abstract_params, step, key, ref):
-  """(params, step): only the params of a checkpoint, never its optimizer."""
-  from llmlab import checkpoints as ckpt_lib
-
-  mgr = ckpt_lib.Manager(workdir, tcfg.checkpoint, tcfg.train.steps,
-                         read_only=True)
-  try:
-    steps = mgr.steps()
-    if not steps:
-      raise config_lib.ConfigError(
-          f"{key}={ref!r}: {ckpt_lib.checkpoint_dir(workdir)} holds "
-          "no checkpoint")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-      raise config_lib.ConfigError(
-          f"{key}={ref!r}: no checkpoint at step {step}; available: "
-          f"{steps}")
-    # Params only, checksum-verified, laid out by the student's mesh/rules.
-    params, _ = mgr.restore_params(step, abstract_params)
-  finally:
-    mgr.close()
-  return params, step
+  params, shardings, tcfg, info = load_teacher(teacher, cfg, setup)
+  return Aux(params=Teacher(params, tcfg), shardings=Teacher(shardings, tcfg),
+             info=info)
 
 
 register("distill", prepare=prepare)(distill)
-
-
-# ----------------------------------------------------------------------------
-# Offline teacher logits: the train loop's per-step batch hook.
-# ----------------------------------------------------------------------------
-
-
-def make_batch_extras(cfg, process_index: int | None = None,
-                      process_count: int | None = None):
-  """`extras(step, local_batch) -> dict` of arrays to merge into the batch,
-  or None when the objective reads no stored teacher logits.
-
-  The stored rows are looked up by step, exactly like the data, so resuming
-  at step s needs nothing else; the hook checks that the stored tokens are
-  the batch's tokens (else the store belongs to another data order).
-  """
-  if cfg.objective.name != "distill" or not str(
-      option(cfg.objective, "teacher_logits")):
-    return None
-  from llmlab import teacher_logits
-  pi = jax.process_index() if process_index is None else process_index
-  pc = jax.process_count() if process_count is None else process_count
-  store = teacher_logits.Store(str(cfg.objective.teacher_logits))
-  return store.batch_extras(pi, pc)

@@ -2,7 +2,7 @@
 
 Each row's first `objective.prompt_len` tokens are a prompt; inside the
 train step the student samples `objective.rollout_len` tokens after it (KV
-cache sampler of `llmlab/sample.py`, temperature
+cache sampler of `llmlab/decode.py`, temperature
 `objective.rollout_temperature`, optional `objective.rollout_top_k`), and
 the loss at every sampled position is the reverse KL(student || teacher) of
 the next-token distributions, summed over the vocabulary (Agarwal et al.
@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 
 from llmlab import config as config_lib
+from llmlab import decode
 from llmlab import model as model_lib
-from llmlab import sample
+from llmlab.data import tokenizer as tokenizer_lib
 from llmlab.objectives import Aux, Context, register
-from llmlab.objectives.distill import Teacher, dense_kl, load_teacher, option
+from llmlab.objectives.distill import Teacher, dense_kl, option
 
 
 @flax.struct.dataclass
@@ -62,7 +63,7 @@ def on_policy_distill(ctx: Context, params, batch, rng):
   r = int(option(ctx.cfg, "rollout_len"))
   prompt = {k: batch[k][:, :p] for k in ("tokens", "segment_ids",
                                          "positions")}
-  out = sample.generate(
+  out = decode.generate(
       model_lib.Transformer(aux.student_cfg), jax.lax.stop_gradient(params),
       prompt, jax.random.fold_in(rng, 1), max_new_tokens=r,
       temperature=float(option(ctx.cfg, "rollout_temperature")),
@@ -85,9 +86,8 @@ def on_policy_distill(ctx: Context, params, batch, rng):
       "student_nll_sum": jnp.sum(pick(s_logp) * valid)}
 
 
-def prepare(cfg, setup) -> Aux:
+def prepare(cfg, setup, load_teacher) -> Aux:
   """Checks the rollout options, loads the teacher and the special ids."""
-  from llmlab.data import tokenizer as tokenizer_lib
   o = cfg.objective
   err = config_lib.ConfigError
   if str(option(o, "teacher_logits")):
@@ -109,7 +109,8 @@ def prepare(cfg, setup) -> Aux:
   if not 0 <= int(option(o, "rollout_top_k")) <= setup.model_cfg.vocab_size:
     raise err(f"config.objective.rollout_top_k={option(o, 'rollout_top_k')}: "
               f"must be in [0, {setup.model_cfg.vocab_size}]")
-  teacher, shardings, info = load_teacher(str(o.teacher), cfg, setup)
+  params, shardings, tcfg, info = load_teacher(str(o.teacher), cfg, setup)
+  teacher, shardings = Teacher(params, tcfg), Teacher(shardings, tcfg)
   tok = tokenizer_lib.load(str(cfg.data.tokenizer))
   static = dict(student_cfg=setup.model_cfg, eos_id=int(tok.eos_id),
                 pad_id=int(tok.pad_id))

@@ -22,7 +22,7 @@ import time
 
 import jax
 
-from llmlab import api
+from llmlab import runs
 from llmlab import checkpoints as ckpt_lib
 from llmlab import data as data_lib
 from llmlab import steps as steps_lib
@@ -59,8 +59,8 @@ class RunEvaluator:
 
   def __init__(self, workdir: str, eval_tokens: int, mesh=None):
     self.workdir = workdir
-    self.cfg, self.raw = api.read_run_config(workdir)
-    self.setup = api.setup_for(self.cfg, self.raw, mesh)
+    self.cfg, self.raw = runs.read_config(workdir)
+    self.setup = runs.setup_for(self.cfg, self.raw, mesh)
     self.mgr = ckpt_lib.Manager(workdir, self.cfg.checkpoint,
                                 self.cfg.train.steps, read_only=True)
     self.eval_step = steps_lib.make_eval_step(self.setup)
@@ -171,7 +171,7 @@ def sweep(workdirs: list[str], out: str, eval_tokens: int | None = None,
 
 
 def _default_eval_tokens(workdir: str) -> int:
-  cfg, _ = api.read_run_config(workdir)
+  cfg, _ = runs.read_config(workdir)
   return int(cfg.train.eval_tokens)
 
 

@@ -59,6 +59,7 @@ import numpy as np
 from llmlab import checkpoints as ckpt_lib
 from llmlab import cli_common
 from llmlab import config as config_lib
+from llmlab import runs
 from llmlab.studies import overtrain_analysis
 from llmlab.studies import overtrain_report
 
@@ -240,10 +241,9 @@ class _Evaluators:
 
   def _build(self):
     if self._built is None:
-      from llmlab import api
       from llmlab.studies import sensitivity as sens_lib
-      cfg, raw = api.read_run_config(self.pre_dir)
-      setup = api.setup_for(cfg, raw)
+      cfg, raw = runs.read_config(self.pre_dir)
+      setup = runs.setup_for(cfg, raw)
       kw = dict(seq_len=int(cfg.train.seq_len),
                 eval_tokens=int(self.scfg.eval_tokens),
                 batch_size=int(self.scfg.eval_batch_size))
@@ -293,10 +293,9 @@ FINETUNE_KEYS = ("init_from", "train.steps", "train.batch_size",
 def _check_same_run(cfg, run_dir: str) -> None:
   """A fine-tune directory made with other settings is refused (its name
   only carries step, learning rate and seed), not silently resumed."""
-  from llmlab import api
   if not os.path.exists(os.path.join(run_dir, "config.json")):
     return
-  old, _ = api.read_run_config(run_dir)
+  old, _ = runs.read_config(run_dir)
   get = lambda c, key: c[key] if "." not in key else c[key.split(".")[0]][
       key.split(".")[1]]
   diffs = [f"{k}: {get(old, k)!r} there, {get(cfg, k)!r} now"
@@ -334,7 +333,6 @@ def _check_data(pre_cfg, target_data, scfg) -> None:
 
 def run(scfg, workdir: str) -> dict:
   """The whole study (module doc); returns what overtrain.json holds."""
-  from llmlab import api
   from llmlab.scaling.study import _compilation_cache
   from llmlab.studies import sensitivity as sens_lib
   t0 = time.time()
@@ -345,7 +343,7 @@ def run(scfg, workdir: str) -> dict:
   if not scfg.pretrain_run:
     pre_cfg = pretrain_config(scfg)
   else:
-    pre_cfg, _ = api.read_run_config(pre_dir)
+    pre_cfg, _ = runs.read_config(pre_dir)
   # Fails on a bad target config (or tokenizer) before any training.
   target_data = finetune_config(pre_cfg, scfg, pre_dir, 1.0, 0).data
   _check_data(pre_cfg, target_data, scfg)
@@ -356,7 +354,7 @@ def run(scfg, workdir: str) -> dict:
 
   if not scfg.pretrain_run:
     timing["pretrain_s"] = _train(pre_cfg, pre_dir)
-  pre_cfg, pre_raw = api.read_run_config(pre_dir)
+  pre_cfg, pre_raw = runs.read_config(pre_dir)
   steps = select_checkpoints(scfg.checkpoints,
                              *run_checkpoints(pre_dir, pre_cfg))
   info = pre_raw["model_info"]
