@@ -12,21 +12,13 @@ import os
 import sys
 from typing import Any, Callable
 
+from llmlab.runtime import setup_compile_cache, setup_logging
+
 
 def setup(absl_level: int = logging.WARNING) -> None:
   """What every command sets up before work: logging, compilation cache."""
   setup_logging(absl_level)
   setup_compile_cache()
-
-
-def setup_logging(absl_level: int = logging.WARNING) -> None:
-  """Timestamped INFO lines on stderr. `force`, because importing orbax
-  already gave the root logger a WARNING handler, which would make a plain
-  `basicConfig` a no-op and silence every progress line."""
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                      datefmt="%H:%M:%S", force=True)
-  logging.getLogger("absl").setLevel(absl_level)
-  logging.getLogger("llmlab").setLevel(logging.INFO)
 
 
 def load_config(spec: str):
@@ -55,34 +47,3 @@ def print_summary(prog: str, run: Callable[[], Any]) -> int:
     return 1
   print(json.dumps(summary, default=str))
   return 0
-
-
-def setup_compile_cache() -> str | None:
-  """Turns on jax's persistent compilation cache; returns its directory.
-
-  Why: a scaling study trains dozens of same-shaped runs, a resumed run
-  compiles the very step it compiled before the crash, and on CPU compiling
-  a small model's step takes longer than training it (`llmlab study
-  --config=configs/study_quick.py:test`: 88 s cold, 38 s with a warm cache).
-  A hit loads the executable XLA built for the same program, compile options
-  and jax version, so results are bit-identical. `LLMLAB_COMPILE_CACHE`:
-  a directory (local or gs://), or "off"; unset: jax's own
-  `JAX_COMPILATION_CACHE_DIR` if set, else `$XDG_CACHE_HOME/llmlab/xla`
-  (~/.cache/llmlab/xla). Only process 0 writes (jax's rule).
-  """
-  import jax  # noqa: PLC0415 (commands import jax lazily)
-  path = os.environ.get("LLMLAB_COMPILE_CACHE", "")
-  if path.lower() in ("off", "0", "none", "false"):
-    return None
-  if not path and jax.config.jax_compilation_cache_dir:
-    return jax.config.jax_compilation_cache_dir  # JAX_COMPILATION_CACHE_DIR
-  if not path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".cache")
-    path = os.path.join(base, "llmlab", "xla")
-  jax.config.update("jax_compilation_cache_dir", path)
-  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-    # Our CPU compiles of small models take 0.5-5 s; jax's default
-    # threshold (1 s) would skip many of them.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  return path

@@ -21,6 +21,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from llmlab import cli_common  # noqa: E402
+from llmlab import runtime  # noqa: E402
 
-cli_common.setup_compile_cache()  # in-process tests share it too
+runtime.setup_compile_cache()  # in-process tests share it too
