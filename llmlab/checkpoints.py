@@ -44,6 +44,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from llmlab import config as config_lib
+from llmlab import distributed
 
 log = logging.getLogger("llmlab")
 
@@ -188,7 +189,6 @@ def _is_primary() -> bool:
 
 
 def _sync(name: str) -> None:
-  from llmlab import distributed
   distributed.sync(name)
 
 

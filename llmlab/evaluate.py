@@ -13,6 +13,7 @@ import jax
 from llmlab import api
 from llmlab import data as data_lib
 from llmlab import steps as steps_lib
+from llmlab.compress import quantize as quantize_lib
 
 
 def evaluate_run(workdir: str, step: int | None = None,
@@ -33,7 +34,6 @@ def evaluate_run(workdir: str, step: int | None = None,
                               cfg.train.eval_batch_size or cfg.train.batch_size)
   out = steps_lib.evaluate(setup, eval_step, run.params, batches)
   if quantize:
-    from llmlab.compress import quantize as quantize_lib
     params, report = quantize_lib.roundtrip(run.params, quantize)
     base = out
     out = steps_lib.evaluate(setup, eval_step, params, batches)

@@ -31,8 +31,10 @@ import sys
 import jax
 
 from llmlab import config as config_lib
+from llmlab import guard
 from llmlab import sharding as shd
 from llmlab import steps as steps_lib
+from llmlab.data import tokenizer
 
 log = logging.getLogger("llmlab")
 
@@ -198,13 +200,11 @@ def preflight(cfg, setup, train_step, carry, batch) -> dict:
 
 
 def _vocab_size(cfg) -> int:
-  from llmlab.data import tokenizer
   return tokenizer.load(cfg.data.tokenizer).vocab_size
 
 
 def measure(cfg, vocab_size: int, devices) -> dict:
   """Per-device memory of `cfg`'s train step on `devices` (abstract)."""
-  from llmlab import guard
   config_lib.validate(cfg, len(devices))
   mesh = shd.make_mesh(cfg.mesh, devices)
   setup = steps_lib.build(cfg, vocab_size, mesh)

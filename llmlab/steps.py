@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from llmlab import guard
 from llmlab import model as model_lib
 from llmlab import objectives
 from llmlab import optim
 from llmlab import sharding as shd
+from llmlab.objectives.next_token import target_mask, token_nll
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "bytes")
 
@@ -198,7 +200,6 @@ def make_guarded_train_step(setup: Setup, aux=None, aux_shardings=None):
   `jnp.where`, with no host round trip. `metrics["guard"]` holds the
   counters the host reads with the (one step late) metrics.
   """
-  from llmlab import guard
   step_fn = _step_fn(setup)
   drop = setup.cfg.guard.policy == "skip"
 
@@ -244,7 +245,6 @@ def make_eval_step(setup: Setup):
   Objective-independent: evaluation is always the next-token NLL of real
   targets, and bits per byte divide by the UTF-8 bytes of those targets.
   """
-  from llmlab.objectives.next_token import target_mask, token_nll
   apply = apply_fn(setup.model)
 
   def eval_fn(params, batch):

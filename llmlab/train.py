@@ -35,6 +35,7 @@ from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
 from llmlab import data as data_lib
 from llmlab import guard
+from llmlab import loop as loop_lib
 from llmlab import metrics as metrics_lib
 from llmlab import model as model_lib
 from llmlab import objectives
@@ -226,22 +227,38 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
   with _Preempted() as sig:  # from here on, SIGTERM means "save and stop"
     mgr = ckpt_lib.Manager(workdir, cfg.checkpoint, cfg.train.steps)
     try:
-      return _Loop(cfg, workdir, data, setup, aux, info, peak, mgr, sig).run()
+      return Trainer(cfg, workdir, data, setup, aux, info, peak, mgr,
+                     sig).run()
     finally:
       mgr.close()  # also on errors: let the last async save complete
 
 
 class _RollBack(Exception):
-  """Raised inside the loop: restore the last good checkpoint."""
+  """Raised by a hook: restore the last good checkpoint."""
 
   def __init__(self, event: guard.Event):
     super().__init__(event.describe())
     self.event = event
 
 
-class _Loop:
-  """Restore or init, then the steps; owns metrics, evals, saves and the
-  guard's policy (`train` owns the manager and SIGTERM)."""
+class Trainer:
+  """One run's pieces (data, compiled steps, checkpoint manager, metrics
+  writer, guard policy) and the hooks that use them; `run()` is restore ->
+  `loop.run` -> final save, with rollbacks. `train` owns the manager and
+  SIGTERM. Hook order (`hooks()`), after every step s:
+
+    1. preemption  SIGTERM seen by every process at s: stop after s
+    2. metrics     write the row of the previous log step (one step late,
+                   so the host never waits), then apply the guard policy to
+                   that row; keep step s's device metrics if s is a log step
+    3. guard       (waits) the policy on step s's own report, at the points
+                   below, so no eval or checkpoint ever sees a bad state
+    4. eval        (waits) every train.eval_every steps and at the end
+    5. save        (waits) on the checkpoint schedule, at the end and on
+                   preemption; first writes every pending row, so a resume
+                   from that checkpoint (which drops later rows) leaves
+                   exactly one row per logged step
+  """
 
   def __init__(self, cfg, workdir, data, setup, aux, info, peak, mgr, sig):
     self.cfg, self.workdir, self.data, self.setup = cfg, workdir, data, setup
@@ -263,8 +280,41 @@ class _Loop:
     self.extras = aux.batch_extras
     self.progress = metrics_lib.Progress(self.total, enabled=self.primary)
     self.writer = None
+    self.pending = None  # (step, device metrics) of the last log step
     self.last, self.last_eval = {}, {}
     self.t_mark, self.step_mark = time.time(), 0
+
+  # -- the hooks, in order
+
+  def hooks(self) -> list[loop_lib.Hook]:
+    Hook = loop_lib.Hook  # pylint: disable=invalid-name
+    eval_due = loop_lib.every(self.cfg.train.eval_every)
+    save_due = lambda end: end.stop or self.mgr.should_save(end.step)
+    return [
+        Hook("preemption", self.preemption),
+        Hook("metrics", self.metrics, finish=lambda end: self.flush()),
+        Hook("guard", lambda end: self.check(end.metrics["guard"]),
+             due=lambda end: eval_due(end) or save_due(end), waits=True),
+        Hook("eval", self.eval, due=eval_due, waits=True),
+        Hook("save", self.save_hook, due=save_due, waits=True),
+    ]
+
+  def preemption(self, end) -> None:
+    end.stop = self.sig.reached(end.step)
+
+  def metrics(self, end) -> None:
+    self.flush()
+    if end.step % self.cfg.train.log_every == 0 or end.final:
+      self.pending = (end.step, end.metrics)
+
+  def eval(self, end) -> None:
+    self.last_eval = dict(self.run_eval(end.state["params"]), step=end.step)
+    self.writer.row({"tokens": end.step * self.tokens_per_step,
+                     **self.last_eval}, TB_TAGS)
+
+  def save_hook(self, end) -> None:
+    self.flush()
+    self.save(end.step, end.state, end.carry, force=end.stop)
 
   # -- state
 
@@ -339,11 +389,15 @@ class _Loop:
       metrics_lib.truncate_after(self.workdir, start)
     self.writer = metrics_lib.Writer(self.workdir, enabled=self.primary,
                                      start_step=start)
+    self.pending = None
     self.t_mark, self.step_mark = time.time(), start
 
-  def write_pending(self, pending) -> None:
-    """Write the row of `pending` (blocks until that step's metrics exist),
+  def flush(self) -> None:
+    """Write the pending log row (blocks until that step's metrics exist),
     then apply the guard policy to it."""
+    if self.pending is None:
+      return
+    pending, self.pending = self.pending, None
     row, g = _finish_row(pending, self.tokens_per_step)
     now = time.time()
     dt = (now - self.t_mark) / max(row["step"] - self.step_mark, 1)
@@ -398,7 +452,7 @@ class _Loop:
                     self.mgr.failures, g.save_retries, g.save_retry_wait_s)
         time.sleep(g.save_retry_wait_s)
 
-  # -- the loop
+  # -- the run
 
   def batches(self, start: int):
     """Local batches from train step `start` (data step start + offset)."""
@@ -407,6 +461,10 @@ class _Loop:
       if self.extras is not None:
         local = {**local, **self.extras(first + i, local)}
       yield local
+
+  def global_batches(self, local_batches):
+    for local in local_batches:
+      yield shd.global_batch(local, self.setup.batch_sharding)
 
   def run(self) -> dict[str, Any]:
     t_start = time.time()
@@ -428,59 +486,27 @@ class _Loop:
       self.writer.text("model_info", "```\n" + json.dumps(
           self.info, indent=2, default=str) + "\n```")
     batches = itertools.chain([first], batches)
+    hooks = self.hooks()
+    preempted = False
     try:
       while True:
         try:
-          state, carry, preempted = self.segment(state, carry, start,
-                                                 batches)
+          end = loop_lib.run(self.train_step, state, carry,
+                             self.global_batches(batches), start, self.total,
+                             hooks)
           break
         except _RollBack as rb:
           state, carry = self.roll_back(rb.event)
           start = int(state["step"])
           batches = self.batches(start)
+      if end is not None:
+        state, carry, preempted = end.state, end.carry, end.stop
       final_step = int(state["step"])
       self.save(final_step, state, carry, force=preempted, wait=True)
     finally:
       self.writer.close()
     return self.summary(start, final_step, preempted, carry,
                         time.time() - t_start)
-
-  def segment(self, state, carry, start: int, batches):
-    """Steps start..total (or until SIGTERM); raises _RollBack."""
-    cfg, total = self.cfg, self.total
-    preempted = False
-    pending = None  # (step, device metrics) read one step late
-    for step in range(start, total):
-      batch = shd.global_batch(next(batches), self.setup.batch_sharding)
-      state, carry, m = self.train_step(state, carry, batch)
-      done = step + 1
-      if pending is not None:
-        self.write_pending(pending)
-      log_now = done % cfg.train.log_every == 0 or done == total
-      pending = (done, m) if log_now else None
-      evaluate = bool(cfg.train.eval_every and
-                      done % cfg.train.eval_every == 0) or done == total
-      preempted = self.sig.reached(done)
-      save = preempted or self.mgr.should_save(done)
-      if evaluate or save:  # these points wait for the device anyway
-        self.check(m["guard"])
-      if evaluate:
-        self.last_eval = dict(self.run_eval(state["params"]), step=done)
-        self.writer.row({"tokens": done * self.tokens_per_step,
-                         **self.last_eval}, TB_TAGS)
-      if save:
-        # Every row up to `done` is written before checkpoint `done` can
-        # exist, so a resume from it (which drops later rows) leaves exactly
-        # one row per logged step.
-        if pending is not None:
-          self.write_pending(pending)
-          pending = None
-        self.save(done, state, carry, force=preempted)
-      if preempted:
-        break
-    if pending is not None:
-      self.write_pending(pending)
-    return state, carry, preempted
 
   def summary(self, start, final_step, preempted, carry, wall) -> dict:
     last = self.last

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from llmlab import model as model_lib
 from llmlab.compress import shapes
+from llmlab.objectives.next_token import target_mask, token_nll
 
 KEYS = ("layer", "kv", "head", "mlp", "hidden")
 
@@ -92,7 +93,6 @@ def masked_apply(model: model_lib.Transformer, params, masks: dict, batch,
 
 def mean_nll(logits_BxLxV, batch):
   """Mean next-token NLL over real targets (the eval objective)."""
-  from llmlab.objectives.next_token import target_mask, token_nll
   mask = target_mask(batch).astype(jnp.float32)
   nll, _ = token_nll(logits_BxLxV, batch["tokens"])
   return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)

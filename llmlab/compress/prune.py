@@ -34,10 +34,12 @@ from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
 from llmlab import data as data_lib
 from llmlab import model as model_lib
+from llmlab import train
 from llmlab.compress import importance
 from llmlab.compress import learned as learned_lib
 from llmlab.compress import shapes
 from llmlab.compress import slicing
+from llmlab.convert import hf
 
 log = logging.getLogger("llmlab")
 
@@ -64,8 +66,6 @@ def prune(source: str, target_cfg, workdir: str, method: str = "magnitude", *,
           calib_rows: int = 0,
           learned: learned_lib.Settings | None = None) -> dict:
   """Write the pruned run directory `workdir`; return a summary."""
-  from llmlab import train
-  from llmlab.convert import hf
   t0 = time.time()
   if method not in METHODS:
     raise ValueError(f"--method={method!r}: must be one of {METHODS}")
@@ -117,8 +117,6 @@ def write_run(workdir: str, cfg, setup, data, params, info: dict,
   """Run directory holding `params` at step 0 with a fresh optimizer state
   (as `llmlab convert` writes one); the checkpoint goes first, so a crash
   leaves no config.json behind."""
-  from llmlab import train
-  from llmlab.convert import hf
   dtype = jnp.dtype(cfg.model.param_dtype)
   params = jax.device_put(jax.tree.map(lambda x: np.asarray(x, dtype), params),
                           setup.state_shardings["params"])

@@ -35,7 +35,9 @@ from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
 from llmlab import sharding as shd
 from llmlab import steps as steps_lib
+from llmlab import train
 from llmlab.convert import hf_config
+from llmlab.data import tokenizer as tok_lib
 from llmlab.convert import layout
 from llmlab.convert import safetensors_io as st
 
@@ -114,7 +116,6 @@ def write_run(got: Loaded, workdir: str, step: int = 0) -> dict:
   os.makedirs(workdir, exist_ok=True)
   warnings = []
   data_info = _copy_tokenizer(spec.directory, workdir, cfg, vocab, warnings)
-  from llmlab import train  # heavy imports; only needed here
   info = train.model_info(cfg, vocab)
   source = {"dir": os.path.abspath(spec.directory),
             "architecture": spec.architecture, "extras": spec.extras,
@@ -278,7 +279,6 @@ def _fresh_opt_state(setup, params):
 
 def _copy_tokenizer(hf_dir, workdir, cfg, vocab: int, warnings: list) -> dict:
   """Copy the HF tokenizer next to the run; point `data.tokenizer` at it."""
-  from llmlab.data import tokenizer as tok_lib
   name = next((n for n in TOKENIZER_FILES
                if os.path.exists(os.path.join(hf_dir, n))), None)
   if name is None:

@@ -39,7 +39,7 @@ from llmlab import config as config_lib
 from llmlab import model as model_lib
 from llmlab.config import OBJECTIVE_DEFAULTS
 from llmlab.data import teacher_store
-from llmlab.objectives import Aux, Context, register
+from llmlab.objectives.registry import Aux, Context, register
 from llmlab.objectives.next_token import target_mask, token_nll
 
 log = logging.getLogger("llmlab")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from llmlab.objectives import Context, register
+from llmlab.objectives.registry import Context, register
 
 
 def target_mask(batch) -> jax.Array:

@@ -26,7 +26,7 @@ from llmlab import config as config_lib
 from llmlab import decode
 from llmlab import model as model_lib
 from llmlab.data import tokenizer as tokenizer_lib
-from llmlab.objectives import Aux, Context, register
+from llmlab.objectives.registry import Aux, Context, register
 from llmlab.objectives.distill import Teacher, dense_kl, option
 
 
