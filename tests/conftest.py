@@ -24,3 +24,17 @@ if ROOT not in sys.path:
 from llmlab import runtime  # noqa: E402
 
 runtime.setup_compile_cache()  # in-process tests share it too
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+  """A real GCS server (fake-gcs-server) on 127.0.0.1 for the session;
+  clients in this process and in commands it starts reach it (tests/gcs.py)."""
+  from tests import gcs as gcs_lib
+  server = gcs_lib.Server(str(tmp_path_factory.mktemp("gcs") / "root"))
+  server.start()
+  yield server
+  server.stop()
