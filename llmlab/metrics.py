@@ -7,13 +7,16 @@ TensorFlow); TensorBoard reads them as usual.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import sys
 import time
 
 import numpy as np
+from etils import epath
+
+from llmlab import storage
 
 
 def _clean(v):
@@ -25,21 +28,33 @@ def _clean(v):
 
 
 class Writer:
-  """Appends metric rows to `metrics.jsonl` and TensorBoard scalars."""
+  """Appends metric rows to `metrics.jsonl` and TensorBoard scalars.
 
-  def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0):
+  On an object store (a gs:// workdir) both are spooled locally and
+  uploaded whole (llmlab/storage.py) at the flush points: every eval and
+  checkpoint save (`flush()`, called by the train loop), the end of the run
+  (`close()`), and at least every `sync_every_s` seconds while rows are
+  written. A `kill -9` loses at most the rows since the last flush point;
+  a resume first drops rows past its checkpoint (`truncate_after`), as on
+  a local disk, where every row is flushed as it is written.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0,
+               sync_every_s: float = 60.0):
     self.enabled = enabled
     self._tb = None
     self._jsonl = None
+    self._sync_every = sync_every_s
     if enabled:
       from tensorboardX import SummaryWriter
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._spool = storage.Spool(workdir)
+      self._jsonl = open(self._spool.fetch("metrics.jsonl"), "a")
       # On resume, TensorBoard drops events a killed run wrote past the
       # checkpoint we restart from (purge_step), so curves are not doubled.
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+      self._tb = SummaryWriter(self._spool.path("tensorboard"),
                                flush_secs=10,
                                purge_step=start_step + 1 if start_step else None)
+      self._synced = time.time()
 
   def row(self, row: dict, tb_tags: dict[str, str]) -> None:
     """One JSON line; `tb_tags` maps row keys to TensorBoard tags."""
@@ -51,6 +66,8 @@ class Writer:
     for key, tag in tb_tags.items():
       if key in row and isinstance(row[key], (int, float)):
         self._tb.add_scalar(tag, row[key], global_step=row["step"])
+    if self._spool.remote and time.time() - self._synced > self._sync_every:
+      self.flush()
 
   def text(self, tag: str, text: str, step: int = 0) -> None:
     if self.enabled:
@@ -58,19 +75,24 @@ class Writer:
 
   def image(self, tag: str, png_path: str, step: int = 0) -> None:
     if self.enabled:
-      import matplotlib.image as mpimg
-      img = mpimg.imread(png_path)
+      import matplotlib.image as mpimg  # matplotlib: only for report images
+      img = mpimg.imread(io.BytesIO(epath.Path(png_path).read_bytes()),
+                         format="png")
       self._tb.add_image(tag, img[..., :3], global_step=step, dataformats="HWC")
 
   def flush(self) -> None:
+    """A flush point: everything written so far reaches the workdir."""
     if self.enabled:
       self._jsonl.flush()
       self._tb.flush()
+      self._spool.sync()
+      self._synced = time.time()
 
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+      self._spool.close()
 
 
 def truncate_after(workdir: str, step: int) -> None:
@@ -79,21 +101,11 @@ def truncate_after(workdir: str, step: int) -> None:
   After a crash the log may hold rows past the checkpoint we resume from;
   rewriting the file atomically keeps one row per step, as if uninterrupted.
   """
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "metrics.jsonl")
+  if not storage.exists(path):
     return
-  keep = []
-  with open(path) as f:
-    for line in f:
-      try:
-        if json.loads(line).get("step", 0) <= step:
-          keep.append(line if line.endswith("\n") else line + "\n")
-      except json.JSONDecodeError:
-        continue  # a line cut by a kill mid-write
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
+  keep = [r for r in storage.jsonl_rows(path) if r.get("step", 0) <= step]
+  storage.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 class Progress:

@@ -15,9 +15,7 @@ works: orbax reshards on restore).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 
 import jax
 import ml_collections
@@ -28,6 +26,7 @@ from llmlab import config as config_lib
 from llmlab import model as model_lib
 from llmlab import sharding as shd
 from llmlab import steps as steps_lib
+from llmlab import storage
 from llmlab.data import tokenizer as tokenizer_lib
 
 log = logging.getLogger("llmlab")
@@ -52,12 +51,11 @@ def config_from_dict(body: dict) -> ml_collections.ConfigDict:
 
 def read_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
   """(config, config.json dict) of a run directory, with a clear error."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "config.json")
+  if not storage.exists(path):
     raise FileNotFoundError(f"{path}: not an llmlab run directory "
                             "(no config.json)")
-  with open(path) as f:
-    raw = json.load(f)
+  raw = storage.read_json(path)
   return config_from_dict(raw), raw
 
 
@@ -94,8 +92,8 @@ def finished(workdir: str, steps: int) -> bool:
 
   Cheap (one stat, no orbax): the studies ask it of every planned run.
   """
-  path = os.path.join(ckpt_lib.checkpoint_dir(workdir), str(steps))
-  return os.path.exists(os.path.join(path, ckpt_lib.COMMIT_FILE))
+  path = storage.join(ckpt_lib.checkpoint_dir(workdir), str(steps))
+  return storage.exists(storage.join(path, ckpt_lib.COMMIT_FILE))
 
 
 class Checkpoint:
@@ -109,7 +107,7 @@ class Checkpoint:
     self.workdir, ref_step = ckpt_lib.parse_ref(ref)
     step = step if step is not None else ref_step
     fail = _failure(key, ref)
-    if not os.path.isdir(ckpt_lib.checkpoint_dir(self.workdir)):
+    if not storage.isdir(ckpt_lib.checkpoint_dir(self.workdir)):
       raise fail(f"{self.workdir}: no checkpoints directory "
                  f"({ckpt_lib.checkpoint_dir(self.workdir)})")
     try:
@@ -232,16 +230,7 @@ def _check_tokenizer(raw: dict, cfg, key: str, ref: str) -> None:
 def metrics_rows(workdir: str) -> list[dict]:
   """The rows of `metrics.jsonl` (empty if none); a torn last line of a
   killed run is skipped."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  rows = []
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError:
-          continue
-  return rows
+  return storage.jsonl_rows(storage.join(workdir, "metrics.jsonl"))
 
 
 def last_values(workdir: str) -> dict:

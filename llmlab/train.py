@@ -44,6 +44,7 @@ from llmlab import plan as plan_lib
 from llmlab import runs
 from llmlab import sharding as shd
 from llmlab import steps as steps_lib
+from llmlab import storage
 from llmlab import workdir_lock
 
 log = logging.getLogger("llmlab")
@@ -151,10 +152,7 @@ def _write_config(workdir: str, cfg, info: dict, data_info: dict, mesh) -> None:
                     "kind": jax.devices()[0].device_kind,
                     "processes": jax.process_count()}
   out["versions"] = {"jax": jax.__version__}
-  tmp = os.path.join(workdir, "config.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(out, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, os.path.join(workdir, "config.json"))
+  storage.write_json(storage.join(workdir, "config.json"), out)
 
 
 def _check_resume_compatible(saved: dict, cfg, vocab_size: int) -> None:
@@ -311,9 +309,11 @@ class Trainer:
     self.last_eval = dict(self.run_eval(end.state["params"]), step=end.step)
     self.writer.row({"tokens": end.step * self.tokens_per_step,
                      **self.last_eval}, TB_TAGS)
+    self.writer.flush()  # a flush point (llmlab/metrics.py)
 
   def save_hook(self, end) -> None:
     self.flush()
+    self.writer.flush()  # the rows up to this checkpoint reach the workdir
     self.save(end.step, end.state, end.carry, force=end.stop)
 
   # -- state
@@ -362,8 +362,8 @@ class Trainer:
   def _event(self, row: dict) -> None:
     """guard_events.jsonl: rollbacks and stops, never truncated."""
     if self.primary:
-      with open(os.path.join(self.workdir, "guard_events.jsonl"), "a") as f:
-        f.write(json.dumps(dict(row, time=time.time())) + "\n")
+      storage.append_line(storage.join(self.workdir, "guard_events.jsonl"),
+                          json.dumps(dict(row, time=time.time())))
 
   def last_good(self) -> str:
     step = self.mgr.latest_step()

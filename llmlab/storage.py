@@ -1,0 +1,177 @@
+"""Files on any filesystem: local paths and `gs://` (any etils.epath URI).
+
+Every file llmlab writes or reads on a user-given path goes through here
+(or through tensorstore, for checkpoints and token stores). Object stores
+have no append and no rename, so the writes here are whole objects:
+
+* `write_text` / `write_json`: atomic on both -- locally a temporary file
+  renamed into place, on an object store a single upload, which replaces
+  the object at once (readers see the old or the new version, never half).
+* `append_line`: read + rewrite on an object store (for rare events such
+  as guard_events.jsonl); a true append locally.
+* `Spool`: files that grow all run long (metrics.jsonl, TensorBoard
+  events) are written to a local directory and uploaded whole at flush
+  points (llmlab/metrics.py says which).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from etils import epath
+
+log = logging.getLogger("llmlab")
+
+
+class StorageError(OSError):
+  """A file or object could not be written or read; names the path."""
+
+
+def is_remote(path: str) -> bool:
+  return "://" in str(path)
+
+
+def join(base: str, *parts: str) -> str:
+  """`os.path.join` that keeps `gs://` URIs intact."""
+  return str(epath.Path(base).joinpath(*parts)) if is_remote(base) else \
+      os.path.join(base, *parts)
+
+
+def exists(path: str) -> bool:
+  return epath.Path(path).exists()
+
+
+def isdir(path: str) -> bool:
+  return epath.Path(path).is_dir()
+
+
+def makedirs(path: str) -> None:
+  epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def read_text(path: str) -> str:
+  return epath.Path(path).read_text()
+
+
+def read_json(path: str) -> Any:
+  return json.loads(read_text(path))
+
+
+def write_text(path: str, text: str) -> None:
+  """Atomic whole-file write (see module docstring)."""
+  if is_remote(path):
+    epath.Path(path).write_text(text)
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_json(path: str, obj: Any, **kw) -> None:
+  write_text(path, json.dumps(obj, **{"indent": 2, "sort_keys": True,
+                                      "default": str, **kw}))
+
+
+def append_line(path: str, line: str) -> None:
+  """Append one line (a true append locally; read + rewrite remotely)."""
+  if not is_remote(path):
+    with open(path, "a") as f:
+      f.write(line.rstrip("\n") + "\n")
+    return
+  p = epath.Path(path)
+  old = p.read_text() if p.exists() else ""
+  p.write_text(old + line.rstrip("\n") + "\n")
+
+
+def jsonl_rows(path: str) -> list[dict]:
+  """The JSON rows of a .jsonl file (empty if there is none); a line torn
+  by a kill mid-write is skipped."""
+  p = epath.Path(path)
+  if not p.exists():
+    return []
+  rows = []
+  for line in p.read_text().splitlines():
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return rows
+
+
+def upload(local: str, remote: str) -> None:
+  """Copy local file `local` to `remote` as one object."""
+  try:
+    epath.Path(remote).write_bytes(epath.Path(local).read_bytes())
+  except Exception as e:  # noqa: BLE001 - any client's error: name the path
+    raise StorageError(f"{remote}: cannot write ({type(e).__name__}: {e})") \
+        from e
+
+
+def _stamp(path: str) -> tuple:
+  st = os.stat(path)
+  return (st.st_size, st.st_mtime_ns)
+
+
+class Spool:
+  """Growing files of directory `target`, kept in a local directory.
+
+  For a local `target` the spool *is* the target (nothing to upload). For
+  a remote one, `path(name)` is a local file and `sync()` uploads every
+  file whose size changed since the last sync, whole (object stores have
+  no append); `fetch(name)` first copies an existing object down, so a
+  resumed run continues the same file.
+  """
+
+  def __init__(self, target: str):
+    self.target = target
+    self.remote = is_remote(target)
+    self.local = tempfile.mkdtemp(prefix="llmlab-spool-") if self.remote \
+        else target
+    self._synced: dict[str, tuple] = {}
+
+  def path(self, name: str) -> str:
+    out = os.path.join(self.local, name)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    return out
+
+  def fetch(self, name: str) -> str:
+    """Local path of `name`, holding the target's current copy if any."""
+    out = self.path(name)
+    if self.remote and not os.path.exists(out):
+      src = epath.Path(self.target) / name
+      if src.exists():
+        with open(out, "wb") as f:
+          f.write(src.read_bytes())
+        self._synced[name] = _stamp(out)
+    return out
+
+  def sync(self) -> None:
+    if not self.remote:
+      return
+    for root, _, files in os.walk(self.local):
+      for f in files:
+        local = os.path.join(root, f)
+        name = os.path.relpath(local, self.local)
+        stamp = _stamp(local)
+        if self._synced.get(name) != stamp:
+          dst = epath.Path(self.target) / name
+          dst.parent.mkdir(parents=True, exist_ok=True)
+          upload(local, str(dst))
+          self._synced[name] = stamp
+
+  def close(self) -> None:
+    """Last sync; if it fails the local copy is kept (and named)."""
+    try:
+      self.sync()
+    except StorageError as e:
+      log.error("%s; the local copy stays in %s", e, self.local)
+      return
+    if self.remote:
+      shutil.rmtree(self.local, ignore_errors=True)

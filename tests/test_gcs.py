@@ -1,0 +1,127 @@
+"""Runs in a bucket, against a real GCS server on 127.0.0.1 (tests/gcs.py):
+a gs:// run killed with -9 resumes to the same losses as a local run, a
+storage outage fails with the path named and resumes from the last
+checkpoint, and `llmlab.load` reads a run from gs://."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from llmlab import storage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.integration
+
+STEPS = ["--config.train.steps=300", "--config.checkpoint.every_steps=50",
+         "--config.train.eval_every=100"]
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, "-m", "llmlab", "train",
+          f"--config={ROOT}/configs/tiny.py:smoke", f"--workdir={workdir}",
+          *STEPS, *extra]
+
+
+def _run(workdir, *extra):
+  out = subprocess.run(_cmd(workdir, *extra), capture_output=True, text=True,
+                       timeout=900, cwd=ROOT,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  return out
+
+
+def _start(workdir, log):
+  """The run in the background, its output in file `log` (a pipe nobody
+  reads would block it)."""
+  with open(log, "w") as f:
+    return subprocess.Popen(_cmd(workdir), cwd=ROOT, text=True, stdout=f,
+                            stderr=subprocess.STDOUT,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                            start_new_session=True)
+
+
+def _wait_for(gcs, bucket, name, proc, timeout=600):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if name in gcs.objects(bucket):
+      return
+    assert proc.poll() is None, f"the run ended ({proc.returncode})"
+    time.sleep(0.2)
+  raise AssertionError(f"{name} never appeared")
+
+
+def _losses(workdir):
+  rows = storage.jsonl_rows(storage.join(workdir, "metrics.jsonl"))
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("local"))
+  out = _run(workdir)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return workdir
+
+
+def test_killed_gs_run_resumes_to_the_local_losses(gcs, local_run, tmp_path):
+  bucket = gcs.bucket("kill9")
+  workdir = f"{bucket}/run"
+  proc = _start(workdir, tmp_path / "log")
+  _wait_for(gcs, "kill9", "run/checkpoints/100/commit_success.txt", proc)
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  rows = storage.jsonl_rows(f"{workdir}/metrics.jsonl")
+  assert rows and max(r["step"] for r in rows) >= 100  # flushed at the save
+  out = _run(workdir)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "resumed from step" in out.stderr
+  want = _losses(local_run)
+  got = _losses(workdir)
+  assert got == want  # bit-identical, one row per logged step
+  steps = [r["step"] for r in storage.jsonl_rows(f"{workdir}/metrics.jsonl")
+           if "loss" in r]
+  assert steps == sorted(set(steps))
+  assert json.loads(out.stdout.strip().splitlines()[-1])["step"] == 300
+  objects = gcs.objects("kill9", "run/")
+  assert "run/config.json" in objects
+  assert any(o.startswith("run/tensorboard/events.out.tfevents") for o in
+             objects)
+
+
+def test_load_a_run_from_gs(gcs, local_run):
+  import llmlab
+  bucket = gcs.bucket("load")
+  out = _run(f"{bucket}/run", "--config.train.steps=12")
+  assert out.returncode == 0, out.stderr[-3000:]
+  run = llmlab.load(f"{bucket}/run")
+  assert run.step == 12
+  logits = np.asarray(run.logits(np.ones((2, 8), np.int32)))
+  assert logits.shape == (2, 8, run.info["model_info"]["vocab_size"])
+  with pytest.raises(FileNotFoundError, match="gs://load/nope"):
+    llmlab.load(f"{bucket}/nope")
+
+
+def test_storage_outage_names_the_path_and_resumes(gcs, local_run, tmp_path):
+  bucket = gcs.bucket("outage")
+  workdir = f"{bucket}/run"
+  proc = _start(workdir, tmp_path / "log")
+  _wait_for(gcs, "outage", "run/checkpoints/50/commit_success.txt", proc)
+  gcs.stop()
+  try:
+    proc.wait(timeout=600)
+  finally:
+    gcs.start()
+  assert proc.returncode != 0
+  err = (tmp_path / "log").read_text()
+  last = err.strip().splitlines()[-1]
+  assert "gs://outage/run" in last, err[-3000:]
+  assert "run/checkpoints/50/commit_success.txt" in gcs.objects("outage")
+  out = _run(workdir)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "resumed from step" in out.stderr
+  assert _losses(workdir) == _losses(local_run)
