@@ -72,10 +72,13 @@ def setup(absl_level: int = logging.WARNING) -> None:
 # ------------------------------------------------------------------- runner
 
 
-def run(name: str, argv: list[str], define: Callable[[flags.FlagValues],
-                                                     None],
-        body: Callable[[flags.FlagValues], Any], *, doc: str = "",
-        config: Config | None = None, required: tuple[str, ...] = (),
+Define = Callable[[flags.FlagValues], None]  # defines a command's flags
+Body = Callable[[flags.FlagValues], Any]  # the command's work
+
+
+def run(name: str, argv: list[str], define: Define, body: Body, *,
+        doc: str = "", config: Config | None = None,
+        required: tuple[str, ...] = (),
         absl_level: int = logging.WARNING) -> int:
   """`llmlab NAME ARGV...`: parse, set up, call `body(flags)`, end by the
   contract in the module doc; returns the exit status. `body` returns a
@@ -188,15 +191,18 @@ def _check_config_file(argv, config) -> None:
 
 def _parse(fv, argv, config) -> None:
   """fv(argv), with a misspelt config key and a config file whose
-  get_config raised turned into one-line usage errors."""
+  get_config raised turned into one-line usage errors; a stray positional
+  argument is one too (absl would silently ignore it)."""
   try:
-    fv(argv)
+    rest = fv(argv)[1:]
   except (KeyError, AttributeError) as e:
     if config is None:
       raise
     raise UsageError(_key_error(e, argv, config.name)) from e
   except flags.IllegalFlagValueError as e:
     raise UsageError(_flag_value_error(str(e))) from e
+  if rest:
+    raise UsageError(f"unexpected argument {rest[0]!r}")
 
 
 def _key_error(e: Exception, argv, name: str) -> str:
@@ -287,8 +293,7 @@ def _flag_help(flag, required: bool) -> list[str]:
     text += " Repeatable."
   if required:
     text += " Required."
-  elif flag.default not in (None, "", [], False) and not isinstance(
-      flag, config_flags.config_flags._ConfigFlag):  # pylint: disable=protected-access
+  elif flag.default not in (None, "", [], False):
     text += f" (default: {flag.default_as_str})"
   return _wrap(name, text)
 

@@ -6,6 +6,8 @@ with the library call a command makes replaced: nothing trains."""
 
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -114,6 +116,19 @@ def test_misspelt_config_key_is_one_line(override, want, tmp_path, capsys):
   assert not os.path.exists(tmp_path / "run")
 
 
+def test_the_console_entry_point(tmp_path):
+  """`python -m llmlab` end to end: exactly one stderr line, exit 2."""
+  env = dict(os.environ, PYTHONPATH=ROOT)  # this tree's llmlab
+  out = subprocess.run([sys.executable, "-m", "llmlab", "train",
+                        f"--config={TINY}", f"--workdir={tmp_path}/run",
+                        "--config.trian.steps=5"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and out.stdout == ""
+  assert out.stderr.splitlines() == [
+      "llmlab train: error: --config.trian.steps=5: no key 'trian' in the "
+      "config (did you mean 'train'?)"]
+
+
 def test_debug_shows_the_traceback(tmp_path):
   with pytest.raises(cli_common.UsageError, match="trian"):
     llmlab_main.main(["train", f"--config={TINY}", "--debug",
@@ -130,6 +145,8 @@ def test_debug_shows_the_traceback(tmp_path):
      "--config.train.steps needs --config"),
     (["train", f"--config={TINY}", "--workdri=W"], "llmlab train",
      "Did you mean: workdir"),
+    (["eval", "--workdir=W", "stray"], "llmlab eval",
+     "unexpected argument 'stray'"),
     (["teacher-logits"], "llmlab teacher-logits",
      "missing --config, --teacher, --out"),
     (["convert", "--workdir=W"], "llmlab convert",

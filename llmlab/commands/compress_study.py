@@ -1,4 +1,5 @@
-"""usage: llmlab compress-study [--config=FILE.py[:ARG]] --workdir=DIR [--config.KEY=VALUE ...]
+"""usage: llmlab compress-study [--config=FILE.py[:ARG]] --workdir=DIR
+           [--config.KEY=VALUE ...]
 
 Continual-learning scaling after compression (llmlab/compress/experiment.py):
 prune a trained model by each method, keep training, compare with training

@@ -1,5 +1,6 @@
-"""usage: llmlab convert --from_hf=DIR --workdir=OUT [--step=0] [--dtype=float32]
-                      [--fsdp=N] [--tensor=N] [--ignore_fields=a,b]
+"""usage: llmlab convert --from_hf=DIR --workdir=OUT [--step=0]
+                      [--dtype=float32] [--fsdp=N] [--tensor=N]
+                      [--ignore_fields=a,b]
        llmlab convert --to_hf --workdir=RUN --out=DIR [--step=N] [--dtype=...]
                       [--max_shard_gb=5]
 

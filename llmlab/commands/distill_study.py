@@ -1,4 +1,5 @@
-"""usage: llmlab distill-study [--config=FILE.py[:ARG]] --workdir=DIR [--config.KEY=VALUE ...]
+"""usage: llmlab distill-study [--config=FILE.py[:ARG]] --workdir=DIR
+           [--config.KEY=VALUE ...]
 
 The distillation experiment (llmlab/studies/distill.py): a teacher, then
 students at equal tokens (next-token, online and offline distillation).

@@ -1,4 +1,5 @@
-"""usage: llmlab overtrain [--config=FILE.py[:ARG]] --workdir=DIR [--pretrain_run=RUN] [--config.KEY=VALUE ...]
+"""usage: llmlab overtrain [--config=FILE.py[:ARG]] --workdir=DIR
+           [--pretrain_run=RUN] [--config.KEY=VALUE ...]
 
 How fine-tunability changes along one pretraining run (Springer et al.
 2025; llmlab/studies/overtrain.py has the method). Prints the per-checkpoint

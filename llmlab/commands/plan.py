@@ -1,4 +1,5 @@
-"""usage: llmlab plan --config=FILE.py[:ARG] [--config.KEY=VALUE ...] [--devices=N] [--device=NAME | --hbm_gb=GIB] [--real] [--json]
+"""usage: llmlab plan --config=FILE.py[:ARG] [--config.KEY=VALUE ...]
+           [--devices=N] [--device=NAME | --hbm_gb=GIB] [--real] [--json]
 
 XLA's memory analysis of the config's train step per device, on simulated
 CPU devices (llmlab/plan.py), and whether it fits the device; if not, the

@@ -1,4 +1,5 @@
-"""usage: llmlab prune --from=RUN[:STEP] --to_config=FILE.py[:ARG] --workdir=OUT [--method=magnitude|activation|learned] [--to_config.KEY=VALUE ...]
+"""usage: llmlab prune --from=RUN[:STEP] --to_config=FILE.py[:ARG] --workdir=OUT
+        [--method=magnitude|activation|learned] [--to_config.KEY=VALUE ...]
         [--calib_rows=N]                                   (activation)
         [--mask_steps=200 --mask_lr=0.1 --lambda_lr=0.3 --constrain_size
          --mask_batch_size=0 --learning_rate=1e-3 --target_warmup=0.5]

@@ -1,4 +1,5 @@
-"""usage: llmlab study --config=FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
+"""usage: llmlab study --config=FILE.py[:ARG] --workdir=DIR
+           [--config.KEY=VALUE ...]
 
 The scaling study (llmlab/scaling/study.py): trains the config's models,
 sweeps their checkpoints, fits the law and predicts the held-out target;

@@ -1,4 +1,5 @@
-"""usage: llmlab sweep --workdir=RUN [--workdir=RUN2 ...] --out=records.csv [--eval_tokens=N]
+"""usage: llmlab sweep --workdir=RUN [--workdir=RUN2 ...] --out=records.csv
+           [--eval_tokens=N]
 
 Evaluates every saved checkpoint of the runs on one held-out set: one CSV
 row per checkpoint (run, step, params, params_nonembed, tokens, flops,

@@ -1,4 +1,6 @@
-"""usage: llmlab teacher-logits --teacher=DIR[:STEP] --config=STUDENT_CONFIG --out=PATH [--top_k=16] [--chunk_steps=100] [--steps=N] [--config.KEY=VALUE ...]
+"""usage: llmlab teacher-logits --teacher=DIR[:STEP] --config=STUDENT_CONFIG
+           --out=PATH [--top_k=16] [--chunk_steps=100] [--steps=N]
+           [--config.KEY=VALUE ...]
 
 Stores a teacher's top-k for a student config's batches
 (llmlab/teacher_logits.py holds the writer and the layout); prints one JSON

@@ -1,6 +1,7 @@
-"""usage: llmlab tokenizer train --out=tokenizer.json [--config=FILE.py[:ARG]] [--config.KEY=VALUE ...]
-           [--source=stdlib|synthetic|files] [--paths=GLOBS] [--text_field=F] [--column=C]
-           [--vocab_size=4096] [--min_frequency=2]
+"""usage: llmlab tokenizer train --out=tokenizer.json [--config=FILE.py[:ARG]]
+           [--config.KEY=VALUE ...] [--source=stdlib|synthetic|files]
+           [--paths=GLOBS] [--text_field=F] [--column=C] [--vocab_size=4096]
+           [--min_frequency=2]
 
 Fits a byte-level BPE tokenizer.json offline on the *training* documents
 of the configured source (llmlab/data/tokenizer_cli.py). The data config

@@ -1,4 +1,5 @@
-"""usage: llmlab train --config=FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
+"""usage: llmlab train --config=FILE.py[:ARG] --workdir=DIR
+           [--config.KEY=VALUE ...]
 
 Trains (or resumes) the run in DIR from the config; prints the summary as
 one JSON line. Multi-process jobs pass --coordinator, --num_processes,
