@@ -11,7 +11,7 @@ validation rows. `llmlab/studies/distill.py` runs it all (<= 15 min on a
 2-core CPU) and writes DIR/table.md; `tensorboard --logdir=DIR` shows every
 run's curves together.
 
-    python -m llmlab.studies.distill --config=configs/distill_quick.py \
+    llmlab distill-study --config=configs/distill_quick.py \
         --workdir=/tmp/llmlab/distill_quick
 
 Variants: `:smoke` (same pipeline, a few steps; a minute or two).

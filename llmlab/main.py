@@ -1,146 +1,90 @@
-"""The `llmlab` command line: one subcommand per job.
+"""The `llmlab` command line: one command per job, each a module in
+llmlab/commands/ that defines its own flags and calls the libraries.
 
-    llmlab train --config=configs/tiny.py[:variant] --workdir=DIR [--config.KEY=VALUE ...]
-    llmlab eval  --workdir=DIR [--step=N]
-    llmlab sweep --workdir=RUN [--workdir=RUN2 ...] --out=records.csv
-    llmlab fit   --records=records.csv --out=DIR [...]
-    llmlab study --config=configs/study_quick.py[:smoke] --workdir=DIR
-    llmlab tokenizer train --source=... --out=tokenizer.json
+    llmlab --help                 the commands, one line each
+    llmlab CMD --help             CMD's flags
+    llmlab CMD [flags] [--debug]
 
-Config-taking commands use absl flags with ml_collections `config_flags`, so
-`--config=file.py:arg` variants and `--config.train.steps=...` overrides work
-exactly as in big_vision. Multi-process jobs pass `--coordinator`,
-`--num_processes`, `--process_id` (or set LLMLAB_* env vars; on Cloud TPU
-and under SLURM nothing is needed).
+Commands that take a config read it with ml_collections `config_flags`
+(`--config=file.py:arg --config.train.steps=...`, as in big_vision). Bad
+input ends in one line `llmlab CMD: error: ...` and exit status 2 (a
+traceback with `--debug`); llmlab/cli_common.py has the contract.
 """
 
 from __future__ import annotations
 
-import json
-import logging
+import difflib
+import importlib
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
-
-FLAGS = flags.FLAGS
-
-
-def _define_common():
-  config_flags.DEFINE_config_file("config", None, "Config file (.py[:arg]).",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory.")
-  flags.DEFINE_string("coordinator", None, "jax.distributed host:port.")
-  flags.DEFINE_integer("num_processes", None, "Number of processes.")
-  flags.DEFINE_integer("process_id", None, "This process's index.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-  flags.DEFINE_enum("quantize", None, ["int8"],
-                    "eval: weight-only quantization to evaluate.")
-
-
-def _setup_runtime():
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                      datefmt="%H:%M:%S")
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  from llmlab import cli_common
-  cli_common.setup_compile_cache()
-  from llmlab import distributed
-  distributed.initialize(FLAGS.coordinator, FLAGS.num_processes,
-                         FLAGS.process_id)
-
-
-def _require(name: str):
-  if getattr(FLAGS, name) is None:
-    raise app.UsageError(f"--{name} is required")
-
-
-def _train(argv):
-  del argv
-  _require("config")
-  _require("workdir")
-  _setup_runtime()
-  from llmlab import train
-  summary = train.train(FLAGS.config, FLAGS.workdir)
-  if train.is_primary():
-    print(json.dumps({k: summary[k] for k in (
-        "step", "loss", "eval_loss", "eval_bpb", "tokens_per_s", "mfu",
-        "params_nonembed", "wall_s")}, default=str))
-
-
-def _eval(argv):
-  del argv
-  _require("workdir")
-  _setup_runtime()
-  from llmlab import evaluate
-  print(json.dumps(evaluate.evaluate_run(FLAGS.workdir, FLAGS.step,
-                                         quantize=FLAGS.quantize), indent=2))
-
-
-def _study(argv):
-  del argv
-  _require("config")
-  _require("workdir")
-  _setup_runtime()
-  from llmlab.scaling import study
-  result = study.run_study(FLAGS.config, FLAGS.workdir)
-  keys = ("are", "naive_are", "skill", "wall_time_s")
-  print(json.dumps({k: result.get(k) for k in keys}, default=str))
-
-
-def _absl(fn):
-  def run(argv):
-    _define_common()
-    app.run(fn, argv=argv)
-    return 0
-  return run
-
-
-def _module(path: str):
-  """A subcommand whose module owns its argparse `main(argv)`; imported
-  lazily so `llmlab train` never pays for the others' imports. Every one
-  gets the persistent compilation cache (sweep's eval steps, plan's AOT
-  compiles and sample's decode steps are the same programs run to run)."""
-  def run(argv):
-    import importlib
-    from llmlab import cli_common
-    cli_common.setup_compile_cache()
-    return importlib.import_module(path).main(argv[1:])
-  return run
-
-
-def _tokenizer(argv):
-  if len(argv) < 2 or argv[1] != "train":
-    print("usage: llmlab tokenizer train --source=... --out=tokenizer.json",
-          file=sys.stderr)
-    return 2
-  from llmlab.data import tokenizer_cli
-  return tokenizer_cli.main(argv[2:])
-
-
+# name -> (module, one-line description). Modules are imported only when
+# their command runs, so `llmlab train` never pays for the others' imports.
 COMMANDS = {
-    "train": _absl(_train),
-    "eval": _absl(_eval),
-    "study": _absl(_study),
-    "sweep": _module("llmlab.scaling.sweep"),
-    "fit": _module("llmlab.scaling.fit_cli"),
-    "convert": _module("llmlab.convert.cli"),
-    "sample": _module("llmlab.commands.sample"),
-    "teacher-logits": _module("llmlab.commands.teacher_logits"),
-    "distill-study": _module("llmlab.studies.distill"),
-    "prune": _module("llmlab.compress.cli"),
-    "compress-study": _module("llmlab.compress.experiment"),
-    "plan": _module("llmlab.plan"),
-    "overtrain": _module("llmlab.studies.overtrain"),
-    "tokenizer": _tokenizer,
+    "train": ("llmlab.commands.train",
+              "train (or resume) a model from a config into a run directory"),
+    "eval": ("llmlab.commands.eval",
+             "held-out loss and bits per byte of a run's checkpoint"),
+    "sample": ("llmlab.commands.sample",
+               "continue a prompt with a trained run"),
+    "plan": ("llmlab.commands.plan",
+             "memory per device of a config's train step, and what fits"),
+    "sweep": ("llmlab.commands.sweep",
+              "evaluate every checkpoint of runs into a records CSV"),
+    "fit": ("llmlab.commands.fit",
+            "fit a scaling law to records and predict a target"),
+    "study": ("llmlab.commands.study",
+              "scaling study: train, sweep, fit, predict a held-out run"),
+    "overtrain": ("llmlab.commands.overtrain",
+                  "study: fine-tunability along one long pretraining run"),
+    "distill-study": ("llmlab.commands.distill_study",
+                      "study: teacher, then students at equal tokens"),
+    "teacher-logits": ("llmlab.commands.teacher_logits",
+                       "store a teacher's top-k logits for offline "
+                       "distillation"),
+    "prune": ("llmlab.commands.prune",
+              "a smaller run directory initialised from a trained run"),
+    "compress-study": ("llmlab.commands.compress_study",
+                       "study: prune then continue vs. train from scratch"),
+    "convert": ("llmlab.commands.convert",
+                "Hugging Face checkpoint <-> llmlab run directory"),
+    "tokenizer": ("llmlab.commands.tokenizer",
+                  "tokenizer train: fit a byte-level BPE tokenizer.json"),
 }
 
 
+def usage() -> str:
+  width = max(map(len, COMMANDS)) + 2
+  lines = ["usage: llmlab COMMAND [flags]   (llmlab COMMAND --help: its "
+           "flags)", "", "commands:"]
+  lines += [f"  {name:<{width}}{desc}" for name, (_, desc) in COMMANDS.items()]
+  lines += ["", "Every command takes --debug: a traceback instead of the "
+            "one-line error.", "Exit status: 0 done, 2 bad input, 1 any "
+            "other failure (and plan: does not fit).", "",
+            "e.g. llmlab train --config=configs/tiny.py:smoke "
+            "--workdir=/tmp/run --config.train.steps=50"]
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+  """`llmlab ARGV...` (argv excludes the program) -> exit status."""
+  if not argv:
+    print(usage(), file=sys.stderr)
+    return 2
+  cmd = argv[0]
+  if cmd in ("-h", "--help", "-help", "help"):
+    print(usage())
+    return 0
+  if cmd not in COMMANDS:
+    near = difflib.get_close_matches(cmd, list(COMMANDS), n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    print(f"llmlab: error: unknown command {cmd!r}{hint}; llmlab --help "
+          "lists them", file=sys.stderr)
+    return 2
+  module = importlib.import_module(COMMANDS[cmd][0])
+  return module.main(argv[1:])
+
+
 def run(argv=None) -> None:
+  """The `llmlab` console script (and `python -m llmlab`)."""
   argv = list(sys.argv if argv is None else argv)
-  if len(argv) < 2 or argv[1] not in COMMANDS:
-    print("usage: llmlab {" + ",".join(COMMANDS) + "} [flags]\n"
-          "  e.g. llmlab train --config=configs/tiny.py --workdir=/tmp/run",
-          file=sys.stderr)
-    sys.exit(2)
-  cmd = argv[1]
-  sys.exit(COMMANDS[cmd]([f"llmlab {cmd}"] + argv[2:]) or 0)
+  sys.exit(main(argv[1:]))

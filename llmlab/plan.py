@@ -22,11 +22,8 @@ microbatches) and prints the first one that fits, with its flags.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-import sys
 
 import jax
 
@@ -333,85 +330,3 @@ def format_plan(res: dict) -> str:
                    + (f", peak {fmt_bytes(peak)}" if peak else
                       ", not compiled"))
   return "\n".join(lines)
-
-
-# ------------------------------------------------------------------- CLI
-
-
-def _mesh_devices(mesh_cfg) -> int:
-  """Devices a mesh names when no axis is -1 (else 0: take --devices)."""
-  sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)]
-  if -1 in sizes:
-    return 0
-  return math.prod(sizes) * int(mesh_cfg.get("dcn_data", 1) or 1)
-
-
-def _simulate(n: int) -> None:
-  """n CPU devices; only possible before JAX starts its backends."""
-  try:
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", n)
-  except RuntimeError:
-    pass  # backends already up (a library call): use what exists
-  if jax.device_count() < n:
-    raise RuntimeError(f"llmlab plan needs {n} devices but JAX already "
-                       f"started with {jax.device_count()}; run `llmlab plan` "
-                       "as its own process")
-
-
-def _flags(argv):
-  from absl import flags
-  from ml_collections import config_flags
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "Config file (.py[:arg]).",
-                                  lock_config=False, flag_values=fv,
-                                  sys_argv=argv)
-  flags.DEFINE_integer("devices", 0, "Devices (default: the mesh's product).",
-                       flag_values=fv)
-  flags.DEFINE_string("device", None, f"Memory of: {sorted(DEVICES)}.",
-                      flag_values=fv)
-  flags.DEFINE_float("hbm_gb", 0.0, "Device memory in GiB (overrides).",
-                     flag_values=fv)
-  flags.DEFINE_bool("real", False, "Use this machine's devices, not "
-                    "simulated CPU devices.", flag_values=fv)
-  flags.DEFINE_bool("suggest", True, "Search settings that fit.",
-                    flag_values=fv)
-  flags.DEFINE_integer("max_compiles", 6, "Compiles the search may use.",
-                       flag_values=fv)
-  flags.DEFINE_integer("vocab_size", 0, "Vocabulary (default: the "
-                       "tokenizer's).", flag_values=fv)
-  flags.DEFINE_bool("json", False, "Print JSON.", flag_values=fv)
-  return fv
-
-
-USAGE = ("usage: llmlab plan --config=FILE[:ARG] [--config.KEY=VALUE ...] "
-         "[--devices=N] [--device=NAME | --hbm_gb=GIB] [--real] [--json]")
-
-
-def main(argv) -> int:
-  """`llmlab plan` (argv excludes the program and subcommand). Exit status
-  0 if the step fits, 1 if not, 2 for bad usage."""
-  from absl import flags
-  argv = ["llmlab plan", *argv]
-  fv = _flags(argv)
-  try:
-    fv(argv)
-    if fv.config is None:
-      raise ValueError("--config is required")
-    mesh_cfg = fv.config.mesh  # a config that failed to load raises here
-  except (flags.Error, ValueError, OSError, SyntaxError) as e:
-    print(f"llmlab plan: {e}\n{USAGE}", file=sys.stderr)
-    return 2
-  n = fv.devices or _mesh_devices(mesh_cfg) or 1
-  if not fv.real:
-    _simulate(n)
-  res = plan(fv.config, jax.devices()[:n], fv.device,
-             fv.hbm_gb * GiB if fv.hbm_gb else None, fv.suggest,
-             fv.vocab_size, fv.max_compiles, accelerator_layout=not fv.real)
-  print(json.dumps(res, indent=2, default=str) if fv.json
-        else format_plan(res))
-  return 0 if res["fits"] else 1
-
-
-if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))

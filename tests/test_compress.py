@@ -21,7 +21,7 @@ import pytest
 from llmlab import api
 from llmlab import config as config_lib
 from llmlab import model as model_lib
-from llmlab.compress import cli
+from llmlab.commands import prune as prune_cmd
 from llmlab.compress import hard_concrete as hc
 from llmlab.compress import importance
 from llmlab.compress import learned
@@ -305,13 +305,13 @@ def test_activation_prune_and_cli_errors(source_run, tmp_path, capsys):
       "                 num_kv_heads=2, mlp_dim=20, head_dim=8)\n"
       "  return c\n")
   bad_out = str(tmp_path / "bad")
-  assert cli.main([f"--from={source_run}", f"--to_config={cfg_file}",
-                   f"--workdir={bad_out}"]) == 1
+  assert prune_cmd.main([f"--from={source_run}", f"--to_config={cfg_file}",
+                         f"--workdir={bad_out}"]) == 2
   err = capsys.readouterr().err
   assert "num_kv_heads=2" in err and "must divide" in err, err
   assert not os.path.exists(bad_out)
-  assert cli.main([f"--from={source_run}", f"--to_config={cfg_file}",
-                   f"--workdir={out}"]) == 1
+  assert prune_cmd.main([f"--from={source_run}", f"--to_config={cfg_file}",
+                         f"--workdir={out}"]) == 2
   assert "refusing to overwrite" in capsys.readouterr().err
 
 

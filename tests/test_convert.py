@@ -23,7 +23,7 @@ from llmlab import api
 from llmlab import runs
 from llmlab import steps as steps_lib
 from llmlab import sharding as shd
-from llmlab.convert import cli
+from llmlab.commands import convert as convert_cmd
 from llmlab.convert import hf as hf_lib
 from llmlab.convert import hf_config
 from llmlab.convert import safetensors_io as st
@@ -225,7 +225,7 @@ def _hf_logits(directory, tokens):
 
 
 def _convert(*args):
-  assert cli.main([str(a) for a in args]) == 0
+  assert convert_cmd.main([str(a) for a in args]) == 0
 
 
 CASES = {
@@ -385,7 +385,7 @@ def _variant(tmp_path, src, config=None, add=None, drop=()):
 
 
 def _fails(capsys, *args):
-  assert cli.main([str(a) for a in args]) == 1
+  assert convert_cmd.main([str(a) for a in args]) == 2
   return capsys.readouterr().err
 
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from llmlab import data
+from llmlab.commands import tokenizer as tokenizer_cmd
 from llmlab.data import corpus
 from llmlab.data import files
 from llmlab.data import metrics
 from llmlab.data import synthetic
 from llmlab.data import tokenizer as tokenizer_lib
-from llmlab.data import tokenizer_cli
 from llmlab.data.packing import PackedRows
 
 BOS, EOS, PAD = 256, 257, 258
@@ -325,7 +325,7 @@ def test_hf_tokenizer_trained_by_cli_round_trips(tmp_path):
   for i, t in enumerate(texts):
     (corpus_dir / f"{i}.txt").write_text(t)
   out = tmp_path / "tok.json"
-  code = tokenizer_cli.main(["--source=files",
+  code = tokenizer_cmd.main(["train", "--source=files",
                              f"--paths={corpus_dir}/*.txt",
                              "--vocab_size=300", f"--out={out}"])
   assert code == 0 and out.exists()
@@ -488,7 +488,8 @@ def test_non_utf8_replace_and_skip_are_counted(tmp_path):
 
 
 def test_tokenizer_cli_reports_bad_input(tmp_path, capsys):
-  code = tokenizer_cli.main(["--source=files", f"--paths={tmp_path}/*.txt",
+  code = tokenizer_cmd.main(["train", "--source=files",
+                             f"--paths={tmp_path}/*.txt",
                              f"--out={tmp_path / 'tok.json'}"])
   assert code == 2 and "matches no file" in capsys.readouterr().err
   assert not (tmp_path / "tok.json").exists()

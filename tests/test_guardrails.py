@@ -30,6 +30,7 @@ from llmlab import guard
 from llmlab import plan as plan_lib
 from llmlab import train as train_lib
 from llmlab import workdir_lock
+from llmlab.commands import plan as plan_cmd
 from llmlab.data import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -453,8 +454,8 @@ def test_plan_reports_bytes_and_suggests_a_setting_that_fits(capsys):
                f"--config.{k}={OVERRIDES[k]}" for k in (
                    "model.d_model", "model.mlp_dim", "train.seq_len",
                    "train.steps")]
-  assert plan_lib.main(flags) == 0
+  assert plan_cmd.main(flags) == 0
   out = json.loads(capsys.readouterr().out)
   assert out["fits"] and out["per_device"] == rep
-  assert plan_lib.main(["--config=/nonexistent.py"]) == 2
+  assert plan_cmd.main(["--config=/nonexistent.py"]) == 2
   assert "nonexistent.py" in capsys.readouterr().err

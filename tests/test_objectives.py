@@ -336,7 +336,7 @@ def test_teacher_logits_command_errors(tmp_path, capsys):
   rc = teacher_logits.main([f"--config={ROOT}/configs/tiny.py:smoke",
                             f"--teacher={tmp_path}/none",
                             f"--out={tmp_path}/store"])
-  assert rc == 1 and f"--teacher='{tmp_path}/none'" in capsys.readouterr().err
+  assert rc == 2 and f"--teacher='{tmp_path}/none'" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "store")
 
 
@@ -370,7 +370,7 @@ def test_sample_command_on_a_run(teacher_run, tmp_path, capsys):
                     "--max_new_tokens=20", "--num_samples=2", "--seed=1"])
   out = capsys.readouterr().out
   assert rc == 0 and out.count("def ") >= 2 and "--- sample 1" in out
-  assert sample.main([f"--workdir={tmp_path}/nope", "--prompt=x"]) == 1
+  assert sample.main([f"--workdir={tmp_path}/nope", "--prompt=x"]) == 2
   assert f"{tmp_path}/nope" in capsys.readouterr().err
   assert sample.main([f"--workdir={teacher_run}", "--top_p=0"]) == 2
   assert "--top_p=0.0: must be in (0, 1]" in capsys.readouterr().err

@@ -1,28 +1,25 @@
-"""`llmlab sample`: continue a prompt with a trained run (KV-cache decoding
-of llmlab/decode.py).
-
-    llmlab sample --workdir=DIR --prompt="def " [--max_new_tokens=200
+"""usage: llmlab sample --workdir=DIR --prompt="def " [--max_new_tokens=200
         --temperature=0.8 --top_k=0 --top_p=1.0 --seed=0 --step=N
         --num_samples=1 --quantize=int8]
+
+Continues a prompt with a trained run (KV-cache decoding of
+llmlab/decode.py); prints each continuation after the prompt.
 """
 
 from __future__ import annotations
 
-import sys
-
 import jax
+from absl import flags
 
 from llmlab import api
+from llmlab import cli_common
 from llmlab import model as model_lib
 from llmlab.compress import quantize as quantize_lib
 from llmlab.data import tokenizer as tokenizer_lib
 from llmlab.decode import left_pad, make_sampler
 
 
-
-def _flags():
-  from absl import flags
-  fv = flags.FlagValues()
+def define(fv) -> None:
   flags.DEFINE_string("workdir", None, "Run directory (DIR or DIR:STEP).",
                       flag_values=fv)
   flags.DEFINE_string("prompt", "", "Text to continue (after BOS).",
@@ -42,7 +39,6 @@ def _flags():
   flags.DEFINE_enum("quantize", None, ["int8"],
                     "Sample from int8 weight-only quantized params.",
                     flag_values=fv)
-  return fv
 
 
 def _check(fv) -> None:
@@ -84,32 +80,19 @@ def sample_run(workdir: str, prompt: str, *, max_new_tokens: int = 200,
                                                  out["lengths"])]
 
 
-def main(argv) -> int:
-  """`llmlab sample` (argv excludes the program and subcommand)."""
-  from absl import flags
-  fv = _flags()
-  try:
-    fv(["llmlab sample"] + list(argv))
-    if fv.workdir is None:
-      raise ValueError("--workdir is required")
-    _check(fv)
-  except (flags.Error, ValueError) as e:
-    print(f"llmlab sample: {e}\nusage: llmlab sample --workdir=DIR "
-          "--prompt=TEXT [--max_new_tokens=200 --temperature=0.8 --top_k=0 "
-          "--top_p=1.0 --seed=0 --step=N --num_samples=1 --quantize=int8]",
-          file=sys.stderr)
-    return 2
-  try:
-    texts = sample_run(fv.workdir, fv.prompt,
-                       max_new_tokens=fv.max_new_tokens,
-                       temperature=fv.temperature, top_k=fv.top_k,
-                       top_p=fv.top_p, seed=fv.seed, step=fv.step,
-                       num_samples=fv.num_samples, quantize=fv.quantize)
-  except (OSError, ValueError) as e:
-    print(f"llmlab sample: {e}", file=sys.stderr)
-    return 1
+def body(fv) -> None:
+  _check(fv)
+  texts = sample_run(fv.workdir, fv.prompt, max_new_tokens=fv.max_new_tokens,
+                     temperature=fv.temperature, top_k=fv.top_k,
+                     top_p=fv.top_p, seed=fv.seed, step=fv.step,
+                     num_samples=fv.num_samples, quantize=fv.quantize)
   for i, text in enumerate(texts):
     if len(texts) > 1:
       print(f"--- sample {i}")
     print(fv.prompt + text)
-  return 0
+
+
+def main(argv) -> int:
+  """`llmlab sample` (argv excludes the program and subcommand)."""
+  return cli_common.run("sample", argv, define, body, doc=__doc__,
+                        required=("workdir",))

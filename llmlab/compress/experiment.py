@@ -48,7 +48,6 @@ import ml_collections
 import numpy as np
 
 from llmlab import checkpoints as ckpt_lib
-from llmlab import cli_common
 from llmlab import config as config_lib
 from llmlab.compress import report as report_lib
 
@@ -235,25 +234,3 @@ def _prune_timings(scfg, workdir: str) -> dict:
                          "mask_step_time_s": info.get("learned", {}).get(
                              "final", {}).get("step_time_s")}
   return out
-
-
-def main(argv) -> int:
-  """`llmlab compress-study --config=FILE[:arg] --workdir=DIR`."""
-  import argparse
-  parser = argparse.ArgumentParser(prog="llmlab compress-study")
-  parser.add_argument("--config", default="configs/compress_quick.py")
-  parser.add_argument("--workdir", required=True)
-  args = parser.parse_args(argv)
-  cli_common.setup()
-  try:
-    scfg = cli_common.load_config(args.config)
-    result = run(scfg, args.workdir)
-  except (ValueError, OSError) as e:
-    print(f"llmlab compress-study: {e}", file=sys.stderr)
-    return 1
-  print(report_lib.markdown_table(result))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))

@@ -14,10 +14,8 @@ TensorBoard scalars `sweep/eval_loss` and `sweep/eval_bpb` against tokens.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
-import sys
 import time
 
 import jax
@@ -178,28 +176,3 @@ def _default_eval_tokens(workdir: str) -> int:
 def _bar(i: int, n: int, width: int = 20) -> str:
   k = int(width * i / max(n, 1))
   return "#" * k + "." * (width - k)
-
-
-def main(argv: list[str]) -> int:
-  p = argparse.ArgumentParser(prog="llmlab sweep", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", action="append", required=True,
-                 help="run directory (repeat for several runs)")
-  p.add_argument("--out", required=True, help="records CSV (appended)")
-  p.add_argument("--eval_tokens", type=int, default=None,
-                 help="held-out tokens per checkpoint (default: first run's "
-                      "train.eval_tokens)")
-  args = p.parse_args(argv)
-  for w in args.workdir:
-    if not os.path.exists(os.path.join(w, "config.json")):
-      print(f"llmlab sweep: {w}: not a run directory (no config.json)",
-            file=sys.stderr)
-      return 2
-  log = lambda s: print(s, file=sys.stderr, flush=True)
-  try:
-    rows = sweep(args.workdir, args.out, args.eval_tokens, log=log)
-  except SweepError as e:
-    print(f"llmlab sweep: {e}", file=sys.stderr)
-    return 2
-  print(f"{len(rows)} rows in {args.out}")
-  return 0

@@ -25,12 +25,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 
 import ml_collections
 
-from llmlab import cli_common
 from llmlab import config as config_lib
 
 log = logging.getLogger("llmlab")
@@ -118,25 +116,3 @@ def markdown_table(results: dict, scfg) -> str:
           f"T={d.temperature}, {d.kl} KL; teacher-logits pass "
           f"{results.get('teacher_logits', {}).get('wall_s', 0):.0f} s; "
           f"total {results['wall_s']:.0f} s")
-
-
-def main(argv) -> int:
-  """`python -m llmlab.studies.distill --config=FILE[:arg] --workdir=DIR`."""
-  import argparse
-  parser = argparse.ArgumentParser(prog="llmlab distill-study")
-  parser.add_argument("--config", default="configs/distill_quick.py")
-  parser.add_argument("--workdir", required=True)
-  args = parser.parse_args(argv)
-  cli_common.setup()
-  try:
-    scfg = cli_common.load_config(args.config)
-    results = run(scfg, args.workdir)
-  except (ValueError, OSError) as e:
-    print(f"llmlab distill-study: {e}", file=sys.stderr)
-    return 1
-  print(markdown_table(results, scfg))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))

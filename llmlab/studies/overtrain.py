@@ -50,14 +50,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 
 import ml_collections
 import numpy as np
 
 from llmlab import checkpoints as ckpt_lib
-from llmlab import cli_common
 from llmlab import config as config_lib
 from llmlab import runs
 from llmlab.studies import overtrain_analysis
@@ -444,47 +442,3 @@ def _finetune_evals(ev, run_dir: str, cfg, identity: dict) -> dict:
     cache.put("final", {"target": ev["target"].per_batch(params),
                         "pretrain": ev["pretrain"].per_batch(params)})
   return cache.get("final")
-
-
-# ---------------------------------------------------------------------- CLI
-
-
-def main(argv) -> int:
-  """`llmlab overtrain --config=FILE[:arg] --workdir=DIR [--pretrain_run=RUN]`."""
-  import argparse
-  parser = argparse.ArgumentParser(prog="llmlab overtrain",
-                                   description=__doc__,
-                                   formatter_class=argparse.
-                                   RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="configs/overtrain_quick.py")
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--pretrain_run", default=None,
-                      help="an existing run with sweep checkpoints (instead "
-                           "of training the config's `pretrain`)")
-  args = parser.parse_args(argv)
-  # orbax warns through absl each time a checkpoint is opened read-only.
-  cli_common.setup(absl_level=logging.ERROR)
-  try:
-    scfg = cli_common.load_config(args.config)
-    if args.pretrain_run:
-      scfg.pretrain_run = args.pretrain_run
-    result = run(scfg, args.workdir)
-  except Preempted as e:
-    print(f"llmlab overtrain: preempted (SIGTERM) during {e}; it saved its "
-          "checkpoint. Re-run the same command to resume.", file=sys.stderr)
-    return 0
-  except (ValueError, OSError, ckpt_lib.CheckpointError) as e:
-    print(f"llmlab overtrain: {e}", file=sys.stderr)
-    return 1
-  print(overtrain_report.table(result))
-  t = result["timing_this_invocation"]
-  print(f"\ntime: {t['total_s']:.0f} s (pretrain {t['pretrain_s']:.0f}, "
-        f"fine-tune {t['finetune_s']:.0f}, eval {t['eval_s']:.0f}, "
-        f"sensitivity {t['sensitivity_s']:.0f}); per step: pretrain "
-        f"{t['pretrain_step_s'] or float('nan'):.4f} s, fine-tune "
-        f"{t['finetune_step_s'] or float('nan'):.4f} s")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))
