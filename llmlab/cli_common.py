@@ -13,6 +13,8 @@ command and applies one exit contract:
     ConfigError, DataError, WorkdirError, a missing run directory, ...):
     one line `llmlab CMD: error: ...` on stderr, exit 2, no traceback
     unless `--debug`;
+  - storage that failed during the run (`storage.StorageError`, a failed
+    checkpoint save): one line naming the path, exit 1;
   - a study preempted by SIGTERM (`llmlab.experiment.Preempted`): its
     message on stderr, exit 0 (re-running the command resumes).
 
@@ -101,10 +103,15 @@ def guarded(prog: str, debug: bool, call: Callable[[], Any]) -> int:
     print(f"{prog}: {str(e) or PREEMPTED}", file=sys.stderr)
     return 0
   except Exception as e:  # pylint: disable=broad-except
-    if debug or not is_bad_input(e):
+    if debug:
       raise
-    print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-    return 2
+    if is_bad_input(e):
+      print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+      return 2
+    if is_storage_failure(e):
+      print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+      return 1
+    raise
 
 
 def finish(result: Any) -> int:
@@ -260,6 +267,16 @@ def is_bad_input(e: BaseException) -> bool:
   ckpt = sys.modules.get("llmlab.checkpoints")
   return bool(ckpt and isinstance(e, ckpt.CheckpointError) and
               not isinstance(e, ckpt.CheckpointSaveError))
+
+
+def is_storage_failure(e: BaseException) -> bool:
+  """A write the storage refused (a bucket gone, a full disk) after the run
+  started: not the input's fault (exit 1), but its message names the path
+  and what is intact, so it is one line too."""
+  storage = sys.modules.get("llmlab.storage")
+  ckpt = sys.modules.get("llmlab.checkpoints")
+  return bool((storage and isinstance(e, storage.StorageError)) or
+              (ckpt and isinstance(e, ckpt.CheckpointSaveError)))
 
 
 def one_line(e: BaseException) -> str:

@@ -16,6 +16,15 @@ def setup_logging(absl_level: int = logging.WARNING) -> None:
                       datefmt="%H:%M:%S", force=True)
   logging.getLogger("absl").setLevel(absl_level)
   logging.getLogger("llmlab").setLevel(logging.INFO)
+  logging.getLogger("gcsfs").addFilter(_harmless_gcsfs)
+
+
+def _harmless_gcsfs(record: logging.LogRecord) -> bool:
+  """gcsfs asks for the bucket type on every new bucket and warns when the
+  answer needs credentials it does not have (an emulator, or a bucket the
+  account cannot inspect); it then uses the plain API, which works. Not a
+  problem a researcher can act on: filtered by name, not silenced."""
+  return "Could not determine bucket type" not in record.getMessage()
 
 
 def setup_compile_cache() -> str | None:
