@@ -123,3 +123,9 @@ class Progress:
     print(f"step {step}/{self.total}  loss {loss:.4f}  "
           f"{tokens_per_s:,.0f} tok/s  MFU {100 * mfu:.1f}%  ETA {eta}{extra}",
           file=sys.stderr, flush=True)
+
+  def eval(self, step: int, loss: float, bpb: float, tokens: int) -> None:
+    """An eval row as it happens (held-out `tokens`: the budget it used)."""
+    if self.enabled:
+      print(f"step {step}/{self.total}  eval loss {loss:.4f}  bpb {bpb:.4f}  "
+            f"({tokens:,} held-out targets)", file=sys.stderr, flush=True)

@@ -188,6 +188,25 @@ def _warn_if_data_changed(saved: dict, data_info: dict) -> None:
                 "run's", new, old, saved.get("step"))
 
 
+def _peak_flops(cfg, setup, workdir: str) -> tuple[float, str]:
+  """The per-device peak MFU divides by: `train.peak_flops`, the chip
+  table, or on CPU a matmul probe -- measured once per run directory and
+  kept in its config.json, so a resumed run's MFU is comparable with the
+  first part's (a busy machine's probe reads 30-50% lower)."""
+  if not cfg.train.peak_flops:
+    try:
+      old = runs.read_config(workdir)[1].get("model_info", {})
+    except FileNotFoundError:
+      old = {}
+    src = old.get("peak_flops_source")
+    if src == f"cpu {setup.model_cfg.product_dtype or 'float32'} matmul probe":
+      log.info("MFU peak: %.4g FLOP/s per device, probed when the run "
+               "started", old["peak_flops_per_device"])
+      return float(old["peak_flops_per_device"]), src
+  return perf.peak_flops_per_device(cfg.train.peak_flops,
+                                    setup.model_cfg.product_dtype)
+
+
 def initial_state(setup, cfg):
   """Fresh params, or params from `init_from` with a fresh optimizer."""
   state = steps_lib.init_state(setup, cfg.train.seed)
@@ -215,8 +234,7 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
   info = model_info(cfg, data.vocab_size)
   if aux.info:
     info["objective_aux"] = aux.info
-  peak, peak_src = perf.peak_flops_per_device(
-      cfg.train.peak_flops, setup.model_cfg.product_dtype)
+  peak, peak_src = _peak_flops(cfg, setup, workdir)
   info.update(peak_flops_per_device=peak, peak_flops_source=peak_src)
   log.info("model: N(non-embedding)=%s total=%s FLOPs/token=%.3g mesh=%s",
            f"{info['params_nonembed']:,}", f"{info['params_total']:,}",
@@ -307,6 +325,9 @@ class Trainer:
 
   def eval(self, end) -> None:
     self.last_eval = dict(self.run_eval(end.state["params"]), step=end.step)
+    self.progress.eval(end.step, self.last_eval["eval_loss"],
+                       self.last_eval["eval_bpb"],
+                       int(self.last_eval.get("eval_targets", 0)))
     self.writer.row({"tokens": end.step * self.tokens_per_step,
                      **self.last_eval}, TB_TAGS)
     self.writer.flush()  # a flush point (llmlab/metrics.py)

@@ -158,3 +158,16 @@ def test_stop_policy_raises_before_the_save(tmp_path):
   finally:
     t.mgr.close()
   assert t.mgr.steps() == [2]  # nothing saved after the bad step
+
+
+def test_cpu_peak_is_measured_once_per_run_directory(tmp_path):
+  cfg, _, setup = train.prepare(_config())
+  workdir = str(tmp_path)
+  first, src = train._peak_flops(cfg, setup, workdir)  # pylint: disable=protected-access
+  assert src == "cpu float32 matmul probe" and first > 0
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump({"model_info": {"peak_flops_per_device": 123.0,
+                              "peak_flops_source": src}}, f)
+  assert train._peak_flops(cfg, setup, workdir) == (123.0, src)  # pylint: disable=protected-access
+  given = config_lib.with_overrides(cfg, {"train.peak_flops": 7.0})
+  assert train._peak_flops(given, setup, workdir)[0] == 7.0  # pylint: disable=protected-access

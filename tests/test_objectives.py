@@ -374,6 +374,10 @@ def test_sample_command_on_a_run(teacher_run, tmp_path, capsys):
   assert f"{tmp_path}/nope" in capsys.readouterr().err
   assert sample.main([f"--workdir={teacher_run}", "--top_p=0"]) == 2
   assert "--top_p=0.0: must be in (0, 1]" in capsys.readouterr().err
+  # The teacher trained on 32-token rows: 4 + 40 tokens run past them.
+  assert sample.main([f"--workdir={teacher_run}", "--prompt=def ",
+                      "--max_new_tokens=40"]) == 0
+  assert "sampling past the trained context" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------

@@ -8,6 +8,8 @@ llmlab/decode.py); prints each continuation after the prompt.
 
 from __future__ import annotations
 
+import logging
+
 import jax
 from absl import flags
 
@@ -17,6 +19,8 @@ from llmlab import model as model_lib
 from llmlab.compress import quantize as quantize_lib
 from llmlab.data import tokenizer as tokenizer_lib
 from llmlab.decode import left_pad, make_sampler
+
+log = logging.getLogger("llmlab")
 
 
 def define(fv) -> None:
@@ -70,6 +74,12 @@ def sample_run(workdir: str, prompt: str, *, max_new_tokens: int = 200,
   if quantize:
     params, _ = quantize_lib.roundtrip(params, quantize)
   ids = [tok.bos_id] + list(tok.encode(prompt))
+  trained = int(run.config.train.seq_len)
+  if len(ids) + max_new_tokens > trained:
+    log.warning("sampling past the trained context: %d prompt + %d new "
+                "tokens > train.seq_len=%d; positions beyond %d were never "
+                "trained (RoPE extrapolates), expect degraded text there",
+                len(ids), max_new_tokens, trained, trained)
   sampler = make_sampler(model, max_new_tokens=max_new_tokens,
                          temperature=temperature, top_k=top_k, top_p=top_p,
                          eos_id=tok.eos_id, pad_id=tok.pad_id)
