@@ -89,7 +89,8 @@ def base() -> ConfigDict:
   c.train = ConfigDict(dict(
       steps=100, batch_size=8, seq_len=128, microbatches=1, learning_rate=3e-3,
       seed=0, log_every=10, eval_every=0, eval_tokens=65_536,
-      eval_batch_size=0, peak_flops=0.0, max_to_host_lag=1))
+      eval_batch_size=0, peak_flops=0.0, max_to_host_lag=1,
+      wandb=""))  # "project[/entity]": also log to Weights & Biases
 
   c.optim = ConfigDict(dict(
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,

@@ -7,9 +7,11 @@ TensorFlow); TensorBoard reads them as usual.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
+import os
 import sys
 import time
 
@@ -40,21 +42,23 @@ class Writer:
   """
 
   def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0,
-               sync_every_s: float = 60.0):
+               sync_every_s: float = 60.0, wandb: str = "",
+               run_config: dict | None = None):
     self.enabled = enabled
     self._tb = None
     self._jsonl = None
+    self._wandb = None
     self._sync_every = sync_every_s
     if enabled:
-      from tensorboardX import SummaryWriter
       self._spool = storage.Spool(workdir)
       self._jsonl = open(self._spool.fetch("metrics.jsonl"), "a")
       # On resume, TensorBoard drops events a killed run wrote past the
       # checkpoint we restart from (purge_step), so curves are not doubled.
-      self._tb = SummaryWriter(self._spool.path("tensorboard"),
-                               flush_secs=10,
-                               purge_step=start_step + 1 if start_step else None)
+      self._tb = tensorboard_writer(self._spool,
+                                    start_step + 1 if start_step else None)
       self._synced = time.time()
+      if wandb:
+        self._wandb = _wandb_run(wandb, workdir, self._spool, run_config)
 
   def row(self, row: dict, tb_tags: dict[str, str]) -> None:
     """One JSON line; `tb_tags` maps row keys to TensorBoard tags."""
@@ -63,11 +67,26 @@ class Writer:
     row = {k: _clean(v) for k, v in row.items()}
     self._jsonl.write(json.dumps(row) + "\n")
     self._jsonl.flush()
-    for key, tag in tb_tags.items():
-      if key in row and isinstance(row[key], (int, float)):
-        self._tb.add_scalar(tag, row[key], global_step=row["step"])
+    scalars = {tag: row[key] for key, tag in tb_tags.items()
+               if key in row and isinstance(row[key], (int, float))}
+    for tag, value in scalars.items():
+      self._tb.add_scalar(tag, value, global_step=row["step"])
+    if self._wandb is not None:
+      self._wandb.log(scalars, step=row["step"])
     if self._spool.remote and time.time() - self._synced > self._sync_every:
       self.flush()
+
+  def hparams(self, hparams: dict, metric_tags: list[str]) -> None:
+    """The run's hyper-parameters for TensorBoard's HParams dashboard, in
+    this run's own event file (not a run of its own), so a study's runs
+    sort by N, tokens and LR against the last value of `metric_tags`."""
+    if not self.enabled:
+      return
+    from tensorboardX.summary import hparams as hparams_summary
+    values = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+              for k, v in hparams.items()}
+    for summary in hparams_summary(values, {t: 0.0 for t in metric_tags}):
+      self._tb._get_file_writer().add_summary(summary)  # pylint: disable=protected-access
 
   def text(self, tag: str, text: str, step: int = 0) -> None:
     if self.enabled:
@@ -92,7 +111,35 @@ class Writer:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+      if self._wandb is not None:
+        self._wandb.finish()
       self._spool.close()
+
+
+def tensorboard_writer(spool: storage.Spool, purge_step: int | None = None):
+  """A tensorboardX writer on the run's `tensorboard/` (one TensorBoard run
+  per model: training, evals and sweeps each use their own tags)."""
+  from tensorboardX import SummaryWriter  # imported with the first writer
+  return SummaryWriter(spool.path("tensorboard"), flush_secs=10,
+                       purge_step=purge_step)
+
+
+def _wandb_run(spec: str, workdir: str, spool: storage.Spool,
+               run_config: dict | None):
+  """A Weights & Biases run (`train.wandb=project[/entity]`; wandb is the
+  optional extra `llmlab[wandb]`; WANDB_MODE=offline works without a
+  network). Its id is derived from the workdir, so a resumed run continues
+  the same W&B run."""
+  try:
+    import wandb  # optional dependency
+  except ImportError as e:
+    raise ValueError(f"config.train.wandb={spec!r}: wandb is not installed; "
+                     'pip install "llmlab[wandb]"') from e
+  project, _, entity = spec.partition("/")
+  run_id = hashlib.sha256(str(workdir).encode()).hexdigest()[:16]
+  return wandb.init(project=project, entity=entity or None, id=run_id,
+                    name=os.path.basename(str(workdir).rstrip("/")),
+                    dir=spool.local, config=run_config, resume="allow")
 
 
 def truncate_after(workdir: str, step: int) -> None:

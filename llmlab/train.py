@@ -188,6 +188,18 @@ def _warn_if_data_changed(saved: dict, data_info: dict) -> None:
                 "run's", new, old, saved.get("step"))
 
 
+def hparams(cfg, info: dict) -> dict:
+  """What a study's runs differ in, for TensorBoard's HParams dashboard."""
+  t = cfg.train
+  return {"name": cfg.name, "N": info["params_nonembed"],
+          "params_total": info["params_total"],
+          "tokens": t.steps * info["tokens_per_step"], "steps": t.steps,
+          "learning_rate": t.learning_rate, "batch_size": t.batch_size,
+          "seq_len": t.seq_len, "seed": t.seed,
+          "num_layers": cfg.model.num_layers, "d_model": cfg.model.d_model,
+          "schedule": cfg.optim.schedule, "objective": cfg.objective.name}
+
+
 def _peak_flops(cfg, setup, workdir: str) -> tuple[float, str]:
   """The per-device peak MFU divides by: `train.peak_flops`, the chip
   table, or on CPU a matmul probe -- measured once per run directory and
@@ -408,8 +420,9 @@ class Trainer:
       self.writer.close()
     if self.primary:
       metrics_lib.truncate_after(self.workdir, start)
-    self.writer = metrics_lib.Writer(self.workdir, enabled=self.primary,
-                                     start_step=start)
+    self.writer = metrics_lib.Writer(
+        self.workdir, enabled=self.primary, start_step=start,
+        wandb=self.cfg.train.wandb, run_config=config_lib.to_dict(self.cfg))
     self.pending = None
     self.t_mark, self.step_mark = time.time(), start
 
@@ -506,6 +519,8 @@ class Trainer:
                        "\n```")
       self.writer.text("model_info", "```\n" + json.dumps(
           self.info, indent=2, default=str) + "\n```")
+      self.writer.hparams(hparams(self.cfg, self.info),
+                          ["eval/loss", "eval/bpb", "train/loss"])
     batches = itertools.chain([first], batches)
     hooks = self.hooks()
     preempted = False

@@ -171,3 +171,20 @@ def test_cpu_peak_is_measured_once_per_run_directory(tmp_path):
   assert train._peak_flops(cfg, setup, workdir) == (123.0, src)  # pylint: disable=protected-access
   given = config_lib.with_overrides(cfg, {"train.peak_flops": 7.0})
   assert train._peak_flops(given, setup, workdir)[0] == 7.0  # pylint: disable=protected-access
+
+
+def test_wandb_offline_run_directory(tmp_path, monkeypatch):
+  pytest.importorskip("wandb")
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  t = _Recorder(_config(**{"train.wandb": "llmlab-test", "train.steps": 4}),
+                str(tmp_path), _Signal())
+  try:
+    t.run()
+  finally:
+    t.mgr.close()
+  runs_dir = tmp_path / "wandb"
+  offline = [d for d in os.listdir(runs_dir) if d.startswith("offline-run-")]
+  assert len(offline) == 1, os.listdir(runs_dir)
+  files = os.listdir(runs_dir / offline[0])
+  assert any(f.endswith(".wandb") for f in files), files

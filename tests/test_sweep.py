@@ -60,11 +60,22 @@ def test_sweep_rows_and_incremental(runs):
 def test_sweep_tensorboard(runs):
   from tensorboard.backend.event_processing import event_accumulator
   _, dirs = runs
+  # One TensorBoard run per model: the sweep's tags beside training's.
+  assert not os.path.exists(os.path.join(dirs[0], "tensorboard", "sweep"))
   acc = event_accumulator.EventAccumulator(
-      os.path.join(dirs[0], "tensorboard", "sweep"))
+      os.path.join(dirs[0], "tensorboard"))
   acc.Reload()
   steps = [e.step for e in acc.Scalars("sweep/eval_loss")]
-  assert sorted(steps) == [6 * 1024, 12 * 1024]
+  assert sorted(steps) == [6, 12]
+  assert "train/loss" in acc.Tags()["scalars"]
+  # Hyper-parameters for the HParams dashboard, in the same run.
+  from tensorboard.plugins.hparams import plugin_data_pb2
+  content = acc.PluginTagToContent("hparams")
+  start = plugin_data_pb2.HParamsPluginData.FromString(
+      content["_hparams_/session_start_info"]).session_start_info
+  assert start.hparams["N"].number_value > 0
+  assert start.hparams["learning_rate"].number_value > 0
+  assert start.hparams["tokens"].number_value == 12 * 1024
 
 
 def test_sweep_bad_workdir(tmp_path):

@@ -9,7 +9,10 @@ fields. The held-out token budget is identical for every run (the runs must
 share the data config and tokenizer: their corpus fingerprints are checked),
 so the losses are comparable. The sweep is incremental: rows already in the
 CSV are skipped, so it can run while training continues. Each run also gets
-TensorBoard scalars `sweep/eval_loss` and `sweep/eval_bpb` against tokens.
+TensorBoard scalars `sweep/eval_loss` and `sweep/eval_bpb` in its own
+TensorBoard run (`WORKDIR/tensorboard`, beside `train/*` and `eval/*`),
+against the training step: one step axis per run, so TensorBoard never
+mistakes a sweep's events for a restart and purges curves.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import jax
 from llmlab import runs
 from llmlab import checkpoints as ckpt_lib
 from llmlab import data as data_lib
+from llmlab import metrics as metrics_lib
 from llmlab import steps as steps_lib
+from llmlab import storage
 
 COLUMNS = ("run", "step", "params", "params_nonembed", "tokens", "flops",
            "loss", "bpb", "num_layers", "d_model", "num_heads", "num_kv_heads",
@@ -102,20 +107,20 @@ class RunEvaluator:
             "eval_tokens": self.eval_tokens, "workdir": self.workdir}
 
   def tensorboard(self, row: dict) -> None:
-    """Eval loss against tokens seen, one writer per run and sweep pass."""
+    """The sweep's eval of a checkpoint in the run's own TensorBoard run
+    (tags `sweep/*`, against the training step like `train/*`)."""
     if self._tb is None:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard",
-                                            "sweep"))
-    self._tb.add_scalar("sweep/eval_loss", row["loss"],
-                        global_step=int(row["tokens"]))
-    self._tb.add_scalar("sweep/eval_bpb", row["bpb"],
-                        global_step=int(row["tokens"]))
+      self._spool = storage.Spool(self.workdir)
+      self._tb = metrics_lib.tensorboard_writer(self._spool)
+    for key in ("loss", "bpb"):
+      self._tb.add_scalar(f"sweep/eval_{key}", row[key],
+                          global_step=int(row["step"]))
 
   def close(self):
     self.mgr.close()
     if self._tb is not None:
       self._tb.close()
+      self._spool.close()
 
 
 def run_name(workdir: str) -> str:
