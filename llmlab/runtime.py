@@ -9,10 +9,12 @@ import os
 
 
 def setup_logging(absl_level: int = logging.WARNING) -> None:
-  """Timestamped INFO lines on stderr. `force`, because importing orbax
-  already gave the root logger a WARNING handler, which would make a plain
-  `basicConfig` a no-op and silence every progress line."""
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+  """Timestamped lines on stderr: llmlab's INFO, other libraries' warnings
+  (their INFO -- jax's "Unable to initialize backend 'tpu'", gcsfs' cache
+  notices -- is filtered by logger name, not by silencing everything).
+  `force`, because importing orbax already gave the root logger a handler,
+  which would make a plain `basicConfig` a no-op."""
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
                       datefmt="%H:%M:%S", force=True)
   logging.getLogger("absl").setLevel(absl_level)
   logging.getLogger("llmlab").setLevel(logging.INFO)

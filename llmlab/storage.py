@@ -108,7 +108,9 @@ def jsonl_rows(path: str) -> list[dict]:
 def upload(local: str, remote: str) -> None:
   """Copy local file `local` to `remote` as one object."""
   try:
-    epath.Path(remote).write_bytes(epath.Path(local).read_bytes())
+    dst = epath.Path(remote)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(epath.Path(local).read_bytes())
   except Exception as e:  # noqa: BLE001 - any client's error: name the path
     raise StorageError(f"{remote}: cannot write ({type(e).__name__}: {e})") \
         from e
@@ -161,9 +163,7 @@ class Spool:
         name = os.path.relpath(local, self.local)
         stamp = _stamp(local)
         if self._synced.get(name) != stamp:
-          dst = epath.Path(self.target) / name
-          dst.parent.mkdir(parents=True, exist_ok=True)
-          upload(local, str(dst))
+          upload(local, str(epath.Path(self.target) / name))
           self._synced[name] = stamp
 
   def close(self) -> None:
