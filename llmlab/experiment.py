@@ -12,8 +12,7 @@ A study is a plan -- runs whose configs are derived from the study's base
   (their identity) changed;
 - wall time that survives resumes: DIR/experiment.json adds up every
   invocation (a preempted one too) and each run's training time, because a
-  study that was preempted twice should report what it cost, not what its
-  last invocation cost;
+  study preempted twice should report what it cost, not its last part;
 - `write_json` with one encoder, `write_text` (both atomic).
 
 Library code never exits the process: `Preempted` propagates to the
@@ -223,24 +222,14 @@ class Experiment:
     finally:
       self.timing[key] = self.timing.get(key, 0.0) + self.clock() - t
 
-  def cache(self, name: str, identity: dict) -> Cache:
-    return Cache(self.path(name), identity)
-
   def wall_time(self) -> dict:
-    """This invocation's seconds and all invocations' (saved now too)."""
-    this = self.clock() - self.started
-    self._save(this)
-    return {"wall_time_total_s": self.before + this,
-            "wall_time_this_run_s": this}
+    """All invocations' seconds and this one's (saved now too)."""
+    total = self._save()
+    return {"wall_time_total_s": total,
+            "wall_time_this_run_s": total - self.before}
 
-  def _save(self, this: float | None = None) -> None:
-    if this is None:
-      this = self.clock() - self.started
-    self.state["wall_time_total_s"] = self.before + this
+  def _save(self) -> float:
+    total = self.before + self.clock() - self.started
+    self.state["wall_time_total_s"] = total
     write_json(self.path(STATE), self.state)
-
-  def write_json(self, name: str, obj) -> None:
-    write_json(self.path(name), obj)
-
-  def write_text(self, name: str, text: str) -> None:
-    write_text(self.path(name), text)
+    return total

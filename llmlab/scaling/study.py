@@ -137,7 +137,7 @@ def run_study(scfg, workdir: str, train_fn=None) -> dict:
   result["wall_time_s"] = wall["wall_time_this_run_s"]  # as it always was
   result.update(wall)
   result["design"] = DESIGN_NOTE.format(f=scfg.decay_fraction)
-  ex.write_json("study.json", result)
+  experiment.write_json(ex.path("study.json"), result)
   write_report(result, workdir)
   return result
 

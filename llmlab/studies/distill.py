@@ -16,8 +16,9 @@
    each run on the same validation rows, tokens, wall time.
 
 Every run logs to DIR/<run>/tensorboard, so `tensorboard --logdir=DIR`
-overlays all curves. Re-running resumes: finished runs only re-evaluate,
-and a complete teacher-logits store is reused.
+overlays all curves. Re-running resumes: finished runs are skipped (their
+numbers are read back from their directories), a complete teacher-logits
+store is reused.
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ def run(scfg, workdir: str, train_fn=None) -> dict:
   wall = ex.wall_time()
   results["wall_s"] = wall["wall_time_this_run_s"]  # as it always was
   results.update(wall)
-  ex.write_json("results.json", results)
-  ex.write_text("table.md", markdown_table(results, scfg) + "\n")
+  experiment.write_json(ex.path("results.json"), results)
+  experiment.write_text(ex.path("table.md"),
+                        markdown_table(results, scfg) + "\n")
   return results
 
 

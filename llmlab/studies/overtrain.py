@@ -299,7 +299,7 @@ def run(scfg, workdir: str, train_fn=None) -> dict:
               "eval_tokens": int(scfg.eval_tokens),
               "eval_batch_size": int(scfg.eval_batch_size),
               "target_data": config_lib.to_dict(target_data)}
-  cache = ex.cache("evals.json", identity)
+  cache = experiment.Cache(ex.path("evals.json"), identity)
   gammas = [float(g) for g in scfg.sensitivity.gammas]
   sens_seeds = [int(s) for s in scfg.sensitivity.seeds]
   pre_evals = []
