@@ -2,7 +2,16 @@
 llmlab/studies/, llmlab/compress/experiment.py).
 
 A study is a plan -- runs whose configs are derived from the study's base
-(`derive`) -- an analysis and a report. Everything else is here, once:
+(`derive`) -- an analysis and a report:
+
+    ex = experiment.Experiment(workdir)
+    ex.start(scfg, "mystudy_config.json")
+    for r in plan(scfg, workdir):  # [{"cfg": ..., "workdir": ...}, ...]
+      ex.train(r["cfg"], r["workdir"])
+    result = dict(analyse(...), **ex.wall_time())
+    experiment.write_json(ex.path("mystudy.json"), result)
+
+Everything else is here, once:
 
 - `Experiment.train` trains (or resumes) one planned run through a run
   function (default `llmlab.train.train`; tests pass a stub) unless its
