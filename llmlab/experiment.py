@@ -1,10 +1,245 @@
 """The experiment harness the studies share (llmlab/scaling/study.py,
-llmlab/studies/, llmlab/compress/experiment.py)."""
+llmlab/studies/, llmlab/compress/experiment.py).
+
+A study is a plan -- runs whose configs are derived from the study's base
+(`derive`) -- an analysis and a report:
+
+    ex = experiment.Experiment(workdir)
+    ex.start(scfg, "mystudy_config.json")
+    for r in plan(scfg, workdir):  # [{"cfg": ..., "workdir": ...}, ...]
+      ex.train(r["cfg"], r["workdir"])
+    result = dict(analyse(...), **ex.wall_time())
+    experiment.write_json(ex.path("mystudy.json"), result)
+
+Everything else is here, once:
+
+- `Experiment.train` trains (or resumes) one planned run through a run
+  function (default `llmlab.train.train`; tests pass a stub) unless its
+  final checkpoint is committed (`runs.finished`: one stat, nothing is
+  rebuilt), and raises `Preempted` when the run stopped on SIGTERM;
+- `Cache`: evaluations kept on disk, dropped when what they depend on
+  (their identity) changed;
+- wall time that survives resumes: DIR/experiment.json adds up every
+  invocation (a preempted one too) and each run's training time, because a
+  study preempted twice should report what it cost, not its last part;
+- `write_json` with one encoder, `write_text` (both atomic).
+
+Library code never exits the process: `Preempted` propagates to the
+command, which says how to resume and exits 0.
+
+Compilation cache: a study's runs use the process's persistent cache
+(`runtime.setup_compile_cache`, which the commands call); a library caller
+that set none up gets the same default, and `LLMLAB_COMPILE_CACHE=off`
+means none. (Studies used to turn on a DIR/.jax_cache whenever the process
+had no cache, `off` included; such directories are no longer read.)
+"""
 
 from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+from llmlab import runs
+from llmlab import runtime
+
+log = logging.getLogger("llmlab")
+
+STATE = "experiment.json"
 
 
 class Preempted(RuntimeError):
   """A run of a study received SIGTERM and saved its checkpoint; re-running
   the same command resumes. Raised by library code, handled once by the CLI
   (which prints the message and exits 0)."""
+
+
+# ------------------------------------------------------------------ files
+
+
+def json_default(o):
+  """The one JSON encoder of study outputs: numpy scalars and arrays as
+  numbers and lists, anything else (a config, a path) as its str."""
+  if isinstance(o, (np.floating, np.integer, np.bool_)):
+    return o.item()
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  return str(o)
+
+
+def dumps(obj, **kw) -> str:
+  return json.dumps(obj, default=json_default, **kw)
+
+
+def write_text(path: str, text: str) -> None:
+  """Written whole or not at all: a killed study leaves the old file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_json(path: str, obj, indent: int | None = 2) -> None:
+  write_text(path, dumps(obj, indent=indent))
+
+
+def read_json(path: str, default=None):
+  if not os.path.exists(path):
+    return default
+  with open(path) as f:
+    return json.load(f)
+
+
+# ---------------------------------------------------------------- configs
+
+
+def derive(cfg, changes: dict | None = None):
+  """`runs.derive` with nested changes, as the studies write them:
+  derive(base, {"name": "x", "model": {"d_model": 64}, "train": {...}})."""
+  return runs.derive(cfg, dict(_dotted(changes or {})))
+
+
+def _dotted(changes, prefix: str = ""):
+  for key, value in changes.items():
+    if isinstance(value, dict) or hasattr(value, "to_dict"):
+      yield from _dotted(dict(value), f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def compile_cache() -> str | None:
+  """The process's compilation cache if it has one, else the commands'
+  default; None (nothing turned on) under LLMLAB_COMPILE_CACHE=off."""
+  import jax  # noqa: PLC0415 (a study module imports without jax set up)
+  return jax.config.jax_compilation_cache_dir or runtime.setup_compile_cache()
+
+
+# ------------------------------------------------------------------ cache
+
+
+class Cache:
+  """A JSON dict on disk, rewritten atomically after every new entry;
+  discarded when its `identity` (what the values depend on) changed, so a
+  study re-run with other evaluation settings recomputes instead of mixing."""
+
+  def __init__(self, path: str, identity: dict):
+    self.path = path
+    self.identity = json.loads(dumps(identity))  # as it reads back
+    body = read_json(path, {})
+    self.values = body.get("values", {})
+    if body and body.get("identity") != self.identity:
+      log.warning("%s was made with other settings; recomputing", path)
+      self.values = {}
+
+  def get(self, key: str):
+    return self.values.get(key)
+
+  def put(self, key: str, value) -> None:
+    self.values[key] = value
+    write_json(self.path, {"identity": self.identity, "values": self.values},
+               indent=None)
+
+
+# ------------------------------------------------------------- experiment
+
+
+def _train(cfg, workdir: str) -> dict:
+  from llmlab import train  # noqa: PLC0415 (looked up per call: tests patch it)
+  return train.train(cfg, workdir)
+
+
+class Experiment:
+  """One study directory: trains its planned runs, keeps its wall time.
+
+  `train_fn(cfg, workdir) -> summary` (with "preempted") trains one run;
+  `total_from` names a result file whose `wall_time_total_s` seeds the
+  total of a directory made before DIR/experiment.json existed.
+  """
+
+  def __init__(self, workdir: str, train_fn=None, total_from: str = "",
+               clock=time.monotonic):
+    self.workdir, self.clock = workdir, clock
+    self.train_fn = train_fn or _train
+    self.started = clock()
+    self.timing = {}  # this invocation's seconds by `timed` key
+    self.state = read_json(self.path(STATE))
+    if self.state is None:
+      old = read_json(self.path(total_from), {}) if total_from else {}
+      self.state = {"wall_time_total_s": old.get("wall_time_total_s", 0.0),
+                    "run_seconds": {}}
+    self.before = self.state["wall_time_total_s"]
+
+  def path(self, name: str) -> str:
+    return os.path.join(self.workdir, name)
+
+  def start(self, scfg, config_name: str) -> None:
+    """Make DIR, record the study's config in it, pick the compile cache."""
+    os.makedirs(self.workdir, exist_ok=True)
+    compile_cache()
+    write_text(self.path(config_name), scfg.to_json_best_effort(indent=2))
+
+  def train(self, cfg, workdir: str, before=None) -> dict | None:
+    """Trains (or resumes) run `workdir` unless it is finished; returns the
+    run function's summary, None for a finished run. `before()` (a branch
+    copying its start checkpoint) runs only when the run will train."""
+    if runs.finished(workdir, cfg.train.steps):
+      return None
+    if before is not None:
+      before()
+    key = os.path.relpath(workdir, self.workdir)
+    seconds = self.state["run_seconds"]
+    if not os.path.exists(os.path.join(workdir, "config.json")):
+      seconds[key] = 0.0  # a fresh start, not a resume
+    t = self.clock()
+    try:
+      summary = self.train_fn(cfg, workdir)
+    finally:
+      seconds[key] = seconds.get(key, 0.0) + self.clock() - t
+      self._save()
+    if summary["preempted"]:
+      raise Preempted(f"preempted (SIGTERM) during {workdir}; it saved its "
+                      "checkpoint. Re-run the same command to resume.")
+    log.info("trained %s: step %d eval_loss %.4f in %.0f s", workdir,
+             summary["step"], summary.get("eval_loss") or float("nan"),
+             self.clock() - t)
+    return summary
+
+  def run_seconds(self, workdir: str) -> float | None:
+    """Seconds this study spent training run `workdir`, over all its
+    invocations (None: trained before the harness counted)."""
+    return self.state["run_seconds"].get(os.path.relpath(workdir,
+                                                         self.workdir))
+
+  def summary(self, cfg, workdir: str) -> dict:
+    """A finished run's summary read back from its directory (model_info
+    of config.json, the last logged values), the same whether it trained
+    now or in an earlier invocation; `wall_s` is `run_seconds`."""
+    _, raw = runs.read_config(workdir)
+    return {"workdir": workdir, "step": int(cfg.train.steps),
+            **raw.get("model_info", {}), **runs.last_values(workdir),
+            "wall_s": self.run_seconds(workdir)}
+
+  @contextlib.contextmanager
+  def timed(self, key: str):
+    """Adds the block's seconds to `timing[key]` (this invocation)."""
+    t = self.clock()
+    try:
+      yield
+    finally:
+      self.timing[key] = self.timing.get(key, 0.0) + self.clock() - t
+
+  def wall_time(self) -> dict:
+    """All invocations' seconds and this one's (saved now too)."""
+    total = self._save()
+    return {"wall_time_total_s": total,
+            "wall_time_this_run_s": total - self.before}
+
+  def _save(self) -> float:
+    total = self.before + self.clock() - self.started
+    self.state["wall_time_total_s"] = total
+    write_json(self.path(STATE), self.state)
+    return total

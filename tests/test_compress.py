@@ -338,3 +338,29 @@ def test_experiment_reach_tokens_and_config_checks():
   scfg.methods = ("magnitude", "random")
   with pytest.raises(config_lib.ConfigError, match="unknown method 'random'"):
     experiment._check(scfg)
+
+
+def test_compress_study_rerun_skips_every_run(tmp_path, monkeypatch):
+  """A one-method smoke study end to end, then a re-run: nothing trains or
+  prunes again, the same results, wall time adds up."""
+  from llmlab import cli_common
+  from llmlab import train
+  from llmlab.compress import experiment
+  scfg = cli_common.load_config(os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      "configs", "compress_quick.py:smoke"))
+  scfg.methods, scfg.distill_methods = ("magnitude",), ()
+  scfg.continue_steps, scfg.sweep_points = 8, 4
+  workdir = str(tmp_path / "study")
+  first = experiment.run(scfg, workdir)
+  assert set(first["runs"]) == {"magnitude", "scratch"}
+  fail = lambda *a, **k: pytest.fail("re-run trained or pruned again")
+  monkeypatch.setattr(train, "train", fail)
+  monkeypatch.setattr(prune_lib, "prune", fail)
+  again = experiment.run(scfg, workdir)
+  for key in ("runs", "reference_loss", "source", "timings"):
+    assert again[key] == first[key], key
+  assert again["wall_time_total_s"] == pytest.approx(
+      first["wall_time_total_s"] + again["wall_time_s"])
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert "over all invocations" in report

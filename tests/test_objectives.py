@@ -364,6 +364,28 @@ def test_distill_quick_experiment_configs(tmp_path):
     study.student_config(scfg, "nope", str(tmp_path))
 
 
+def test_distill_study_rerun_skips_every_run(tmp_path, monkeypatch):
+  """The whole smoke study, then a re-run: nothing trains, the summaries
+  (read back from the runs) are the same, wall time adds up."""
+  from llmlab import cli_common
+  from llmlab import train
+  from llmlab.studies import distill as study
+  scfg = cli_common.load_config(f"{ROOT}/configs/distill_quick.py:smoke")
+  scfg.student.train.update(seq_len=32, eval_tokens=512)
+  workdir = str(tmp_path / "study")
+  first = study.run(scfg, workdir)
+  monkeypatch.setattr(train, "train",
+                      lambda *a: pytest.fail("re-run trained a finished run"))
+  again = study.run(scfg, workdir)
+  for name in ("teacher", *scfg.students):
+    assert again[name] == first[name], name
+    assert first[name]["eval_loss"] > 0 and first[name]["wall_s"] > 0
+  assert again["wall_time_total_s"] == pytest.approx(
+      first["wall_time_total_s"] + again["wall_time_this_run_s"])
+  assert "over all invocations" in open(os.path.join(workdir,
+                                                     "table.md")).read()
+
+
 def test_sample_command_on_a_run(teacher_run, tmp_path, capsys):
   from llmlab.commands import sample
   rc = sample.main([f"--workdir={teacher_run}", "--prompt=def ",

@@ -164,8 +164,11 @@ def test_rerun_resumes_without_retraining(study, monkeypatch):
   result, calls = _run_spied(_config(), workdir)
   assert calls == [] and evals == []
   strip = lambda r: {k: v for k, v in r.items()
-                     if k not in ("timing_this_invocation", "files")}
+                     if k not in ("timing_this_invocation", "files",
+                                  "wall_time_total_s", "wall_time_this_run_s")}
   assert json.dumps(strip(result)) == json.dumps(strip(before))
+  assert result["wall_time_total_s"] == pytest.approx(
+      before["wall_time_total_s"] + result["wall_time_this_run_s"])
   # A lost fine-tune run is retrained (and re-evaluated), nothing else.
   name = overtrain.run_name(9, 1e-2, 0)
   shutil.rmtree(os.path.join(workdir, "finetune", name))

@@ -14,7 +14,6 @@ import logging
 from absl import flags
 
 from llmlab import cli_common
-from llmlab import experiment
 
 CONFIG = cli_common.Config(default="configs/overtrain_quick.py",
                            example="finetune.steps=64")
@@ -34,21 +33,9 @@ def body(fv: flags.FlagValues) -> None:
   scfg = fv.config
   if fv.pretrain_run:
     scfg.pretrain_run = fv.pretrain_run
-  try:
-    result = overtrain.run(scfg, fv.workdir)
-  except _own_preempted(overtrain) as e:
-    raise experiment.Preempted(
-        f"preempted (SIGTERM) during {e}; it saved its checkpoint. Re-run "
-        "the same command to resume.") from e
+  result = overtrain.run(scfg, fv.workdir)
   print(overtrain_report.table(result))
   print(_timing(result["timing_this_invocation"]))
-
-
-def _own_preempted(module) -> tuple[type, ...]:
-  """The study's own Preempted class if it is not llmlab.experiment's
-  (which the runner handles): its message is only the run directory."""
-  cls = getattr(module, "Preempted", experiment.Preempted)
-  return () if issubclass(cls, experiment.Preempted) else (cls,)
 
 
 def _timing(t: dict) -> str:

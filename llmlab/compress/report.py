@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from llmlab.scaling.study import _json_default  # one JSON encoder for study reports
+from llmlab import experiment
 
 DESIGN_NOTE = ("continued runs and scratch: equal steps, batch and data "
                "order; constant learning rate after warmup, so every "
@@ -100,13 +100,16 @@ def analyse(scfg, rows: list[dict], runs: list[dict], workdir: str) -> dict:
           "runs": out_runs, "design": DESIGN_NOTE}
 
 
+def prune_info(workdir: str, method: str) -> dict:
+  """What `llmlab prune` recorded in the pruned run's config.json."""
+  path = os.path.join(workdir, "pruned", method, "config.json")
+  with open(path) as f:
+    return json.load(f).get("compress", {})
+
+
 def _prune_tokens(scfg, workdir: str) -> dict:
-  out = {}
-  for m in scfg.methods:
-    with open(os.path.join(workdir, "pruned", m, "config.json")) as f:
-      out[m] = int(json.load(f).get("compress", {}).get("learned", {}).get(
-          "tokens", 0))
-  return out
+  return {m: int(prune_info(workdir, m).get("learned", {}).get("tokens", 0))
+          for m in scfg.methods}
 
 
 def _plot(runs: dict, level: float, workdir: str) -> None:
@@ -162,18 +165,15 @@ def write_report(result: dict, table: str, workdir: str) -> None:
            f"{result['target_model']}.", "", table, "",
            f"Wall time {result['wall_time_total_s'] / 60:.1f} min over all "
            f"invocations ({result['wall_time_s'] / 60:.1f} min this one).", "",
-           "Per-step times (s): " + json.dumps(result["timings"],
-                                               default=_json_default), "",
+           "Per-step times (s): " + experiment.dumps(result["timings"]), "",
            "![curves](curves.png)"]
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  experiment.write_text(os.path.join(workdir, "report.md"),
+                        "\n".join(lines) + "\n")
 
 
 def write(result: dict, workdir: str) -> None:
   """compress.json, table.md and report.md."""
-  with open(os.path.join(workdir, "compress.json"), "w") as f:
-    json.dump(result, f, indent=2, default=_json_default)
+  experiment.write_json(os.path.join(workdir, "compress.json"), result)
   table = markdown_table(result)
-  with open(os.path.join(workdir, "table.md"), "w") as f:
-    f.write(table + "\n")
+  experiment.write_text(os.path.join(workdir, "table.md"), table + "\n")
   write_report(result, table, workdir)

@@ -26,31 +26,29 @@ Re-running resumes: finished runs and evaluated checkpoints are skipped.
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import os
 import shutil
 import sys
-import time
 
-import ml_collections
 import numpy as np
 
 from llmlab import checkpoints as ckpt_lib
-from llmlab import config as config_lib
+from llmlab import experiment
 from llmlab.scaling import sweep as sweep_lib
 
 log = logging.getLogger("llmlab")
 
 
-def member_config(scfg, model: dict, steps: int, decay_steps: int):
-  """Train config of one run: the study's base with this model and length."""
-  c = config_lib.merge_defaults(ml_collections.ConfigDict(scfg.base.to_dict()))
-  c.model.update(model)
-  c.train.steps = steps
-  c.optim.schedule = "wsd"
-  c.optim.decay_fraction = decay_steps / steps
-  return c
+def member_config(scfg, model: dict, steps: int, decay_steps: int,
+                  **checkpoint):
+  """Train config of one run: the study's base with this model, length and
+  `checkpoint` settings."""
+  return experiment.derive(scfg.base, {
+      "model": model, "train": {"steps": steps},
+      "optim": {"schedule": "wsd", "decay_fraction": decay_steps / steps},
+      "checkpoint": checkpoint})
 
 
 def branch_points(steps: int, decay_fraction: float, points: int,
@@ -67,30 +65,9 @@ def branch_points(steps: int, decay_fraction: float, points: int,
   return [s for s in starts if 1 <= s < stable_end]
 
 
-def _finished(workdir: str, steps: int) -> bool:
-  d = ckpt_lib.checkpoint_dir(workdir)
-  return os.path.isdir(os.path.join(d, str(steps)))
-
-
-def _train(cfg, workdir: str) -> None:
-  from llmlab import train
-  if _finished(workdir, cfg.train.steps):
-    return
-  t = time.time()
-  summary = train.train(cfg, workdir)
-  if summary["preempted"]:  # SIGTERM: the run saved; stop the whole study
-    print("llmlab study: preempted (SIGTERM); the current run saved its "
-          "checkpoint. Re-run the same command to resume.", file=sys.stderr)
-    sys.exit(0)
-  log.info("trained %s: step %d eval_loss %.4f in %.0fs", workdir,
-           summary["step"], summary.get("eval_loss") or float("nan"),
-           time.time() - t)
-
-
-def _branch(main_dir: str, s: int, cfg, workdir: str) -> None:
-  """Copy main run's stable checkpoint at step s into `workdir`, resume."""
-  if _finished(workdir, cfg.train.steps):
-    return
+def _seed_branch(main_dir: str, s: int, workdir: str) -> None:
+  """Copy the main run's stable checkpoint at step s into the branch's
+  directory; training then resumes from it with the branch's schedule."""
   src = os.path.join(ckpt_lib.checkpoint_dir(main_dir), str(s))
   dst = os.path.join(ckpt_lib.checkpoint_dir(workdir), str(s))
   if not os.path.isdir(dst):
@@ -98,86 +75,71 @@ def _branch(main_dir: str, s: int, cfg, workdir: str) -> None:
       shutil.rmtree(workdir)  # a half-made branch: start it again
     shutil.copytree(src, dst + ".copy")
     os.replace(dst + ".copy", dst)
-  _train(cfg, workdir)
 
 
 def plan(scfg, workdir: str) -> list[dict]:
   """Every run of the study: main runs and branches, in training order."""
-  runs = []
+  out = []
   steps = int(scfg.steps)
   decay = max(1, int(round(scfg.decay_fraction * steps)))
   members = [(n, dict(m), "family") for n, m in scfg.family]
   members.append((scfg.target[0], dict(scfg.target[1]), "target"))
   for name, model, role in members:
     main_dir = os.path.join(workdir, "runs", name)
-    main = member_config(scfg, model, steps, decay)
-    main.checkpoint.sweep_points = 0
     points = branch_points(steps, scfg.decay_fraction, scfg.points,
                            scfg.min_fraction)
     if role == "target":  # ARE only uses its points >= are_fraction of final
       points = [s for s in points
                 if s / (1 - scfg.decay_fraction) >= scfg.are_fraction * steps]
     # The main run saves and keeps its stable checkpoints at branch points.
-    main.checkpoint.every_steps = 0
-    main.checkpoint.keep_at_steps = tuple(points)
-    runs.append(dict(name=name, role=role, cfg=main, workdir=main_dir,
-                     main=None, start=None, final=steps))
+    main = member_config(scfg, model, steps, decay, sweep_points=0,
+                         every_steps=0, keep_at_steps=tuple(points))
+    out.append(dict(name=name, role=role, cfg=main, workdir=main_dir,
+                    main=None, start=None, final=steps))
     for s in points:
       total = int(round(s / (1 - scfg.decay_fraction)))
-      bcfg = member_config(scfg, model, total, total - s)
-      bcfg.checkpoint.every_steps = 0
-      runs.append(dict(name=name, role=role, cfg=bcfg, main=main_dir, start=s,
-                       workdir=os.path.join(workdir, "runs",
-                                            f"{name}_branch{s}"),
-                       final=total))
-  return runs
+      out.append(dict(name=name, role=role, main=main_dir, start=s,
+                      cfg=member_config(scfg, model, total, total - s,
+                                        every_steps=0),
+                      workdir=os.path.join(workdir, "runs",
+                                           f"{name}_branch{s}"),
+                      final=total))
+  return out
 
 
-def run_study(scfg, workdir: str) -> dict:
-  t0 = time.time()
-  os.makedirs(workdir, exist_ok=True)
-  _compilation_cache(os.path.join(workdir, ".jax_cache"))
-  with open(os.path.join(workdir, "study_config.json"), "w") as f:
-    f.write(scfg.to_json_best_effort(indent=2))
-  runs = plan(scfg, workdir)
-  for r in runs:
-    if r["main"] is None:
-      _train(r["cfg"], r["workdir"])
-    else:
-      _branch(r["main"], r["start"], r["cfg"], r["workdir"])
-  names = [f"{r['name']}@{r['final']}" for r in runs]
+def run_study(scfg, workdir: str, train_fn=None) -> dict:
+  ex = experiment.Experiment(workdir, train_fn)
+  ex.start(scfg, "study_config.json")
+  planned = plan(scfg, workdir)
+  for r in planned:
+    seed = None if r["main"] is None else functools.partial(
+        _seed_branch, r["main"], r["start"], r["workdir"])
+    ex.train(r["cfg"], r["workdir"], before=seed)
+  names = [f"{r['name']}@{r['final']}" for r in planned]
   rows = sweep_lib.sweep(
-      [r["workdir"] for r in runs], os.path.join(workdir, "endpoints.csv"),
+      [r["workdir"] for r in planned], ex.path("endpoints.csv"),
       eval_tokens=int(scfg.eval_tokens), names=names,
-      only_steps={r["workdir"]: [r["final"]] for r in runs},
+      only_steps={r["workdir"]: [r["final"]] for r in planned},
       log=lambda s: print(s, file=sys.stderr, flush=True))
-  by_name = {f"{r['name']}@{r['final']}": r for r in runs}
+  by_name = {f"{r['name']}@{r['final']}": r for r in planned}
   records = []
   for row in rows:
     r = by_name.get(row["run"])
     if r is None:
       continue
     records.append(dict(row, run=r["name"], role=r["role"]))
-  sweep_lib.write_csv(os.path.join(workdir, "records.csv"), records)
+  sweep_lib.write_csv(ex.path("records.csv"), records)
   result = analyse(scfg, records, workdir)
-  truth = known_entropy(runs[0]["workdir"], result)
+  truth = known_entropy(planned[0]["workdir"], result)
   if truth:
     result["known_entropy"] = truth
-  result["wall_time_s"] = time.time() - t0
+  wall = ex.wall_time()
+  result["wall_time_s"] = wall["wall_time_this_run_s"]  # as it always was
+  result.update(wall)
   result["design"] = DESIGN_NOTE.format(f=scfg.decay_fraction)
-  with open(os.path.join(workdir, "study.json"), "w") as f:
-    json.dump(result, f, indent=2, default=_json_default)
+  experiment.write_json(ex.path("study.json"), result)
   write_report(result, workdir)
   return result
-
-
-def _compilation_cache(path: str) -> None:
-  """Persist compiled executables: the many runs of a study share eval and
-  init programs, and a resumed study skips compiling them again."""
-  import jax
-  if jax.config.jax_compilation_cache_dir is None:
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 DESIGN_NOTE = ("warmup-stable-decay: one long run per size with a constant "
@@ -223,8 +185,8 @@ def known_entropy(run_dir: str, result: dict) -> dict | None:
   lands near it has found the real irreducible loss, not a fitting artefact.
   """
   try:
-    with open(os.path.join(run_dir, "config.json")) as f:
-      info = json.load(f).get("data_info", {})
+    info = experiment.read_json(os.path.join(run_dir, "config.json"), {})
+    info = info.get("data_info", {})
   except (OSError, ValueError):
     return None
   h = info.get("entropy_rate_nats")
@@ -240,14 +202,6 @@ def known_entropy(run_dir: str, result: dict) -> dict | None:
     out["E_minus_entropy_rate"] = e - h
     out["E_relative_error"] = abs(e - h) / h
   return out
-
-
-def _json_default(o):
-  if isinstance(o, (np.floating, np.integer)):
-    return o.item()
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  return str(o)
 
 
 def write_report(result: dict, workdir: str) -> None:
@@ -268,7 +222,8 @@ def write_report(result: dict, workdir: str) -> None:
       f"| naive ARE (largest fitted model's loss) | "
       f"{100 * result['naive_are']:.2f}% |",
       f"| skill = 1 - ARE/naive | {result['skill']:.3f} |",
-      f"| wall time | {result['wall_time_s'] / 60:.1f} min |", ""]
+      f"| wall time | {result['wall_time_total_s'] / 60:.1f} min over all "
+      f"invocations ({result['wall_time_s'] / 60:.1f} min this one) |", ""]
   truth = result.get("known_entropy")
   if truth:
     lines += [f"Known entropy rate of the data: {truth['entropy_rate_nats']:.4f}"
@@ -277,13 +232,12 @@ def write_report(result: dict, workdir: str) -> None:
               f"fitted E = {truth['fitted_E']:.4f}.", ""]
   pred = result.get("prediction")
   if pred:
-    lines += ["Target at its final tokens: " + json.dumps(
-        pred, default=_json_default), ""]
+    lines += ["Target at its final tokens: " + experiment.dumps(pred), ""]
   co = result.get("compute_optimal")
   if co:
     lines += ["Compute-optimal allocation:", "",
-              "```", json.dumps(co, indent=2, default=_json_default), "```", ""]
+              "```", experiment.dumps(co, indent=2), "```", ""]
   for png in sorted(f for f in os.listdir(workdir) if f.endswith(".png")):
     lines.append(f"![{png}]({png})")
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  experiment.write_text(os.path.join(workdir, "report.md"),
+                        "\n".join(lines) + "\n")

@@ -16,34 +16,32 @@
    each run on the same validation rows, tokens, wall time.
 
 Every run logs to DIR/<run>/tensorboard, so `tensorboard --logdir=DIR`
-overlays all curves. Re-running resumes: finished runs only re-evaluate,
-and a complete teacher-logits store is reused.
+overlays all curves. Re-running resumes: finished runs are skipped (their
+numbers are read back from their directories), a complete teacher-logits
+store is reused.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
-
-import ml_collections
 
 from llmlab import config as config_lib
+from llmlab import experiment
 
 log = logging.getLogger("llmlab")
 
 OBJECTIVES = ("next_token", "distill", "offline")
+SUMMARY_KEYS = ("step", "eval_loss", "eval_bpb", "loss", "wall_s",
+                "tokens_per_s", "params_nonembed", "params_total",
+                "tokens_per_step", "objective_aux")
 
 
 def teacher_config(scfg):
-  c = config_lib.merge_defaults(
-      ml_collections.ConfigDict(scfg.student.to_dict()))
-  c.name = "teacher"
-  c.model.update(dict(scfg.teacher_model))
-  c.train.steps = int(scfg.teacher_steps)
-  c.train.batch_size = int(scfg.teacher_batch_size)
-  return c
+  return experiment.derive(scfg.student, {
+      "name": "teacher", "model": dict(scfg.teacher_model),
+      "train": {"steps": int(scfg.teacher_steps),
+                "batch_size": int(scfg.teacher_batch_size)}})
 
 
 def student_config(scfg, kind: str, workdir: str):
@@ -51,26 +49,23 @@ def student_config(scfg, kind: str, workdir: str):
   if kind not in OBJECTIVES:
     raise config_lib.ConfigError(
         f"config.students: unknown student {kind!r}; known: {OBJECTIVES}")
-  c = config_lib.merge_defaults(
-      ml_collections.ConfigDict(scfg.student.to_dict()))
-  c.name = kind
+  objective = {}
   if kind != "next_token":
-    c.objective.update(dict(scfg.distill), name="distill")
+    objective = dict(scfg.distill, name="distill")
   if kind == "distill":
-    c.objective.teacher = os.path.join(workdir, "teacher")
+    objective["teacher"] = os.path.join(workdir, "teacher")
   if kind == "offline":
-    c.objective.teacher_logits = os.path.join(workdir, "teacher_logits")
-  return c
+    objective["teacher_logits"] = os.path.join(workdir, "teacher_logits")
+  return experiment.derive(scfg.student, {"name": kind,
+                                          "objective": objective})
 
 
-def run(scfg, workdir: str) -> dict:
+def run(scfg, workdir: str, train_fn=None) -> dict:
   from llmlab import teacher_logits
-  from llmlab import train
-  t0 = time.time()
-  os.makedirs(workdir, exist_ok=True)
-  results = {}
-  results["teacher"] = _summary(train.train(teacher_config(scfg),
-                                            os.path.join(workdir, "teacher")))
+  ex = experiment.Experiment(workdir, train_fn)
+  ex.start(scfg, "distill_config.json")
+  results = {"teacher": _train(ex, teacher_config(scfg),
+                               os.path.join(workdir, "teacher"))}
   if "offline" in scfg.students:
     store = teacher_logits.write(
         os.path.join(workdir, "teacher"),
@@ -80,22 +75,28 @@ def run(scfg, workdir: str) -> dict:
     results["teacher_logits"] = store
     log.info("teacher logits: %s", store)
   for kind in scfg.students:
-    cfg = student_config(scfg, kind, workdir)
-    results[kind] = _summary(train.train(cfg, os.path.join(workdir, kind)))
-  results["wall_s"] = time.time() - t0
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2, default=str)
-  table = markdown_table(results, scfg)
-  with open(os.path.join(workdir, "table.md"), "w") as f:
-    f.write(table + "\n")
+    results[kind] = _train(ex, student_config(scfg, kind, workdir),
+                           os.path.join(workdir, kind))
+  wall = ex.wall_time()
+  results["wall_s"] = wall["wall_time_this_run_s"]  # as it always was
+  results.update(wall)
+  experiment.write_json(ex.path("results.json"), results)
+  experiment.write_text(ex.path("table.md"),
+                        markdown_table(results, scfg) + "\n")
   return results
 
 
-def _summary(s: dict) -> dict:
-  keys = ("step", "eval_loss", "eval_bpb", "loss", "wall_s", "tokens_per_s",
-          "params_nonembed", "params_total", "tokens_per_step",
-          "objective_aux")
-  return {k: s.get(k) for k in keys}
+def _train(ex, cfg, workdir: str) -> dict:
+  """Trains the run unless finished; its summary as read back from its
+  directory, the same whether it trained now or in an earlier invocation
+  (`wall_s`: seconds spent on it over all invocations)."""
+  ex.train(cfg, workdir)
+  s = ex.summary(cfg, workdir)
+  return {k: s.get(k) for k in SUMMARY_KEYS}
+
+
+def _seconds(x) -> str:
+  return "-" if x is None else f"{x:.0f}"
 
 
 def markdown_table(results: dict, scfg) -> str:
@@ -110,9 +111,10 @@ def markdown_table(results: dict, scfg) -> str:
     tokens = r["step"] * r["tokens_per_step"]
     rows.append(f"| {name} | {what[name]} | {r['params_nonembed']:,} | "
                 f"{tokens:,} | {r['eval_loss']:.4f} | {r['eval_bpb']:.4f} | "
-                f"{r['wall_s']:.0f} |")
+                f"{_seconds(r['wall_s'])} |")
   d = scfg.distill
   return ("\n".join(rows) + f"\n\ndistill: alpha={d.alpha}, "
           f"T={d.temperature}, {d.kl} KL; teacher-logits pass "
           f"{results.get('teacher_logits', {}).get('wall_s', 0):.0f} s; "
-          f"total {results['wall_s']:.0f} s")
+          f"total {results['wall_time_total_s']:.0f} s over all invocations "
+          f"({results['wall_s']:.0f} s this one)")

@@ -47,7 +47,6 @@ evaluations (DIR/evals.json, DIR/finetune/*/overtrain_eval.json) are reused.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -57,6 +56,7 @@ import numpy as np
 
 from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
+from llmlab import experiment
 from llmlab import runs
 from llmlab.studies import overtrain_analysis
 from llmlab.studies import overtrain_report
@@ -120,8 +120,7 @@ def requested_steps(spec) -> str | list[int]:
 
 def pretrain_config(scfg):
   """The pretraining run's config; explicit checkpoint steps are kept."""
-  c = config_lib.merge_defaults(
-      ml_collections.ConfigDict(scfg.pretrain.to_dict()))
+  c = experiment.derive(scfg.pretrain)
   config_lib.validate(c)
   want = requested_steps(scfg.checkpoints)
   if not isinstance(want, str):
@@ -140,23 +139,25 @@ def finetune_config(pre_cfg, scfg, init_from: str, lr: float, seed: int):
   `init_from`. Model, tokenizer, seq_len and optimizer (but its schedule)
   are the pretraining run's."""
   ft = scfg.finetune
-  c = config_lib.merge_defaults(ml_collections.ConfigDict(pre_cfg.to_dict()))
-  c.data = config_lib.merge_defaults(ml_collections.ConfigDict(
-      {"data": scfg.target_data.to_dict()})).data
+  c = experiment.derive(pre_cfg, {
+      "name": f"finetune {init_from} lr={lr:g} seed={seed}",
+      "init_from": init_from,
+      "train": dict(steps=int(ft.steps), batch_size=int(ft.batch_size),
+                    learning_rate=float(lr), seed=int(seed),
+                    log_every=min(int(ft.log_every), int(ft.steps)),
+                    eval_every=0, eval_tokens=int(scfg.eval_tokens),
+                    eval_batch_size=int(scfg.eval_batch_size)),
+      "optim": dict(schedule=str(ft.schedule),
+                    warmup_steps=int(ft.warmup_steps),
+                    final_lr_fraction=float(ft.final_lr_fraction)),
+      "checkpoint": dict(every_steps=0, keep=1, sweep_points=0,
+                         keep_at_steps=())})
+  # The whole data group is the target's (defaults for what it leaves out).
+  c.data = experiment.derive(ml_collections.ConfigDict(
+      {"data": scfg.target_data})).data
   if str(c.data.tokenizer) != str(pre_cfg.data.tokenizer):
     _fail("target_data.tokenizer", c.data.tokenizer,
           f"must equal the pretraining run's {pre_cfg.data.tokenizer!r}")
-  c.name = f"finetune {init_from} lr={lr:g} seed={seed}"
-  c.init_from = init_from
-  c.train.update(steps=int(ft.steps), batch_size=int(ft.batch_size),
-                 learning_rate=float(lr), seed=int(seed),
-                 log_every=min(int(ft.log_every), int(ft.steps)),
-                 eval_every=0, eval_tokens=int(scfg.eval_tokens),
-                 eval_batch_size=int(scfg.eval_batch_size))
-  c.optim.update(schedule=str(ft.schedule),
-                 warmup_steps=int(ft.warmup_steps),
-                 final_lr_fraction=float(ft.final_lr_fraction))
-  c.checkpoint.update(every_steps=0, keep=1, sweep_points=0, keep_at_steps=())
   config_lib.validate(c)
   return c
 
@@ -195,40 +196,6 @@ def select_checkpoints(spec, available: list[int],
   return want
 
 
-def _finished(workdir: str, steps: int) -> bool:
-  path = os.path.join(ckpt_lib.checkpoint_dir(workdir), str(steps))
-  return os.path.exists(os.path.join(path, ckpt_lib.COMMIT_FILE))
-
-
-# ------------------------------------------------------------------ caches
-
-
-class Cache:
-  """A JSON dict on disk, rewritten atomically after every new entry;
-  discarded when its `identity` (what the values depend on) changed."""
-
-  def __init__(self, path: str, identity: dict):
-    self.path, self.identity = path, identity
-    self.values = {}
-    if os.path.exists(path):
-      with open(path) as f:
-        body = json.load(f)
-      if body.get("identity") == identity:
-        self.values = body["values"]
-      else:
-        log.warning("%s was made with other settings; recomputing", path)
-
-  def get(self, key: str):
-    return self.values.get(key)
-
-  def put(self, key: str, value) -> None:
-    self.values[key] = value
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump({"identity": self.identity, "values": self.values}, f)
-    os.replace(tmp, self.path)
-
-
 class _Evaluators:
   """The two held-out sets, built on first use (a resumed study that needs
   no evaluation never builds them)."""
@@ -251,36 +218,15 @@ class _Evaluators:
           "target": sens_lib.Evaluator(setup, self.target_data, **kw)}
     return self._built
 
-  def params(self, workdir: str, cfg, step: int):
-    setup = self._build()["setup"]
-    mgr = ckpt_lib.Manager(workdir, cfg.checkpoint, cfg.train.steps,
-                           read_only=True)
-    try:
-      return mgr.restore_params(step, setup.abstract_state["params"])[0]
-    finally:
-      mgr.close()
+  def params(self, workdir: str, step: int):
+    with runs.Checkpoint(workdir, step) as ck:
+      return ck.params(self["setup"].abstract_state["params"])
 
   def __getitem__(self, name: str):
     return self._build()[name]
 
 
 # -------------------------------------------------------------------- study
-
-
-class Preempted(RuntimeError):
-  """A run received SIGTERM and saved; re-running the study resumes."""
-
-
-def _train(cfg, workdir: str) -> float:
-  """Train (or resume) one run unless finished; returns its wall time."""
-  from llmlab import train
-  if _finished(workdir, cfg.train.steps):
-    return 0.0
-  t = time.time()
-  summary = train.train(cfg, workdir)
-  if summary["preempted"]:
-    raise Preempted(workdir)
-  return time.time() - t
 
 
 FINETUNE_KEYS = ("init_from", "train.steps", "train.batch_size",
@@ -304,17 +250,6 @@ def _check_same_run(cfg, run_dir: str) -> None:
         "use a new --workdir for the changed study")
 
 
-def _step_time(workdir: str) -> float | None:
-  """Median seconds per step of a run (its metrics.jsonl rows)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    times = [r["step_time_s"] for r in map(json.loads, f)
-             if "step_time_s" in r]
-  return float(np.median(times)) if times else None
-
-
 def _check_data(pre_cfg, target_data, scfg) -> None:
   """Build both data configs and their held-out sets now, so bad data
   fails before pretraining (the builds are memoised for later)."""
@@ -329,14 +264,14 @@ def _check_data(pre_cfg, target_data, scfg) -> None:
     data.eval_batches(int(scfg.eval_tokens), int(scfg.eval_batch_size))
 
 
-def run(scfg, workdir: str) -> dict:
+TIMING = ("pretrain_s", "finetune_s", "eval_s", "sensitivity_s")
+
+
+def run(scfg, workdir: str, train_fn=None) -> dict:
   """The whole study (module doc); returns what overtrain.json holds."""
-  from llmlab.scaling.study import _compilation_cache
   from llmlab.studies import sensitivity as sens_lib
-  t0 = time.time()
+  ex = experiment.Experiment(workdir, train_fn)
   check_config(scfg)
-  timing = {"pretrain_s": 0.0, "finetune_s": 0.0, "eval_s": 0.0,
-            "sensitivity_s": 0.0}
   pre_dir = str(scfg.pretrain_run or os.path.join(workdir, "pretrain"))
   if not scfg.pretrain_run:
     pre_cfg = pretrain_config(scfg)
@@ -345,13 +280,11 @@ def run(scfg, workdir: str) -> dict:
   # Fails on a bad target config (or tokenizer) before any training.
   target_data = finetune_config(pre_cfg, scfg, pre_dir, 1.0, 0).data
   _check_data(pre_cfg, target_data, scfg)
-  os.makedirs(workdir, exist_ok=True)
-  _compilation_cache(os.path.join(workdir, ".jax_cache"))
-  with open(os.path.join(workdir, "overtrain_config.json"), "w") as f:
-    f.write(scfg.to_json_best_effort(indent=2))
+  ex.start(scfg, "overtrain_config.json")
 
   if not scfg.pretrain_run:
-    timing["pretrain_s"] = _train(pre_cfg, pre_dir)
+    with ex.timed("pretrain_s"):
+      ex.train(pre_cfg, pre_dir)
   pre_cfg, pre_raw = runs.read_config(pre_dir)
   steps = select_checkpoints(scfg.checkpoints,
                              *run_checkpoints(pre_dir, pre_cfg))
@@ -363,14 +296,14 @@ def run(scfg, workdir: str) -> dict:
               "eval_tokens": int(scfg.eval_tokens),
               "eval_batch_size": int(scfg.eval_batch_size),
               "target_data": config_lib.to_dict(target_data)}
-  cache = Cache(os.path.join(workdir, "evals.json"), identity)
+  cache = experiment.Cache(ex.path("evals.json"), identity)
   gammas = [float(g) for g in scfg.sensitivity.gammas]
   sens_seeds = [int(s) for s in scfg.sensitivity.seeds]
   pre_evals = []
   for step in steps:
     t = time.time()
-    pre_evals.append(_checkpoint_evals(ev, cache, pre_dir, pre_cfg, step,
-                                       gammas, sens_seeds, timing))
+    pre_evals.append(_checkpoint_evals(ex, ev, cache, pre_dir, step, gammas,
+                                       sens_seeds))
     log.info("overtrain: checkpoint %d: pretrain loss %.4f, target loss "
              "%.4f (%.0f s)", step, sens_lib.mean_loss(
                  pre_evals[-1]["pretrain"]), sens_lib.mean_loss(
@@ -385,50 +318,57 @@ def run(scfg, workdir: str) -> dict:
         cfg = finetune_config(pre_cfg, scfg, f"{pre_dir}:{step}", float(lr),
                               int(seed))
         _check_same_run(cfg, run_dir)
-        timing["finetune_s"] += _train(cfg, run_dir)
-        t = time.time()
-        evals = _finetune_evals(ev, run_dir, cfg, identity)
-        timing["eval_s"] += time.time() - t
+        with ex.timed("finetune_s"):
+          ex.train(cfg, run_dir)
+        with ex.timed("eval_s"):
+          evals = _finetune_evals(ev, run_dir, cfg, identity)
         finetunes.append(dict(run=name, step=step, learning_rate=float(lr),
                               seed=int(seed), workdir=run_dir, **evals))
 
   result = overtrain_analysis.analyse(scfg, pre_cfg, info, steps, pre_evals,
                                       finetunes)
-  timing["total_s"] = time.time() - t0
-  timing["pretrain_step_s"] = _step_time(pre_dir)
-  ft_times = [_step_time(f["workdir"]) for f in finetunes]
-  ft_times = [x for x in ft_times if x is not None]
-  timing["finetune_step_s"] = float(np.median(ft_times)) if ft_times else None
-  result["timing_this_invocation"] = timing
+  wall = ex.wall_time()
+  result["timing_this_invocation"] = _timing(ex, wall, pre_dir, finetunes)
   result["pretrain_run"] = pre_dir
+  result.update(wall)
   overtrain_report.write_outputs(result, workdir)
   return result
 
 
-def _checkpoint_evals(ev, cache: Cache, pre_dir: str, pre_cfg, step: int,
-                      gammas, seeds, timing: dict) -> dict:
+def _timing(ex, wall: dict, pre_dir: str, finetunes: list[dict]) -> dict:
+  """Where this invocation's time went, and the runs' median step times."""
+  timing = {k: ex.timing.get(k, 0.0) for k in TIMING}
+  timing["total_s"] = wall["wall_time_this_run_s"]
+  timing["pretrain_step_s"] = runs.median_step_time(pre_dir)
+  ft_times = [runs.median_step_time(f["workdir"]) for f in finetunes]
+  ft_times = [x for x in ft_times if x is not None]
+  timing["finetune_step_s"] = float(np.median(ft_times)) if ft_times else None
+  return timing
+
+
+def _checkpoint_evals(ex, ev, cache, pre_dir: str, step: int, gammas,
+                      seeds) -> dict:
   """Held-out losses of pretraining checkpoint `step` on both sets, and its
   sensitivity rows for every (gamma, seed); each computed once, cached."""
   from llmlab.studies import sensitivity as sens_lib
   params = None
   key = f"pretrain/{step}"
   if cache.get(key) is None:
-    t = time.time()
-    params = ev.params(pre_dir, pre_cfg, step)
-    cache.put(key, {"pretrain": ev["pretrain"].per_batch(params),
-                    "target": ev["target"].per_batch(params)})
-    timing["eval_s"] += time.time() - t
+    with ex.timed("eval_s"):
+      params = ev.params(pre_dir, step)
+      cache.put(key, {"pretrain": ev["pretrain"].per_batch(params),
+                      "target": ev["target"].per_batch(params)})
   entry = dict(cache.get(key), sensitivity=[])
   for gamma in gammas:
     for seed in seeds:
       skey = f"sensitivity/{step}/{gamma!r}/{seed}"
       if cache.get(skey) is None:
-        t = time.time()
-        if params is None:
-          params = ev.params(pre_dir, pre_cfg, step)
-        cache.put(skey, sens_lib.sensitivity(ev["pretrain"], params, [gamma],
-                                             [seed], base=entry["pretrain"])[0])
-        timing["sensitivity_s"] += time.time() - t
+        with ex.timed("sensitivity_s"):
+          if params is None:
+            params = ev.params(pre_dir, step)
+          cache.put(skey, sens_lib.sensitivity(
+              ev["pretrain"], params, [gamma], [seed],
+              base=entry["pretrain"])[0])
       entry["sensitivity"].append(cache.get(skey))
   return entry
 
@@ -436,9 +376,10 @@ def _checkpoint_evals(ev, cache: Cache, pre_dir: str, pre_cfg, step: int,
 def _finetune_evals(ev, run_dir: str, cfg, identity: dict) -> dict:
   """Per-batch target and pretraining losses of a finished fine-tune run
   (stored beside the run, so a retrained run is re-evaluated)."""
-  cache = Cache(os.path.join(run_dir, "overtrain_eval.json"), identity)
+  cache = experiment.Cache(os.path.join(run_dir, "overtrain_eval.json"),
+                           identity)
   if cache.get("final") is None:
-    params = ev.params(run_dir, cfg, int(cfg.train.steps))
+    params = ev.params(run_dir, int(cfg.train.steps))
     cache.put("final", {"target": ev["target"].per_batch(params),
                         "pretrain": ev["pretrain"].per_batch(params)})
   return cache.get("final")

@@ -7,11 +7,9 @@ Figures use matplotlib's object API on the Agg canvas, rendered once
 
 from __future__ import annotations
 
-import json
 import os
 
-import numpy as np
-
+from llmlab import experiment
 from llmlab.scaling import sweep as sweep_lib
 
 RUN_COLUMNS = ("run", "step", "tokens", "tokens_per_param", "learning_rate",
@@ -29,8 +27,7 @@ def write_outputs(result: dict, workdir: str) -> None:
   sweep_lib.write_csv(os.path.join(workdir, "sensitivity.csv"),
                       result["sensitivity_runs"], SENS_COLUMNS)
   result["files"] = write_plots(result, workdir)
-  with open(os.path.join(workdir, "overtrain.json"), "w") as f:
-    json.dump(result, f, indent=2, default=_json_default)
+  experiment.write_json(os.path.join(workdir, "overtrain.json"), result)
 
 
 def _curve_figure(title: str, ylabel: str):
@@ -137,12 +134,6 @@ def write_plots(result: dict, workdir: str) -> list[str]:
   finally:
     writer.close()
   return paths
-
-
-def _json_default(o):
-  if isinstance(o, (np.floating, np.integer, np.bool_)):
-    return o.item()
-  return str(o)
 
 
 def table(result: dict) -> str:
