@@ -22,7 +22,11 @@ Everything else is here, once:
 - wall time that survives resumes: DIR/experiment.json adds up every
   invocation (a preempted one too) and each run's training time, because a
   study preempted twice should report what it cost, not its last part;
-- `write_json` with one encoder, `write_text` (both atomic).
+- `write_json` with one encoder, `write_text` (both atomic);
+- a study-level progress line before and after every run: runs done of
+  planned, tokens done of planned, elapsed, and an ETA from the tokens per
+  second this invocation has trained (`expect` registers the plan; a run
+  trained without being expected joins it).
 
 Library code never exits the process: `Preempted` propagates to the
 command, which says how to resume and exits 0.
@@ -152,6 +156,18 @@ def _train(cfg, workdir: str) -> dict:
   return train.train(cfg, workdir)
 
 
+def _tokens(cfg) -> int:
+  return int(cfg.train.steps) * int(cfg.train.batch_size) * int(
+      cfg.train.seq_len)
+
+
+def _human(n: float) -> str:
+  for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    if n >= size:
+      return f"{n / size:.1f}{unit}"
+  return f"{n:.0f}"
+
+
 class Experiment:
   """One study directory: trains its planned runs, keeps its wall time.
 
@@ -172,6 +188,29 @@ class Experiment:
       self.state = {"wall_time_total_s": old.get("wall_time_total_s", 0.0),
                     "run_seconds": {}}
     self.before = self.state["wall_time_total_s"]
+    self.planned = {}  # workdir -> tokens, in plan order
+    self.done = set()
+    self.trained_tokens, self.trained_s = 0, 0.0
+
+  def expect(self, planned) -> None:
+    """Register (cfg, workdir) pairs the study will train, for progress."""
+    for cfg, workdir in planned:
+      self.planned.setdefault(workdir, _tokens(cfg))
+      if runs.finished(workdir, cfg.train.steps):
+        self.done.add(workdir)
+
+  def progress(self, note: str = "") -> str:
+    """'study: 3/30 runs, 1.2M/4.6M tokens, 2.1 min elapsed, ETA 7.9 min'."""
+    total = sum(self.planned.values())
+    done = sum(t for w, t in self.planned.items() if w in self.done)
+    rate = self.trained_tokens / self.trained_s if self.trained_s else 0.0
+    eta = f"{(total - done) / rate / 60:.1f} min" if rate else "?"
+    line = (f"study: {len(self.done)}/{len(self.planned)} runs, "
+            f"{_human(done)}/{_human(total)} tokens, "
+            f"{(self.clock() - self.started) / 60:.1f} min elapsed, ETA {eta}")
+    line += f" -- {note}" if note else ""
+    log.info(line)
+    return line
 
   def path(self, name: str) -> str:
     return os.path.join(self.workdir, name)
@@ -186,8 +225,10 @@ class Experiment:
     """Trains (or resumes) run `workdir` unless it is finished; returns the
     run function's summary, None for a finished run. `before()` (a branch
     copying its start checkpoint) runs only when the run will train."""
+    self.expect([(cfg, workdir)])
     if runs.finished(workdir, cfg.train.steps):
       return None
+    self.progress(f"training {os.path.relpath(workdir, self.workdir)}")
     if before is not None:
       before()
     key = os.path.relpath(workdir, self.workdir)
@@ -200,6 +241,11 @@ class Experiment:
     finally:
       seconds[key] = seconds.get(key, 0.0) + self.clock() - t
       self._save()
+    if not summary["preempted"]:
+      self.done.add(workdir)
+      self.trained_tokens += self.planned[workdir]
+      self.trained_s += self.clock() - t
+      self.progress(f"finished {key}")
     if summary["preempted"]:
       raise Preempted(f"preempted (SIGTERM) during {workdir}; it saved its "
                       "checkpoint. Re-run the same command to resume.")

@@ -171,6 +171,9 @@ def format_report(rep: dict, limit: float | None, source: str) -> str:
   return "\n".join(lines)
 
 
+_REPORTED: set[str] = set()  # pre-flight blocks this process has logged
+
+
 def preflight(cfg, setup, train_step, carry, batch) -> dict:
   """`llmlab train`'s pre-flight: compile ahead of time, log bytes per
   device before step 1, and refuse a step that cannot fit an accelerator.
@@ -179,8 +182,14 @@ def preflight(cfg, setup, train_step, carry, batch) -> dict:
   compiled = compile_step(train_step, setup, carry, batch)
   rep = memory_report(compiled, setup)
   limit, source = device_limit(config_name="")
-  log.info("memory pre-flight, per device (XLA memory analysis):\n%s",
-           format_report(rep, limit, source))
+  text = format_report(rep, limit, source)
+  if text in _REPORTED:  # a study's runs of one shape: the block once
+    log.info("memory pre-flight: peak %s per device (as above)",
+             fmt_bytes(rep["peak"]))
+  else:
+    _REPORTED.add(text)
+    log.info("memory pre-flight, per device (XLA memory analysis):\n%s",
+             text)
   on_cpu = jax.devices()[0].platform == "cpu"
   if limit and rep["peak"] > limit:
     msg = (f"the train step needs {fmt_bytes(rep['peak'])} per device but "

@@ -19,6 +19,13 @@ def setup_logging(absl_level: int = logging.WARNING) -> None:
   logging.getLogger("absl").setLevel(absl_level)
   logging.getLogger("llmlab").setLevel(logging.INFO)
   logging.getLogger("gcsfs").addFilter(_harmless_gcsfs)
+  logging.getLogger("absl").addFilter(_harmless_orbax)
+
+
+def _harmless_orbax(record: logging.LogRecord) -> bool:
+  """orbax warns "Given directory is read only" whenever llmlab opens a
+  run's checkpoints read-only on purpose (eval, sweep, llmlab.load)."""
+  return "Given directory is read only" not in record.getMessage()
 
 
 def _harmless_gcsfs(record: logging.LogRecord) -> bool:

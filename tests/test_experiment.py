@@ -167,3 +167,24 @@ def test_derive_nested_changes():
   assert base.model.d_model != 48  # a copy
   with pytest.raises(config_lib.ConfigError, match="model.nope"):
     experiment.derive(base, {"model": {"nope": 1}})
+
+
+def test_study_progress_line(tmp_path):
+  clock, calls = Clock(), []
+  ex = experiment.Experiment(str(tmp_path), _stub(calls, clock, 60.0),
+                             clock=clock)
+  ex.start(config_lib.base(), "c.json")
+  runs_ = [(_cfg(steps=s), str(tmp_path / f"r{s}")) for s in (2, 4, 6)]
+  ex.expect(runs_)
+  per_step = 8 * 128  # base(): batch 8 x seq 128
+  assert ex.progress() == ("study: 0/3 runs, 0/12.3k tokens, 0.0 min "
+                           "elapsed, ETA ?")
+  ex.train(*runs_[0])  # 2 steps in 60 s: 2048 tokens / min
+  line = ex.progress()
+  assert line.startswith(f"study: 1/3 runs, {2 * per_step / 1e3:.1f}k/12.3k")
+  assert line.endswith("1.0 min elapsed, ETA 5.0 min")  # 10 steps left
+  # A resumed study counts finished runs as done, not as throughput.
+  again = experiment.Experiment(str(tmp_path), _stub(calls), clock=clock)
+  again.expect(runs_)
+  assert again.progress().startswith("study: 1/3 runs")
+  assert again.progress().endswith("ETA ?")

@@ -21,7 +21,7 @@ def _study(workdir):
 
 def test_study_end_to_end_and_resume(tmp_path):
   workdir = str(tmp_path / "study")
-  _study(workdir)
+  out = _study(workdir)
   result = json.load(open(os.path.join(workdir, "study.json")))
   for key in ("params", "intervals", "predictions", "are", "naive_are",
               "skill", "compute_optimal", "wall_time_s", "design", "prediction"):
@@ -37,8 +37,28 @@ def test_study_end_to_end_and_resume(tmp_path):
   assert "t1" in runs and any(r.startswith("t1_branch") for r in runs)
   report = open(os.path.join(workdir, "report.md")).read()
   assert "skill" in report and ".png" in report
+  # Labels follow the config that produced the numbers; tables, not JSON.
+  frac = result["are_rule"]["min_fraction"]
+  assert f"ARE (target, >= {100 * frac:.0f}% of final tokens)" in report
+  assert "| tokens | predicted loss | 95% interval | actual | error |" in report
+  assert "| compute C (FLOPs) | params N* |" in report
+  branch = next(r for r in runs if r.startswith("t1_branch"))
+  assert f"| t1@" in report and f"runs/{branch} |" in report
+  assert "held-out tokens" in report and "{" not in report
+  # Study-level progress on the console: runs and tokens done of planned.
+  planned = len(runs)
+  assert f"study: 0/{planned} runs" in out.stderr
+  assert f"study: {planned}/{planned} runs" in out.stderr
+  assert out.stderr.count("memory pre-flight, per device") < planned
+  total = result["wall_time_total_s"]
   before = os.path.getmtime(os.path.join(workdir, "runs", "t1", "config.json"))
   out = _study(workdir)  # resumes: nothing is retrained or re-evaluated
   assert "trained" not in out.stderr
   assert "nothing new to evaluate" in out.stderr
   assert os.path.getmtime(os.path.join(workdir, "runs", "t1", "config.json")) == before
+  again = json.load(open(os.path.join(workdir, "study.json")))
+  # Wall time adds up over invocations; this one's is reported beside it.
+  assert again["wall_time_total_s"] > total
+  assert abs(again["wall_time_total_s"] - total -
+             again["wall_time_this_run_s"]) < 1e-6
+  assert again["wall_time_this_run_s"] < total

@@ -145,10 +145,12 @@ def run(scfg, workdir: str, train_fn=None) -> dict:
   _check(scfg)
   ex.start(scfg, "compress_config.json")
   source_dir = os.path.join(workdir, "source")
+  planned = plan(scfg, workdir)
+  ex.expect([(source_config(scfg), source_dir)] +
+            [(r["cfg"], r["workdir"]) for r in planned])
   ex.train(source_config(scfg), source_dir)
   for method in scfg.methods:
     _prune(scfg, workdir, method)
-  planned = plan(scfg, workdir)
   for r in planned:
     ex.train(r["cfg"], r["workdir"])
   pruned = [(f"{m}@0", os.path.join(workdir, "pruned", m)) for m in scfg.methods]

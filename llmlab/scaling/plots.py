@@ -8,10 +8,24 @@ import os
 
 import matplotlib.image
 import numpy as np
+from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 MAX_CURVES = 12
+X_LABELS = {"tokens": "training tokens D", "compute": "training compute C (FLOPs)",
+            "flops": "training compute C (FLOPs)"}
+
+
+def _log_loss_axis(ax) -> None:
+  """A log loss axis whose labels read as numbers (2.5, 3, 4), not as
+  10^0 plus a stray minor label: losses span far less than a decade."""
+  ax.set_yscale("log")
+  ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 1.25, 1.5, 2.0, 2.5,
+                                                     3.0, 4.0, 5.0, 6.0, 8.0)))
+  ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
+  ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+  ax.set_ylabel("loss (nats/token)")
 
 
 def _figure(title: str):
@@ -49,16 +63,20 @@ def loss_curves(records, curve, target=None, band=None, xkey: str = "tokens"):
                         else xs.max(), 100)
     ax.plot(grid, curve(n, grid), color=sc.cmap(norm(np.log10(n))), lw=1)
   if band is not None:
-    ax.fill_between(band["x"], band["lo"], band["hi"], color="tab:red", alpha=0.25,
-                    label="target 95% interval")
-    ax.plot(band["x"], band["mid"], color="tab:red", lw=1.5, label="target prediction")
+    ax.fill_between(band["x"], band["lo"], band["hi"], color="tab:red", alpha=0.25)
+    ax.plot(band["x"], band["mid"], color="tab:red", lw=1.5)
+    # The prediction at the target's last point: a marker with its 95%
+    # interval as an error bar, visible however narrow the band is.
+    mid, lo, hi = (float(np.ravel(band[k])[-1]) for k in ("mid", "lo", "hi"))
+    ax.errorbar([np.ravel(band["x"])[-1]], [mid], yerr=[[mid - lo], [hi - mid]],
+                fmt="D", color="tab:red", ms=7, capsize=5, elinewidth=2,
+                label="target prediction, 95% interval")
   if target is not None and target.get("loss") is not None:
-    ax.scatter(target["x"], target["loss"], color="tab:red", marker="x", s=20,
-               label="target actual")
+    ax.scatter(target["x"], target["loss"], color="black", marker="x", s=40,
+               zorder=5, label="target actual")
   ax.set_xscale("log")
-  ax.set_yscale("log")
-  ax.set_xlabel(xkey)
-  ax.set_ylabel("loss (nats/token)")
+  _log_loss_axis(ax)
+  ax.set_xlabel(X_LABELS.get(xkey, xkey))
   ax.legend(fontsize=8)
   return fig
 
@@ -72,8 +90,8 @@ def predicted_vs_actual(actual, predicted, target_actual=None, target_predicted=
   lo = min(np.min(actual), np.min(predicted))
   hi = max(np.max(actual), np.max(predicted))
   ax.plot([lo, hi], [lo, hi], color="gray", lw=1, ls="--", label="y = x")
-  ax.set_xlabel("actual loss")
-  ax.set_ylabel("predicted loss")
+  ax.set_xlabel("actual loss (nats/token)")
+  ax.set_ylabel("predicted loss (nats/token)")
   ax.legend(fontsize=8)
   return fig
 
@@ -89,7 +107,7 @@ def compute_frontier(optimal: dict, records=None):
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.set_xlabel("training compute C = 6ND (FLOPs)")
-  ax.set_ylabel("params / tokens")
+  ax.set_ylabel("params N / training tokens D")
   ax.legend(fontsize=8)
   return fig
 
@@ -101,8 +119,8 @@ def saturation_plot(rows: list[dict], threshold: float):
   ax.scatter(n, [r["final_tokens"] for r in rows], marker="x", label="final tokens")
   ax.set_xscale("log")
   ax.set_yscale("log")
-  ax.set_xlabel("params")
-  ax.set_ylabel("tokens")
+  ax.set_xlabel("params N")
+  ax.set_ylabel("training tokens D")
   ax.legend(fontsize=8)
   return fig
 

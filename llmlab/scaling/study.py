@@ -111,6 +111,7 @@ def run_study(scfg, workdir: str, train_fn=None) -> dict:
   ex = experiment.Experiment(workdir, train_fn)
   ex.start(scfg, "study_config.json")
   planned = plan(scfg, workdir)
+  ex.expect([(r["cfg"], r["workdir"]) for r in planned])
   for r in planned:
     seed = None if r["main"] is None else functools.partial(
         _seed_branch, r["main"], r["start"], r["workdir"])
@@ -138,7 +139,7 @@ def run_study(scfg, workdir: str, train_fn=None) -> dict:
   result.update(wall)
   result["design"] = DESIGN_NOTE.format(f=scfg.decay_fraction)
   experiment.write_json(ex.path("study.json"), result)
-  write_report(result, workdir)
+  write_report(result, workdir, planned, int(scfg.eval_tokens))
   return result
 
 
@@ -204,10 +205,12 @@ def known_entropy(run_dir: str, result: dict) -> dict | None:
   return out
 
 
-def write_report(result: dict, workdir: str) -> None:
-  """report.md: the numbers a researcher reads first, and the plots."""
+def write_report(result: dict, workdir: str, planned: list[dict] = (),
+                 eval_tokens: int | None = None) -> None:
+  """report.md: the numbers a researcher reads first, and the plots. Every
+  label comes from the settings that produced its number."""
   p = result.get("params", {})
-  are = result.get("are")
+  rule = result.get("are_rule", {})
   lines = [
       "# Scaling study", "",
       f"Design: {result['design']}", "",
@@ -218,7 +221,7 @@ def write_report(result: dict, workdir: str) -> None:
       f"| target | {result['target']['name']} "
       f"({result['target']['params']:,.0f} params, "
       f"{result['target']['ratio_to_largest_fitted']:.1f}x the largest fitted) |",
-      f"| ARE (target, >= 70% of final tokens) | {100 * are:.2f}% |",
+      f"| ARE (target, {_are_rule(rule)}) | {100 * result['are']:.2f}% |",
       f"| naive ARE (largest fitted model's loss) | "
       f"{100 * result['naive_are']:.2f}% |",
       f"| skill = 1 - ARE/naive | {result['skill']:.3f} |",
@@ -230,14 +233,76 @@ def write_report(result: dict, workdir: str) -> None:
               f" nats/token (best mean loss per target "
               f"{truth['floor_nats_per_target'] or float('nan'):.4f}); "
               f"fitted E = {truth['fitted_E']:.4f}.", ""]
-  pred = result.get("prediction")
-  if pred:
-    lines += ["Target at its final tokens: " + experiment.dumps(pred), ""]
-  co = result.get("compute_optimal")
-  if co:
-    lines += ["Compute-optimal allocation:", "",
-              "```", experiment.dumps(co, indent=2), "```", ""]
+  lines += _prediction_table(result.get("predictions") or [],
+                             result.get("prediction"))
+  lines += _optimal_table(result.get("compute_optimal"))
+  lines += _runs_table(planned, eval_tokens)
   for png in sorted(f for f in os.listdir(workdir) if f.endswith(".png")):
     lines.append(f"![{png}]({png})")
   experiment.write_text(os.path.join(workdir, "report.md"),
                         "\n".join(lines) + "\n")
+
+
+def _are_rule(rule: dict) -> str:
+  """The ARE's selection of target points, as study.json's are_rule says."""
+  if rule.get("final_only"):
+    return "final checkpoint only"
+  frac = rule.get("min_fraction")
+  return (f">= {100 * frac:.0f}% of final tokens" if frac
+          else "all checkpoints")
+
+
+def _prediction_table(rows: list[dict], final: dict | None) -> list[str]:
+  """The target's predicted losses with their 95% intervals (parameter
+  uncertainty from the bootstrap) against what it reached."""
+  rows = [r for r in rows if "loss" in r] or ([final] if final else [])
+  if not rows:
+    return []
+  out = ["## Target: predicted vs actual", "",
+         "| tokens | predicted loss | 95% interval | actual | error |",
+         "| ---: | ---: | --- | ---: | ---: |"]
+  for r in rows:
+    ci = ("-" if r.get("lo") is None or r["lo"] != r["lo"] else
+          f"[{r['lo']:.4f}, {r['hi']:.4f}]")
+    actual = r.get("loss")
+    err = ("-" if actual is None else
+           f"{100 * (r['loss_hat'] - actual) / actual:+.2f}%")
+    out.append(f"| {r['tokens']:.3g} | {r['loss_hat']:.4f} | {ci} | "
+               f"{'-' if actual is None else f'{actual:.4f}'} | {err} |")
+  return out + ["", "Losses in nats/token on the sweep's held-out set.", ""]
+
+
+def _optimal_table(co: dict | None) -> list[str]:
+  if not co:
+    return []
+  a_ci = co.get("a_interval")
+  head = (f"N* = {co['G']:.3g} (C/6)^{co['a']:.3f}"
+          + (f" (95% interval of the exponent [{a_ci[0]:.3f}, {a_ci[1]:.3f}])"
+             if a_ci else "") + f", D* = (C/6)^{co['b']:.3f} / {co['G']:.3g}")
+  out = ["## Compute-optimal allocation", "", head, "",
+         "| compute C (FLOPs) | params N* | tokens D* | tokens per param |",
+         "| ---: | ---: | ---: | ---: |"]
+  for c, n, d, r in zip(co["compute"], co["params"], co["tokens"],
+                        co["tokens_per_param"]):
+    out.append(f"| {c:.1e} | {n:.3g} | {d:.3g} | {r:.1f} |")
+  return out + [""]
+
+
+def _runs_table(planned: list[dict], eval_tokens: int | None) -> list[str]:
+  """Where each point of the report was trained (run directories are named
+  by size and branch step; the report names a point size@final_step)."""
+  if not planned:
+    return []
+  out = ["## Runs", "",
+         "| report name | run directory | role | steps | branched at |",
+         "| --- | --- | --- | ---: | ---: |"]
+  for r in planned:
+    out.append(f"| {r['name']}@{r['final']} | "
+               f"{os.path.relpath(r['workdir'], os.path.dirname(os.path.dirname(r['workdir'])))} | "
+               f"{r['role']} | {r['final']} | {r['start'] or '-'} |")
+  if eval_tokens:
+    out += ["", f"Every fitted point is the sweep's eval of the run's final "
+            f"checkpoint on {eval_tokens:,} held-out tokens (study "
+            "`eval_tokens`); the eval logged during training uses the run's "
+            "own `train.eval_tokens` budget, so the two differ slightly."]
+  return out + [""]

@@ -64,6 +64,9 @@ def run(scfg, workdir: str, train_fn=None) -> dict:
   from llmlab import teacher_logits
   ex = experiment.Experiment(workdir, train_fn)
   ex.start(scfg, "distill_config.json")
+  ex.expect([(teacher_config(scfg), os.path.join(workdir, "teacher"))] +
+            [(student_config(scfg, k, workdir), os.path.join(workdir, k))
+             for k in scfg.students])
   results = {"teacher": _train(ex, teacher_config(scfg),
                                os.path.join(workdir, "teacher"))}
   if "offline" in scfg.students:

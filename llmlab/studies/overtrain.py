@@ -309,21 +309,24 @@ def run(scfg, workdir: str, train_fn=None) -> dict:
                  pre_evals[-1]["pretrain"]), sens_lib.mean_loss(
                      pre_evals[-1]["target"]), time.time() - t)
 
+  planned = [dict(run=run_name(step, float(lr), int(seed)), step=step,
+                  learning_rate=float(lr), seed=int(seed),
+                  cfg=finetune_config(pre_cfg, scfg, f"{pre_dir}:{step}",
+                                      float(lr), int(seed)))
+             for step in steps for lr in scfg.finetune.learning_rates
+             for seed in scfg.finetune.seeds]
+  for r in planned:
+    r["workdir"] = os.path.join(workdir, "finetune", r["run"])
+    _check_same_run(r["cfg"], r["workdir"])
+  ex.expect([(r["cfg"], r["workdir"]) for r in planned])
   finetunes = []
-  for step in steps:
-    for lr in scfg.finetune.learning_rates:
-      for seed in scfg.finetune.seeds:
-        name = run_name(step, float(lr), int(seed))
-        run_dir = os.path.join(workdir, "finetune", name)
-        cfg = finetune_config(pre_cfg, scfg, f"{pre_dir}:{step}", float(lr),
-                              int(seed))
-        _check_same_run(cfg, run_dir)
-        with ex.timed("finetune_s"):
-          ex.train(cfg, run_dir)
-        with ex.timed("eval_s"):
-          evals = _finetune_evals(ev, run_dir, cfg, identity)
-        finetunes.append(dict(run=name, step=step, learning_rate=float(lr),
-                              seed=int(seed), workdir=run_dir, **evals))
+  for r in planned:
+    cfg = r.pop("cfg")
+    with ex.timed("finetune_s"):
+      ex.train(cfg, r["workdir"])
+    with ex.timed("eval_s"):
+      evals = _finetune_evals(ev, r["workdir"], cfg, identity)
+    finetunes.append(dict(r, **evals))
 
   result = overtrain_analysis.analyse(scfg, pre_cfg, info, steps, pre_evals,
                                       finetunes)
