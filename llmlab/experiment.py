@@ -50,6 +50,7 @@ import numpy as np
 
 from llmlab import runs
 from llmlab import runtime
+from llmlab import storage
 
 log = logging.getLogger("llmlab")
 
@@ -80,11 +81,9 @@ def dumps(obj, **kw) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-  """Written whole or not at all: a killed study leaves the old file."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  """Written whole or not at all: a killed study leaves the old file
+  (local or gs://, llmlab/storage.py)."""
+  storage.write_text(path, text)
 
 
 def write_json(path: str, obj, indent: int | None = 2) -> None:
@@ -92,10 +91,9 @@ def write_json(path: str, obj, indent: int | None = 2) -> None:
 
 
 def read_json(path: str, default=None):
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return default
-  with open(path) as f:
-    return json.load(f)
+  return storage.read_json(path)
 
 
 # ---------------------------------------------------------------- configs
@@ -217,7 +215,7 @@ class Experiment:
 
   def start(self, scfg, config_name: str) -> None:
     """Make DIR, record the study's config in it, pick the compile cache."""
-    os.makedirs(self.workdir, exist_ok=True)
+    storage.makedirs(self.workdir)
     compile_cache()
     write_text(self.path(config_name), scfg.to_json_best_effort(indent=2))
 
@@ -233,7 +231,7 @@ class Experiment:
       before()
     key = os.path.relpath(workdir, self.workdir)
     seconds = self.state["run_seconds"]
-    if not os.path.exists(os.path.join(workdir, "config.json")):
+    if not storage.exists(storage.join(workdir, "config.json")):
       seconds[key] = 0.0  # a fresh start, not a resume
     t = self.clock()
     try:

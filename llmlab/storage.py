@@ -54,6 +54,56 @@ def makedirs(path: str) -> None:
   epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
+def listdir(path: str) -> list[str]:
+  """Names in directory `path` (empty if it does not exist)."""
+  p = epath.Path(path)
+  return sorted(c.name for c in p.iterdir()) if p.exists() else []
+
+
+def remove(path: str) -> None:
+  epath.Path(path).unlink()
+
+
+def rmtree(path: str) -> None:
+  p = epath.Path(path)
+  if p.exists():
+    p.rmtree()
+
+
+def copytree(src: str, dst: str) -> None:
+  """Copy directory `src` to `dst` (which must not exist) so that a crash
+  never leaves a `dst` that looks complete: locally a copy renamed into
+  place; on an object store (no rename) every object is copied with the
+  orbax commit markers last, so `dst` counts as a checkpoint only once
+  everything else is there."""
+  if not is_remote(dst):
+    shutil.copytree(src, dst + ".copy")
+    os.replace(dst + ".copy", dst)
+    return
+  files = [f for f in epath.Path(src).rglob("*") if f.is_file()]
+  files.sort(key=lambda f: (f.name == "commit_success.txt", -len(f.parts)))
+  for f in files:
+    out = epath.Path(dst) / f.relative_to(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(f.read_bytes())
+
+
+def read_bytes(path: str) -> bytes:
+  return epath.Path(path).read_bytes()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Whole-object write; locally via a temporary file and a rename."""
+  if is_remote(path):
+    epath.Path(path).write_bytes(data)
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
 def read_text(path: str) -> str:
   return epath.Path(path).read_text()
 
@@ -64,14 +114,7 @@ def read_json(path: str) -> Any:
 
 def write_text(path: str, text: str) -> None:
   """Atomic whole-file write (see module docstring)."""
-  if is_remote(path):
-    epath.Path(path).write_text(text)
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  write_bytes(path, text.encode())
 
 
 def write_json(path: str, obj: Any, **kw) -> None:

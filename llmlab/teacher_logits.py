@@ -25,13 +25,14 @@ belongs to the run's data order.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import time
 
 import flax.linen as nn
 import jax
 import numpy as np
+from etils import epath
 
 from llmlab import config as config_lib
 from llmlab import data as data_lib
@@ -39,6 +40,7 @@ from llmlab import model as model_lib
 from llmlab import runs
 from llmlab import sharding as shd
 from llmlab import steps as steps_lib
+from llmlab import storage
 from llmlab.data import tokenizer as tokenizer_lib
 
 from llmlab.data.teacher_store import FORMAT, data_identity, shard_name
@@ -95,8 +97,8 @@ def write(teacher_ref: str, cfg, out: str, top_k: int = 16,
   t0 = time.time()
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
     for start in range(0, steps, chunk_steps):
-      path = os.path.join(out, shard_name(start))
-      if os.path.exists(path):
+      path = storage.join(out, shard_name(start))
+      if storage.exists(path):
         continue
       rows = [data.train_batch(s) for s in range(start,
                                                  min(start + chunk_steps,
@@ -108,8 +110,8 @@ def write(teacher_ref: str, cfg, out: str, top_k: int = 16,
             logprobs=np.stack(logp).astype(np.float32),
             tokens=np.stack([r["tokens"] for r in rows]))
   index["complete"] = True
-  _write_json(os.path.join(out, "index.json"), index)
-  size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+  storage.write_json(storage.join(out, "index.json"), index)
+  size = sum(epath.Path(out, f).stat().length for f in storage.listdir(out))
   return {"out": out, "steps": steps, "top_k": top_k, "bytes": size,
           "wall_s": time.time() - t0, "teacher": info["teacher"],
           "teacher_step": info["teacher_step"]}
@@ -117,10 +119,9 @@ def write(teacher_ref: str, cfg, out: str, top_k: int = 16,
 
 def _start_index(out: str, index: dict) -> None:
   """Create the store, or continue one written by the same command."""
-  path = os.path.join(out, "index.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+  path = storage.join(out, "index.json")
+  if storage.exists(path):
+    old = storage.read_json(path)
     same = {k: v for k, v in old.items() if k != "complete"} == json.loads(
         json.dumps({k: v for k, v in index.items() if k != "complete"}))
     if not same:
@@ -128,18 +129,13 @@ def _start_index(out: str, index: dict) -> None:
           f"{out}: holds a teacher-logits store of another teacher, config or "
           "--top_k/--chunk_steps/--steps; use a new --out")
     return
-  os.makedirs(out, exist_ok=True)
-  _write_json(path, index)
-
-
-def _write_json(path: str, obj: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  storage.makedirs(out)
+  storage.write_json(path, index)
 
 
 def _save(path: str, **arrays) -> None:
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  """One shard, written whole (local or gs://): a killed writer leaves no
+  half shard that a re-run would skip."""
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  storage.write_bytes(path, buf.getvalue())

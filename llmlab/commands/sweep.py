@@ -10,12 +10,12 @@ Prints the number of rows.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import flags
 
 from llmlab import cli_common
+from llmlab import storage
 
 
 def define(fv: flags.FlagValues) -> None:
@@ -29,7 +29,7 @@ def define(fv: flags.FlagValues) -> None:
 
 def body(fv: flags.FlagValues) -> None:
   for w in fv.workdir:
-    if not os.path.exists(os.path.join(w, "config.json")):
+    if not storage.exists(storage.join(w, "config.json")):
       raise FileNotFoundError(f"{w}: not a run directory (no config.json)")
   from llmlab.scaling import sweep  # noqa: PLC0415 (jax; --help stays fast)
   log = lambda s: print(s, file=sys.stderr, flush=True)

@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 
 from llmlab import config as config_lib
 from llmlab import experiment
 from llmlab import runs
+from llmlab import storage
 from llmlab.compress import report as report_lib
 
 log = logging.getLogger("llmlab")
@@ -126,10 +126,9 @@ def _prune(scfg, workdir: str, method: str) -> None:
   from llmlab.compress import learned as learned_lib
   from llmlab.compress import prune as prune_lib
   out = os.path.join(workdir, "pruned", method)
-  if os.path.exists(os.path.join(out, "config.json")):
+  if storage.exists(storage.join(out, "config.json")):
     return
-  if os.path.isdir(out):  # a pruning that died before config.json: redo
-    shutil.rmtree(out)
+  storage.rmtree(out)  # a pruning that died before config.json: redo
   target = continued_config(scfg, f"pruned_{method}")
   settings = learned_lib.Settings(**dict(scfg.learned))
   summary = prune_lib.prune(os.path.join(workdir, "source"), target, out,

@@ -30,6 +30,7 @@ import numpy as np
 
 from llmlab import api
 from llmlab import runs
+from llmlab import storage
 from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
 from llmlab import data as data_lib
@@ -69,7 +70,7 @@ def prune(source: str, target_cfg, workdir: str, method: str = "magnitude", *,
   t0 = time.time()
   if method not in METHODS:
     raise ValueError(f"--method={method!r}: must be one of {METHODS}")
-  workdir = os.path.abspath(workdir)
+  workdir = workdir if storage.is_remote(workdir) else os.path.abspath(workdir)
   hf._require_no_run(workdir)  # pylint: disable=protected-access
   src_m, src_cfg, src_step = source_model(source)
   cfg, data, setup = train.prepare(target_cfg)
@@ -127,13 +128,13 @@ def write_run(workdir: str, cfg, setup, data, params, info: dict,
   meta = {"config": config_lib.to_dict(cfg), "model_info": model_info,
           "step": 0, "tokens": 0, "data_info": data.info,
           "compress": _jsonable(info)}
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   mgr = ckpt_lib.Manager(workdir, cfg.checkpoint, cfg.train.steps)
   mgr.save(0, state, meta, force=True)
   mgr.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, SELECTION_FILE), "w") as f:
-      json.dump(sel.to_json(), f)
+    storage.write_text(storage.join(workdir, SELECTION_FILE),
+                       json.dumps(sel.to_json()))
     train._write_config(workdir, cfg, model_info, data.info, setup.mesh)  # pylint: disable=protected-access
     summary = dict(info)
     if "learned" in info:  # the per-step history stays in the checkpoint meta

@@ -10,13 +10,13 @@ table.md and report.md.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import numpy as np
 
 from llmlab import experiment
+from llmlab import storage
 
 DESIGN_NOTE = ("continued runs and scratch: equal steps, batch and data "
                "order; constant learning rate after warmup, so every "
@@ -102,9 +102,8 @@ def analyse(scfg, rows: list[dict], runs: list[dict], workdir: str) -> dict:
 
 def prune_info(workdir: str, method: str) -> dict:
   """What `llmlab prune` recorded in the pruned run's config.json."""
-  path = os.path.join(workdir, "pruned", method, "config.json")
-  with open(path) as f:
-    return json.load(f).get("compress", {})
+  path = storage.join(workdir, "pruned", method, "config.json")
+  return storage.read_json(path).get("compress", {})
 
 
 def _prune_tokens(scfg, workdir: str) -> dict:

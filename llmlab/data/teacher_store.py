@@ -8,12 +8,12 @@ anything about run directories or models.
 
 from __future__ import annotations
 
-import json
-import os
+import io
 
 import numpy as np
 
 from llmlab import config as config_lib
+from llmlab import storage
 
 FORMAT = "llmlab-teacher-logits-v1"
 # Data keys that change batches (the rest, e.g. prefetch, only change speed).
@@ -38,14 +38,13 @@ class Store:
 
   def __init__(self, path: str):
     self.path = path
-    index = os.path.join(path, "index.json")
-    if not os.path.exists(index):
+    index = storage.join(path, "index.json")
+    if not storage.exists(index):
       raise config_lib.ConfigError(
           f"config.objective.teacher_logits={path!r}: no {index}; write the "
           "store with `llmlab teacher-logits --teacher=... --config=... "
           f"--out={path}`")
-    with open(index) as f:
-      self.index = json.load(f)
+    self.index = storage.read_json(index)
     if self.index.get("format") != FORMAT:
       raise config_lib.ConfigError(
           f"{index}: format {self.index.get('format')!r}, expected {FORMAT!r}")
@@ -95,8 +94,8 @@ class Store:
       raise IndexError(f"{self.path}: step {step} not in [0, {self.steps})")
     start = step - step % self.chunk
     if self._cached[0] != start:
-      path = os.path.join(self.path, shard_name(start))
-      with np.load(path) as z:
+      path = storage.join(self.path, shard_name(start))
+      with np.load(io.BytesIO(storage.read_bytes(path))) as z:
         self._cached = (start, {k: z[k] for k in ("ids", "logprobs",
                                                   "tokens")})
     return self._cached[1]

@@ -4,13 +4,16 @@ Figures are built with matplotlib's object API on the Agg canvas (no pyplot, so
 no global backend or figure state is touched in a process that also trains).
 """
 
-import os
+import io
 
 import matplotlib.image
 import numpy as np
 from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from llmlab import metrics as metrics_lib
+from llmlab import storage
 
 MAX_CURVES = 12
 X_LABELS = {"tokens": "training tokens D", "compute": "training compute C (FLOPs)",
@@ -132,20 +135,33 @@ def _rgba(fig) -> np.ndarray:
   return np.asarray(canvas.buffer_rgba()).copy()
 
 
-def save(figures: dict, out_dir: str) -> list[str]:
-  """Writes name.png for each figure and the same images under out_dir/tensorboard."""
-  from tensorboardX import SummaryWriter  # imported here: only needed when writing
-
-  os.makedirs(out_dir, exist_ok=True)
+def save(figures: dict, out_dir: str, prefix: str = "fit",
+         scalars=(), fresh: bool = False) -> list[str]:
+  """Writes name.png for each figure and the same images (tags
+  `prefix/name`) plus `scalars` ((tag, value, step) triples) under
+  out_dir/tensorboard, local or gs://. `fresh` first drops the event files
+  an earlier invocation wrote there (a report rewritten whole)."""
+  if fresh:
+    tb_dir = storage.join(out_dir, "tensorboard")
+    for name in storage.listdir(tb_dir):
+      if name.startswith("events.out.tfevents"):
+        storage.remove(storage.join(tb_dir, name))
   paths = []
-  writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+  spool = storage.Spool(out_dir)
+  writer = metrics_lib.tensorboard_writer(spool)
   try:
     for name, fig in figures.items():
       rgba = _rgba(fig)
-      path = os.path.join(out_dir, f"{name}.png")
-      matplotlib.image.imsave(path, rgba)
+      path = storage.join(out_dir, f"{name}.png")
+      png = io.BytesIO()
+      matplotlib.image.imsave(png, rgba, format="png")
+      storage.write_bytes(path, png.getvalue())
       paths.append(path)
-      writer.add_image(f"fit/{name}", rgba[..., :3], global_step=0, dataformats="HWC")
+      writer.add_image(f"{prefix}/{name}", rgba[..., :3], global_step=0,
+                       dataformats="HWC")
+    for tag, value, step in scalars:
+      writer.add_scalar(tag, value, global_step=step)
   finally:
     writer.close()
+    spool.close()
   return paths

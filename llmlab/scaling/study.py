@@ -29,13 +29,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 import sys
 
 import numpy as np
 
 from llmlab import checkpoints as ckpt_lib
 from llmlab import experiment
+from llmlab import storage
 from llmlab.scaling import sweep as sweep_lib
 
 log = logging.getLogger("llmlab")
@@ -68,13 +68,11 @@ def branch_points(steps: int, decay_fraction: float, points: int,
 def _seed_branch(main_dir: str, s: int, workdir: str) -> None:
   """Copy the main run's stable checkpoint at step s into the branch's
   directory; training then resumes from it with the branch's schedule."""
-  src = os.path.join(ckpt_lib.checkpoint_dir(main_dir), str(s))
-  dst = os.path.join(ckpt_lib.checkpoint_dir(workdir), str(s))
-  if not os.path.isdir(dst):
-    if os.path.isdir(workdir):
-      shutil.rmtree(workdir)  # a half-made branch: start it again
-    shutil.copytree(src, dst + ".copy")
-    os.replace(dst + ".copy", dst)
+  src = storage.join(ckpt_lib.checkpoint_dir(main_dir), str(s))
+  dst = storage.join(ckpt_lib.checkpoint_dir(workdir), str(s))
+  if not storage.exists(storage.join(dst, ckpt_lib.COMMIT_FILE)):
+    storage.rmtree(workdir)  # a half-made branch: start it again
+    storage.copytree(src, dst)
 
 
 def plan(scfg, workdir: str) -> list[dict]:
@@ -237,7 +235,7 @@ def write_report(result: dict, workdir: str, planned: list[dict] = (),
                              result.get("prediction"))
   lines += _optimal_table(result.get("compute_optimal"))
   lines += _runs_table(planned, eval_tokens)
-  for png in sorted(f for f in os.listdir(workdir) if f.endswith(".png")):
+  for png in [f for f in storage.listdir(workdir) if f.endswith(".png")]:
     lines.append(f"![{png}]({png})")
   experiment.write_text(os.path.join(workdir, "report.md"),
                         "\n".join(lines) + "\n")

@@ -18,6 +18,7 @@ mistakes a sweep's events for a restart and purges curves.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import time
 
@@ -40,21 +41,20 @@ class SweepError(ValueError):
 
 
 def read_csv(path: str) -> list[dict]:
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return []
-  with open(path, newline="") as f:
-    return list(csv.DictReader(f))
+  return list(csv.DictReader(io.StringIO(storage.read_text(path),
+                                         newline="")))
 
 
 def write_csv(path: str, rows: list[dict], columns=COLUMNS) -> None:
-  """Atomic rewrite: a kill mid-write never leaves a truncated table."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-  os.replace(tmp, path)
+  """Atomic rewrite (local or gs://): a kill mid-write never leaves a
+  truncated table."""
+  buf = io.StringIO(newline="")
+  w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+  w.writeheader()
+  w.writerows(rows)
+  storage.write_text(path, buf.getvalue())
 
 
 class RunEvaluator:

@@ -7,9 +7,8 @@ Figures use matplotlib's object API on the Agg canvas, rendered once
 
 from __future__ import annotations
 
-import os
-
 from llmlab import experiment
+from llmlab import storage
 from llmlab.scaling import sweep as sweep_lib
 
 RUN_COLUMNS = ("run", "step", "tokens", "tokens_per_param", "learning_rate",
@@ -22,12 +21,12 @@ SENS_COLUMNS = ("step", "tokens", "gamma", "seed", "base_loss", "loss",
 
 def write_outputs(result: dict, workdir: str) -> None:
   """overtrain.csv, sensitivity.csv, plots, TensorBoard, overtrain.json."""
-  sweep_lib.write_csv(os.path.join(workdir, "overtrain.csv"), result["runs"],
+  sweep_lib.write_csv(storage.join(workdir, "overtrain.csv"), result["runs"],
                       RUN_COLUMNS)
-  sweep_lib.write_csv(os.path.join(workdir, "sensitivity.csv"),
+  sweep_lib.write_csv(storage.join(workdir, "sensitivity.csv"),
                       result["sensitivity_runs"], SENS_COLUMNS)
   result["files"] = write_plots(result, workdir)
-  experiment.write_json(os.path.join(workdir, "overtrain.json"), result)
+  experiment.write_json(storage.join(workdir, "overtrain.json"), result)
 
 
 def _curve_figure(title: str, ylabel: str):
@@ -107,33 +106,15 @@ def write_plots(result: dict, workdir: str) -> list[str]:
   """PNGs in `workdir`; the same images and per-checkpoint scalars (x =
   pretraining tokens) in workdir/tensorboard, replacing the previous
   invocation's events there."""
-  import matplotlib.image
-  from tensorboardX import SummaryWriter
-  from llmlab.scaling import plots
-  tb_dir = os.path.join(workdir, "tensorboard")
-  if os.path.isdir(tb_dir):
-    for name in os.listdir(tb_dir):
-      if name.startswith("events.out.tfevents"):
-        os.remove(os.path.join(tb_dir, name))
-  paths = []
-  writer = SummaryWriter(tb_dir)
-  try:
-    for name, fig in figures(result).items():
-      rgba = plots._rgba(fig)
-      path = os.path.join(workdir, f"{name}.png")
-      matplotlib.image.imsave(path, rgba)
-      paths.append(path)
-      writer.add_image(f"overtrain/{name}", rgba[..., :3], global_step=0,
-                       dataformats="HWC")
-    for c in result["checkpoints"]:
-      for key, tag in TB_SCALARS.items():
-        writer.add_scalar(tag, c[key], global_step=int(c["tokens"]))
-      for g, v in c["sensitivity"].items():
-        writer.add_scalar(f"overtrain/sensitivity_gamma_{g}", v["mean"],
-                          global_step=int(c["tokens"]))
-  finally:
-    writer.close()
-  return paths
+  from llmlab.scaling import plots  # matplotlib: only when plotting
+  scalars = []
+  for c in result["checkpoints"]:
+    tokens = int(c["tokens"])
+    scalars += [(tag, c[key], tokens) for key, tag in TB_SCALARS.items()]
+    scalars += [(f"overtrain/sensitivity_gamma_{g}", v["mean"], tokens)
+                for g, v in c["sensitivity"].items()]
+  return plots.save(figures(result), workdir, prefix="overtrain",
+                    scalars=scalars, fresh=True)
 
 
 def table(result: dict) -> str:
