@@ -104,7 +104,7 @@ def _cudnn_problems(plat, seq_len, head, dtype) -> list[str]:
   if dtype not in ("bfloat16", "float16"):
     out.append(f"cuDNN takes bfloat16/float16 operands, not {dtype} (set "
                "model.dtype or model.matmul_dtype to bfloat16)")
-  limit = 256 if _hopper_or_later() else 128
+  limit = 256 if plat != "gpu" or _hopper_or_later() else 128
   if head % 8 or head > limit:
     out.append(f"head size {head} must be a multiple of 8 and <= {limit}")
   if seq_len % 2:
