@@ -34,8 +34,10 @@ VOCAB, BATCH, SEQ = 64, 8, 128
 
 def cfg_for(mesh, attention, **model):
   c = config_lib.base()
+  # scan_unroll=1: one layer body to compile (interpret-mode kernels are
+  # slow to compile), two layers to run.
   c.model.update(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
-                 mlp_dim=128, attention=attention, **model)
+                 mlp_dim=128, scan_unroll=1, attention=attention, **model)
   c.train.update(steps=1, batch_size=BATCH, seq_len=SEQ)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
   return c
