@@ -158,8 +158,8 @@ def main():
         f"{'tiny (--dry)' if a.dry else '1B-shaped'} x {a.layers} layers, "
         f"seq {a.seq}, batch {a.batch}, "
         f"{a.steps} steps, bf16 compute / f32 params", flush=True)
-  batch = packed_batch(np.random.default_rng(0), a.batch, a.seq, a.vocab,
-                       a.mean_doc)
+  batch = jax.device_put(packed_batch(np.random.default_rng(0), a.batch,
+                                      a.seq, a.vocab, a.mean_doc))
   print(f"{'kernel':7} {'loss':>7} {'compile s':>9} {'step ms':>8} "
         f"{'tokens/s':>10} {'MFU':>6} {'temp GiB':>8}  peak from", flush=True)
   for kernel in a.kernels.split(","):

@@ -141,21 +141,31 @@ def check(model_cfg, plat: str, seq_len: int) -> str:
   """Validate `model.attention` for `plat` before anything compiles; return
   the kernel that will run. Raises ConfigError naming the key, the value and
   what is supported; logs `auto`'s pick; warns once for interpret mode."""
-  name = getattr(model_cfg, "attention", "auto")  # runs saved before it
   plat = "gpu" if plat in ("cuda", "rocm") else plat
+  kernel, why = _choose(model_cfg, plat, seq_len)
+  if getattr(model_cfg, "attention", "auto") == "auto":
+    log.info("model.attention=auto: using %s on %s (%s)", kernel, plat, why)
+  return kernel
+
+
+def kernel_for(cfg, seq_len: int) -> str:
+  """The kernel of a forward pass being traced (same rules as `check`)."""
+  return _choose(cfg, platform(), seq_len)[0]
+
+
+def _choose(cfg, plat: str, seq_len: int) -> tuple[str, str]:
+  name = getattr(cfg, "attention", "auto")  # configs saved before the key
   if name not in NAMES:
     raise _error(f"config.model.attention={name!r}: must be one of "
                  f"{', '.join(NAMES)}")
-  kernel, why = resolve(model_cfg, plat, seq_len)
-  bad = problems(kernel, model_cfg, plat, seq_len)
+  kernel, why = resolve(cfg, plat, seq_len)
+  bad = problems(kernel, cfg, plat, seq_len)
   if bad:
     raise _error(f"config.model.attention={name!r}: {'; '.join(bad)}. "
                  f"Supported: {_supported()}")
-  if name == "auto":
-    log.info("model.attention=auto: using %s on %s (%s)", kernel, plat, why)
   if kernel == "splash" and plat == "cpu":
     _warn_interpret()
-  return kernel
+  return kernel, why
 
 
 def _supported() -> str:
@@ -171,19 +181,6 @@ def _warn_interpret() -> None:
     log.warning("model.attention=splash on CPU runs the Pallas kernel in "
                 "interpret mode: for testing only, many times slower than "
                 "model.attention=xla")
-
-
-def kernel_for(cfg, seq_len: int) -> str:
-  """The kernel of a forward pass being traced (same rules as `check`)."""
-  plat = platform()
-  kernel, _ = resolve(cfg, plat, seq_len)
-  bad = problems(kernel, cfg, plat, seq_len)
-  if bad:
-    raise _error(f"config.model.attention={kernel!r}: "
-                 f"{'; '.join(bad)}. Supported: {_supported()}")
-  if kernel == "splash" and plat == "cpu":
-    _warn_interpret()
-  return kernel
 
 
 # ----------------------------------------------------------------------------
