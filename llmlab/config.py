@@ -81,7 +81,8 @@ def base() -> ConfigDict:
       num_layers=2, d_model=128, num_heads=4, num_kv_heads=4, head_dim=0,
       mlp_dim=512, rope_theta=10_000.0, tie_embeddings=False, qk_norm=False,
       attn_bias=False, dropout=0.0, norm_eps=1e-6, remat="none", scan_unroll=0,
-      dtype="float32", param_dtype="float32", matmul_dtype="", init_std=0.02))
+      dtype="float32", param_dtype="float32", matmul_dtype="", init_std=0.02,
+      attention="auto", attention_block_q=0, attention_block_kv=0))
 
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1,
                            rules=DEFAULT_RULES))
@@ -189,6 +190,8 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
            "must be one of none, full, dots")
   _require(m.matmul_dtype in ("", "float32", "bfloat16"), "model.matmul_dtype",
            m.matmul_dtype, 'must be "" (= model.dtype), "float32" or "bfloat16"')
+  _require(m.attention in ("auto", "xla", "splash", "cudnn"), "model.attention",
+           m.attention, "must be one of auto, xla, splash, cudnn")
   _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
   _require(isinstance(m.scan_unroll, int) and m.scan_unroll >= 0,
            "model.scan_unroll", m.scan_unroll,

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from llmlab import attention as attention_lib
+
 Array = jax.Array
 
 
@@ -53,6 +55,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   matmul_dtype: str = ""  # "" = dtype; "bfloat16" = bf16 operands, f32 sums
   init_std: float = 0.02
+  attention: str = "auto"  # auto | xla | splash | cudnn (llmlab/attention.py)
+  attention_block_q: int = 0  # splash tiles; 0 = default
+  attention_block_kv: int = 0
 
   @property
   def head_size(self) -> int:
@@ -226,7 +231,9 @@ class Attention(nn.Module):
 
   A query attends to key s iff s <= its position in the row and both belong to
   the same packed document (segment id). In decode mode a KV cache holds the
-  keys/values of earlier steps (see `llmlab/sample.py`).
+  keys/values of earlier steps (see `llmlab/sample.py`). `model.attention`
+  picks the kernel of full-sequence passes (`llmlab/attention.py`: fused
+  splash/cuDNN kernels on accelerators); decode steps always use `_attention`.
   """
 
   cfg: ModelConfig
@@ -264,6 +271,12 @@ class Attention(nn.Module):
     k_BxKxLxE = rope(k_BxKxLxE, sin_cos)
 
     b, l = x_BxLxD.shape[:2]
+    q_BxHxLxE = q_BxHxLxE * jnp.asarray(e ** -0.5, dt)
+    kernel = "xla" if decode else attention_lib.kernel_for(cfg, l)
+    if kernel != "xla":
+      o_BxHxLxE = attention_lib.attend(kernel, q_BxHxLxE, k_BxKxLxE,
+                                       v_BxKxLxE, segment_ids_BxL, cfg)
+      return dense("bhle,hed->bld", o_BxHxLxE.astype(dt), wo, cfg)
     if decode:
       k_BxKxSxE, v_BxKxSxE, mask_BxLxS = self._cache(
           k_BxKxLxE, v_BxKxLxE, segment_ids_BxL)
@@ -277,7 +290,7 @@ class Attention(nn.Module):
     bias_BxLxS = jnp.where(mask_BxLxS, 0.0, jnp.finfo(jnp.float32).min)
 
     g = h // k
-    q_BxKxGxLxE = q_BxHxLxE.reshape(b, k, g, l, e) * jnp.asarray(e ** -0.5, dt)
+    q_BxKxGxLxE = q_BxHxLxE.reshape(b, k, g, l, e)
     o_BxKxGxLxE = _attention(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, bias_BxLxS,
                              _dtype(cfg.product_dtype), dt)
     o_BxHxLxE = o_BxKxGxLxE.reshape(b, h, l, e).astype(dt)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from llmlab import attention as attention_lib
 from llmlab import guard
 from llmlab import model as model_lib
 from llmlab import objectives
@@ -45,6 +46,10 @@ class Setup:
 
 
 def build(cfg, vocab_size: int, mesh: jax.sharding.Mesh) -> Setup:
+  # Before anything traces: a kernel the mesh's devices cannot run is a
+  # config error, not a compile failure minutes later.
+  attention_lib.check(cfg.model, mesh.devices.flat[0].platform,
+                      cfg.train.seq_len)
   mcfg = model_lib.ModelConfig.from_config(cfg.model, vocab_size)
   model = model_lib.Transformer(mcfg)
   tx, _ = optim.make(cfg.optim, cfg.train.learning_rate, cfg.train.steps)
