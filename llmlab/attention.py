@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from llmlab.config import ConfigError
+
 log = logging.getLogger("llmlab")
 
 NAMES = ("auto", "xla", "splash", "cudnn")
@@ -45,7 +47,6 @@ _WARNED: set = set()  # one interpret-mode warning per process
 
 
 def _error(msg: str):
-  from llmlab.config import ConfigError  # lazy: keeps ml_collections optional
   return ConfigError(msg)
 
 

@@ -78,6 +78,9 @@ def setup_for(cfg, raw: dict, mesh=None):
   device), for tools that evaluate or transform checkpoints (sweep, studies);
   `raw` is config.json or checkpoint metadata (for model_info.vocab_size)."""
   cfg = ml_collections.ConfigDict(cfg.to_dict())
+  # The kernel is this machine's choice, not the run's: a run trained with
+  # splash on a TPU loads on a laptop (params do not depend on it).
+  cfg.model.attention = "auto"
   if mesh is None:
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data = 1, 1, 1, 1
     mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
