@@ -282,7 +282,7 @@ def _optimal_table(co: dict | None) -> list[str]:
          "| ---: | ---: | ---: | ---: |"]
   for c, n, d, r in zip(co["compute"], co["params"], co["tokens"],
                         co["tokens_per_param"]):
-    out.append(f"| {c:.1e} | {n:.3g} | {d:.3g} | {r:.1f} |")
+    out.append(f"| {c:.1e} | {n:.3g} | {d:.3g} | {r:.3g} |")
   return out + [""]
 
 
