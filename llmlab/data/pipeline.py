@@ -127,15 +127,12 @@ def build(data_cfg, *, seq_len: int, global_batch: int, seed: int,
           process_index: int = 0, process_count: int = 1) -> Data:
   """Reads, splits and tokenizes the configured data; all checks happen here."""
   _check_shapes(seq_len, global_batch, process_index, process_count)
-  read_options = grain.ReadOptions(
-      num_threads=int(data_cfg.num_threads),
-      prefetch_buffer_size=int(data_cfg.prefetch))
-  if _uses_store(data_cfg):
+  if _uses_store(data_cfg):  # rows read from a token store: token_data.py
     return token_data.build(data_cfg, seq_len=seq_len,
                             global_batch=global_batch, seed=seed,
                             process_index=process_index,
                             process_count=process_count,
-                            read_options=read_options)
+                            read_options=_read_options(data_cfg))
   tokenizer = tokenizer_lib.load(str(data_cfg.tokenizer))
   val_fraction = float(data_cfg.val_fraction)
   cache_dir = corpus.default_cache_dir(str(data_cfg.cache_dir or ""))
@@ -143,10 +140,16 @@ def build(data_cfg, *, seq_len: int, global_batch: int, seed: int,
                        cache_dir, seq_len)
            for name, weight in config_lib.mixture(data_cfg)]
   info = _info(parts, tokenizer, val_fraction, seq_len)
+  read_options = _read_options(data_cfg)
   return Data(tokenizer, parts, seq_len=seq_len, global_batch=global_batch,
               seed=seed, process_index=process_index,
               process_count=process_count, info=info,
               read_options=read_options)
+
+
+def _read_options(data_cfg) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=int(data_cfg.num_threads),
+                           prefetch_buffer_size=int(data_cfg.prefetch))
 
 
 def _uses_store(data_cfg) -> bool:

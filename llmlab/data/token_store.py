@@ -52,6 +52,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import threading
 import time
 import types
@@ -98,7 +99,8 @@ _CONTEXTS: dict[str, ts.Context] = {}
 
 def _context(kind: str) -> ts.Context:
   """'probe': few quick retries, so a bad URI fails in seconds; 'data':
-  patient retries and a bounded cache (shard indexes stay cached)."""
+  patient retries and a bounded cache per process (shard indexes stay
+  cached; `LLMLAB_TOKEN_STORE_CACHE_MB`, default 64)."""
   if kind not in _CONTEXTS:
     retries = ({"max_retries": 3, "initial_delay": "100ms",
                 "max_delay": "1s"} if kind == "probe" else
@@ -106,7 +108,8 @@ def _context(kind: str) -> ts.Context:
                 "max_delay": "10s"})
     spec = {"gcs_request_retries": retries}
     if kind == "data":
-      spec["cache_pool"] = {"total_bytes_limit": 64 << 20}
+      mb = float(os.environ.get("LLMLAB_TOKEN_STORE_CACHE_MB", "64"))
+      spec["cache_pool"] = {"total_bytes_limit": int(mb * 2**20)}
     _CONTEXTS[kind] = ts.Context(spec)
   return _CONTEXTS[kind]
 
@@ -128,8 +131,13 @@ def _bucket_hint(url: str) -> str:
 
 
 def _read_json(kv: ts.KvStore, key: str, where: str) -> dict | None:
+  return _json_of(kv.read(key), key, where)
+
+
+def _json_of(future, key: str, where: str) -> dict | None:
+  """The JSON of a kvstore read future; None if the key is missing."""
   try:
-    got = kv.read(key).result()
+    got = future.result()
   except ValueError as e:
     raise DataError(f"{where}: cannot read {key} ({e})") from None
   if got.state != "value":
@@ -385,30 +393,30 @@ def _num_units(sources) -> int:
 
 def _finished_units(kv, base: str, sources, out: str) -> dict:
   """{(source, unit): record} of units a previous run finished and whose
-  arrays still open with the recorded length (else they are redone)."""
-  done = {}
-  for s in sources:
-    for i in range(len(s.units)):
-      record = _read_json(kv, f"{_unit_dir(s.name, i)}/done.json", out)
-      if record is not None and _arrays_intact(base, record):
-        done[(s.name, i)] = record
-  return done
-
-
-def _arrays_intact(base: str, record: dict) -> bool:
-  for split in SPLITS:
-    entry = record[split]
-    if not entry["tokens"]:
-      continue
-    for name in ("tokens", "bytes"):
-      try:
-        arr = ts.open(_array_spec(f"{base}{entry['path']}/{name}/"),
-                      context=_context("data")).result()
-      except ValueError:
-        return False
-      if arr.shape[0] != entry["tokens"]:
-        return False
-  return True
+  arrays still open with the recorded length (else they are redone). All
+  reads are issued at once: a big store on GCS has thousands of units."""
+  keys = [(s.name, i) for s in sources for i in range(len(s.units))]
+  reads = [kv.read(f"{_unit_dir(*key)}/done.json") for key in keys]
+  records = {}
+  for key, future in zip(keys, reads):
+    record = _json_of(future, f"{_unit_dir(*key)}/done.json", out)
+    if record is not None:
+      records[key] = record
+  fresh = {"recheck_cached_metadata": True, "recheck_cached_data": True}
+  opens = [(key, entry["tokens"],
+            ts.open({**_array_spec(f"{base}{entry['path']}/{name}/"),
+                     **fresh}, context=_context("probe")))
+           for key, record in records.items()
+           for entry in (record[split] for split in SPLITS) if entry["tokens"]
+           for name in ("tokens", "bytes")]
+  broken = set()
+  for key, length, future in opens:
+    try:
+      if future.result().shape != (length,):
+        broken.add(key)
+    except ValueError:
+      broken.add(key)
+  return {k: r for k, r in records.items() if k not in broken}
 
 
 def _job(base, source: _Source, unit: int, desc: dict, data_cfg, tokenizer,
