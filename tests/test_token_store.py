@@ -237,6 +237,24 @@ def test_mixture_store_and_hf_tokenizer(tmp_path):
   assert b["tokens"].max() < 300 and (b["bytes"] >= 0).all()
 
 
+def test_stdlib_slice_store(tmp_path):
+  """The default corpus (a slice of it): same documents, fingerprint and
+  held-out split as the in-memory source."""
+  from llmlab.data import stdlib  # pylint: disable=g-import-not-at-top
+  cfg = data.default_config()
+  cfg.stdlib.include = "json/*"
+  cfg.val_fraction = 0.3
+  _write(tmp_path / "std", cfg, shard_mb=0.05)
+  d = _build(tmp_path / "std")
+  mem = data.build(cfg, seq_len=L, global_batch=8, seed=0)
+  (src,) = d.info["sources"]
+  assert src["fingerprint"] == stdlib.read(cfg.stdlib).fingerprint
+  for key in ("docs_train", "docs_val", "bytes_train", "bytes_val",
+              "tokens_train", "tokens_val"):
+    assert d.info[key] == mem.info[key], key
+  assert d.info["fingerprint"] != mem.info["fingerprint"]  # other batches
+
+
 # --- resuming a killed run ----------------------------------------------------
 
 class _Stop(Exception):
