@@ -377,6 +377,18 @@ def test_corrupt_shard_names_the_shard(store, tmp_path, how):
     token_store.TokenStore(str(dst)).verify()
 
 
+def test_corruption_is_seen_by_a_reader_in_the_writing_process(tmp_path):
+  """What the writer wrote is not served from a cache: a shard truncated
+  after writing fails to read in the same process."""
+  _write(tmp_path / "s")
+  shard = tmp_path / "s/shards/synthetic/000001/train/tokens/c/0"
+  shard.write_bytes(shard.read_bytes()[:100])
+  split = token_store.TokenStore(str(tmp_path / "s")).split("synthetic",
+                                                            "train")
+  with pytest.raises(DataError, match="000001/train is missing, truncated"):
+    split.read_rows([int(split.offsets[1]) // L + 1], L)
+
+
 def test_missing_store_and_bad_config(tmp_path, store):
   path, _ = store
   with pytest.raises(DataError, match="no token store"):

@@ -98,9 +98,11 @@ _CONTEXTS: dict[str, ts.Context] = {}
 
 
 def _context(kind: str) -> ts.Context:
-  """'probe': few quick retries, so a bad URI fails in seconds; 'data':
-  patient retries and a bounded cache per process (shard indexes stay
-  cached; `LLMLAB_TOKEN_STORE_CACHE_MB`, default 64)."""
+  """'probe': few quick retries, so a bad URI fails in seconds; 'write':
+  patient retries, no cache (what a reader in the same process reads comes
+  from the store, not from what was written); 'data': patient retries and a
+  bounded cache per process (shard indexes stay cached;
+  `LLMLAB_TOKEN_STORE_CACHE_MB`, default 64)."""
   if kind not in _CONTEXTS:
     retries = ({"max_retries": 3, "initial_delay": "100ms",
                 "max_delay": "1s"} if kind == "probe" else
@@ -180,7 +182,7 @@ def _array_spec(url: str, n: int | None = None, dtype: str | None = None):
 
 def _write_array(url: str, array: np.ndarray) -> None:
   store = ts.open(_array_spec(url, len(array), array.dtype.name), create=True,
-                  delete_existing=True, context=_context("data")).result()
+                  delete_existing=True, context=_context("write")).result()
   store.write(array).result()
 
 
