@@ -68,6 +68,7 @@ def data_defaults() -> ConfigDict:
       files=dict(paths="", text_field="text", column="text"),
       synthetic=dict(seed=0, order=2, num_symbols=16, branching=3,
                      num_docs=1000, doc_len=256),
+      tokens=dict(path=""),
   ))
 
 

@@ -14,6 +14,10 @@ text per token, 0 for BOS/EOS/PAD). Position t predicts token t+1; the target
 is valid iff segment_ids[t+1] == segment_ids[t] != 0 (see metrics.py).
 
 Every bad input raises `DataError` in `build()`, before training starts.
+
+`data.source=tokens` reads a token store written by `llmlab tokenize`
+(token_store.py: layout and checks; token_data.py: how rows are cut and
+ordered): rows by random access, nothing loaded whole.
 """
 
 from llmlab.data.config import default_config

@@ -1,7 +1,8 @@
 """`config.data`: every data key with its default, and parsing of the mixture.
 
 Keys (all in `default_config()`):
-  source        'stdlib' (default, no download) | 'synthetic' | 'files'.
+  source        'stdlib' (default, no download) | 'synthetic' | 'files' |
+                'tokens'.
   mixture       '' (use `source` alone) or weighted sources, overriding
                 `source`: 'stdlib:0.7,files:0.3' or a list of 'name:weight'
                 strings / (name, weight) pairs. Weights are normalised.
@@ -28,6 +29,10 @@ Keys (all in `default_config()`):
                 .parquet (one per row, `column`), .array_record /
                 .arrayrecord (one UTF-8 record per document).
   synthetic.*   the seeded sparse Markov source (see synthetic.py).
+  tokens.path   source 'tokens': URI (local or gs://) of a token store written
+                by `llmlab tokenize` (token_store.py); rows are read by random
+                access (token_data.py). The store fixes the mixture, split and
+                tokenizer; data.tokenizer must be the store's.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import ml_collections
 from llmlab import config as config_lib
 from llmlab.data.errors import DataError
 
-SOURCES = ("stdlib", "synthetic", "files")
+SOURCES = ("stdlib", "synthetic", "files", "tokens")
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -25,9 +25,11 @@ from llmlab.data import evaluation
 from llmlab.data import files
 from llmlab.data import stdlib
 from llmlab.data import synthetic
+from llmlab.data import token_data
 from llmlab.data import tokenizer as tokenizer_lib
 from llmlab.data.errors import DataError
 from llmlab.data.packing import PackedRows
+from llmlab.data.seeds import derive_seed
 
 _READERS = {
     "stdlib": lambda cfg: stdlib.read(cfg.stdlib),
@@ -38,13 +40,9 @@ _READERS = {
 
 def read_source(name: str, data_cfg):
   """The Documents of source `name` as configured in `data_cfg`."""
+  if name not in _READERS:
+    raise DataError(f"source {name!r} holds token ids, not documents")
   return _READERS[name](data_cfg)
-
-
-def derive_seed(*parts) -> int:
-  """A 32-bit seed (what grain accepts) from any labelled values."""
-  text = "/".join(str(p) for p in parts).encode()
-  return int.from_bytes(hashlib.sha256(text).digest()[:4], "big")
 
 
 class _Part:
@@ -129,6 +127,12 @@ def build(data_cfg, *, seq_len: int, global_batch: int, seed: int,
           process_index: int = 0, process_count: int = 1) -> Data:
   """Reads, splits and tokenizes the configured data; all checks happen here."""
   _check_shapes(seq_len, global_batch, process_index, process_count)
+  if _uses_store(data_cfg):  # rows read from a token store: token_data.py
+    return token_data.build(data_cfg, seq_len=seq_len,
+                            global_batch=global_batch, seed=seed,
+                            process_index=process_index,
+                            process_count=process_count,
+                            read_options=_read_options(data_cfg))
   tokenizer = tokenizer_lib.load(str(data_cfg.tokenizer))
   val_fraction = float(data_cfg.val_fraction)
   cache_dir = corpus.default_cache_dir(str(data_cfg.cache_dir or ""))
@@ -136,13 +140,26 @@ def build(data_cfg, *, seq_len: int, global_batch: int, seed: int,
                        cache_dir, seq_len)
            for name, weight in config_lib.mixture(data_cfg)]
   info = _info(parts, tokenizer, val_fraction, seq_len)
-  read_options = grain.ReadOptions(
-      num_threads=int(data_cfg.num_threads),
-      prefetch_buffer_size=int(data_cfg.prefetch))
+  read_options = _read_options(data_cfg)
   return Data(tokenizer, parts, seq_len=seq_len, global_batch=global_batch,
               seed=seed, process_index=process_index,
               process_count=process_count, info=info,
               read_options=read_options)
+
+
+def _read_options(data_cfg) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=int(data_cfg.num_threads),
+                           prefetch_buffer_size=int(data_cfg.prefetch))
+
+
+def _uses_store(data_cfg) -> bool:
+  """`data.source=tokens`: a token store, which carries its own mixture."""
+  names = [name for name, _ in config_lib.mixture(data_cfg)]
+  if "tokens" in names and len(names) > 1:
+    raise DataError(f"data.mixture={data_cfg.mixture!r}: a token store "
+                    "cannot be mixed with other sources; tokenize the "
+                    "mixture into one store")
+  return names == ["tokens"]
 
 
 def _check_shapes(seq_len, global_batch, process_index, process_count):
