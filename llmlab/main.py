@@ -47,6 +47,8 @@ COMMANDS = {
                        "study: prune then continue vs. train from scratch"),
     "convert": ("llmlab.commands.convert",
                 "Hugging Face checkpoint <-> llmlab run directory"),
+    "tokenize": ("llmlab.commands.tokenize",
+                 "write a config's data as a token store (local or gs://)"),
     "tokenizer": ("llmlab.commands.tokenizer",
                   "tokenizer train: fit a byte-level BPE tokenizer.json"),
 }

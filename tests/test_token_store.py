@@ -22,6 +22,7 @@ from llmlab.data import documents
 from llmlab.data import synthetic
 from llmlab.data import token_store
 from llmlab.data import tokenizer as tokenizer_lib
+from llmlab.commands import tokenizer as tokenizer_cmd
 from llmlab.data import tokenizer_cli
 from llmlab.data.errors import DataError
 
@@ -218,7 +219,8 @@ def test_mixture_store_and_hf_tokenizer(tmp_path):
   for i, t in enumerate(texts):
     (corpus_dir / f"{i:03d}.txt").write_text(t)
   tok = tmp_path / "tok.json"
-  assert tokenizer_cli.main(["--source=files", f"--paths={corpus_dir}/*.txt",
+  assert tokenizer_cmd.main(["train", "--source=files",
+                             f"--paths={corpus_dir}/*.txt",
                              "--vocab_size=300", f"--out={tok}"]) == 0
   cfg = _synthetic_cfg(num_docs=200)
   cfg.mixture = "synthetic:3,files:1"
@@ -292,10 +294,10 @@ def test_failed_run_resumes_without_redoing_finished_units(store, tmp_path):
 
 
 def test_killed_tokenize_command_resumes(tmp_path):
-  """`python -m llmlab.commands.tokenize` killed with SIGKILL after some
-  units; the same command then finishes the rest."""
+  """`llmlab tokenize` killed with SIGKILL after some units; the same
+  command then finishes the rest."""
   out = tmp_path / "killed"
-  cmd = [sys.executable, "-m", "llmlab.commands.tokenize",
+  cmd = [sys.executable, "-m", "llmlab", "tokenize",
          f"--config={ROOT}/configs/tiny.py", f"--out={out}", "--workers=1",
          "--shard_mb=0.02", "--config.data.source=synthetic",
          "--config.data.synthetic.num_docs=8000",
