@@ -89,8 +89,12 @@ def test_killed_gs_run_resumes_to_the_local_losses(gcs, local_run, tmp_path):
   assert json.loads(out.stdout.strip().splitlines()[-1])["step"] == 300
   objects = gcs.objects("kill9", "run/")
   assert "run/config.json" in objects
-  assert any(o.startswith("run/tensorboard/events.out.tfevents") for o in
-             objects)
+  # TensorBoard reads the curves straight from the bucket (fsspec/gcsfs).
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(f"{workdir}/tensorboard")
+  acc.Reload()
+  curve = {e.step: e.value for e in acc.Scalars("train/loss")}
+  assert sorted(curve) == sorted(want)
 
 
 def test_load_a_run_from_gs(gcs, local_run):
