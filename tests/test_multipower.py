@@ -46,7 +46,8 @@ def direct_loss(p, eta_S, t_T):
 def schedule(kind, steps=6000, warm=300, peak=1e-3, low=1e-4):
   """Per-step rates (update s at index s - 1): linear warmup, then `kind`."""
   s = np.arange(1, steps + 1)
-  main = {"cosine": low + 0.5 * (peak - low) * (1 + np.cos(np.pi * (s - warm) / (steps - warm))),
+  cos = np.cos(np.pi * (s - warm) / (steps - warm))
+  main = {"cosine": low + 0.5 * (peak - low) * (1 + cos),
           "constant": np.full(steps, peak),
           "wsd": np.where(s < 4800, peak, peak + (low - peak) * (s - 4800) / 1200),
           "step": np.where(s < 2400, peak, np.where(s < 4000, 0.3 * peak, 0.1 * peak))}[kind]
@@ -210,16 +211,22 @@ def test_cli_fit_and_predict(tmp_path, capsys):
        np.mean(np.abs(hat / loss - 1)[len(other["run"]):])]))
 
 
+SIZE_K = dict(k_l0=-0.08, k_a=0.1, k_alpha=-0.08, k_b=0.13)
+
+
+def sized(n):
+  """TRUE at N_REF, with L0, A, alpha and B scaled as (N / N_REF)^k."""
+  scale = {name: (n / forms.N_REF) ** SIZE_K["k_" + name.lower()]
+           for name in ("L0", "A", "alpha", "B")}
+  return {name: v * scale.get(name, 1.0) for name, v in TRUE.items()}
+
+
 def test_multipower_n_recovers_size_laws():
   """Two sizes, L0, A, alpha, B power laws in N, C, beta, gamma shared: from one
   start away from the truth the joint fit recovers every parameter."""
-  k = dict(k_l0=-0.08, k_a=0.1, k_alpha=-0.08, k_b=0.13)
   tables = []
   for n in (25e6, 100e6):
-    u = np.log(n / forms.N_REF)
-    p = dict(TRUE, L0=TRUE["L0"] * np.exp(k["k_l0"] * u), A=TRUE["A"] * np.exp(k["k_a"] * u),
-             alpha=TRUE["alpha"] * np.exp(k["k_alpha"] * u), B=TRUE["B"] * np.exp(k["k_b"] * u))
-    t = synthetic(("cosine", "constant", "step"), p=p, every=100)
+    t = synthetic(("cosine", "constant", "step"), p=sized(n), every=100)
     t["run"] = [f"{r}_{n:.0e}" for r in t["run"]]
     t["eta"] = {f"{r}_{n:.0e}": v for r, v in t["eta"].items()}
     tables.append(dict(t, params=[n] * len(t["run"])))
@@ -230,8 +237,17 @@ def test_multipower_n_recovers_size_laws():
                k_l0=0.0, k_a=0.0, k_alpha=0.0, k_b=0.0)
   res = fit_lib.fit_law(both, "multipower_n", init=start)
   assert res.converged and res.objective < 1e-8
-  for name, v in dict(TRUE, **k).items():
+  for name, v in dict(TRUE, **SIZE_K).items():
     assert res.params[name] == pytest.approx(v, rel=3e-2, abs=2e-3), name
+  # A bigger model's curve: predicted, and flagged as outside the fitted sizes.
+  eta = schedule("cosine")
+  bigger = dict(run=["big"] * 2, step=[300, 6000], lr=eta[[299, 5999]], params=[4e8] * 2,
+                eta={"big": eta})
+  assert fit_lib.predict_curves(res, bigger) == pytest.approx(
+      direct_loss(sized(4e8), eta, np.array([300, 6000])), rel=2e-3)
+  why = curves.extrapolation(curves.as_curves(both),
+                             curves.as_curves(bigger, need_loss=False))
+  assert why == {"big": ["4e+08 params outside the fitted [2.5e+07, 1e+08]"]}
 
 
 def _run_dir(tmp_path, name="r1", schedule_kind="wsd", steps=200):
@@ -257,11 +273,12 @@ def test_curves_from_runs_use_the_config_schedule(tmp_path):
   wd, lr = _run_dir(tmp_path)
   table = curves.curves_from_runs([wd])
   exact = np.asarray(lr(jnp.arange(200)), np.float64)  # update s uses count s - 1
-  assert np.array_equal(table["eta"]["r1"], exact)
+  assert table["eta"]["r1"] == pytest.approx(exact, rel=1e-6, abs=0)
   assert table["step"].tolist() == [50, 100, 150, 200]
-  assert table["lr"].tolist() == exact[[49, 99, 149, 199]].tolist()
+  assert table["lr"].tolist() == table["eta"]["r1"][[49, 99, 149, 199]].tolist()
   assert table["loss"].tolist() == pytest.approx([4.6, 4.1, 3.6, 3.1])
   assert table["params"].tolist() == [12345] * 4
+  assert table["warmup_steps"].tolist() == [20] * 4  # config.json's, not the first row's
   train = curves.curves_from_runs([wd], loss="train", params_key="params_nonembed")
   assert train["step"].tolist() == list(range(9, 200, 10))  # measured before update s
   assert train["params"][0] == 6789
@@ -287,7 +304,8 @@ def test_curves_from_runs_use_the_config_schedule(tmp_path):
     ("run,step,lr,loss\na,1,1e-3,3\nb,2,-1e-3,2.9\n",
      r"c\.csv, line 3, run 'b': column 'lr': value '-1e-3' must be >= 0"),
     ("run,step,lr,loss\na,1,inf,3\n", r"c\.csv, line 2, run 'a': column 'lr': non-finite"),
-    ("run,step,lr,loss\na,1,1e-3,nan\n", r"c\.csv, line 2, run 'a': column 'loss': non-finite"),
+    ("run,step,lr,loss\na,1,1e-3,nan\n",
+     r"c\.csv, line 2, run 'a': column 'loss': non-finite"),
     ("run,step,lr,loss\na,1,1e-3,-3\n", r"c\.csv, line 2, run 'a': column 'loss': value "
                                         r"'-3' must be > 0"),
     ("run,step,lr,loss\n" + "".join(f"a,{s},1e-3,3\n" for s in range(1, 9)) +

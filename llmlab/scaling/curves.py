@@ -20,6 +20,7 @@ llmlab's own runs; other runs' rates are interpolated from their rows.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Iterable, Mapping
@@ -41,11 +42,10 @@ def _integer(value: float, where: str, column: str) -> float:
   return value
 
 
-def _parse(rows, source: str, present, need_loss: bool, display=None) -> dict:
+def _parse(rows, source: str, present, need_loss: bool, display=None, eta=None) -> dict:
   """(where, run, row) triples -> validated columns (see the module docstring)."""
   display = display or {}
-  required = ("step", "lr") + (("loss",) if need_loss else ())
-  missing = [c for c in required if c not in present]
+  missing = [c for c in _required(need_loss) if c not in present]
   if missing:
     raise RecordsError(f"{source}: missing required column(s) {missing}; "
                        f"found {sorted(present)}")
@@ -62,12 +62,19 @@ def _parse(rows, source: str, present, need_loss: bool, display=None) -> dict:
     raise RecordsError(f"{source}: no data rows")
   out = {c: np.asarray(v, dtype=object if c in ("run", "where") else np.float64)
          for c, v in cols.items()}
+  if eta:
+    out["eta"] = {str(k): np.asarray(v, np.float64) for k, v in eta.items()}
   _check_runs(out)
   return out
 
 
+def _required(need_loss: bool) -> tuple[str, ...]:
+  return ("step", "lr") + (("loss",) if need_loss else ())
+
+
 def _check_runs(curves: Mapping) -> None:
-  """Per run: increasing steps, one params / warmup value, warmup <= first step."""
+  """Per run: increasing steps, one params / warmup value, and (when rates are
+  interpolated from the rows) warmup <= first step."""
   for run in records_lib.run_names(curves):
     idx = np.flatnonzero(curves["run"] == run)
     steps = curves["step"][idx]
@@ -82,7 +89,8 @@ def _check_runs(curves: Mapping) -> None:
         other = idx[np.flatnonzero(curves[c][idx] != curves[c][idx[0]])[0]]
         raise RecordsError(f"{curves['where'][other]}: column {c!r} differs from the "
                            f"run's first row ({curves['where'][idx[0]]})")
-    if "warmup_steps" in curves and curves["warmup_steps"][idx[0]] > steps[0]:
+    exact = run in (curves.get("eta") or {})
+    if "warmup_steps" in curves and not exact and curves["warmup_steps"][idx[0]] > steps[0]:
       raise RecordsError(f"{curves['where'][idx[0]]}: warmup_steps "
                          f"{curves['warmup_steps'][idx[0]]:g} exceeds the run's first "
                          f"step {steps[0]:g} (the peak rate is the first row's)")
@@ -96,8 +104,7 @@ def _check_runs(curves: Mapping) -> None:
 def read_curves(path, params_column: str = "params", need_loss: bool = True) -> dict:
   """Reads a curves CSV (see the module docstring); errors name file, line, run."""
   path = str(path)
-  required = ("step", "lr") + (("loss",) if need_loss else ())
-  header, rows = records_lib.read_csv(path, required,
+  header, rows = records_lib.read_csv(path, _required(need_loss),
                                       records_lib.params_rename(params_column))
   default = os.path.splitext(os.path.basename(path))[0]
   triples = ((f"{path}, line {n}", str(row["run"]) if "run" in header else default, row)
@@ -109,21 +116,13 @@ def as_curves(table, source: str = "curves", need_loss: bool = True) -> dict:
   """A curves table (columns, "eta" allowed) or a list of row dicts, validated."""
   if isinstance(table, Mapping) and "where" in table:
     return dict(table)  # already validated
-  eta = dict(table.get("eta") or {}) if isinstance(table, Mapping) else {}
+  eta = table.get("eta") if isinstance(table, Mapping) else None
   if isinstance(table, Mapping):
-    cols = {k: np.atleast_1d(v) for k, v in table.items() if k != "eta"}
-    n = len(next(iter(cols.values()))) if cols else 0
-    row_list = [{k: v[i] for k, v in cols.items()} for i in range(n)]
-  else:
-    row_list = list(table)
-  present = set(row_list[0]) if row_list else {"step", "lr", "loss"}
-  triples = ((f"{source}, row {i}", str(r.get("run", source)), r)
-             for i, r in enumerate(row_list))
-  out = _parse(triples, source, present, need_loss)
-  if eta:
-    out["eta"] = {str(k): np.asarray(v, np.float64) for k, v in eta.items()}
-    _check_runs(out)
-  return out
+    table = {k: v for k, v in table.items() if k != "eta"}
+  present, rows = records_lib.table_rows(table, source, _required(need_loss))
+  triples = ((where, str(row["run"]) if "run" in present else source, row)
+             for where, _, row in rows)
+  return _parse(triples, source, present, need_loss, eta=eta)
 
 
 def select_runs(curves: Mapping, runs: Iterable[str] | None = None,
@@ -208,9 +207,9 @@ def drop_blocks(eta_S: np.ndarray, t_T: np.ndarray, near: int = NEAR):
   `near` blocks, so a block is at most 2/near of its distance wide (O(near log t)
   blocks per point). A block enters as one term: its summed drop D, and the
   drop-weighted means of log eta_k and of S_k(t) in G (the midpoint rule, exact
-  for one step; for near = 16 it changes LD by ~1e-5 relative, measured in
-  tests/test_multipower.py). These are data, computed once here; only G's
-  parameters move during the fit.
+  for one step, its error ~ 1/near^2: with near = 8 within 2e-4 of LD on a
+  10^5-step cosine, tests/test_multipower.py). These are data, computed once
+  here; only G's parameters move during the fit.
 
   Returns (point_Q, drop_Q, log_lr_Q, lr_sum_Q, log_lr_sum_T): for every block
   with a drop, its point's index into t_T, D, mean log eta, mean S; and log of
@@ -332,9 +331,12 @@ def _metric_rows(path: str, key: str) -> list[dict]:
   return [rows[s] for s in sorted(rows)]
 
 
-def _run_schedule(cfg: dict) -> np.ndarray:
-  """The rates of updates 1..steps, as the train step computes them (update s
-  uses optax's count s - 1)."""
+def _run_schedule(cfg: dict) -> tuple[np.ndarray, int]:
+  """(rates of updates 1..steps, warmup steps), the rates as the train step
+  computes them: update s uses optax's count s - 1, and the schedule's numbers
+  are traced arguments of a compiled function (evaluated op by op, a rate can
+  differ in its last bit)."""
+  import jax
   import jax.numpy as jnp
   from ml_collections import ConfigDict
 
@@ -342,8 +344,9 @@ def _run_schedule(cfg: dict) -> np.ndarray:
 
   steps = int(cfg["train"]["steps"])
   p = optim.schedule_params(ConfigDict(cfg["optim"]), cfg["train"]["learning_rate"], steps)
-  count = jnp.arange(steps, dtype=jnp.int32)
-  return np.asarray(optim.lr_at(cfg["optim"]["schedule"], p, count), np.float64)
+  rates = jax.jit(functools.partial(optim.lr_at, cfg["optim"]["schedule"]))
+  eta_S = np.asarray(rates(p, jnp.arange(steps, dtype=jnp.int32)), np.float64)
+  return eta_S, int(p["warmup"])
 
 
 def curves_from_runs(workdirs: Iterable[str], loss: str = "eval",
@@ -367,13 +370,14 @@ def curves_from_runs(workdirs: Iterable[str], loss: str = "eval",
     run = sweep_lib.run_name(wd)
     with open(os.path.join(wd, "config.json")) as f:
       cfg = json.load(f)
-    eta[run] = _run_schedule(cfg)
-    rows += _run_rows(wd, run, cfg, eta[run], loss, params_key)
-  table = {k: [r[k] for r in rows] for k in ("run", "step", "lr", "loss", "params")}
+    eta[run], warmup_steps = _run_schedule(cfg)
+    rows += [dict(r, params=cfg["model_info"][params_key], warmup_steps=warmup_steps)
+             for r in _run_rows(wd, run, eta[run], loss)]
+  table = {k: [r[k] for r in rows] for k in rows[0]}
   return as_curves(dict(table, eta=eta), source="runs")
 
 
-def _run_rows(wd, run, cfg, eta_S, loss, params_key) -> list[dict]:
+def _run_rows(wd, run, eta_S, loss) -> list[dict]:
   path = os.path.join(wd, "metrics.jsonl")
   key, shift = ("eval_loss", 0) if loss == "eval" else ("loss", 1)
   out = []
@@ -381,7 +385,7 @@ def _run_rows(wd, run, cfg, eta_S, loss, params_key) -> list[dict]:
     t = int(row["step"]) - shift
     if t < 1:
       continue
-    if t > len(eta_S):
+    if int(row["step"]) > len(eta_S):
       raise RecordsError(f"{path}, line {row['_line']}: step {row['step']} is past the "
                          f"{len(eta_S)} steps of config.json's schedule")
     logged = row.get("learning_rate")
@@ -390,8 +394,7 @@ def _run_rows(wd, run, cfg, eta_S, loss, params_key) -> list[dict]:
       raise RecordsError(f"{path}, line {row['_line']}: learning_rate {logged!r} "
                          f"differs from {eta_S[t]!r}, the rate config.json's schedule "
                          f"gives update {t + 1}")
-    out.append(dict(run=run, step=t, lr=eta_S[t - 1], loss=row[key],
-                    params=cfg["model_info"][params_key]))
+    out.append(dict(run=run, step=t, lr=eta_S[t - 1], loss=row[key]))
   if not out:
     raise RecordsError(f"{path}: no {key!r} rows")
   return out

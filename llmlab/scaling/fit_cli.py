@@ -319,7 +319,11 @@ def _prediction_errors(rows) -> dict:
   err = np.array([abs(r["loss_hat"] - r["loss"]) / r["loss"] for r in rows])
   runs = np.array([r["run"] for r in rows], dtype=object)
   per_run = [(err[runs == r].mean(), err[runs == r].max()) for r in dict.fromkeys(runs)]
-  inside = lambda lo, hi: float(np.mean([r[lo] <= r["loss"] <= r[hi] for r in rows]))
+  def inside(lo, hi):  # None without an interval (no bootstrap)
+    if not np.isfinite(rows[0][lo]):
+      return None
+    return float(np.mean([r[lo] <= r["loss"] <= r[hi] for r in rows]))
+
   return dict(mean_rel_error=float(np.mean([m for m, _ in per_run])),
               worst_rel_error=float(err.max()),
               mean_worst_rel_error=float(np.mean([w for _, w in per_run])),

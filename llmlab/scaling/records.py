@@ -111,24 +111,29 @@ def read_records(path, params_column: str = "params") -> dict:
   return _columns(where, str(path), set(header), {"params": params_column})
 
 
-def as_records(records, source: str = "records") -> dict:
-  """Normalises a list of row dicts or a dict of columns into a validated table."""
+def table_rows(records, source: str, required=REQUIRED):
+  """(column names, (where, label, row dict) triples) of a dict of equal-length
+  columns or of a list of row dicts with the same keys."""
   if isinstance(records, Mapping):
-    present = set(records)
-    n = len(np.asarray(records[REQUIRED[0]])) if REQUIRED[0] in records else 0
-    lengths = {k: len(np.atleast_1d(records[k])) for k in present}
+    cols = {k: np.atleast_1d(v) for k, v in records.items()}
+    lengths = {k: len(v) for k, v in cols.items()}
     if len(set(lengths.values())) > 1:
       raise RecordsError(f"{source}: columns have different lengths {lengths}")
-    rows = ((f"{source}, row {i}", f"row{i}",
-             {k: np.atleast_1d(records[k])[i] for k in present}) for i in range(n))
-  else:
-    records = list(records)
-    present = set(records[0]) if records else set(REQUIRED)
-    for i, r in enumerate(records):
-      if set(r) != present:
-        raise RecordsError(f"{source}, row {i}: keys {sorted(r)} differ from row 0's "
-                           f"{sorted(present)}")
-    rows = ((f"{source}, row {i}", f"row{i}", r) for i, r in enumerate(records))
+    n = next(iter(lengths.values()), 0)
+    return set(cols), ((f"{source}, row {i}", f"row{i}", {k: v[i] for k, v in cols.items()})
+                       for i in range(n))
+  records = list(records)
+  present = set(records[0]) if records else set(required)
+  for i, r in enumerate(records):
+    if set(r) != present:
+      raise RecordsError(f"{source}, row {i}: keys {sorted(r)} differ from row 0's "
+                         f"{sorted(present)}")
+  return present, ((f"{source}, row {i}", f"row{i}", r) for i, r in enumerate(records))
+
+
+def as_records(records, source: str = "records") -> dict:
+  """Normalises a list of row dicts or a dict of columns into a validated table."""
+  present, rows = table_rows(records, source)
   return _columns(rows, source, present)
 
 
