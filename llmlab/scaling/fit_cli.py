@@ -346,15 +346,7 @@ def _write_curve_outputs(out_dir: str, result: dict, rows) -> None:
 
 def curve_summary(result: dict) -> str:
   """Readable multi-line report of a run_curve_fit result."""
-  lines = [f"form {result['form']}: {result['n_points']} rows of "
-           f"{len(result['fit_runs'])} runs, {result['n_starts']} starts, objective "
-           f"{result['objective']:.6g}{'' if result['converged'] else ' (NOT converged)'}"
-           f", fit {result['fit_seconds']:.1f} s"]
-  iv = result["intervals"]
-  lines.append("  " + ", ".join(_fmt_param(k, v, iv) for k, v in result["params"].items()))
-  if result["bootstrap"]:
-    b = result["bootstrap"]
-    lines.append(f"  95% intervals from {b['n']} bootstrap refits over {b['unit']}")
+  lines = _fit_lines(result, f", fit {result['fit_seconds']:.1f} s")
   pct = lambda v: "n/a" if v is None else f"{100 * v:.3f}%"
   for p in result.get("predictions", []):
     lines.append(f"  predict {p['run']} ({p['rows']} rows to step {p['last_step']}): "
@@ -375,17 +367,23 @@ def _fmt_param(name, value, intervals):
   return f"{name} {value:.4g}" + (f" [{iv[0]:.4g}, {iv[1]:.4g}]" if iv else "")
 
 
-def summary(result: dict) -> str:
-  """Readable multi-line report of a run_fit result."""
+def _fit_lines(result: dict, extra: str = "") -> list[str]:
+  """The lines every summary opens with: data, objective, parameters, intervals."""
   lines = [f"form {result['form']}: {result['n_points']} points from "
            f"{len(result['fit_runs'])} runs, {result['n_starts']} starts, "
            f"objective {result['objective']:.6g}"
-           f"{'' if result['converged'] else ' (NOT converged)'}"]
+           f"{'' if result['converged'] else ' (NOT converged)'}{extra}"]
   iv = result["intervals"]
   lines.append("  " + ", ".join(_fmt_param(k, v, iv) for k, v in result["params"].items()))
   if result["bootstrap"]:
     b = result["bootstrap"]
     lines.append(f"  95% intervals from {b['n']} bootstrap refits over {b['unit']}")
+  return lines
+
+
+def summary(result: dict) -> str:
+  """Readable multi-line report of a run_fit result."""
+  lines = _fit_lines(result)
   opt = result["compute_optimal"]
   if opt:
     lines.append(f"  compute-optimal: N* ~ C^{opt['a']:.3f}, D* ~ C^{opt['b']:.3f}" +
