@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from llmlab.scaling import curves as curves_lib
 from llmlab.scaling import forms as forms_lib
 from llmlab.scaling import records as records_lib
 
@@ -55,7 +56,10 @@ POLISH = Tol(gtol=1e-9, ftol=1e-13, max_evals=5000)
 
 
 def log_inputs(records: Mapping, form: forms_lib.Form) -> dict[str, np.ndarray]:
-  """The natural-log inputs a form needs; compute is the `flops` column or 6 N D."""
+  """The natural-log inputs a form needs; compute is the `flops` column or 6 N D.
+  A curve form's inputs are built from a curves table (curves.form_inputs)."""
+  if form.curve:
+    return curves_lib.form_inputs(records, form.inputs)
   cols = {"params": records["params"], "tokens": records["tokens"]}
   if "compute" in form.inputs:
     cols["compute"] = (records["flops"] if "flops" in records else
@@ -164,13 +168,15 @@ def _solve_group(form, screen: Tol, polish: Tol, keep: int, u0_KxP, weight_N, x,
 
 
 @functools.partial(jax.jit, static_argnames=("form_name", "screen", "polish", "keep"))
-def _solve(u0_GxKxP, weight_GxN, x_GxN, log_loss_GxN, delta, shift_P, scale_PxP, *,
+def _solve(u0_GxKxP, weight_GxN, x, log_loss_GxN, delta, shift_P, scale_PxP, *,
            form_name: str, screen: Tol, polish: Tol, keep: int):
-  """Every group and start in one vmapped call."""
+  """Every group and start in one vmapped call. x: one set of inputs shared by
+  all groups (1-D arrays), or one per group (G x N)."""
   solve = functools.partial(_solve_group, forms_lib.get_form(form_name), screen, polish,
                             keep)
-  return jax.vmap(solve, in_axes=(0, 0, 0, 0, None, None, None))(
-      u0_GxKxP, weight_GxN, x_GxN, log_loss_GxN, delta, shift_P, scale_PxP)
+  x_axis = None if all(v.ndim == 1 for v in x.values()) else 0
+  return jax.vmap(solve, in_axes=(0, 0, x_axis, 0, None, None, None))(
+      u0_GxKxP, weight_GxN, x, log_loss_GxN, delta, shift_P, scale_PxP)
 
 
 def _bucket(n: int) -> int:
@@ -179,10 +185,21 @@ def _bucket(n: int) -> int:
   return max(8, 1 << (int(n) - 1).bit_length())
 
 
-def minimize(form: forms_lib.Form, theta0_GxKxP, weight_GxN, x_GxN, log_loss_GxN, *,
+def _pad(a) -> np.ndarray:
+  """Zeros appended along the last axis up to its bucket. Forms read zero
+  inputs safely (log inputs: N = 1; curve drop blocks: no drop)."""
+  a = np.asarray(a, np.float64)
+  n = a.shape[-1]
+  return np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, _bucket(n) - n)])
+
+
+def minimize(form: forms_lib.Form, theta0_GxKxP, weight_GxN, x, log_loss_GxN, *,
              delta=DELTA, keep: int = 32, screen: Tol = SCREEN, polish: Tol = POLISH,
              affine=None):
   """Fits G data sets from K starts each (points padded to a bucket with weight 0).
+
+  x: the form's inputs, shared by all groups ({name: 1-D array}) or per group
+  ({name: G x N}); each array is padded to its own bucket.
 
   affine: optional (shift_P, scale_PxP); the search runs in u, theta = shift +
   scale @ u (a preconditioner, see `whitening`). Returns numpy (theta_GxkxP,
@@ -194,13 +211,10 @@ def minimize(form: forms_lib.Form, theta0_GxKxP, weight_GxN, x_GxN, log_loss_GxN
   shift_P, scale_PxP = (np.zeros(p), np.eye(p)) if affine is None else affine
   u0_GxKxP = np.linalg.solve(scale_PxP, (theta0_GxKxP - shift_P)[..., None])[..., 0]
   keep = min(int(keep), theta0_GxKxP.shape[1])
-  weight_GxN = np.asarray(weight_GxN, np.float64)
-  n = weight_GxN.shape[1]
-  pad = lambda a: np.pad(np.asarray(a, np.float64), [(0, 0), (0, _bucket(n) - n)])
   with jax.enable_x64(True):
     f64 = lambda a: jnp.asarray(a, jnp.float64)
-    out = _solve(f64(u0_GxKxP), f64(pad(weight_GxN)),
-                 {k: f64(pad(v)) for k, v in x_GxN.items()}, f64(pad(log_loss_GxN)),
+    out = _solve(f64(u0_GxKxP), f64(_pad(weight_GxN)),
+                 {k: f64(_pad(v)) for k, v in x.items()}, f64(_pad(log_loss_GxN)),
                  f64(delta), f64(shift_P), f64(scale_PxP), form_name=form.name,
                  screen=screen, polish=polish, keep=keep)
     return tuple(np.asarray(o) for o in out)
@@ -258,23 +272,36 @@ def _starts(form: forms_lib.Form, init) -> np.ndarray:
   return starts
 
 
+def validated(records, law: forms_lib.Form) -> dict:
+  """A records table, or for a curve form a curves table, checked for `law`."""
+  if not law.curve:
+    return records_lib.as_records(records)
+  curves = curves_lib.as_curves(records)
+  curves_lib.check_rows_per_run(curves, len(law.params), law.name)
+  return curves
+
+
 def _data(records: Mapping, form: forms_lib.Form, groups: int):
-  """Log inputs and log losses tiled to `groups` identical data sets."""
-  x = {k: np.broadcast_to(v, (groups, len(v))) for k, v in log_inputs(records, form).items()}
+  """Inputs (shared by all groups) and log losses tiled to `groups` data sets."""
+  x = log_inputs(records, form)
   log_loss = np.log(np.asarray(records["loss"], np.float64))
   return x, np.broadcast_to(log_loss, (groups, len(log_loss)))
 
 
 def fit_law(records, form: str = "chinchilla", delta: float = DELTA, init=None,
-            keep: int = 32) -> FitResult:
-  """Best-of-starts Huber fit of `form` to all rows of `records`.
+            keep: int | None = None) -> FitResult:
+  """Best-of-starts Huber fit of `form` to all rows of `records` (a curves
+  table for a curve form).
 
   keep: how many of the screened starts are polished to the tight tolerance (a
-  few bad starts crawl for thousands of steps; in lockstep everyone would wait).
+  few bad starts crawl for thousands of steps; in lockstep everyone would wait);
+  default 32, 8 for curve forms, whose every evaluation sums thousands of drop
+  blocks.
   """
-  records = records_lib.as_records(records)
   law = forms_lib.get_form(form)
+  records = validated(records, law)
   starts = _starts(law, init)
+  keep = keep or (8 if law.curve else 32)
   x, log_loss = _data(records, law, 1)
   theta, f, evals, conv = minimize(law, starts[None], np.ones_like(log_loss), x, log_loss,
                                    delta=delta, keep=keep)
@@ -315,9 +342,14 @@ def bootstrap(records, form: str = "chinchilla", n: int = 200, seed: int = 0,
               delta: float = DELTA, fit: FitResult | None = None,
               extra_starts: int = 0) -> BootstrapResult:
   """Refits on n resamples, all in one vmapped call; each refit starts from the
-  full-data optimum (plus `extra_starts` random grid starts, screened)."""
-  records = records_lib.as_records(records)
+  full-data optimum (plus `extra_starts` random grid starts, screened).
+
+  Identical resamples (with few runs many are: 3 runs have 10 distinct draws)
+  are fitted once: lanes run in lockstep, and a curve form's slowest refit
+  costs thousands of evaluations of every lane.
+  """
   law = forms_lib.get_form(form)
+  records = validated(records, law)
   fit = fit or fit_law(records, form, delta)
   if fit.form != form:
     raise ValueError(f"bootstrap of form {form!r} given a {fit.form!r} fit")
@@ -327,10 +359,14 @@ def bootstrap(records, form: str = "chinchilla", n: int = 200, seed: int = 0,
                                                                        extra_starts)]])
                      for _ in range(n)])
   weights = resample_weights(records, n, seed)
-  x, log_loss = _data(records, law, n)
-  affine = whitening(law, fit.theta, {k: v[0] for k, v in x.items()})
-  theta, f, _, conv = minimize(law, starts, weights, x, log_loss, delta=delta, keep=1,
-                               affine=affine)
+  _, first, inverse = np.unique(np.concatenate([weights, starts.reshape(n, -1)], axis=1),
+                                axis=0, return_index=True, return_inverse=True)
+  x, log_loss = _data(records, law, len(first))
+  affine = whitening(law, fit.theta, x)
+  theta, f, _, conv = minimize(law, starts[first], weights[first], x, log_loss,
+                               delta=delta, keep=1, affine=affine)
+  inverse = inverse.reshape(-1)
+  theta, f, conv = theta[inverse], f[inverse], conv[inverse]
   unit = "runs" if len(set(records["run"])) < len(records["run"]) else "points"
   return BootstrapResult(form=form, thetas=theta[:, 0], objectives=f[:, 0],
                          params=forms_lib.natural_params(law, theta[:, 0]), unit=unit,
@@ -354,6 +390,22 @@ def predict(fit: FitResult | BootstrapResult, params=None, tokens=None,
   if missing:
     raise ValueError(f"form {law.name!r} needs inputs {missing}")
   x = {k: np.log(np.atleast_1d(np.asarray(cols[k], np.float64))) for k in law.inputs}
+  return _evaluate(fit, law, x)
+
+
+def predict_curves(fit: FitResult | BootstrapResult, curves) -> np.ndarray:
+  """Predicted losses at every row of a curves table (its `loss` may be absent).
+
+  Shape (M,) for a FitResult, (n_boot, M) for a BootstrapResult.
+  """
+  law = forms_lib.get_form(fit.form)
+  if not law.curve:
+    raise ValueError(f"form {law.name!r} is not a curve form; use predict")
+  curves = curves_lib.as_curves(curves, need_loss=False)
+  return _evaluate(fit, law, curves_lib.form_inputs(curves, law.inputs))
+
+
+def _evaluate(fit: FitResult | BootstrapResult, law: forms_lib.Form, x) -> np.ndarray:
   thetas = np.atleast_2d(fit.thetas if isinstance(fit, BootstrapResult) else fit.theta)
   with jax.enable_x64(True):
     out = np.exp(np.asarray(_predict_log(jnp.asarray(thetas), x, form_name=law.name)))
@@ -362,9 +414,11 @@ def predict(fit: FitResult | BootstrapResult, params=None, tokens=None,
 
 @functools.partial(jax.jit, static_argnames="form_name")
 def _predict_log(thetas_BxP, x_M, *, form_name: str):
-  """Jitted: op-by-op dispatch of the form is slower than compiling it."""
+  """Jitted: op-by-op dispatch of the form is slower than compiling it. Thetas
+  go 64 at a time, bounding memory for curve forms (thetas x drop blocks)."""
   law = forms_lib.get_form(form_name)
-  return jax.vmap(lambda th: law.log_loss(law.named(th), x_M))(thetas_BxP)
+  return jax.lax.map(lambda th: law.log_loss(law.named(th), x_M), thetas_BxP,
+                     batch_size=64)
 
 
 # ----------------------------------------------------------------------------

@@ -1,17 +1,22 @@
 """`llmlab fit`: fit a scaling law to loss records, predict a target, write fit.json.
 
-run_fit is the Python entry point (used by `llmlab study`); main(argv) is the CLI
-(argv excludes the subcommand name).
+run_fit is the Python entry point (used by `llmlab study`); run_curve_fit fits a
+law of whole loss curves (--form=multipower, multipower_n; see curves.py) and
+predicts other curves into predictions.csv; main(argv) is the CLI (argv excludes
+the subcommand name).
 """
 
 import argparse
+import csv
 import json
 import math
 import os
 import sys
+import time
 
 import numpy as np
 
+from llmlab.scaling import curves as curves_lib
 from llmlab.scaling import fit as fit_lib
 from llmlab.scaling import forms as forms_lib
 from llmlab.scaling import records as records_lib
@@ -183,17 +188,9 @@ def run_fit(records, form: str = "chinchilla", target=None, out_dir: str | None 
   optimal = _compute_optimal(fit, boot, fit_records, extra_c)
   sat = fit_lib.saturation(fit_records, saturation_threshold, delta)
   result = dict(
-      form=form, records=source, params=fit.params,
-      log_params=dict(zip(forms_lib.get_form(form).params, fit.theta.tolist())),
-      objective=fit.objective, converged=fit.converged, delta=delta,
-      n_points=fit.n_points, n_starts=fit.n_starts,
-      fit_runs=records_lib.run_names(fit_records),
+      _fit_fields(fit, boot, fit_records, source, delta, n_bootstrap, seed),
       selection=dict(min_tokens=min_tokens, min_fraction=min_fraction,
                      final_only=final_only),
-      intervals=boot.intervals() if boot is not None else {},
-      bootstrap=(dict(n=n_bootstrap, unit=boot.unit, seed=seed,
-                      converged_fraction=float(np.mean(boot.converged)))
-                 if boot is not None else None),
       target=(dict(run=target_run) if target_run else
               dict(params=point[0], tokens=point[1]) if point else None),
       predictions=predictions, are=are.get("are"), naive_are=are.get("naive_are"),
@@ -213,22 +210,180 @@ def run_fit(records, form: str = "chinchilla", target=None, out_dir: str | None 
   return _clean(result)
 
 
+def _fit_fields(fit, boot, fit_records, source, delta, n_bootstrap, seed) -> dict:
+  """The fit.json fields every form writes: the fit, its intervals, the data."""
+  return dict(
+      form=fit.form, records=source, params=fit.params,
+      log_params=dict(zip(forms_lib.get_form(fit.form).params, fit.theta.tolist())),
+      objective=fit.objective, converged=fit.converged, delta=delta,
+      n_points=fit.n_points, n_starts=fit.n_starts,
+      fit_runs=records_lib.run_names(fit_records),
+      intervals=boot.intervals() if boot is not None else {},
+      bootstrap=(dict(n=n_bootstrap, unit=boot.unit, seed=seed,
+                      converged_fraction=float(np.mean(boot.converged)))
+                 if boot is not None else None))
+
+
+# ----------------------------------------------------------------------------
+# Laws of whole loss curves.
+
+PREDICTION_COLUMNS = ("run", "step", "loss", "loss_hat", "loss_lo", "loss_hi", "obs_lo",
+                      "obs_hi")
+
+
+def run_curve_fit(curves, form: str = "multipower", out_dir: str | None = None,
+                  predict=None, *, fit_runs=None, max_step: float | None = None,
+                  n_bootstrap: int = 100, seed: int = 0, delta: float = fit_lib.DELTA,
+                  source: str | None = None, predict_source: str | None = None) -> dict:
+  """Fits a curve form to whole loss curves, bootstraps over runs, predicts every
+  row of `predict`; writes out_dir/fit.json and out_dir/predictions.csv.
+
+  curves, predict: curves tables (curves.py) or lists of row dicts; fit_runs and
+  max_step (rows at steps < max_step) select what is fitted. Input errors are
+  raised (RecordsError naming file, run and row) before fitting. A predicted run
+  outside what the fit saw is listed under "extrapolation". Returns the
+  fit.json dict.
+  """
+  law = forms_lib.get_form(form)
+  if not law.curve:
+    raise ValueError(f"form {form!r} is not a curve form; use run_fit")
+  fit_curves = fit_lib.validated(
+      curves_lib.select_runs(curves_lib.as_curves(curves), fit_runs, max_step), law)
+  target = None
+  if predict is not None:
+    target = curves_lib.as_curves(predict, "predict", need_loss=False)
+    curves_lib.check_inputs(target, law.inputs)
+  t0 = time.time()
+  fit = fit_lib.fit_law(fit_curves, form, delta)
+  seconds = time.time() - t0
+  boot = (fit_lib.bootstrap(fit_curves, form, n_bootstrap, seed, delta, fit)
+          if n_bootstrap > 0 else None)
+  result = dict(_fit_fields(fit, boot, fit_curves, source, delta, n_bootstrap, seed),
+                fit_seconds=seconds, bootstrap_seconds=time.time() - t0 - seconds,
+                max_step=max_step, predict=predict_source)
+  rows = []
+  if target is not None:
+    resid = np.log(fit_curves["loss"] / fit_lib.predict_curves(fit, fit_curves))
+    rows, result["predictions"] = _curve_predictions(fit, boot, target, resid)
+    result.update(_prediction_errors(rows))
+    why = curves_lib.extrapolation(fit_curves, target)
+    result["extrapolation"] = {r: w for r, w in why.items() if w}
+    for p in result["predictions"]:
+      p["extrapolation"] = why[p["run"]]
+  if out_dir is not None:
+    _write_curve_outputs(out_dir, result, rows if target is not None else None)
+  return _clean(result)
+
+
+def _curve_predictions(fit, boot, target, resid_R):
+  """(rows of predictions.csv, per-run summaries) for every row of `target`.
+
+  loss_lo/hi: 95% interval of the law's curve (bootstrap over runs: parameter
+  uncertainty only); obs_lo/hi: of an observed loss, adding the spread of the
+  fit's log residuals resid_R (a logged loss is the curve plus batch noise).
+  """
+  mid = fit_lib.predict_curves(fit, target)
+  boot_BxM = fit_lib.predict_curves(boot, target) if boot is not None else mid[None]
+  lo, hi = _interval(boot_BxM) if boot is not None else (np.full_like(mid, np.nan),) * 2
+  obs_lo, obs_hi = _observed_interval(boot_BxM, resid_R)
+  loss = target.get("loss", np.full_like(mid, np.nan))
+  rows = [dict(zip(PREDICTION_COLUMNS, (r, int(s), *v))) for r, s, *v in zip(
+      target["run"], target["step"], loss, mid, lo, hi, obs_lo, obs_hi)]
+  runs = []
+  for run in records_lib.run_names(target):
+    mine = [r for r in rows if r["run"] == run]
+    runs.append(dict(run=run, rows=len(mine), last_step=mine[-1]["step"],
+                     **_prediction_errors(mine)))
+  return rows, runs
+
+
+def _observed_interval(pred_BxM, resid_R, level=0.95, chunk=1024):
+  """Percentiles of prediction x exp(residual) over bootstrap predictions and 50
+  quantiles of the residuals (in chunks of points: B x 50 x chunk samples)."""
+  r_Q = np.quantile(resid_R, np.linspace(0.01, 0.99, 50))
+  parts = []
+  for i in range(0, pred_BxM.shape[1], chunk):
+    log_BxQxM = np.log(pred_BxM[:, None, i:i + chunk]) + r_Q[None, :, None]
+    parts.append(_interval(np.exp(log_BxQxM.reshape(-1, log_BxQxM.shape[-1])), level))
+  return np.concatenate(parts, axis=1)
+
+
+def _prediction_errors(rows) -> dict:
+  """Relative errors |loss_hat - loss| / loss and interval coverage of rows with
+  a loss: mean and worst over rows, and the mean of each run's worst (the
+  figure Luo et al. report as WorstE)."""
+  rows = [r for r in rows if np.isfinite(r["loss"])]
+  if not rows:
+    return dict(mean_rel_error=None, worst_rel_error=None, mean_worst_rel_error=None,
+                coverage=None, obs_coverage=None)
+  err = np.array([abs(r["loss_hat"] - r["loss"]) / r["loss"] for r in rows])
+  runs = np.array([r["run"] for r in rows], dtype=object)
+  per_run = [(err[runs == r].mean(), err[runs == r].max()) for r in dict.fromkeys(runs)]
+  def inside(lo, hi):  # None without an interval (no bootstrap)
+    if not np.isfinite(rows[0][lo]):
+      return None
+    return float(np.mean([r[lo] <= r["loss"] <= r[hi] for r in rows]))
+
+  return dict(mean_rel_error=float(np.mean([m for m, _ in per_run])),
+              worst_rel_error=float(err.max()),
+              mean_worst_rel_error=float(np.mean([w for _, w in per_run])),
+              coverage=inside("loss_lo", "loss_hi"), obs_coverage=inside("obs_lo", "obs_hi"))
+
+
+def _write_curve_outputs(out_dir: str, result: dict, rows) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "fit.json"), "w") as f:
+    json.dump(_clean(result), f, indent=2)
+  if rows is None:
+    return
+  with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(PREDICTION_COLUMNS)
+    for r in rows:
+      w.writerow(["" if isinstance(r[c], float) and not math.isfinite(r[c]) else r[c]
+                  for c in PREDICTION_COLUMNS])
+
+
+def curve_summary(result: dict) -> str:
+  """Readable multi-line report of a run_curve_fit result."""
+  lines = _fit_lines(result, f", fit {result['fit_seconds']:.1f} s")
+  pct = lambda v: "n/a" if v is None else f"{100 * v:.3f}%"
+  for p in result.get("predictions", []):
+    lines.append(f"  predict {p['run']} ({p['rows']} rows to step {p['last_step']}): "
+                 f"mean error {pct(p['mean_rel_error'])}, worst {pct(p['worst_rel_error'])}"
+                 f", 95% intervals cover {pct(p['coverage'])} (curve) "
+                 f"{pct(p['obs_coverage'])} (observed)")
+  if result.get("mean_rel_error") is not None:
+    lines.append(f"  all predicted runs: mean error {pct(result['mean_rel_error'])}, "
+                 f"worst {pct(result['worst_rel_error'])} (mean of runs' worst "
+                 f"{pct(result['mean_worst_rel_error'])}), coverage "
+                 f"{pct(result['coverage'])} (curve) {pct(result['obs_coverage'])} "
+                 "(observed)")
+  return "\n".join(lines)
+
+
 def _fmt_param(name, value, intervals):
   iv = intervals.get(name)
   return f"{name} {value:.4g}" + (f" [{iv[0]:.4g}, {iv[1]:.4g}]" if iv else "")
 
 
-def summary(result: dict) -> str:
-  """Readable multi-line report of a run_fit result."""
+def _fit_lines(result: dict, extra: str = "") -> list[str]:
+  """The lines every summary opens with: data, objective, parameters, intervals."""
   lines = [f"form {result['form']}: {result['n_points']} points from "
            f"{len(result['fit_runs'])} runs, {result['n_starts']} starts, "
            f"objective {result['objective']:.6g}"
-           f"{'' if result['converged'] else ' (NOT converged)'}"]
+           f"{'' if result['converged'] else ' (NOT converged)'}{extra}"]
   iv = result["intervals"]
   lines.append("  " + ", ".join(_fmt_param(k, v, iv) for k, v in result["params"].items()))
   if result["bootstrap"]:
     b = result["bootstrap"]
     lines.append(f"  95% intervals from {b['n']} bootstrap refits over {b['unit']}")
+  return lines
+
+
+def summary(result: dict) -> str:
+  """Readable multi-line report of a run_fit result."""
+  lines = _fit_lines(result)
   opt = result["compute_optimal"]
   if opt:
     lines.append(f"  compute-optimal: N* ~ C^{opt['a']:.3f}, D* ~ C^{opt['b']:.3f}" +
@@ -253,9 +408,15 @@ def summary(result: dict) -> str:
   return "\n".join(lines)
 
 
+_RECORD_FLAGS = ("target", "min_tokens", "min_fraction", "final_only", "are_final_only",
+                 "saturation_threshold")
+_CURVE_FLAGS = ("predict", "max_step")
+
+
 def _parser():
   p = argparse.ArgumentParser(prog="llmlab fit", description=__doc__.splitlines()[0])
-  p.add_argument("--records", required=True, help="CSV with params, tokens, loss")
+  p.add_argument("--records", required=True,
+                 help="CSV with params, tokens, loss (curve forms: run, step, lr, loss)")
   p.add_argument("--form", default="chinchilla", choices=sorted(forms_lib.FORMS))
   p.add_argument("--params_column", default="params")
   p.add_argument("--min_tokens", type=float)
@@ -264,6 +425,10 @@ def _parser():
   p.add_argument("--fit_runs", help="comma-separated runs to fit on (default all)")
   p.add_argument("--final_only", action="store_true", help="fit final checkpoints only")
   p.add_argument("--target", help="a run name (held out) or N,D")
+  p.add_argument("--predict", help="curve forms: a curves CSV to predict every row of "
+                 "(writes predictions.csv)")
+  p.add_argument("--max_step", type=float,
+                 help="curve forms: fit only rows at steps below this")
   p.add_argument("--bootstrap", type=int, default=100, help="refits for intervals (0: none)")
   p.add_argument("--out", default="fit_out", help="output directory")
   p.add_argument("--delta", type=float, default=fit_lib.DELTA, help="Huber delta")
@@ -274,9 +439,41 @@ def _parser():
   return p
 
 
+def _check_flags(parser, args) -> None:
+  """Flags of the other kind of form are mistakes, not options to ignore."""
+  curve = forms_lib.get_form(args.form).curve
+  wrong = [f"--{n}" for n in (_RECORD_FLAGS if curve else _CURVE_FLAGS)
+           if getattr(args, n) != parser.get_default(n)]
+  if wrong:
+    kind = "a curve form" if curve else "not a curve form"
+    raise ValueError(f"{', '.join(wrong)} not used by --form={args.form} ({kind})")
+
+
+def _main_curves(args) -> int:
+  curves = curves_lib.read_curves(args.records, args.params_column)
+  target = (curves_lib.read_curves(args.predict, args.params_column, need_loss=False)
+            if args.predict else None)
+  result = run_curve_fit(
+      curves, args.form, args.out, target,
+      fit_runs=args.fit_runs.split(",") if args.fit_runs else None,
+      max_step=args.max_step, n_bootstrap=args.bootstrap, seed=args.seed,
+      delta=args.delta, source=args.records, predict_source=args.predict)
+  print(curve_summary(result))
+  for run, why in result.get("extrapolation", {}).items():
+    print(f"llmlab fit: warning: predicting run {run!r} is extrapolation: "
+          f"{'; '.join(why)}", file=sys.stderr)
+  wrote = ["fit.json"] + (["predictions.csv"] if target is not None else [])
+  print(f"wrote {' and '.join(os.path.join(args.out, w) for w in wrote)}")
+  return 0
+
+
 def main(argv: list[str]) -> int:
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  args = parser.parse_args(argv)
   try:
+    _check_flags(parser, args)
+    if forms_lib.get_form(args.form).curve:
+      return _main_curves(args)
     records = records_lib.read_records(args.records, args.params_column)
     result = run_fit(
         records, args.form, args.target, args.out, min_tokens=args.min_tokens,

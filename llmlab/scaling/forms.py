@@ -5,17 +5,21 @@ Hoffmann et al. (2022): coefficients are fitted as their logs (A = e^a, B = e^b,
 E = e^e), which keeps them positive and makes the objective far better
 conditioned than fitting A ~ 1e3 and alpha ~ 0.3 side by side.
 
-Naming rule (used by `natural_params`): a single-letter parameter name is the log
-of the coefficient named by its upper case (a -> A); longer names (alpha, beta)
-are used as they are.
+Naming rule (used by `natural_params`): a parameter named by one letter, maybe
+followed by digits, is the log of the coefficient named by its upper case
+(a -> A, l0 -> L0); other names (alpha, beta) are used as they are.
 
 Inputs a form may use, all as natural logs: "params" (N, parameters), "tokens"
-(D, training tokens) and "compute" (C, training FLOPs).
+(D, training tokens) and "compute" (C, training FLOPs); or "curve", the arrays
+curves.form_inputs builds of whole loss curves (a form using it is fitted to a
+curves table, see curves.py).
 """
 
 import dataclasses
+import re
 from typing import Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -24,7 +28,7 @@ _COEF_GRID = (0.0, 5.0, 10.0, 15.0, 20.0, 25.0)
 _E_GRID = (-1.0, -0.5, 0.0, 0.5, 1.0)
 _EXP_GRID = (0.0, 0.5, 1.0, 1.5, 2.0)
 
-INPUTS = ("params", "tokens", "compute")
+INPUTS = ("params", "tokens", "compute", "curve")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +51,11 @@ class Form:
   def named(self, theta_P) -> dict:
     """Vector of parameters (in `self.params` order) -> {name: scalar}."""
     return {k: theta_P[..., i] for i, k in enumerate(self.params)}
+
+  @property
+  def curve(self) -> bool:
+    """Fitted to whole loss curves (curves.py) rather than loss records."""
+    return "curve" in self.inputs
 
 
 FORMS: dict[str, Form] = {}
@@ -107,13 +116,74 @@ def compute(p, x):
   return _lse(p["a"] - p["alpha"] * x["compute"], p["e"])
 
 
+# ----------------------------------------------------------------------------
+# Laws of whole loss curves (inputs: curves.form_inputs).
+
+# Starts: 16, two values for each parameter of the loss drop (B's scale is 1 /
+# the learning rate's). L0, A and alpha are pinned by any curve's slow decline
+# and need one start; the drop's C, beta and gamma are poorly separated by a
+# few curves (a long, flat valley), and more starts only find more points of it
+# (192 starts reached the same optimum as these 16 on the data of Luo et al.).
+_MP_GRID = dict(l0=(1.0,), a=(-0.7,), alpha=(0.5,), b=(4.0, 7.0), c=(-1.0, 1.5),
+                beta=(0.3, 0.9), gamma=(0.3, 0.9))
+N_REF = 1e8  # multipower_n's reference size: L0, A, alpha, B are theirs at N_REF
+
+
+def _drop_sum(p, x):
+  """LD(t) / B = sum_k d_k G(eta_k^-gamma S_k(t)) at every point, from the drop
+  blocks (see curves.drop_blocks); G(u) = 1 - (C u + 1)^-beta."""
+  u_Q = x["drop_lr_sum"] * jnp.exp(-p["gamma"] * x["drop_log_lr"])
+  g_Q = -jnp.expm1(-p["beta"] * jnp.log1p(jnp.exp(p["c"]) * u_Q))
+  return jax.ops.segment_sum(x["drop"] * g_Q, x["drop_point"].astype(jnp.int32),
+                             num_segments=x["log_lr_sum"].shape[-1],
+                             indices_are_sorted=True)
+
+
+def _curve_log_loss(log_l0, log_a, alpha, log_b, p, x):
+  """log L(t) = log(L0 + A (S1(t) + S_W)^-alpha - LD(t)); a non-positive L(t)
+  gives NaN, which the linesearch backs away from."""
+  ld = jnp.exp(log_b) * _drop_sum(p, x)
+  return jnp.log(jnp.exp(log_l0) + jnp.exp(log_a - alpha * x["log_lr_sum"]) - ld)
+
+
+@register_form("multipower", params=("l0", "a", "alpha", "b", "c", "beta", "gamma"),
+               inputs=("curve",), grid=_MP_GRID)
+def multipower(p, x):
+  """L(t) = L0 + A (S1(t) + S_W)^-alpha - LD(t), LD(t) = B sum_{k<=t} (eta_{k-1} -
+  eta_k) G(eta_k^-gamma S_k(t)), G(u) = 1 - (C u + 1)^-beta: the multi-power law
+  (Luo et al. 2025, arXiv:2503.12811) of one model's loss over any schedule.
+
+  S1(t) + S_W is the sum of all rates up to t, warmup included; LD sums the
+  drops only (eta_{k-1} > eta_k), so the warmup's rises enter through S_W alone,
+  as in the paper (the authors' code also sums the rises, which shifts its L0
+  by about B eta_peak)."""
+  return _curve_log_loss(p["l0"], p["a"], p["alpha"], p["b"], p, x)
+
+
+@register_form("multipower_n", params=("l0", "a", "alpha", "b", "c", "beta", "gamma",
+                                       "k_l0", "k_a", "k_alpha", "k_b"),
+               inputs=("curve", "params"),
+               grid=dict(_MP_GRID, k_l0=(0.0,), k_a=(0.0,), k_alpha=(0.0,), k_b=(0.0,)))
+def multipower_n(p, x):
+  """The multi-power law across model sizes N: L0, A, alpha and B are power laws
+  X(N) = X (N / N_REF)^k_X (N_REF = 1e8), C, beta and gamma are shared."""
+  u = x["params"] - np.log(N_REF)
+  return _curve_log_loss(p["l0"] + p["k_l0"] * u, p["a"] + p["k_a"] * u,
+                         p["alpha"] * jnp.exp(p["k_alpha"] * u), p["b"] + p["k_b"] * u,
+                         p, x)
+
+
+def _is_log(name: str) -> bool:
+  return re.fullmatch(r"[a-z][0-9]*", name) is not None
+
+
 def natural_params(form: Form, theta_P) -> dict[str, float]:
   """Log-space vector -> {"E": .., "A": .., "alpha": ..} (see the naming rule above)."""
   theta_P = np.asarray(theta_P, dtype=np.float64)
   out = {}
   for i, k in enumerate(form.params):
-    out[k.upper() if len(k) == 1 else k] = (
-        np.exp(theta_P[..., i]) if len(k) == 1 else theta_P[..., i])
+    out[k.upper() if _is_log(k) else k] = (
+        np.exp(theta_P[..., i]) if _is_log(k) else theta_P[..., i])
   return {k: (float(v) if np.ndim(v) == 0 else v) for k, v in out.items()}
 
 

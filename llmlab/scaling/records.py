@@ -22,8 +22,9 @@ class RecordsError(ValueError):
   """Bad records input; the message names the file, line and column."""
 
 
-def _number(text, where: str, column: str) -> float:
-  """Parses one cell; `column` is only used in messages."""
+def _number(text, where: str, column: str, bound: str | None = "positive") -> float:
+  """Parses one cell; `column` is only used in messages. bound: "positive",
+  "nonnegative" or None (any finite value)."""
   if text is None or (isinstance(text, str) and not text.strip()):
     raise RecordsError(f"{where}: column {column!r}: missing value")
   try:
@@ -32,8 +33,10 @@ def _number(text, where: str, column: str) -> float:
     raise RecordsError(f"{where}: column {column!r}: non-numeric value {text!r}") from None
   if not np.isfinite(value):
     raise RecordsError(f"{where}: column {column!r}: non-finite value {text!r}")
-  if column not in OPTIONAL_NUMERIC and value <= 0:
+  if bound == "positive" and value <= 0:
     raise RecordsError(f"{where}: column {column!r}: value {text!r} must be > 0")
+  if bound == "nonnegative" and value < 0:
+    raise RecordsError(f"{where}: column {column!r}: value {text!r} must be >= 0")
   return value
 
 
@@ -54,7 +57,8 @@ def _columns(rows: Iterable[tuple[str, str, Mapping]], source: str, present,
   runs = []
   for where, label, row in rows:
     for c in numeric:
-      cols[c].append(_number(row.get(c), where, display.get(c, c)))
+      cols[c].append(_number(row.get(c), where, display.get(c, c),
+                             None if c in OPTIONAL_NUMERIC else "positive"))
     runs.append(str(row["run"]) if "run" in present else label)
   if not runs:
     raise RecordsError(f"{source}: no data rows")
@@ -63,13 +67,13 @@ def _columns(rows: Iterable[tuple[str, str, Mapping]], source: str, present,
   return out
 
 
-def read_records(path, params_column: str = "params") -> dict:
-  """Reads a records CSV (see the module docstring).
+def read_csv(path, required, rename: Mapping[str, str] | None = None):
+  """(header, [(line number, row dict)]) of a CSV, header names after `rename`.
 
-  params_column: the CSV column used as N (e.g. non-embedding parameters); it is
-  stored under "params".
+  Errors name the file and line; a missing `required` column (named as in the
+  file) fails here, before any row is read.
   """
-  path = str(path)
+  path, rename = str(path), dict(rename or {})
   try:
     f = open(path, newline="", encoding="utf-8-sig")
   except OSError as e:
@@ -79,39 +83,57 @@ def read_records(path, params_column: str = "params") -> dict:
     if not reader.fieldnames:
       raise RecordsError(f"{path}: empty file (no header line)")
     original = [h.strip() for h in reader.fieldnames]
-    header = original
-    if params_column != "params":  # read params_column as "params", ignore "params"
-      header = ["params" if h == params_column else
-                ("_ignored_params" if h == "params" else h) for h in original]
+    header = [rename.get(h, h) for h in original]
     reader.fieldnames = header
-    missing = [c for c in REQUIRED if c not in header]
+    shown = {v: k for k, v in rename.items()}
+    missing = [shown.get(c, c) for c in required if c not in header]
     if missing:
       raise RecordsError(f"{path}, line 1 (header): missing required column(s) "
-                         f"{[params_column if c == 'params' else c for c in missing]}; "
-                         f"found {original}")
-    rows = ((f"{path}, line {reader.line_num}", f"line{reader.line_num}", row)
-            for row in reader)
-    return _columns(rows, path, set(header), {"params": params_column})
+                         f"{missing}; found {original}")
+    return header, [(reader.line_num, row) for row in reader]
+
+
+def params_rename(params_column: str) -> dict:
+  """Reads `params_column` as "params" (and ignores a "params" column then)."""
+  if params_column == "params":
+    return {}
+  return {params_column: "params", "params": "_ignored_params"}
+
+
+def read_records(path, params_column: str = "params") -> dict:
+  """Reads a records CSV (see the module docstring).
+
+  params_column: the CSV column used as N (e.g. non-embedding parameters); it is
+  stored under "params".
+  """
+  header, rows = read_csv(path, REQUIRED, params_rename(params_column))
+  where = ((f"{path}, line {n}", f"line{n}", row) for n, row in rows)
+  return _columns(where, str(path), set(header), {"params": params_column})
+
+
+def table_rows(records, source: str, required=REQUIRED):
+  """(column names, (where, label, row dict) triples) of a dict of equal-length
+  columns or of a list of row dicts with the same keys."""
+  if isinstance(records, Mapping):
+    cols = {k: np.atleast_1d(v) for k, v in records.items()}
+    lengths = {k: len(v) for k, v in cols.items()}
+    if len(set(lengths.values())) > 1:
+      raise RecordsError(f"{source}: columns have different lengths {lengths}")
+    n = next(iter(lengths.values()), 0)
+    return set(cols), ((f"{source}, row {i}", f"row{i}", {k: v[i] for k, v in cols.items()})
+                       for i in range(n))
+  records = list(records)
+  present = set(records[0]) if records else set(required)
+  for i, r in enumerate(records):
+    if set(r) != present:
+      raise RecordsError(f"{source}, row {i}: keys {sorted(r)} differ from row 0's "
+                         f"{sorted(present)}")
+  return present, ((f"{source}, row {i}", f"row{i}", r) for i, r in enumerate(records))
 
 
 def as_records(records, source: str = "records") -> dict:
   """Normalises a list of row dicts or a dict of columns into a validated table."""
-  if isinstance(records, Mapping):
-    present = set(records)
-    n = len(np.asarray(records[REQUIRED[0]])) if REQUIRED[0] in records else 0
-    lengths = {k: len(np.atleast_1d(records[k])) for k in present}
-    if len(set(lengths.values())) > 1:
-      raise RecordsError(f"{source}: columns have different lengths {lengths}")
-    rows = ((f"{source}, row {i}", f"row{i}",
-             {k: np.atleast_1d(records[k])[i] for k in present}) for i in range(n))
-  else:
-    records = list(records)
-    present = set(records[0]) if records else set(REQUIRED)
-    for i, r in enumerate(records):
-      if set(r) != present:
-        raise RecordsError(f"{source}, row {i}: keys {sorted(r)} differ from row 0's "
-                           f"{sorted(present)}")
-    rows = ((f"{source}, row {i}", f"row{i}", r) for i, r in enumerate(records))
+  present, rows = table_rows(records, source)
   return _columns(rows, source, present)
 
 
