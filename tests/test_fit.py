@@ -291,3 +291,20 @@ def test_cli_errors(tmp_path, capsys):
   assert fit_cli._parse_target("1e9,2e10", rec) == ("point", (1e9, 2e10))
   with pytest.raises(ValueError, match="neither a run"):
     fit_cli._parse_target("zz", rec)
+
+
+def test_fit_refuses_too_few_points_and_warns_near(tmp_path, capsys, caplog):
+  rows = [(1e6 * (i + 1), 1e9 * (i + 1), 3.0 - 0.1 * i) for i in range(7)]
+  two = tmp_path / "two.csv"
+  two.write_text("params,tokens,loss\n" + "".join(
+      f"{n},{d},{l}\n" for n, d, l in rows[:2]))
+  assert fit_cli.main([f"--records={two}", f"--out={tmp_path / 'o'}"]) == 2
+  err = capsys.readouterr().err
+  assert "2 points to fit the 5 parameters of form 'chinchilla'" in err
+  assert not (tmp_path / "o" / "fit.json").exists()
+  seven = records.as_records(dict(params=[r[0] for r in rows],
+                                  tokens=[r[1] for r in rows],
+                                  loss=[r[2] for r in rows]))
+  with caplog.at_level("WARNING", logger="llmlab"):
+    fit_cli.check_identifiable(len(seven["loss"]), "chinchilla", "seven")
+  assert "only 7 points for the 5 parameters" in caplog.text

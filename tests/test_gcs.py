@@ -129,3 +129,36 @@ def test_storage_outage_names_the_path_and_resumes(gcs, local_run, tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resumed from step" in out.stderr
   assert _losses(workdir) == _losses(local_run)
+
+
+def _llmlab(*args):
+  out = subprocess.run([sys.executable, "-m", "llmlab", *args],
+                       capture_output=True, text=True, timeout=1500, cwd=ROOT,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
+def test_study_sweep_and_fit_in_a_bucket(gcs):
+  """The scaling study with its workdir in the bucket, then `sweep` and
+  `fit` reading and writing gs:// only."""
+  bucket = gcs.bucket("science")
+  study = f"{bucket}/study"
+  _llmlab("study", f"--config={ROOT}/configs/study_quick.py:test",
+          f"--workdir={study}")
+  result = storage.read_json(f"{study}/study.json")
+  assert 0 <= result["are"] < 1
+  objects = gcs.objects("science", "study/")
+  for name in ("report.md", "records.csv", "loss_curves.png", "experiment.json"):
+    assert f"study/{name}" in objects, name
+  assert any(o.startswith("study/runs/t1_branch") and
+             o.endswith("commit_success.txt") for o in objects)
+  out = f"{bucket}/sweep/records.csv"
+  _llmlab("sweep", f"--workdir={study}/runs/t1", f"--workdir={study}/runs/t2",
+          f"--workdir={study}/runs/t3", f"--out={out}", "--eval_tokens=2048")
+  rows = storage.read_text(out).splitlines()
+  assert rows[0].startswith("run,") and len(rows) > 3
+  _llmlab("fit", f"--records={out}", f"--out={bucket}/fit", "--bootstrap=10")
+  fit = storage.read_json(f"{bucket}/fit/fit.json")
+  assert set(fit["params"]) == {"E", "A", "B", "alpha", "beta"}
+  assert "fit/loss_curves.png" in gcs.objects("science", "fit/")

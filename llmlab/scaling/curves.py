@@ -21,12 +21,14 @@ llmlab's own runs; other runs' rates are interpolated from their rows.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 from typing import Iterable, Mapping
 
 import numpy as np
 
+from llmlab import storage
 from llmlab.scaling import records as records_lib
 
 RecordsError = records_lib.RecordsError
@@ -320,7 +322,7 @@ def extrapolation(fitted: Mapping, predicted: Mapping) -> dict[str, list[str]]:
 def _metric_rows(path: str, key: str) -> list[dict]:
   """Rows of metrics.jsonl holding `key`, the last one per step."""
   rows = {}
-  with open(path) as f:
+  with io.StringIO(storage.read_text(path)) as f:
     for n, line in enumerate(f, 1):
       try:
         row = json.loads(line)
@@ -368,8 +370,7 @@ def curves_from_runs(workdirs: Iterable[str], loss: str = "eval",
   rows, eta = [], {}
   for wd in workdirs:
     run = sweep_lib.run_name(wd)
-    with open(os.path.join(wd, "config.json")) as f:
-      cfg = json.load(f)
+    cfg = storage.read_json(storage.join(wd, "config.json"))
     eta[run], warmup_steps = _run_schedule(cfg)
     rows += [dict(r, params=cfg["model_info"][params_key], warmup_steps=warmup_steps)
              for r in _run_rows(wd, run, eta[run], loss)]
@@ -378,7 +379,7 @@ def curves_from_runs(workdirs: Iterable[str], loss: str = "eval",
 
 
 def _run_rows(wd, run, eta_S, loss) -> list[dict]:
-  path = os.path.join(wd, "metrics.jsonl")
+  path = storage.join(wd, "metrics.jsonl")
   key, shift = ("eval_loss", 0) if loss == "eval" else ("loss", 1)
   out = []
   for row in _metric_rows(path, key):

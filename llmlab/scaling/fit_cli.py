@@ -8,7 +8,9 @@ the subcommand name).
 
 import argparse
 import csv
+import io
 import json
+import logging
 import math
 import os
 import sys
@@ -16,10 +18,13 @@ import time
 
 import numpy as np
 
+from llmlab import storage
 from llmlab.scaling import curves as curves_lib
 from llmlab.scaling import fit as fit_lib
 from llmlab.scaling import forms as forms_lib
 from llmlab.scaling import records as records_lib
+
+log = logging.getLogger("llmlab")
 
 
 def _parse_target(target, records):
@@ -141,6 +146,22 @@ def _clean(obj):
   return obj
 
 
+def check_identifiable(points: int, form: str, where: str) -> None:
+  """Refuse a fit with no more points than parameters (its objective is 0
+  whatever the law: nothing is measured); warn below two points per
+  parameter, where the intervals, not the point estimate, are the story."""
+  n_params = len(forms_lib.get_form(form).params)
+  if points <= n_params:
+    raise records_lib.RecordsError(
+        f"{where}: {points} points to fit the {n_params} parameters of form "
+        f"{form!r}; a fit needs more points than parameters (add runs or "
+        "checkpoints, or relax --min_tokens/--min_fraction/--final_only)")
+  if points < 2 * n_params:
+    log.warning("fit: only %d points for the %d parameters of form %r: the "
+                "law is barely determined; read its intervals", points,
+                n_params, form)
+
+
 def run_fit(records, form: str = "chinchilla", target=None, out_dir: str | None = None, *,
             min_tokens: float | None = None, min_fraction: float | None = None,
             fit_runs=None, final_only: bool = False, n_bootstrap: int = 100, seed: int = 0,
@@ -160,6 +181,7 @@ def run_fit(records, form: str = "chinchilla", target=None, out_dir: str | None 
   fit_records = records_lib.select(
       records, min_tokens=min_tokens, min_fraction=min_fraction, final_only=final_only,
       runs=fit_runs, exclude=[target_run] if target_run else [])
+  check_identifiable(len(fit_records["loss"]), form, source or "records")
   fit = fit_lib.fit_law(fit_records, form, delta)
   boot = (fit_lib.bootstrap(fit_records, form, n_bootstrap, seed, delta, fit)
           if n_bootstrap > 0 else None)
@@ -205,8 +227,8 @@ def run_fit(records, form: str = "chinchilla", target=None, out_dir: str | None 
     figs = _figures(fit, boot, fit_records, target_records, point, optimal, sat,
                     saturation_threshold)
     result["plots"] = [os.path.basename(p) for p in plots.save(figs, out_dir)]
-    with open(os.path.join(out_dir, "fit.json"), "w") as f:
-      json.dump(_clean(result), f, indent=2)
+    storage.write_text(storage.join(out_dir, "fit.json"),
+                       json.dumps(_clean(result), indent=2))
   return _clean(result)
 
 
@@ -331,17 +353,17 @@ def _prediction_errors(rows) -> dict:
 
 
 def _write_curve_outputs(out_dir: str, result: dict, rows) -> None:
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "fit.json"), "w") as f:
-    json.dump(_clean(result), f, indent=2)
+  storage.write_text(storage.join(out_dir, "fit.json"),
+                     json.dumps(_clean(result), indent=2))
   if rows is None:
     return
-  with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(PREDICTION_COLUMNS)
-    for r in rows:
-      w.writerow(["" if isinstance(r[c], float) and not math.isfinite(r[c]) else r[c]
-                  for c in PREDICTION_COLUMNS])
+  buf = io.StringIO(newline="")
+  w = csv.writer(buf)
+  w.writerow(PREDICTION_COLUMNS)
+  for r in rows:
+    w.writerow(["" if isinstance(r[c], float) and not math.isfinite(r[c]) else r[c]
+                for c in PREDICTION_COLUMNS])
+  storage.write_text(storage.join(out_dir, "predictions.csv"), buf.getvalue())
 
 
 def curve_summary(result: dict) -> str:

@@ -10,9 +10,12 @@ Other CSV columns are ignored. `as_records` also accepts a list of row dicts.
 """
 
 import csv
+import io
 from typing import Iterable, Mapping
 
 import numpy as np
+
+from llmlab import storage
 
 REQUIRED = ("params", "tokens", "loss")
 OPTIONAL_NUMERIC = ("step", "flops")
@@ -75,10 +78,10 @@ def read_csv(path, required, rename: Mapping[str, str] | None = None):
   """
   path, rename = str(path), dict(rename or {})
   try:
-    f = open(path, newline="", encoding="utf-8-sig")
-  except OSError as e:
+    text = storage.read_bytes(path).decode("utf-8-sig")
+  except (OSError, UnicodeDecodeError) as e:
     raise RecordsError(f"{path}: cannot open records file: {e}") from None
-  with f:
+  with io.StringIO(text, newline="") as f:
     reader = csv.DictReader(f)
     if not reader.fieldnames:
       raise RecordsError(f"{path}: empty file (no header line)")
