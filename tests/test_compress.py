@@ -340,6 +340,7 @@ def test_experiment_reach_tokens_and_config_checks():
     experiment._check(scfg)
 
 
+@pytest.mark.integration  # trains a whole study: the slower tier
 def test_compress_study_rerun_skips_every_run(tmp_path, monkeypatch):
   """A one-method smoke study end to end, then a re-run: nothing trains or
   prunes again, the same results, wall time adds up."""

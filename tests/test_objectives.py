@@ -364,6 +364,7 @@ def test_distill_quick_experiment_configs(tmp_path):
     study.student_config(scfg, "nope", str(tmp_path))
 
 
+@pytest.mark.integration  # trains a whole study: the slower tier
 def test_distill_study_rerun_skips_every_run(tmp_path, monkeypatch):
   """The whole smoke study, then a re-run: nothing trains, the summaries
   (read back from the runs) are the same, wall time adds up."""
