@@ -19,6 +19,7 @@ import grain
 import numpy as np
 
 from llmlab.data import config as config_lib
+from llmlab.data.batches import StepBatches
 from llmlab.data import corpus
 from llmlab.data import documents
 from llmlab.data import evaluation
@@ -58,23 +59,18 @@ class _Part:
             "train": self.train.info(), "val": self.val.info()}
 
 
-class Data:
+class Data(StepBatches):
   """Batches for the train loop; see the package docstring for the layout."""
 
   def __init__(self, tokenizer, parts: list[_Part], *, seq_len: int,
                global_batch: int, seed: int, process_index: int,
                process_count: int, info: dict, read_options):
-    self.tokenizer = tokenizer
-    self.vocab_size = tokenizer.vocab_size
+    super().__init__(tokenizer, seq_len=seq_len, global_batch=global_batch,
+                     process_index=process_index, process_count=process_count,
+                     read_options=read_options)
     self._parts = parts
-    self._seq_len = seq_len
-    self._local_batch = global_batch // process_count
-    self._process_index = process_index
-    self._process_count = process_count
-    self._read_options = read_options
     self._local, rows_per_epoch = self._train_dataset(seed)
     self.info = {**info, "rows_per_epoch": rows_per_epoch}
-    self._eval_memo = {}
 
   def _train_dataset(self, seed: int):
     """(this process's batches as a grain MapDataset, rows per source)."""
@@ -92,35 +88,15 @@ class Data:
     return (batched[self._process_index::self._process_count],
             rows_per_epoch)
 
-  def train_batch(self, step: int) -> dict[str, np.ndarray]:
-    """This process's rows of global batch `step`, each array [B, L]."""
-    if step < 0:
-      raise DataError(f"train_batch: step must be >= 0, got {step}")
-    return self._local[step]
-
-  def train_iter(self, start_step: int):
-    """train_batch(start_step), train_batch(start_step + 1), ... prefetched."""
-    if start_step < 0:
-      raise DataError(f"train_iter: start_step must be >= 0, got {start_step}")
-    return iter(self._local[start_step:].to_iter_dataset(self._read_options))
-
-  def eval_batches(self, eval_tokens: int, batch_size: int) -> list[dict]:
-    """The fixed held-out budget as batches of `batch_size` rows (global);
-    this process's share of each. See evaluation.py."""
-    key = (eval_tokens, batch_size)
-    if key not in self._eval_memo:
-      if eval_tokens < 1:
-        raise DataError(f"eval_tokens={eval_tokens}: must be >= 1")
-      weights = [p.weight for p in self._parts]
-      rows = []
-      for part, budget in zip(self._parts,
-                              evaluation.budgets(weights, eval_tokens)):
-        rows += evaluation.rows(part.name, part.val, self._seq_len, budget,
-                                self.tokenizer.pad_id)
-      self._eval_memo[key] = evaluation.batches(
-          rows, batch_size, self.tokenizer.pad_id, self._process_index,
-          self._process_count)
-    return self._eval_memo[key]
+  def _eval(self, eval_tokens: int, batch_size: int) -> list[dict]:
+    weights = [p.weight for p in self._parts]
+    rows = []
+    for part, budget in zip(self._parts,
+                            evaluation.budgets(weights, eval_tokens)):
+      rows += evaluation.rows(part.name, part.val, self._seq_len, budget,
+                              self.tokenizer.pad_id)
+    return evaluation.batches(rows, batch_size, self.tokenizer.pad_id,
+                              self._process_index, self._process_count)
 
 
 def build(data_cfg, *, seq_len: int, global_batch: int, seed: int,

@@ -32,6 +32,7 @@ import grain
 import numpy as np
 
 from llmlab.data import evaluation
+from llmlab.data.batches import StepBatches
 from llmlab.data import tokenizer as tokenizer_lib
 from llmlab.data import token_store
 from llmlab.data.errors import DataError
@@ -43,20 +44,16 @@ PACKING = ("each source's documents as BOS..EOS in stored order, cut into "
            "in the next row with positions restarting at 0")
 
 
-class StoreData:
+class StoreData(StepBatches):
   """The `Data` interface (pipeline.py) over a token store."""
 
   def __init__(self, tokenizer, store: token_store.TokenStore, *,
                seq_len: int, global_batch: int, seed: int,
                process_index: int, process_count: int, read_options):
-    self.tokenizer = tokenizer
-    self.vocab_size = tokenizer.vocab_size
+    super().__init__(tokenizer, seq_len=seq_len, global_batch=global_batch,
+                     process_index=process_index, process_count=process_count,
+                     read_options=read_options)
     self.store = store
-    self._seq_len = seq_len
-    self._local_batch = global_batch // process_count
-    self._process_index = process_index
-    self._process_count = process_count
-    self._read_options = read_options
     self._names = [s["name"] for s in store.sources]
     self._weights = [float(s["weight"]) for s in store.sources]
     self._train = [store.split(n, "train") for n in self._names]
@@ -65,7 +62,6 @@ class StoreData:
     self._ids = self._row_ids(seed)
     self._local = self._ids.map(self._read_batch)
     self.info = _info(store, tokenizer, seq_len, self._train)
-    self._eval_memo = {}
 
   def _check_sizes(self) -> None:
     for name, train, val in zip(self._names, self._train, self._val):
@@ -110,29 +106,7 @@ class StoreData:
         out[key][where] = value
     return out
 
-  def train_batch(self, step: int) -> dict[str, np.ndarray]:
-    """This process's rows of global batch `step`, each array [B, L]."""
-    if step < 0:
-      raise DataError(f"train_batch: step must be >= 0, got {step}")
-    return self._local[step]
-
-  def train_iter(self, start_step: int):
-    """train_batch(start_step), train_batch(start_step + 1), ... prefetched."""
-    if start_step < 0:
-      raise DataError(f"train_iter: start_step must be >= 0, got {start_step}")
-    return iter(self._local[start_step:].to_iter_dataset(self._read_options))
-
-  def eval_batches(self, eval_tokens: int, batch_size: int) -> list[dict]:
-    """The fixed held-out budget as batches of `batch_size` rows (global);
-    this process's share of each, read from the store."""
-    key = (eval_tokens, batch_size)
-    if key not in self._eval_memo:
-      self._eval_memo[key] = self._eval(eval_tokens, batch_size)
-    return self._eval_memo[key]
-
   def _eval(self, eval_tokens: int, batch_size: int) -> list[dict]:
-    if eval_tokens < 1:
-      raise DataError(f"eval_tokens={eval_tokens}: must be >= 1")
     if batch_size < 1 or batch_size % self._process_count:
       raise DataError(f"eval batch_size={batch_size} must be a positive "
                       f"multiple of process_count={self._process_count}")
