@@ -231,7 +231,7 @@ class Attention(nn.Module):
 
   A query attends to key s iff s <= its position in the row and both belong to
   the same packed document (segment id). In decode mode a KV cache holds the
-  keys/values of earlier steps (see `llmlab/sample.py`). `model.attention`
+  keys/values of earlier steps (see `llmlab/decode.py`). `model.attention`
   picks the kernel of full-sequence passes (`llmlab/attention.py`: fused
   splash/cuDNN kernels on accelerators); decode steps always use `_attention`.
   """
@@ -315,7 +315,7 @@ class Attention(nn.Module):
             "Transformer(decode=True) was applied without a 'cache' "
             "collection: create it with model.init(..., decode=True) at the "
             "maximum total length and pass it with mutable=['cache'] "
-            "(see llmlab/sample.py)")
+            "(see llmlab/decode.py)")
       return k_BxKxLxE, v_BxKxLxE, jnp.ones((b, l, l), bool)
     i = idx.value
     ck.value = jax.lax.dynamic_update_slice(ck.value, k_BxKxLxE, (0, 0, i, 0))

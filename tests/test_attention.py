@@ -18,7 +18,7 @@ import pytest
 from llmlab import attention
 from llmlab import config as config_lib
 from llmlab import model as model_lib
-from llmlab import sample
+from llmlab import decode as sample
 from llmlab import sharding as shd
 from llmlab import steps as steps_lib
 
