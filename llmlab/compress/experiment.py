@@ -43,9 +43,13 @@ import sys
 
 from llmlab import config as config_lib
 from llmlab import experiment
+from llmlab import perf
 from llmlab import runs
 from llmlab import storage
+from llmlab.compress import learned as learned_lib
+from llmlab.compress import prune as prune_lib
 from llmlab.compress import report as report_lib
+from llmlab.scaling import sweep as sweep_lib
 
 log = logging.getLogger("llmlab")
 
@@ -103,7 +107,6 @@ def plan(scfg, workdir: str) -> list[dict]:
 
 def _check(scfg) -> None:
   """Bad settings fail here, before anything trains."""
-  from llmlab.compress import prune as prune_lib
   for m in list(scfg.methods) + list(scfg.distill_methods):
     if m not in prune_lib.METHODS:
       raise config_lib.ConfigError(
@@ -123,8 +126,6 @@ def _check(scfg) -> None:
 
 
 def _prune(scfg, workdir: str, method: str) -> None:
-  from llmlab.compress import learned as learned_lib
-  from llmlab.compress import prune as prune_lib
   out = os.path.join(workdir, "pruned", method)
   if storage.exists(storage.join(out, "config.json")):
     return
@@ -138,8 +139,6 @@ def _prune(scfg, workdir: str, method: str) -> None:
 
 
 def run(scfg, workdir: str, train_fn=None) -> dict:
-  from llmlab import perf
-  from llmlab.scaling import sweep as sweep_lib
   ex = experiment.Experiment(workdir, train_fn, total_from="compress.json")
   _check(scfg)
   ex.start(scfg, "compress_config.json")

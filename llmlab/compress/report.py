@@ -17,6 +17,7 @@ import numpy as np
 
 from llmlab import experiment
 from llmlab import storage
+from llmlab.scaling import fit as fit_lib
 
 DESIGN_NOTE = ("continued runs and scratch: equal steps, batch and data "
                "order; constant learning rate after warmup, so every "
@@ -47,7 +48,6 @@ def law_tokens(law: dict, level: float) -> float | None:
 
 
 def analyse(scfg, rows: list[dict], runs: list[dict], workdir: str) -> dict:
-  from llmlab.scaling import fit as fit_lib
   names = [r["name"] for r in runs]
   table = [dict(run=r["run"], params=float(r["params_nonembed"]),
                 tokens=float(r["tokens"]), loss=float(r["loss"]))

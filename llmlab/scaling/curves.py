@@ -28,8 +28,10 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from llmlab import optim
 from llmlab import storage
 from llmlab.scaling import records as records_lib
+from llmlab.scaling import sweep as sweep_lib
 
 RecordsError = records_lib.RecordsError
 NEAR = 8  # drop blocks of width 1 nearest each point, then NEAR per width 2, 4, ...
@@ -342,7 +344,6 @@ def _run_schedule(cfg: dict) -> tuple[np.ndarray, int]:
   import jax.numpy as jnp
   from ml_collections import ConfigDict
 
-  from llmlab import optim
 
   steps = int(cfg["train"]["steps"])
   p = optim.schedule_params(ConfigDict(cfg["optim"]), cfg["train"]["learning_rate"], steps)
@@ -365,7 +366,6 @@ def curves_from_runs(workdirs: Iterable[str], loss: str = "eval",
   """
   if loss not in ("eval", "train"):
     raise ValueError(f"loss={loss!r}: 'eval' or 'train'")
-  from llmlab.scaling import sweep as sweep_lib
 
   rows, eta = [], {}
   for wd in workdirs:

@@ -36,6 +36,7 @@ import numpy as np
 from llmlab import checkpoints as ckpt_lib
 from llmlab import experiment
 from llmlab import storage
+from llmlab.scaling import fit_cli
 from llmlab.scaling import sweep as sweep_lib
 
 log = logging.getLogger("llmlab")
@@ -153,7 +154,6 @@ DESIGN_NOTE = ("warmup-stable-decay: one long run per size with a constant "
 def analyse(scfg, records: list[dict], workdir: str) -> dict:
   """Fit on the family, predict the target, score against the naive
   baseline (the largest fitted model's loss at the same token counts)."""
-  from llmlab.scaling import fit_cli
   col = scfg.fit.get("params_column", "params")
   table = [{"run": r["run"], "step": r["step"], "params": r[col],
             "tokens": r["tokens"], "loss": r["loss"], "flops": r["flops"]}

@@ -28,6 +28,7 @@ import os
 
 from llmlab import config as config_lib
 from llmlab import experiment
+from llmlab import teacher_logits
 
 log = logging.getLogger("llmlab")
 
@@ -61,7 +62,6 @@ def student_config(scfg, kind: str, workdir: str):
 
 
 def run(scfg, workdir: str, train_fn=None) -> dict:
-  from llmlab import teacher_logits
   ex = experiment.Experiment(workdir, train_fn)
   ex.start(scfg, "distill_config.json")
   ex.expect([(teacher_config(scfg), os.path.join(workdir, "teacher"))] +

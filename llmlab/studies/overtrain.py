@@ -56,10 +56,12 @@ import numpy as np
 
 from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
+from llmlab import data as data_lib
 from llmlab import experiment
 from llmlab import runs
 from llmlab.studies import overtrain_analysis
 from llmlab.studies import overtrain_report
+from llmlab.studies import sensitivity as sens_lib
 
 log = logging.getLogger("llmlab")
 
@@ -206,7 +208,6 @@ class _Evaluators:
 
   def _build(self):
     if self._built is None:
-      from llmlab.studies import sensitivity as sens_lib
       cfg, raw = runs.read_config(self.pre_dir)
       setup = runs.setup_for(cfg, raw)
       kw = dict(seq_len=int(cfg.train.seq_len),
@@ -254,7 +255,6 @@ def _check_data(pre_cfg, target_data, scfg) -> None:
   """Build both data configs and their held-out sets now, so bad data
   fails before pretraining (the builds are memoised for later)."""
   import jax
-  from llmlab import data as data_lib
   for data_cfg, batch in ((pre_cfg.data, pre_cfg.train.batch_size),
                           (target_data, scfg.finetune.batch_size)):
     data = data_lib.build(data_cfg, seq_len=int(pre_cfg.train.seq_len),
@@ -269,7 +269,6 @@ TIMING = ("pretrain_s", "finetune_s", "eval_s", "sensitivity_s")
 
 def run(scfg, workdir: str, train_fn=None) -> dict:
   """The whole study (module doc); returns what overtrain.json holds."""
-  from llmlab.studies import sensitivity as sens_lib
   ex = experiment.Experiment(workdir, train_fn)
   check_config(scfg)
   pre_dir = str(scfg.pretrain_run or os.path.join(workdir, "pretrain"))
@@ -353,7 +352,6 @@ def _checkpoint_evals(ex, ev, cache, pre_dir: str, step: int, gammas,
                       seeds) -> dict:
   """Held-out losses of pretraining checkpoint `step` on both sets, and its
   sensitivity rows for every (gamma, seed); each computed once, cached."""
-  from llmlab.studies import sensitivity as sens_lib
   params = None
   key = f"pretrain/{step}"
   if cache.get(key) is None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from llmlab.studies.sensitivity import mean_loss
+
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
 
 
@@ -81,7 +83,6 @@ def _sensitivity_summary(rows: list[dict]) -> dict:
 def analyse(scfg, pre_cfg, info: dict, steps: list[int], pre_evals: list,
             finetunes: list[dict]) -> dict:
   """Best fine-tuned loss, forgetting, sensitivity and the inflection."""
-  from llmlab.studies.sensitivity import mean_loss
   lrs = [float(x) for x in scfg.finetune.learning_rates]
   seeds = [int(x) for x in scfg.finetune.seeds]
   K, R, S = len(steps), len(lrs), len(seeds)
