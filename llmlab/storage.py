@@ -80,12 +80,20 @@ def copytree(src: str, dst: str) -> None:
     shutil.copytree(src, dst + ".copy")
     os.replace(dst + ".copy", dst)
     return
-  files = [f for f in epath.Path(src).rglob("*") if f.is_file()]
-  files.sort(key=lambda f: (f.name == "commit_success.txt", -len(f.parts)))
+  files = sorted(_files(epath.Path(src)),
+                 key=lambda f: (f.name == "commit_success.txt", -len(f.parts)))
   for f in files:
     out = epath.Path(dst) / f.relative_to(src)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(f.read_bytes())
+
+
+def _files(d: epath.Path) -> list[epath.Path]:
+  """Every file under `d` (gcsfs refuses `rglob`'s recursive `**`)."""
+  out = []
+  for child in d.iterdir():
+    out += _files(child) if child.is_dir() else [child]
+  return out
 
 
 def read_bytes(path: str) -> bytes:
