@@ -97,7 +97,7 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_metrics_are_read_one_step_late(tmp_path):
+def test_metrics_are_read_one_step_late(tmp_path, capsys):
   t = _Recorder(_config(**{"checkpoint.every_steps": 4}), str(tmp_path),
                 _Signal())
   try:
@@ -117,6 +117,8 @@ def test_metrics_are_read_one_step_late(tmp_path):
   assert [r["step"] for r in _rows(str(tmp_path)) if "loss" in r] == list(
       range(1, 9))
   assert t.mgr.steps() == [4, 8]
+  # The eval row reaches the console as it happens, with its budget.
+  assert "step 8/8  eval loss 1.0000  bpb 1.0000" in capsys.readouterr().err
 
 
 def test_rollback_restores_and_skips_the_bad_batch(tmp_path):
