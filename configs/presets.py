@@ -1,8 +1,19 @@
-"""Llama-shaped presets for real hardware (validated abstractly in tests).
+"""Llama-shaped presets for real hardware, each sized for the slice it names.
 
-    llmlab train --config=configs/presets.py:125m_v5e8 --workdir=gs://BUCKET/run
-Variants: 125m_v5e8, 1b_v5p32, 7b_v5p128, 1b_gpu8, 7b_gpu8 (model + mesh for
-TPU v5e/v5p slices and 8-GPU nodes). bfloat16 compute, float32 params.
+    llmlab train --config=configs/presets.py:7b_v5p128 --workdir=gs://BUCKET/run
+    llmlab plan --config=configs/presets.py:7b_v5p128 --target=v5p-128
+
+Variants: 125m_v5e8, 1b_v5p32, 1b_v5p32_s8192, 7b_v5p128, 7b_v5p128_s8192
+(TPU slices: `TARGETS` names each one's slice) and 1b_gpu8, 7b_gpu8 (8-GPU
+nodes). bfloat16 compute, float32 params. JAX sees one device per TPU chip:
+a v5p-N or v4-N slice (N counts TensorCores, two per chip) has N/2
+devices, a v5e-N or v6e-N slice N. `llmlab plan --target=SLICE` compiles a
+preset with the TPU compiler on any machine (`pip install "llmlab[tpu]"`);
+its figures for these presets are in benchmarks/plan_presets.py. The
+vocabulary is the tokenizer's (data.tokenizer); plan with
+`--vocab_size=N` for yours (the benchmark uses 32000, and 128256 to show
+`model.logits_chunk`). The _s8192 variants keep the tokens per step and
+need an attention that never materialises the scores (see TARGETS).
 """
 
 from llmlab.config import base
@@ -15,16 +26,27 @@ MODELS = {
     "7b": dict(num_layers=32, d_model=4096, num_heads=32, num_kv_heads=8,
                mlp_dim=14336),
 }
-# variant -> (model, devices, mesh (data, fsdp, tensor), global batch, remat,
-# microbatches). 7b_gpu8 accumulates 2 microbatches: `llmlab plan --device=h100`
-# puts one 128-sequence step at 80.6 GiB per device (over an H100's 80 GiB),
-# two halves at 44.9 GiB.
+# variant -> (model, mesh (data, fsdp, tensor), global batch, seq_len, remat,
+# microbatches). Meshes fill their slice's devices (TARGETS). 7b_gpu8
+# accumulates 2 microbatches: `llmlab plan --device=h100` puts one
+# 128-sequence step at 80.6 GiB per device (over an H100's 80 GiB), two
+# halves at 44.9 GiB.
 VARIANTS = {
-    "125m_v5e8": ("125m", 8, (8, 1, 1), 64, "full", 1),
-    "1b_v5p32": ("1b", 32, (1, 32, 1), 512, "dots", 1),
-    "7b_v5p128": ("7b", 128, (1, 64, 2), 1024, "full", 1),
-    "1b_gpu8": ("1b", 8, (1, 8, 1), 256, "dots", 1),
-    "7b_gpu8": ("7b", 8, (1, 4, 2), 128, "full", 2),
+    "125m_v5e8": ("125m", (8, 1, 1), 64, 2048, "full", 1),
+    "1b_v5p32": ("1b", (1, 16, 1), 512, 2048, "dots", 2),
+    "1b_v5p32_s8192": ("1b", (1, 16, 1), 128, 8192, "full", 1),
+    "7b_v5p128": ("7b", (1, 64, 1), 1024, 2048, "full", 1),
+    "7b_v5p128_s8192": ("7b", (1, 64, 1), 256, 8192, "full", 1),
+    "1b_gpu8": ("1b", (1, 8, 1), 256, 2048, "dots", 1),
+    "7b_gpu8": ("7b", (1, 4, 2), 128, 2048, "full", 2),
+}
+# The Cloud TPU slice each TPU variant is sized for (`llmlab plan --target`).
+TARGETS = {
+    "125m_v5e8": "v5e-8",
+    "1b_v5p32": "v5p-32",
+    "1b_v5p32_s8192": "v5p-32",
+    "7b_v5p128": "v5p-128",
+    "7b_v5p128_s8192": "v5p-128",
 }
 
 
@@ -32,14 +54,14 @@ def get_config(arg: str = "125m_v5e8"):
   if arg not in VARIANTS:
     raise ValueError(f"configs/presets.py: unknown variant {arg!r}; "
                      f"known: {sorted(VARIANTS)}")
-  model, _, (data, fsdp, tensor), batch, remat, micro = VARIANTS[arg]
+  model, (data, fsdp, tensor), batch, seq, remat, micro = VARIANTS[arg]
   c = base()
   c.name = arg
   c.model.update(MODELS[model], dtype="bfloat16", param_dtype="float32",
                  remat=remat, rope_theta=500_000.0)
   c.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
   c.train.update(steps=100_000, batch_size=batch, microbatches=micro,
-                 seq_len=2048,
+                 seq_len=seq,
                  learning_rate=3e-4, log_every=50, eval_every=2000)
   c.optim.update(warmup_steps=2000, schedule="wsd", decay_fraction=0.2)
   c.checkpoint.update(every_steps=1000, sweep_points=8)

@@ -22,6 +22,9 @@
 #                      (default: this checkout)
 #   --pip_extra        extra requirement installed alongside (default: jax[tpu])
 #   --env=KEY=VALUE    environment for llmlab on the workers (repeatable)
+#                      LIBTPU_INIT_ARGS defaults to the TPU compiler flags of the public MaxText recipes
+#                      (launch/README.md); your own LIBTPU_INIT_ARGS (here or as --env=) replaces them,
+#                      an empty one leaves libtpu's defaults
 #   --retries          slice recreations allowed (default 3)
 #   --ready_timeout    seconds to wait for a READY slice per attempt (default 7200); --poll (default 30)
 #   --delete_at_end    delete the slice after a successful run
@@ -253,8 +256,30 @@ install_on_workers() {
 python3 -m pip install --quiet --force-reinstall --no-deps $pkg"
 }
 
+# TPU compiler flags of MaxText's public recipes: collective fusion + compute/collective overlap (the
+# all-gathers of fsdp run under the matmuls), data-parallel all-reduce overlap, and a larger scoped VMEM
+# for the fusions (v5p: 80 MiB as MaxText's v5p recipes; v5e/v6e: 96 MiB; v4: libtpu's default).
+default_libtpu_args() {
+  local flags=(
+    --xla_tpu_enable_async_collective_fusion=true
+    --xla_tpu_enable_async_collective_fusion_fuse_all_gather=true
+    --xla_tpu_enable_async_collective_fusion_multiple_steps=true
+    --xla_tpu_overlap_compute_collective_tc=true
+    --xla_enable_async_all_gather=true
+    --xla_tpu_enable_data_parallel_all_reduce_opt=true
+    --xla_tpu_data_parallel_opt_different_sized_ops=true
+  )
+  case $ACCELERATOR in
+    v5p-*) flags+=(--xla_tpu_scoped_vmem_limit_kib=81920) ;;
+    v5litepod-*|v5e-*|v6e-*) flags+=(--xla_tpu_scoped_vmem_limit_kib=98304) ;;
+  esac
+  echo "${flags[*]}"
+}
+
 run_llmlab() {
-  local command="cd ~ && env PYTHONUNBUFFERED=1 $(quoted "${ENVS[@]}")python3 -m llmlab $(quoted "${RUN_ARGS[@]}")"
+  local tpu_env=() libtpu_args=${LIBTPU_INIT_ARGS-$(default_libtpu_args)}
+  [[ -z $libtpu_args ]] || tpu_env=("LIBTPU_INIT_ARGS=$libtpu_args")
+  local command="cd ~ && env PYTHONUNBUFFERED=1 $(quoted "${tpu_env[@]}" "${ENVS[@]}")python3 -m llmlab $(quoted "${RUN_ARGS[@]}")"
   on_workers "${command% }"
 }
 

@@ -83,7 +83,8 @@ def base() -> ConfigDict:
       mlp_dim=512, rope_theta=10_000.0, tie_embeddings=False, qk_norm=False,
       attn_bias=False, dropout=0.0, norm_eps=1e-6, remat="none", scan_unroll=0,
       dtype="float32", param_dtype="float32", matmul_dtype="", init_std=0.02,
-      attention="auto", attention_block_q=0, attention_block_kv=0))
+      attention="auto", attention_block_q=0, attention_block_kv=0,
+      logits_chunk=0))  # >0: the loss projects this many positions at a time
 
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1,
                            rules=DEFAULT_RULES))
@@ -92,7 +93,8 @@ def base() -> ConfigDict:
       steps=100, batch_size=8, seq_len=128, microbatches=1, learning_rate=3e-3,
       seed=0, log_every=10, eval_every=0, eval_tokens=65_536,
       eval_batch_size=0, peak_flops=0.0, max_to_host_lag=1,
-      wandb=""))  # "project[/entity]": also log to Weights & Biases
+      wandb="",  # "project[/entity]": also log to Weights & Biases
+      profile_steps=""))  # "A:B": jax.profiler trace of steps A..B
 
   c.optim = ConfigDict(dict(
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
@@ -200,8 +202,15 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
   for key in ("steps", "batch_size", "seq_len", "microbatches", "log_every"):
     _require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key],
              "must be a positive integer")
+  chunk = m.get("logits_chunk", 0)
+  _require(isinstance(chunk, int) and chunk >= 0 and
+           (chunk == 0 or t.seq_len % chunk == 0), "model.logits_chunk",
+           chunk, f"must be 0 (off) or a divisor of train.seq_len={t.seq_len}")
   _require(t.batch_size % t.microbatches == 0, "train.microbatches",
            t.microbatches, f"must divide train.batch_size={t.batch_size}")
+  _require(profile_range(t.get("profile_steps", "")) is not None,
+           "train.profile_steps", t.get("profile_steps", ""),
+           'must be "" (off) or "A:B" with 2 <= A <= B (steps A..B)')
   _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate,
            "must be positive")
   _require(isinstance(t.seed, int) and 0 <= t.seed < 2**32, "train.seed",
@@ -225,6 +234,18 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
     _require(micro % dp == 0, "train.batch_size", t.batch_size,
              f"the per-microbatch batch {micro} must be divisible by the "
              f"data-parallel size data*fsdp={dp} (mesh {shape})")
+
+
+def profile_range(text: str) -> tuple[int, int] | None:
+  """train.profile_steps "A:B" -> (A, B); "" -> (0, 0) (off); None if
+  malformed. Step 1 cannot be traced: the trace starts after step A-1."""
+  if not text:
+    return (0, 0)
+  first, sep, last = str(text).partition(":")
+  if not (sep and first.strip().isdigit() and last.strip().isdigit()):
+    return None
+  first, last = int(first), int(last)
+  return (first, last) if 2 <= first <= last else None
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:

@@ -387,7 +387,11 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, segment_ids_BxL=None, positions_BxL=None,
-               deterministic: bool = True, decode: bool = False):
+               deterministic: bool = True, decode: bool = False,
+               hidden: bool = False):
+    """Logits; with `hidden`, (final hidden states [B, L, D], output matrix
+    [D, V]) instead, for a loss that projects a chunk at a time (`project`).
+    """
     cfg = self.cfg
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.ones_like(tokens_BxL)
@@ -422,9 +426,16 @@ class Transformer(nn.Module):
     else:
       w_DxV = _param(self, "unembed", ("embed", "vocab"),
                      (cfg.d_model, cfg.vocab_size), cfg.d_model ** -0.5, cfg)
-    logits_BxLxV = dense("bld,dv->blv", x_BxLxD, w_DxV, cfg,
-                         out_dtype=jnp.float32)
-    return constrain(logits_BxLxV, ("batch", "length", "vocab"))
+    if hidden:
+      return x_BxLxD, w_DxV
+    return project(x_BxLxD, w_DxV, cfg)
+
+
+def project(x_BxLxD: Array, w_DxV: Array, cfg: ModelConfig) -> Array:
+  """The output projection: float32 logits [B, L, V] (L may be a chunk)."""
+  logits_BxLxV = dense("bld,dv->blv", x_BxLxD, w_DxV, cfg,
+                       out_dtype=jnp.float32)
+  return constrain(logits_BxLxV, ("batch", "length", "vocab"))
 
 
 # ----------------------------------------------------------------------------

@@ -35,6 +35,13 @@ PEAK_FLOPS = {
 _probe_cache: dict[str, float] = {}
 
 
+def peak_for_kind(device_kind: str) -> float | None:
+  """The table's peak for a device kind ('TPU v5', 'NVIDIA H100 ...'), or
+  None; first match wins, so 'tpu v5 lite' is listed before 'tpu v5'."""
+  kind = device_kind.lower()
+  return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
 def matmul_probe(n: int = 1024, repeats: int = 5,
                  dtype: str = "float32") -> float:
   """Measured matmul FLOP/s of one device (best of `repeats`).
@@ -66,10 +73,10 @@ def peak_flops_per_device(override: float = 0.0,
   """
   if override and override > 0:
     return float(override), "config train.peak_flops"
-  kind = jax.devices()[0].device_kind.lower()
-  for key, value in PEAK_FLOPS.items():
-    if key in kind:
-      return value, f"table ({jax.devices()[0].device_kind})"
+  kind = jax.devices()[0].device_kind
+  if peak_for_kind(kind):
+    return peak_for_kind(kind), f"table ({kind})"
+  kind = kind.lower()
   if jax.devices()[0].platform == "cpu":
     dtype = matmul_dtype or "float32"
     return matmul_probe(dtype=dtype), f"cpu {dtype} matmul probe"

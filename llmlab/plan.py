@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import jax
 
 from llmlab import config as config_lib
 from llmlab import guard
+from llmlab import model as model_lib
+from llmlab import perf
 from llmlab import sharding as shd
+from llmlab import slices
 from llmlab import steps as steps_lib
 from llmlab.data import tokenizer
 
@@ -125,12 +129,13 @@ def abstract_batch(cfg, setup) -> dict:
           for k in steps_lib.BATCH_KEYS}
 
 
-def compile_step(train_step, setup, carry, batch):
+def compile_step(train_step, setup, carry, batch, compiler_options=None):
   """AOT-compile the guarded step on abstract arguments; an XLA
   out-of-memory at compile time becomes DoesNotFit."""
   try:
     return train_step.lower(setup.abstract_state, _abstract(carry),
-                            _abstract(batch)).compile()
+                            _abstract(batch)).compile(
+                                compiler_options=compiler_options)
   except Exception as e:  # noqa: BLE001 - only OOM is translated
     text = str(e)
     if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
@@ -211,13 +216,29 @@ def _vocab_size(cfg) -> int:
 
 def measure(cfg, vocab_size: int, devices) -> dict:
   """Per-device memory of `cfg`'s train step on `devices` (abstract)."""
+  return memory_report(*compile_abstract(cfg, vocab_size, devices))
+
+
+def compile_abstract(cfg, vocab_size: int, devices, compiler_options=None):
+  """(compiled train step, setup) for `cfg` on `devices`, nothing
+  allocated: the devices may be simulated CPUs or a TPU topology's."""
   config_lib.validate(cfg, len(devices))
   mesh = shd.make_mesh(cfg.mesh, devices)
   setup = steps_lib.build(cfg, vocab_size, mesh)
   step = steps_lib.make_guarded_train_step(setup)
   carry = _abstract_carry(guard.init_carry(cfg.guard), mesh)
-  compiled = compile_step(step, setup, carry, abstract_batch(cfg, setup))
-  return memory_report(compiled, setup)
+  compiled = compile_step(step, setup, carry, abstract_batch(cfg, setup),
+                          compiler_options)
+  return compiled, setup
+
+
+def _measure_or_error(cfg, vocab_size: int, devices) -> tuple:
+  """(memory report, None), or (None, XLA's reason) for a step the
+  compiler refuses (e.g. a scoped VMEM out-of-memory on TPU)."""
+  try:
+    return measure(cfg, vocab_size, devices), None
+  except DoesNotFit as e:
+    return None, str(e.__cause__ or e)[:600]
 
 
 def _abstract_carry(carry, mesh):
@@ -277,17 +298,17 @@ def plan(cfg, devices=None, device: str | None = None,
   """
   cfg = config_lib.merge_defaults(cfg)
   devices = list(devices if devices is not None else jax.devices())
-  if (accelerator_layout and devices[0].platform == "cpu" and
-      not cfg.model.scan_unroll):
-    cfg.model.scan_unroll = 1
+  if accelerator_layout and not cfg.model.scan_unroll:
+    cfg.model.scan_unroll = 1  # "auto" follows the host's backend, not theirs
   vocab = vocab_size or _vocab_size(cfg)
   limit, source = device_limit(device, hbm_bytes, cfg.get("name", ""))
-  rep = measure(cfg, vocab, devices)
+  rep, error = _measure_or_error(cfg, vocab, devices)
   out = {"config": cfg.get("name", ""), "devices": len(devices),
          "device_kind": devices[0].device_kind,
          "mesh": dict(zip(shd.AXES, shd.mesh_shape(cfg.mesh, len(devices)))),
-         "per_device": rep, "limit_bytes": limit, "limit_source": source,
-         "fits": bool(limit is None or rep["peak"] <= limit),
+         "per_device": rep, "compile_error": error,
+         "limit_bytes": limit, "limit_source": source,
+         "fits": bool(rep and (limit is None or rep["peak"] <= limit)),
          "suggestion": None, "tried": []}
   if out["fits"] or not suggest:
     return out
@@ -297,11 +318,13 @@ def plan(cfg, devices=None, device: str | None = None,
     state = _state_bytes(variant, vocab, devices)
     tried = {"overrides": overrides, "state_bytes": state}
     out["tried"].append(tried)
-    if state > limit or compiles >= max_compiles:
+    if (limit and state > limit) or compiles >= max_compiles:
       continue  # params + optimizer alone do not fit: no compile needed
     compiles += 1
-    tried["per_device"] = r = measure(variant, vocab, devices)
-    if r["peak"] <= limit:
+    r, tried["compile_error"] = _measure_or_error(variant, vocab, devices)
+    if r:
+      tried["per_device"] = r
+    if r and r["peak"] <= limit:
       out["suggestion"] = {"overrides": overrides, "per_device": r,
                            "flags": " ".join(f"--config.{k}={v}" for k, v
                                              in overrides.items())}
@@ -309,33 +332,272 @@ def plan(cfg, devices=None, device: str | None = None,
   return out
 
 
+# ------------------------------------------------------------ TPU targets
+
+# Compiler options of the cost-estimate programs only (see `estimate`): no
+# windowed einsum (collective matmul), whose loops the cost model counts
+# once. The memory plan compiles with the defaults, as training does.
+ESTIMATE_OPTIONS = {
+    "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+    "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False,
+}
+# Custom calls that TPU's cost model books at -1 s each (no model for them):
+# a step with k of them reports optimal_seconds off by exactly -k.
+UNCOSTED_CALLS = ("ConcatBitcast",)
+
+
+def target_devices(target: str, num_slices: int = 1):
+  """(Slice, compile-only devices) of `num_slices` slices named `target`."""
+  if num_slices < 1:
+    raise ValueError(f"--num_slices={num_slices}: must be >= 1")
+  sl = slices.parse(target)
+  return sl, slices.devices(sl, num_slices)
+
+
+def check_mesh(cfg, sl, num_slices: int = 1) -> None:
+  """ConfigError naming the slice's device count and a mesh that fills it,
+  before anything compiles."""
+  n = sl.devices_per_slice * num_slices
+  dcn = int(cfg.mesh.get("dcn_data", 1) or 1)
+  per = f"{sl.name} has {sl.devices_per_slice} devices (one per chip)"
+  if dcn != num_slices:
+    raise config_lib.ConfigError(
+        f"config.mesh.dcn_data={dcn} but --num_slices={num_slices}: the "
+        f"data axis across slices must span them; add "
+        f"--config.mesh.dcn_data={num_slices}")
+  try:
+    config_lib.mesh_shape(cfg.mesh, n)
+  except config_lib.ConfigError as e:
+    slices_txt = f" x {num_slices} slices = {n}" if num_slices > 1 else ""
+    raise config_lib.ConfigError(
+        f"{per}{slices_txt}; {e}. Try {suggest_mesh(cfg.mesh, n)}") from e
+
+
+def suggest_mesh(mesh_cfg, n: int) -> str:
+  """Flags for a mesh of `n` devices: the config's data and tensor sizes
+  where they divide `n`, fsdp taking the rest."""
+  dcn = int(mesh_cfg.get("dcn_data", 1) or 1)
+  per_slice = n // dcn
+  tensor = max(int(mesh_cfg.tensor), 1)
+  tensor = tensor if per_slice % tensor == 0 else 1
+  data = max(int(mesh_cfg.data), 1)
+  data = data if (per_slice // tensor) % data == 0 else 1
+  fsdp = per_slice // (tensor * data)
+  return (f"--config.mesh.data={data} --config.mesh.fsdp={fsdp} "
+          f"--config.mesh.tensor={tensor}")
+
+
+def xla_cost(compiled) -> dict:
+  """Per-device FLOPs, bytes and seconds from XLA's cost model of one
+  compiled program, the -1 s sentinels of `UNCOSTED_CALLS` added back, and
+  how many while loops it holds (each of them counted once)."""
+  ca = compiled.cost_analysis()
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  text = compiled.as_text()
+  uncosted = sum(text.count(f'custom_call_target="{c}"')
+                 for c in UNCOSTED_CALLS)
+  return {"flops": float(ca.get("flops", 0.0)),
+          "bytes": float(ca.get("bytes accessed", 0.0)),
+          "seconds": float(ca.get("optimal_seconds", 0.0)) + uncosted,
+          "loops": text.count(" while(")}
+
+
+def estimate(cfg, vocab_size: int, devices) -> dict:
+  """XLA's estimate of one step's FLOPs and time per device, every loop
+  counted.
+
+  `cost_analysis()` counts a while loop's body once, and a step has three
+  kinds: the layer scan, the microbatch scan and the windowed-einsum loops
+  XLA adds around fsdp's all-gathers (and the chunked loss's loop). So the
+  cost model runs on loop-free programs instead: one microbatch, layers
+  unrolled, windowed einsum off, the loss in one chunk, with 2 and 3
+  layers. From the second layer on a layer adds the same
+  FLOPs (the first differs), so a step costs
+  microbatches x (c2 + (num_layers - 2) x (c3 - c2)). Left out: the
+  optimizer update is counted once per microbatch (tiny next to the
+  matmuls); with remat the last layer's recomputation, which XLA merges
+  with its forward in unrolled code but not in the scanned loop. Checked
+  against a 6-layer unrolled program (v5p, fsdp 4, remat full): FLOPs
+  within 0.01%, XLA's time within 11% (its per-layer time varies by that
+  much with buffer assignment).
+  """
+  micro, layers = cfg.train.microbatches, cfg.model.num_layers
+  options = ESTIMATE_OPTIONS if devices[0].platform == "tpu" else None
+  points = (layers,) if layers <= 3 else (2, 3)
+  costs = []
+  for depth in points:
+    variant = config_lib.with_overrides(cfg, {
+        "model.num_layers": depth, "model.scan_unroll": depth,
+        "train.microbatches": 1,
+        "train.batch_size": cfg.train.batch_size // micro})
+    if variant.model.get("logits_chunk", 0):  # one chunk: no loop, same FLOPs
+      variant.model.logits_chunk = variant.train.seq_len
+    costs.append(xla_cost(compile_abstract(variant, vocab_size, devices,
+                                           options)[0]))
+  first, last = costs[0], costs[-1]
+  extra = layers - points[0]
+  out = {k: micro * (first[k] + extra * (last[k] - first[k]))
+         for k in ("flops", "bytes", "seconds")}
+  out["loops_left"] = sum(c["loops"] for c in costs)
+  out["method"] = (f"loop-free programs ({' and '.join(map(str, points))} "
+                   "layers unrolled, one microbatch, windowed einsum off), "
+                   f"extrapolated to {layers} layers x {micro} "
+                   "microbatch(es)")
+  return out
+
+
+def hints(cfg, vocab_size: int, n_devices: int, error: str | None) -> list:
+  """What else would shrink the step, with the bytes it would save:
+  attention scores and full logits (beyond what `candidates` searches)."""
+  out = []
+  data, fsdp, tensor = shd.mesh_shape(cfg.mesh, n_devices)
+  rows = max(cfg.train.batch_size // cfg.train.microbatches // (data * fsdp),
+             1)
+  seq = cfg.train.seq_len
+  attention = cfg.model.get("attention", "xla")
+  if attention in ("xla", "auto") and (seq >= 4096 or (
+      error and "vmem" in error.lower())):
+    scores = rows * cfg.model.num_heads // tensor * seq * seq * 4
+    have = "attention" in cfg.model
+    out.append(
+        f"attention: the xla attention materialises float32 scores "
+        f"[{rows}, {cfg.model.num_heads // tensor}, {seq}, {seq}] per device "
+        f"and layer ({fmt_bytes(scores)}, kept for the backward too); "
+        "Pallas splash attention never does: --config.model.attention=splash"
+        + ("" if have else " (not in this llmlab yet)"))
+  if vocab_size >= 65536 and not cfg.model.get("logits_chunk", 0):
+    logits = rows * seq * -(-vocab_size // tensor) * 4
+    out.append(f"logits: [{rows}, {seq}, {vocab_size}] float32 logits are "
+               f"{fmt_bytes(logits)} per device (and their gradient as much); "
+               "--config.model.logits_chunk=1024 computes the loss a chunk of "
+               "positions at a time")
+  return out
+
+
+def plan_target(cfg, target: str, num_slices: int = 1, vocab_size: int = 0,
+                suggest: bool = True, max_compiles: int = 6,
+                with_estimate: bool = True) -> dict:
+  """`plan` for a Cloud TPU slice by name, compiled by libtpu's TPU
+  compiler on this machine: memory per device against the chip's HBM,
+  XLA's estimated step time and the MFU it implies."""
+  cfg = config_lib.merge_defaults(cfg)
+  sl = slices.parse(target)
+  check_mesh(cfg, sl, num_slices)
+  if not slices.have_libtpu():
+    raise ValueError(f"--target={target}: compiling for a TPU slice needs "
+                     f"libtpu: {slices.INSTALL_HINT}")
+  # Compile-only TPU executables cannot be loaded back from JAX's persistent
+  # cache: every compile would warn and write big files for nothing.
+  jax.config.update("jax_enable_compilation_cache", False)
+  _, devices = target_devices(target, num_slices)
+  vocab = vocab_size or _vocab_size(cfg)
+  t0 = time.perf_counter()
+  res = plan(cfg, devices, device=sl.generation, vocab_size=vocab,
+             suggest=suggest, max_compiles=max_compiles)
+  res["compile_s"] = time.perf_counter() - t0
+  cfg = config_lib.with_overrides(cfg, {"model.scan_unroll":
+                                        cfg.model.scan_unroll or 1})
+  rep = res["per_device"] or {}
+  res.update(target=sl.name, num_slices=num_slices, vocab_size=vocab,
+             hbm_bytes=res["limit_bytes"], bytes_per_device=rep.get("peak"),
+             temp_bytes=rep.get("activations_and_temps"),
+             hints=hints(cfg, vocab, len(devices), res["compile_error"]))
+  res.update(_step_figures(cfg, vocab, devices, with_estimate and bool(rep)))
+  return res
+
+
+def _step_figures(cfg, vocab_size: int, devices, run: bool) -> dict:
+  """flops_per_step, estimated_step_s, estimated_mfu (None when the step
+  was not estimated) and the model FLOPs MFU divides by."""
+  mcfg = model_lib.ModelConfig.from_config(cfg.model, vocab_size)
+  tokens = cfg.train.batch_size * cfg.train.seq_len
+  model_flops = model_lib.flops_per_token(mcfg, cfg.train.seq_len)[
+      "train"] * tokens
+  peak = perf.peak_for_kind(devices[0].device_kind)
+  out = {"model_flops_per_step": model_flops, "peak_flops_per_chip": peak,
+         "flops_per_step": None, "estimated_step_s": None,
+         "estimated_mfu": None, "estimate": None}
+  if not run:
+    return out
+  t0 = time.perf_counter()
+  est = estimate(cfg, vocab_size, devices)
+  est["compile_s"] = time.perf_counter() - t0
+  out.update(estimate=est, flops_per_step=est["flops"] * len(devices))
+  if est["seconds"] > 0:
+    out["estimated_step_s"] = est["seconds"]
+    if peak:
+      out["estimated_mfu"] = model_flops / (est["seconds"] * peak *
+                                            len(devices))
+  return out
+
+
 def format_plan(res: dict) -> str:
   mesh = " ".join(f"{k}={v}" for k, v in res["mesh"].items())
-  lines = [f"llmlab plan: {res['config'] or 'config'} on {res['devices']} "
-           f"{res['device_kind']} device(s), mesh {mesh}",
-           "per device (XLA memory analysis of the train step):",
-           format_report(res["per_device"], res["limit_bytes"],
-                         res["limit_source"])]
-  if res["limit_bytes"] is None:
+  where = (f"{res['target']}" + (f" x {res['num_slices']} slices"
+                                 if res.get("num_slices", 1) > 1 else "") +
+           f" ({res['devices']} {res['device_kind']} devices, compiled by "
+           "libtpu)" if res.get("target") else
+           f"{res['devices']} {res['device_kind']} device(s)")
+  lines = [f"llmlab plan: {res['config'] or 'config'} on {where}, mesh {mesh}"]
+  if res["per_device"]:
+    lines += ["per device (XLA memory analysis of the train step):",
+              format_report(res["per_device"], res["limit_bytes"],
+                            res["limit_source"])]
+  else:
+    lines.append(f"the train step does not compile: {res['compile_error']}")
+  lines += _format_estimate(res)
+  if res["limit_bytes"] is None and res["per_device"]:
     lines.append("fits: unknown (pass --device=NAME or --hbm_gb=N)")
   elif res["fits"]:
     lines.append("fits: yes")
   else:
-    lines.append(f"fits: NO, the peak exceeds {fmt_bytes(res['limit_bytes'])}")
-    sug = res["suggestion"]
-    if sug:
-      lines += [f"suggestion: {sug['flags']}",
-                f"  peak {fmt_bytes(sug['per_device']['peak'])} "
-                f"(activations + temporaries "
-                f"{fmt_bytes(sug['per_device']['activations_and_temps'])})"]
-    else:
-      lines.append("no remat / fsdp / microbatch setting tried fits: use more "
-                   "devices, tensor parallelism (mesh.tensor), a smaller "
-                   "batch or a shorter sequence")
-    for t in res["tried"]:
-      peak = t.get("per_device", {}).get("peak")
-      lines.append(f"  tried {t['overrides']}: state "
-                   f"{fmt_bytes(t['state_bytes'])}"
-                   + (f", peak {fmt_bytes(peak)}" if peak else
-                      ", not compiled"))
+    lines.append(f"fits: NO, the peak exceeds {fmt_bytes(res['limit_bytes'])}"
+                 if res["per_device"] else "fits: NO (does not compile)")
+    lines += _format_search(res)
+  lines += [f"hint: {h}" for h in res.get("hints", [])]
   return "\n".join(lines)
+
+
+def _format_estimate(res: dict) -> list[str]:
+  if not res.get("target"):
+    return []
+  est = res.get("estimate")
+  if not est:
+    return ["step time: not estimated"]
+  lines = [f"XLA cost model, per step: {res['flops_per_step']:.3g} FLOPs "
+           f"(all devices, remat included; model FLOPs "
+           f"{res['model_flops_per_step']:.3g})"]
+  if res["estimated_step_s"]:
+    mfu = res["estimated_mfu"]
+    t = res["estimated_step_s"]
+    lines.append("estimated step time " +
+                 (f"{t:.3f} s" if t >= 0.1 else f"{t * 1e3:.3f} ms")
+                 + (f" -> MFU {100 * mfu:.1f}% of "
+                    f"{res['peak_flops_per_chip']:.3g} FLOP/s per chip"
+                    if mfu else ""))
+  else:
+    lines.append("estimated step time: XLA's cost model gave none")
+  lines.append(f"  ({est['method']}; no communication time, see docs)")
+  return lines
+
+
+def _format_search(res: dict) -> list[str]:
+  lines = []
+  sug = res["suggestion"]
+  if sug:
+    lines += [f"suggestion: {sug['flags']}",
+              f"  peak {fmt_bytes(sug['per_device']['peak'])} "
+              f"(activations + temporaries "
+              f"{fmt_bytes(sug['per_device']['activations_and_temps'])})"]
+  else:
+    lines.append("no remat / fsdp / microbatch setting tried fits: use more "
+                 "devices, tensor parallelism (mesh.tensor), a smaller "
+                 "batch or a shorter sequence")
+  for t in res["tried"]:
+    peak = t.get("per_device", {}).get("peak")
+    what = (f", peak {fmt_bytes(peak)}" if peak else
+            ", does not compile" if t.get("compile_error") else
+            ", not compiled")
+    lines.append(f"  tried {t['overrides']}: state "
+                 f"{fmt_bytes(t['state_bytes'])}{what}")
+  return lines

@@ -24,7 +24,8 @@ from llmlab import model as model_lib
 from llmlab import objectives
 from llmlab import optim
 from llmlab import sharding as shd
-from llmlab.objectives.next_token import target_mask, token_nll
+from llmlab.objectives.next_token import (chunked_token_nll, target_mask,
+                                          token_nll)
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "bytes")
 
@@ -104,13 +105,21 @@ def _init_compiler_options():
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-def apply_fn(model: model_lib.Transformer):
-  """(params, batch, rng, train) -> logits, the model as objectives see it."""
+def apply_fn(model: model_lib.Transformer, hidden: bool = False):
+  """(params, batch, rng, train) -> logits, the model as objectives see it.
+
+  `hidden`: -> (final hidden states, project) instead, where project(h)
+  gives a chunk's logits (`Context.hidden`, config model.logits_chunk).
+  """
   def apply(params, batch, rng, train):
     rngs = {"dropout": rng} if (train and model.cfg.dropout > 0) else None
-    return model.apply({"params": params}, batch["tokens"],
-                       batch["segment_ids"], batch["positions"],
-                       deterministic=not train, rngs=rngs)
+    out = model.apply({"params": params}, batch["tokens"],
+                      batch["segment_ids"], batch["positions"],
+                      deterministic=not train, rngs=rngs, hidden=hidden)
+    if not hidden:
+      return out
+    h_BxLxD, w_DxV = out
+    return h_BxLxD, lambda h: model_lib.project(h, w_DxV, model.cfg)
   return apply
 
 
@@ -124,12 +133,15 @@ def _step_fn(setup: Setup):
   cfg = setup.cfg
   ctx_cfg = cfg.objective
   objective = objectives.get(cfg.objective.name)
-  apply = apply_fn(setup.model)
+  chunk = cfg.model.get("logits_chunk", 0)
+  objectives.check_chunked(cfg.objective.name, chunk)
+  apply, hidden = apply_fn(setup.model), apply_fn(setup.model, hidden=True)
   micro = cfg.train.microbatches
   kind = cfg.optim.schedule
 
   def step_fn(state, batch, aux_params, hparams, loss_scale=None):
-    ctx = objectives.Context(apply=apply, cfg=ctx_cfg, aux=aux_params)
+    ctx = objectives.Context(apply=apply, cfg=ctx_cfg, aux=aux_params,
+                             hidden=hidden, logits_chunk=chunk)
     rng = jax.random.fold_in(jax.random.key(hparams["seed"]), state["step"])
     lr = lambda count: optim.lr_at(kind, hparams["schedule"], count)
 
@@ -250,12 +262,16 @@ def make_eval_step(setup: Setup):
   Objective-independent: evaluation is always the next-token NLL of real
   targets, and bits per byte divide by the UTF-8 bytes of those targets.
   """
-  apply = apply_fn(setup.model)
+  chunk = setup.cfg.model.get("logits_chunk", 0)
+  apply = apply_fn(setup.model, hidden=bool(chunk))
 
   def eval_fn(params, batch):
-    logits = apply(params, batch, None, False)
     mask = target_mask(batch).astype(jnp.float32)
-    nll, _ = token_nll(logits, batch["tokens"])
+    if chunk:
+      h, project = apply(params, batch, None, False)
+      nll = chunked_token_nll(h, project, batch["tokens"], chunk)[0]
+    else:
+      nll, _ = token_nll(apply(params, batch, None, False), batch["tokens"])
     nbytes = batch["bytes"][:, 1:].astype(jnp.float32) * mask
     return jnp.sum(nll * mask), jnp.sum(mask), jnp.sum(nbytes)
 

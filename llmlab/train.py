@@ -41,6 +41,7 @@ from llmlab import model as model_lib
 from llmlab import objectives
 from llmlab import perf
 from llmlab import plan as plan_lib
+from llmlab import profiling
 from llmlab import runs
 from llmlab import sharding as shd
 from llmlab import steps as steps_lib
@@ -286,6 +287,8 @@ class Trainer:
                    preemption; first writes every pending row, so a resume
                    from that checkpoint (which drops later rows) leaves
                    exactly one row per logged step
+    6. profile     train.profile_steps=A:B: a jax.profiler trace of steps
+                   A..B (waits after B; llmlab/profiling.py)
   """
 
   def __init__(self, cfg, workdir, data, setup, aux, info, peak, mgr, sig):
@@ -318,6 +321,7 @@ class Trainer:
     Hook = loop_lib.Hook  # pylint: disable=invalid-name
     eval_due = loop_lib.every(self.cfg.train.eval_every)
     save_due = lambda end: end.stop or self.mgr.should_save(end.step)
+    profile = profiling.Profile(self.cfg.train.profile_steps, self.workdir)
     return [
         Hook("preemption", self.preemption),
         Hook("metrics", self.metrics, finish=lambda end: self.flush()),
@@ -325,6 +329,7 @@ class Trainer:
              due=lambda end: eval_due(end) or save_due(end), waits=True),
         Hook("eval", self.eval, due=eval_due, waits=True),
         Hook("save", self.save_hook, due=save_due, waits=True),
+        Hook("profile", profile.hook, due=profile.due, finish=profile.stop),
     ]
 
   def preemption(self, end) -> None:

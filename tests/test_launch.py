@@ -180,11 +180,13 @@ def test_launcher_usage_errors():
 TPU_FLAGS = ["--name=llm1", "--zone=us-west4-a", "--accelerator=v5litepod-16", "--version=v2-alpha-tpuv5-lite"]
 
 
-def _tpu(tmp_path, *args, outcomes=()):
+def _tpu(tmp_path, *args, outcomes=(), **extra_env):
   fake = tmp_path / "gcloud"
   fake.mkdir(parents=True, exist_ok=True)
   (fake / "outcomes").write_text("".join(f"{o}\n" for o in outcomes))
   env = _env(FAKE_GCLOUD_DIR=str(fake), PATH=f"{HELPERS / 'fake_gcloud'}{os.pathsep}{os.environ['PATH']}")
+  env.pop("LIBTPU_INIT_ARGS", None)
+  env.update(extra_env)
   result = subprocess.run(["bash", str(ROOT / "launch" / "tpu.sh"), *args], env=env, capture_output=True,
                           text=True, timeout=30)
   log = fake / "calls.log"
@@ -208,14 +210,46 @@ def test_tpu_dry_run_prints_the_plan(tmp_path):
       "gcloud compute tpus tpu-vm scp /",
       f"gcloud compute tpus tpu-vm scp {config} llm1:llmlab_dist/ --zone=us-west4-a --worker=all",
       "--worker=all --ssh-flag=-oServerAliveInterval=60 '--command=python3 -m pip install",
-      "--worker=all --ssh-flag=-oServerAliveInterval=60 '--command=cd ~ && env PYTHONUNBUFFERED=1 XLA_FLAGS=--a "
+      "--worker=all --ssh-flag=-oServerAliveInterval=60 '--command=cd ~ && env PYTHONUNBUFFERED=1 "
+      "LIBTPU_INIT_ARGS=--xla_tpu_enable_async_collective_fusion=true\\ ",
+      "\\ --xla_tpu_scoped_vmem_limit_kib=98304 XLA_FLAGS=--a "
       "python3 -m llmlab train --config=llmlab_dist/tiny.py:small --workdir=gs://bucket/run1'",
   ]
   position = 0
   for fragment in expected:  # in this order
     found = [i for i in range(position, len(lines)) if fragment in lines[i]]
     assert found, f"{fragment!r} not found after line {position} of:\n{result.stdout}"
-    position = found[0] + 1
+    position = found[0] + (fragment != expected[-2])  # the last two share a line
+
+
+def _worker_command(result) -> str:
+  """The command every worker runs (the last ssh of a dry run)."""
+  line = [l for l in result.stdout.splitlines() if "python3 -m llmlab" in l][-1]
+  return line.split("'--command=", 1)[1]
+
+
+@pytest.mark.parametrize("accelerator, env, extra, expect", [
+    # MaxText's recipe flags, with the scoped VMEM of the generation
+    ("v5p-128", {}, [], "LIBTPU_INIT_ARGS=--xla_tpu_enable_async_collective_fusion=true\\ "),
+    ("v5p-128", {}, [], "--xla_tpu_overlap_compute_collective_tc=true\\ "),
+    ("v5p-128", {}, [], "--xla_tpu_scoped_vmem_limit_kib=81920 python3"),
+    ("v6e-8", {}, [], "--xla_tpu_scoped_vmem_limit_kib=98304 python3"),
+    ("v4-32", {}, [], "--xla_tpu_data_parallel_opt_different_sized_ops=true python3"),
+    # the caller's environment replaces them; empty means libtpu's defaults
+    ("v5p-128", {"LIBTPU_INIT_ARGS": "--xla_mine=1"}, [], "env PYTHONUNBUFFERED=1 LIBTPU_INIT_ARGS=--xla_mine=1 python3"),
+    ("v5p-128", {"LIBTPU_INIT_ARGS": ""}, [], "env PYTHONUNBUFFERED=1 python3"),
+    # --env= comes last, so `env` keeps it
+    ("v5p-128", {}, ["--env=LIBTPU_INIT_ARGS=--xla_y=2"], "=81920 LIBTPU_INIT_ARGS=--xla_y=2 python3"),
+])
+def test_tpu_compiler_flags(tmp_path, accelerator, env, extra, expect):
+  result, _ = _tpu(tmp_path, "--dry_run", "--name=n", "--zone=z", f"--accelerator={accelerator}", "--version=v",
+                   "--install=git+https://example.com/llmlab.git", *extra, "--", "train", "--workdir=gs://b/r",
+                   **env)
+  assert result.returncode == 0, result.stderr
+  command = _worker_command(result)
+  assert expect in command, command
+  if accelerator == "v4-32":
+    assert "scoped_vmem" not in command
 
 
 def test_tpu_dry_run_queued_best_effort(tmp_path):
@@ -270,12 +304,14 @@ def test_slurm_dry_run_prints_sbatch_and_script():
                '  scontrol requeue "$SLURM_JOB_ID"']:
     assert line in script
   assert any(line.startswith("srun ") and "-m llmlab" in line for line in script)
+  assert 'export XLA_FLAGS="${XLA_FLAGS-\\' in script
 
 
 def test_sbatch_script_requeues_on_usr1(pid_dir):
   tmp_path = pid_dir
   env = _env(FAKE_SLURM_DIR=str(tmp_path), SLURM_JOB_ID="4242",
              PATH=f"{HELPERS / 'fake_slurm'}{os.pathsep}{os.environ['PATH']}")
+  env.pop("XLA_FLAGS", None)
   proc = subprocess.Popen(["bash", str(ROOT / "launch" / "slurm.sbatch"), "train", "--config=c.py"], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.monotonic() + 10
@@ -288,3 +324,25 @@ def test_sbatch_script_requeues_on_usr1(pid_dir):
   assert (tmp_path / "srun.args").read_text().split() == [
       "--kill-on-bad-exit=1", "python", "-m", "llmlab", "train", "--config=c.py"]
   assert proc.returncode == 128 + signal.SIGTERM, stderr  # srun's status once SLURM stopped it
+  # The job's tasks get MaxText's GPU flags (env XLA_FLAGS unset here).
+  assert (tmp_path / "srun.xla_flags").read_text().split() == [
+      "--xla_gpu_enable_latency_hiding_scheduler=true", "--xla_gpu_enable_pipelined_all_gather=true",
+      "--xla_gpu_enable_pipelined_reduce_scatter=true", "--xla_gpu_enable_pipelined_all_reduce=true",
+      "--xla_gpu_enable_while_loop_double_buffering=true", "--xla_gpu_enable_highest_priority_async_stream=true"]
+
+
+@pytest.mark.parametrize("mine", ["--xla_dump_to=/tmp/d", ""])
+def test_sbatch_script_keeps_the_callers_xla_flags(pid_dir, mine):
+  tmp_path = pid_dir
+  env = _env(FAKE_SLURM_DIR=str(tmp_path), SLURM_JOB_ID="7", XLA_FLAGS=mine,
+             PATH=f"{HELPERS / 'fake_slurm'}{os.pathsep}{os.environ['PATH']}")
+  proc = subprocess.Popen(["bash", str(ROOT / "launch" / "slurm.sbatch"), "train"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  flags = tmp_path / "srun.xla_flags"
+  deadline = time.monotonic() + 10
+  while not ((tmp_path / "srun.pid").exists() and (tmp_path / "srun.pid").read_text()):
+    assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+    time.sleep(0.02)
+  assert flags.read_text() == mine + "\n"
+  os.kill(int((tmp_path / "srun.pid").read_text()), signal.SIGTERM)
+  proc.communicate(timeout=10)

@@ -12,7 +12,8 @@ LLMLAB = pathlib.Path(__file__).resolve().parent.parent / "llmlab"
 CORE = ("llmlab.model", "llmlab.sharding", "llmlab.optim", "llmlab.data",
         "llmlab.guard", "llmlab.metrics", "llmlab.perf", "llmlab.distributed",
         "llmlab.workdir_lock", "llmlab.decode", "llmlab.runtime",
-        "llmlab.loop", "llmlab.attention", "llmlab.storage")
+        "llmlab.loop", "llmlab.attention", "llmlab.storage", "llmlab.slices",
+        "llmlab.profiling")
 STUDIES = ("llmlab.scaling.study", "llmlab.studies", "llmlab.compress.experiment",
            "llmlab.experiment")
 CLI = ("llmlab.main", "llmlab.__main__", "llmlab.cli_common", "llmlab.commands")

@@ -26,7 +26,7 @@ def test_presets_fit_their_devices():
   assert rows["7b_gpu8"]["state_bytes_per_device"] < 12 * 7.3e9 / 8 * 1.05
   assert rows["7b_gpu8"]["state_bytes_per_device"] < 80 * GB  # an H100
   assert rows["1b_gpu8"]["param_bytes_per_device"] < rows["125m_v5e8"]["param_bytes_per_device"] * 3
-  rows = _run(128, "7b_v5p128")
+  rows = _run(64, "7b_v5p128")  # a v5p-128 slice: 64 chips, one device each
   assert rows["7b_v5p128"]["state_bytes_per_device"] < 95 * GB / 8  # v5p HBM, plenty left
 
 

@@ -1,10 +1,14 @@
 """usage: llmlab plan --config=FILE.py[:ARG] [--config.KEY=VALUE ...]
-           [--devices=N] [--device=NAME | --hbm_gb=GIB] [--real] [--json]
+           [--target=SLICE [--num_slices=K] | --devices=N
+            [--device=NAME | --hbm_gb=GIB] [--real]] [--json]
 
-XLA's memory analysis of the config's train step per device, on simulated
-CPU devices (llmlab/plan.py), and whether it fits the device; if not, the
-first fsdp / microbatch / remat setting that does. Exit status 0 if the
-step fits, 1 if not, 2 for bad input.
+XLA's memory analysis of the config's train step per device and whether it
+fits the device; if not, the first fsdp / microbatch / remat setting that
+does (llmlab/plan.py). With --target=SLICE (v5p-128, v5e-256, v4-32,
+v6e-8, ...) the TPU compiler (libtpu: pip install "llmlab[tpu]") compiles
+the step for that slice on this machine and XLA's cost model estimates the
+step time and MFU; otherwise the step is compiled for simulated CPU devices.
+Exit status 0 if the step fits, 1 if not, 2 for bad input.
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ CONFIG = cli_common.Config(example="train.microbatches=2")
 
 def define(fv: flags.FlagValues) -> None:
   from llmlab.plan import DEVICES  # noqa: PLC0415 (imports jax)
+  flags.DEFINE_string("target", None, "A Cloud TPU slice (v5p-128, v5e-256, "
+                      "v4-32, v6e-8, ...): compile for it with libtpu.",
+                      flag_values=fv)
+  flags.DEFINE_integer("num_slices", 1, "With --target: slices joined by "
+                       "the data-centre network (mesh.dcn_data).",
+                       flag_values=fv)
   flags.DEFINE_integer("devices", 0, "Devices (default: the mesh's product).",
                        flag_values=fv)
   flags.DEFINE_string("device", None, f"Memory of: {sorted(DEVICES)}.",
@@ -65,6 +75,14 @@ def body(fv: flags.FlagValues) -> int:
   """Prints the plan; 0 if the step fits, 1 if not."""
   import jax  # noqa: PLC0415
   from llmlab import plan  # noqa: PLC0415
+  if fv.target:
+    if fv.devices or fv.real or fv.device or fv.hbm_gb:
+      raise cli_common.UsageError("--target names the devices and their "
+                                  "memory: drop --devices/--real/--device/"
+                                  "--hbm_gb")
+    res = plan.plan_target(fv.config, fv.target, fv.num_slices,
+                           fv.vocab_size, fv.suggest, fv.max_compiles)
+    return _show(res, fv.json)
   n = fv.devices or _mesh_devices(fv.config.mesh) or 1
   if not fv.real:
     _simulate(n)
@@ -72,7 +90,12 @@ def body(fv: flags.FlagValues) -> int:
                   fv.hbm_gb * plan.GiB if fv.hbm_gb else None, fv.suggest,
                   fv.vocab_size, fv.max_compiles,
                   accelerator_layout=not fv.real)
-  print(json.dumps(res, indent=2, default=str) if fv.json
+  return _show(res, fv.json)
+
+
+def _show(res: dict, as_json: bool) -> int:
+  from llmlab import plan  # noqa: PLC0415
+  print(json.dumps(res, indent=2, default=str) if as_json
         else plan.format_plan(res))
   return 0 if res["fits"] else 1
 

@@ -30,8 +30,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from llmlab.config import ConfigError
+
 _REGISTRY: dict[str, Callable] = {}
 _PREPARE: dict[str, Callable] = {}
+_CHUNKED: set[str] = set()  # objectives that support Context.logits_chunk
 
 
 @dataclasses.dataclass
@@ -49,22 +52,43 @@ class Context:
   `apply` runs the student model: apply(params, batch, rng, train) -> logits.
   `aux` holds frozen auxiliary models/params (e.g. a distillation teacher);
   they are inputs of the jitted step, never differentiated or optimized.
+  `logits_chunk` (config model.logits_chunk; 0 = off) asks for the loss a
+  chunk of positions at a time, never the whole [B, L, V] logits: then
+  `hidden(params, batch, rng, train)` -> (hidden states [B, L, D],
+  project) where project(h_BxCxD) -> float32 logits [B, C, V]. Only
+  objectives registered with `chunked_logits=True` are given it.
   """
 
   apply: Callable
   cfg: Any  # config.objective
   aux: Any = None
+  hidden: Callable | None = None
+  logits_chunk: int = 0
 
 
-def register(name: str, prepare: Callable | None = None):
+def register(name: str, prepare: Callable | None = None,
+             chunked_logits: bool = False):
   def deco(fn):
     if name in _REGISTRY:
       raise ValueError(f"objective {name!r} registered twice")
     _REGISTRY[name] = fn
     if prepare is not None:
       _PREPARE[name] = prepare
+    if chunked_logits:
+      _CHUNKED.add(name)
     return fn
   return deco
+
+
+def check_chunked(name: str, logits_chunk: int) -> None:
+  """ConfigError unless objective `name` can take its loss a chunk of
+  positions at a time (config model.logits_chunk > 0)."""
+  if logits_chunk and name not in _CHUNKED:
+    raise ConfigError(
+        f"config.model.logits_chunk={logits_chunk}: objective {name!r} needs "
+        "the full logits (only "
+        f"{', '.join(sorted(_CHUNKED)) or 'none'} can chunk them); set "
+        "--config.model.logits_chunk=0")
 
 
 def prepare(cfg, setup, load_teacher: Callable | None = None) -> Aux:

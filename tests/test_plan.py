@@ -1,0 +1,124 @@
+"""`llmlab plan --target=SLICE`: slice names, bad input in one line, and
+the TPU compiler (libtpu) compiling real train steps for slices on this CPU
+machine. Compiles run as commands in subprocesses (a compile-only TPU
+backend and no persistent cache there); the presets' compiles are slow
+(minutes) and in the integration tier."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import presets
+from llmlab import config as config_lib
+from llmlab import plan as plan_lib
+from llmlab import slices
+from llmlab.commands import plan as plan_cmd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB = 1024 ** 3
+CONTRACT = ("target", "devices", "fits", "hbm_bytes", "bytes_per_device",
+            "temp_bytes", "flops_per_step", "estimated_step_s",
+            "estimated_mfu")
+needs_libtpu = pytest.mark.skipif(
+    not slices.have_libtpu(),
+    reason='libtpu (the TPU compiler) is not installed: pip install '
+           '"llmlab[tpu]" (the test extra and .ci/run install it)')
+
+
+def test_slice_names_and_topologies():
+  sl = slices.parse("v5p-128")
+  assert (sl.name, sl.chips, sl.devices_per_slice) == ("v5p-128", 64, 64)
+  kw = sl.topology_kwargs()
+  assert (kw["topology_name"], kw["chip_config_name"], kw["wrap"]) == (
+      "v5:4x4x4", "megacore", (True, True, True))
+  assert slices.parse("v5p-32").devices_per_slice == 16
+  assert slices.parse("v4-32").topology_kwargs()["topology_name"] == "v4:2x2x4"
+  assert slices.parse("v4-32").topology_kwargs()["wrap"] == (False,) * 3
+  assert slices.parse("v5litepod-16").name == "v5e-16"
+  assert slices.parse("v5e-256").topology_kwargs()["wrap"] == (True, True,
+                                                              False)
+  assert slices.parse("v6e-8").topology_kwargs()["topology_name"] == "v6e:2x4"
+  with pytest.raises(ValueError) as e:
+    slices.parse("v5p-100")
+  assert "unknown TPU slice" in str(e.value)
+  assert "v5p-{8,16,32,64,128," in str(e.value) and "v6e-{1,4,8" in str(e.value)
+
+
+def test_every_tpu_preset_fills_its_slice():
+  for name, target in presets.TARGETS.items():
+    sl = slices.parse(target)
+    cfg = config_lib.merge_defaults(presets.get_config(name))
+    plan_lib.check_mesh(cfg, sl)  # raises if the mesh does not fill it
+    config_lib.validate(cfg, sl.devices_per_slice)
+
+
+def test_bad_input_is_one_line(capsys, monkeypatch):
+  run = lambda *a: plan_cmd.main([f"--config={ROOT}/configs/presets.py:"
+                                  "7b_v5p128", *a])
+  assert run("--target=v5p-100") == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "unknown TPU slice; known: v4-{8" in err
+  # The old 7B mesh (1 x 64 x 2 = 128 devices) on a v5p-128's 64 chips.
+  assert run("--target=v5p-128", "--config.mesh.tensor=2") == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1
+  assert "v5p-128 has 64 devices (one per chip)" in err
+  assert "Try --config.mesh.data=1 --config.mesh.fsdp=32 " \
+         "--config.mesh.tensor=2" in err
+  assert run("--target=v5p-128", "--num_slices=2") == 2
+  assert "--config.mesh.dcn_data=2" in capsys.readouterr().err
+  assert run("--target=v5p-128", "--devices=8") == 2
+  assert "--target names the devices" in capsys.readouterr().err
+  monkeypatch.setattr(slices, "have_libtpu", lambda: False)
+  assert run("--target=v5p-128") == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and 'pip install "llmlab[tpu]"' in err
+
+
+def _plan(*args, timeout=900):
+  """`llmlab plan --json ...` in a subprocess -> (exit status, JSON)."""
+  out = subprocess.run([sys.executable, "-m", "llmlab", "plan", "--json",
+                        *args], capture_output=True, text=True, cwd=ROOT,
+                       timeout=timeout, env=dict(os.environ,
+                                                 JAX_PLATFORMS="cpu"))
+  assert out.returncode in (0, 1), out.stderr[-3000:]
+  return out.returncode, json.loads(out.stdout)
+
+
+@needs_libtpu
+def test_tiny_step_compiles_for_a_v5e_slice():
+  rc, res = _plan(f"--config={ROOT}/configs/tiny.py", "--target=v5e-4",
+                  "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+                  "--config.model.logits_chunk=32")
+  assert rc == 0 and all(k in res for k in CONTRACT)
+  assert (res["target"], res["devices"], res["fits"]) == ("v5e-4", 4, True)
+  assert res["device_kind"] == "TPU v5 lite" and res["hbm_bytes"] == 16 * GiB
+  assert 0 < res["bytes_per_device"] < GiB
+  assert res["estimate"]["loops_left"] == 0
+  # The model's FLOPs plus what XLA adds (full attention square, the
+  # chunked loss's recomputed projection, the optimizer).
+  assert res["model_flops_per_step"] < res["flops_per_step"] < \
+      2 * res["model_flops_per_step"]
+  assert res["estimated_step_s"] > 0 and 0 < res["estimated_mfu"] < 1
+
+
+def _preset(name, *extra):
+  return _plan(f"--config={ROOT}/configs/presets.py:{name}",
+               f"--target={presets.TARGETS[name]}", "--vocab_size=32000",
+               "--suggest=false", *extra, timeout=1800)
+
+
+@pytest.mark.integration
+@needs_libtpu
+@pytest.mark.parametrize("name, hbm_gib", [("125m_v5e8", 16),
+                                           ("1b_v5p32", 95)])
+def test_presets_compile_for_their_slices(name, hbm_gib):
+  rc, res = _preset(name)
+  assert rc == 0 and res["fits"], res
+  assert res["hbm_bytes"] == hbm_gib * GiB
+  assert res["temp_bytes"] < res["bytes_per_device"] <= res["hbm_bytes"]
+  assert res["estimate"]["loops_left"] == 0
+  assert 0.05 < res["estimated_mfu"] < 0.9, res["estimated_mfu"]
