@@ -7,13 +7,16 @@ llmlab/plan.py for how the estimate counts loops).
     python benchmarks/plan_presets.py [--presets=7b_v5p128,7b_v5p128_s8192]
         [--vocab_size=32000] [--chunk_vocab=128256] [--out=plan.json]
 
-Rows: each preset of configs/presets.py:TARGETS with today's attention
-(model.attention=xla, the only one before splash attention lands) and, once
-llmlab has `model.attention`, with splash too; then the --chunk_preset
-with a --chunk_vocab vocabulary with and without `model.logits_chunk`.
-A step XLA refuses to compile (scoped VMEM out of memory) is a row with
-its reason. Every preset compiles 3 programs (the step, then 2 and 3
-layers unrolled for the cost model): minutes each on a 2-core machine.
+Rows: each preset of configs/presets.py:TARGETS with XLA's attention
+(model.attention=xla, materialised scores) and with splash (the Pallas
+kernel that `auto` picks on TPU); the seq-8192 presets also
+in one microbatch; then the --chunk_preset with a --chunk_vocab vocabulary
+with and without `model.logits_chunk`.
+A step XLA refuses to compile (scoped VMEM or HBM out of memory) is a row
+with its reason. Each row is one `llmlab plan --target --json` process,
+compiled with the recipes' LIBTPU_INIT_ARGS (launch/README.md) unless the
+environment sets its own. A row compiles 3 programs (the step, then 2 and
+3 layers unrolled for the cost model): 1-4 minutes on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -39,14 +43,19 @@ def attentions() -> list[str]:
 
 
 def row(preset: str, overrides: dict, vocab: int) -> dict:
-  """One `plan_target` of a preset (no search: the figures are the point)."""
+  """`llmlab plan --target --json` of a preset, in its own process: libtpu
+  reads its flags (LIBTPU_INIT_ARGS, the recipes' for the slice's
+  generation) once per process. No search: the figures are the point."""
   from configs import presets
-  from llmlab import config as config_lib
-  from llmlab import plan
-  cfg = config_lib.with_overrides(presets.get_config(preset), overrides)
+  cmd = [sys.executable, "-m", "llmlab", "plan", "--json",
+         f"--config={ROOT}/configs/presets.py:{preset}",
+         f"--target={presets.TARGETS[preset]}", f"--vocab_size={vocab}",
+         "--nosuggest"] + [f"--config.{k}={v}" for k, v in overrides.items()]
   t0 = time.perf_counter()
-  res = plan.plan_target(cfg, presets.TARGETS[preset], vocab_size=vocab,
-                         suggest=False)
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+  if out.returncode not in (0, 1):
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+  res = json.loads(out.stdout)
   return {"preset": preset, "overrides": overrides, "vocab": vocab,
           "target": res["target"], "fits": res["fits"],
           "temp_gib": _gib(res["temp_bytes"]),
@@ -56,6 +65,9 @@ def row(preset: str, overrides: dict, vocab: int) -> dict:
           "flops_per_step": res["flops_per_step"],
           "model_flops_per_step": res["model_flops_per_step"],
           "compile_error": res["compile_error"], "hints": res["hints"],
+          "libtpu_init_args": res["libtpu_init_args"],
+          "step_compile_s": res["compile_s"],
+          "estimate_compile_s": (res["estimate"] or {}).get("compile_s"),
           "wall_s": time.perf_counter() - t0}
 
 
@@ -71,8 +83,10 @@ def show(r: dict) -> str:
     what = (f"temp {r['temp_gib']:7.2f} GiB  peak {r['peak_gib']:7.2f} / "
             f"{r['hbm_gib']:.0f} GiB {'fits' if r['fits'] else 'NO'}  "
             f"step {r['step_s']:.3f} s  MFU {100 * (r['mfu'] or 0):.1f}%")
-  return (f"{r['preset']:<17} {r['target']:<8} V={r['vocab']:<6} {over:<34} "
-          f"{what}  [{r['wall_s']:.0f} s]")
+  est = r["estimate_compile_s"]
+  return (f"{r['preset']:<17} {r['target']:<8} V={r['vocab']:<6} {over:<26} "
+          f"{what}  [compile: step {r['step_compile_s']:.0f} s"
+          + (f", estimate {est:.0f} s]" if est else "]"))
 
 
 def main() -> None:
@@ -85,13 +99,17 @@ def main() -> None:
   p.add_argument("--chunk", type=int, default=1024)
   p.add_argument("--out", default="")
   args = p.parse_args()
-  import jax
-  jax.config.update("jax_enable_compilation_cache", False)
   rows = []
-  plan = [(name, {"model.attention": a} if a != "xla" else {},
-           args.vocab_size)
-          for name in filter(None, args.presets.split(","))
-          for a in attentions()]
+  plan = []
+  for name in filter(None, args.presets.split(",")):
+    for a in attentions():
+      over = {"model.attention": a} if a != "xla" else {}
+      plan.append((name, over, args.vocab_size))
+      if presets.get_config(name).train.microbatches > 1 and "_s" in name:
+        # The step in one piece: what the microbatches are for (xla) or
+        # whether they are needed at all (splash).
+        plan.append((name, dict(over, **{"train.microbatches": 1}),
+                     args.vocab_size))
   if args.chunk_preset:
     plan += [(args.chunk_preset, {}, args.chunk_vocab),
              (args.chunk_preset, {"model.logits_chunk": args.chunk},

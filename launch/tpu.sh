@@ -259,6 +259,7 @@ python3 -m pip install --quiet --force-reinstall --no-deps $pkg"
 # TPU compiler flags of MaxText's public recipes: collective fusion + compute/collective overlap (the
 # all-gathers of fsdp run under the matmuls), data-parallel all-reduce overlap, and a larger scoped VMEM
 # for the fusions (v5p: 80 MiB as MaxText's v5p recipes; v5e/v6e: 96 MiB; v4: libtpu's default).
+# llmlab/slices.py (what `llmlab plan --target` compiles with) keeps the same list; a test checks it.
 default_libtpu_args() {
   local flags=(
     --xla_tpu_enable_async_collective_fusion=true

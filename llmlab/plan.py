@@ -18,6 +18,19 @@ order that adds the fewest FLOPs (`candidates`: shard parameters and
 optimizer state over all data-parallel devices, two doublings of
 microbatches, remat dots, remat full, then full remat with more
 microbatches) and prints the first one that fits, with its flags.
+
+`llmlab plan --target=v5p-128 [--num_slices=K]` compiles for a Cloud TPU
+slice instead (`plan_target`): libtpu's compiler, on any machine, for the
+slice's compile-only devices (llmlab/slices.py), so the memory analysis is
+the TPU's own and the chip's HBM is the limit. It also prints XLA's
+estimate of the step time and the MFU that implies (`estimate`: the cost
+model on loop-free programs, since it counts a loop body once). What that
+estimate cannot see: communication (collectives are not costed: fsdp's
+all-gathers and reduce-scatters, DCN all-reduces across slices, and
+whether they overlap compute), the inside of Pallas kernels (splash
+attention's custom call costs ~0), host time (input pipeline, dispatch,
+checkpoints), and the scheduler's real overlap; XLA's per-op model is
+its own guess of each fusion's speed.
 """
 
 from __future__ import annotations
@@ -342,8 +355,10 @@ ESTIMATE_OPTIONS = {
     "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False,
 }
 # Custom calls that TPU's cost model books at -1 s each (no model for them):
-# a step with k of them reports optimal_seconds off by exactly -k.
-UNCOSTED_CALLS = ("ConcatBitcast",)
+# a step with k of them reports optimal_seconds off by exactly -k (seen
+# with libtpu 0.0.42: ConcatBitcast in long-sequence steps, ZeroCrop in
+# multi-slice ones). An unknown one leaves the sum negative: no estimate.
+UNCOSTED_CALLS = ("ConcatBitcast", "ZeroCrop")
 
 
 def target_devices(target: str, num_slices: int = 1):
@@ -411,8 +426,8 @@ def estimate(cfg, vocab_size: int, devices) -> dict:
   XLA adds around fsdp's all-gathers (and the chunked loss's loop). So the
   cost model runs on loop-free programs instead: one microbatch, layers
   unrolled, windowed einsum off, the loss in one chunk, with 2 and 3
-  layers. From the second layer on a layer adds the same
-  FLOPs (the first differs), so a step costs
+  layers. From the second layer on a layer adds the same FLOPs (the first
+  differs), so a step costs
   microbatches x (c2 + (num_layers - 2) x (c3 - c2)). Left out: the
   optimizer update is counted once per microbatch (tiny next to the
   matmuls); with remat the last layer's recomputation, which XLA merges
@@ -454,9 +469,10 @@ def hints(cfg, vocab_size: int, n_devices: int, error: str | None) -> list:
   rows = max(cfg.train.batch_size // cfg.train.microbatches // (data * fsdp),
              1)
   seq = cfg.train.seq_len
-  attention = cfg.model.get("attention", "xla")
-  if attention in ("xla", "auto") and (seq >= 4096 or (
-      error and "vmem" in error.lower())):
+  attention = cfg.model.get("attention", "xla")  # the key may not exist yet
+  vmem = bool(error and "vmem" in error.lower())
+  if (attention == "xla" and seq >= 4096) or (attention != "splash" and
+                                              vmem):
     scores = rows * cfg.model.num_heads // tensor * seq * seq * 4
     have = "attention" in cfg.model
     out.append(
@@ -499,6 +515,7 @@ def plan_target(cfg, target: str, num_slices: int = 1, vocab_size: int = 0,
                                         cfg.model.scan_unroll or 1})
   rep = res["per_device"] or {}
   res.update(target=sl.name, num_slices=num_slices, vocab_size=vocab,
+             libtpu_init_args=os.environ.get("LIBTPU_INIT_ARGS", ""),
              hbm_bytes=res["limit_bytes"], bytes_per_device=rep.get("peak"),
              temp_bytes=rep.get("activations_and_temps"),
              hints=hints(cfg, vocab, len(devices), res["compile_error"]))
@@ -539,6 +556,9 @@ def format_plan(res: dict) -> str:
            "libtpu)" if res.get("target") else
            f"{res['devices']} {res['device_kind']} device(s)")
   lines = [f"llmlab plan: {res['config'] or 'config'} on {where}, mesh {mesh}"]
+  if res.get("target"):
+    lines.append("LIBTPU_INIT_ARGS: " + (res["libtpu_init_args"] or
+                                         "(libtpu's defaults)"))
   if res["per_device"]:
     lines += ["per device (XLA memory analysis of the train step):",
               format_report(res["per_device"], res["limit_bytes"],
@@ -577,7 +597,8 @@ def _format_estimate(res: dict) -> list[str]:
                     if mfu else ""))
   else:
     lines.append("estimated step time: XLA's cost model gave none")
-  lines.append(f"  ({est['method']}; no communication time, see docs)")
+  lines.append(f"  ({est['method']}; collectives are not costed: "
+               "llmlab/plan.py)")
   return lines
 
 

@@ -25,6 +25,23 @@ from jax.experimental.topologies import get_topology_desc
 
 INSTALL_HINT = 'pip install "llmlab[tpu]"'
 
+# The TPU compiler flags of the public MaxText recipes, which launch/tpu.sh
+# sets on the workers (launch/README.md says what each does;
+# tests/test_launch.py keeps the two lists equal). `devices` sets them too,
+# so `llmlab plan --target` compiles the program a launched run compiles.
+RECIPE_FLAGS = (
+    "--xla_tpu_enable_async_collective_fusion=true",
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",
+    "--xla_tpu_enable_async_collective_fusion_multiple_steps=true",
+    "--xla_tpu_overlap_compute_collective_tc=true",
+    "--xla_enable_async_all_gather=true",
+    "--xla_tpu_enable_data_parallel_all_reduce_opt=true",
+    "--xla_tpu_data_parallel_opt_different_sized_ops=true",
+)
+# Scoped VMEM per fusion, KiB (MaxText: 80 MiB in its v5p recipes, 96 MiB
+# for dense models on v5e/v6e; v4 keeps libtpu's default, 16 MiB).
+SCOPED_VMEM_KIB = {"v5p": 81920, "v5e": 98304, "v6e": 98304}
+
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
@@ -117,6 +134,13 @@ def parse(name: str) -> Slice:
                    f"{known()} (v5litepod-N = v5e-N)")
 
 
+def libtpu_args(generation: str) -> str:
+  """LIBTPU_INIT_ARGS of the recipes for a generation ('v5p')."""
+  vmem = SCOPED_VMEM_KIB.get(generation)
+  return " ".join(RECIPE_FLAGS + ((
+      f"--xla_tpu_scoped_vmem_limit_kib={vmem}",) if vmem else ()))
+
+
 def have_libtpu() -> bool:
   return importlib.util.find_spec("libtpu") is not None
 
@@ -129,6 +153,9 @@ def devices(sl: Slice, num_slices: int = 1) -> list:
   libtpu does not print warnings about the metadata server it cannot reach,
   and several processes may load it at once (libtpu otherwise takes a
   machine-wide lock, /tmp/libtpu_lockfile, meant for real TPU chips).
+  LIBTPU_INIT_ARGS gets the recipes' flags unless set (empty: libtpu's
+  defaults). libtpu reads it once, when it loads: the first slice a process
+  compiles for decides the flags of all the others.
   """
   if not have_libtpu():
     raise ValueError(f"compiling for a TPU slice needs libtpu: "
@@ -136,6 +163,7 @@ def devices(sl: Slice, num_slices: int = 1) -> list:
   for key, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
                      ("TPU_SKIP_MDS_QUERY", "1"),
                      ("TPU_WORKER_HOSTNAMES", "localhost"),
-                     ("TPU_ACCELERATOR_TYPE", sl.name)):
+                     ("TPU_ACCELERATOR_TYPE", sl.name),
+                     ("LIBTPU_INIT_ARGS", libtpu_args(sl.generation))):
     os.environ.setdefault(key, value)
   return list(get_topology_desc(**sl.topology_kwargs(num_slices)).devices)

@@ -228,6 +228,19 @@ def _worker_command(result) -> str:
   return line.split("'--command=", 1)[1]
 
 
+def test_tpu_flags_are_the_ones_plan_compiles_with(tmp_path):
+  """launch/tpu.sh and llmlab/slices.py (`llmlab plan --target`) keep one
+  list of recipe flags."""
+  from llmlab import slices
+  for accelerator, generation in [("v5p-128", "v5p"), ("v5litepod-16", "v5e"), ("v6e-8", "v6e"),
+                                  ("v4-32", "v4")]:
+    result, _ = _tpu(tmp_path / accelerator, "--dry_run", "--name=n", "--zone=z", f"--accelerator={accelerator}",
+                     "--version=v", "--install=git+https://example.com/llmlab.git", "--", "train")
+    command = _worker_command(result)
+    value = command.split("LIBTPU_INIT_ARGS=", 1)[1].split(" python3 ", 1)[0]
+    assert value.replace("\\ ", " ") == slices.libtpu_args(generation)
+
+
 @pytest.mark.parametrize("accelerator, env, extra, expect", [
     # MaxText's recipe flags, with the scoped VMEM of the generation
     ("v5p-128", {}, [], "LIBTPU_INIT_ARGS=--xla_tpu_enable_async_collective_fusion=true\\ "),

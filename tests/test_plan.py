@@ -89,17 +89,22 @@ def _plan(*args, timeout=900):
 
 
 @needs_libtpu
-def test_tiny_step_compiles_for_a_v5e_slice():
+@pytest.mark.parametrize("slices_, mesh", [
+    (1, ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]),
+    (2, ["--config.mesh.dcn_data=2", "--config.mesh.data=-1"])])
+def test_tiny_step_compiles_for_a_v5e_slice(slices_, mesh):
   # attention=xla: the flops check below needs every product visible to
   # XLA's cost model, which books a Pallas kernel (auto -> splash on TPU)
   # at ~0 flops.
   rc, res = _plan(f"--config={ROOT}/configs/tiny.py", "--target=v5e-4",
-                  "--config.mesh.data=1", "--config.mesh.fsdp=-1",
-                  "--config.model.logits_chunk=32",
-                  "--config.model.attention=xla")
+                  f"--num_slices={slices_}", "--config.model.logits_chunk=32",
+                  "--config.model.attention=xla", *mesh)
   assert rc == 0 and all(k in res for k in CONTRACT)
-  assert (res["target"], res["devices"], res["fits"]) == ("v5e-4", 4, True)
+  assert (res["target"], res["devices"], res["fits"]) == ("v5e-4",
+                                                          4 * slices_, True)
   assert res["device_kind"] == "TPU v5 lite" and res["hbm_bytes"] == 16 * GiB
+  if "LIBTPU_INIT_ARGS" not in os.environ:  # launch/tpu.sh's flags
+    assert res["libtpu_init_args"] == slices.libtpu_args("v5e")
   assert 0 < res["bytes_per_device"] < GiB
   assert res["estimate"]["loops_left"] == 0
   # The model's FLOPs plus what XLA adds (full attention square, the
