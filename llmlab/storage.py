@@ -16,12 +16,13 @@ have no append and no rename, so the writes here are whole objects:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 from etils import epath
 
@@ -110,6 +111,68 @@ def write_bytes(path: str, data: bytes) -> None:
   with open(tmp, "wb") as f:
     f.write(data)
   os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def open_write(path: str) -> Iterator[BinaryIO]:
+  """A binary file to stream a large object into, complete or absent:
+  locally a temporary file renamed into place on success; on an object
+  store one upload (gcsfs sends it in parts) that creates the object only
+  when the file closes. An exception inside the block leaves no object."""
+  if is_remote(path):
+    p = epath.Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    f = p.open("wb")
+    try:
+      yield f
+    except BaseException:
+      _discard(f)
+      raise
+    f.close()
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "wb") as f:
+      yield f
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _discard(f) -> None:
+  """Abandon an upload in progress (gcsfs: `discard`), so no object
+  appears; a client without it gets a plain close."""
+  discard = getattr(f, "discard", None)
+  if discard is not None:
+    discard()
+  else:
+    f.close()
+
+
+def copy_file(src: str, dst: str) -> None:
+  """Copy one (small) file between any two filesystems, whole."""
+  write_bytes(dst, read_bytes(src))
+
+
+def local_copy(path: str, chunk: int = 64 << 20) -> str:
+  """A local path holding file `path`: itself if local, else a download
+  into a new temporary directory, streamed in `chunk`-byte pieces (for
+  readers that need a real file, such as a memory map). The caller
+  removes the directory when done (`os.path.dirname` of the result)."""
+  if not is_remote(path):
+    return path
+  out = os.path.join(tempfile.mkdtemp(prefix="llmlab-copy-"),
+                     os.path.basename(str(path)))
+  try:
+    with epath.Path(path).open("rb") as src, open(out, "wb") as dst:
+      shutil.copyfileobj(src, dst, chunk)
+  except Exception as e:  # noqa: BLE001 - any client's error: name the path
+    shutil.rmtree(os.path.dirname(out), ignore_errors=True)
+    raise StorageError(f"{path}: cannot read ({type(e).__name__}: {e})") \
+        from e
+  return out
 
 
 def read_text(path: str) -> str:

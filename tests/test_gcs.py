@@ -162,3 +162,26 @@ def test_study_sweep_and_fit_in_a_bucket(gcs):
   fit = storage.read_json(f"{bucket}/fit/fit.json")
   assert set(fit["params"]) == {"E", "A", "B", "alpha", "beta"}
   assert "fit/loss_curves.png" in gcs.objects("science", "fit/")
+
+
+def test_convert_to_and_from_hf_in_a_bucket(gcs, local_run):
+  """`llmlab convert` with every directory in the bucket: a run exported to
+  sharded safetensors on gs:// and imported back gives the same logits."""
+  import llmlab
+  from llmlab.convert import hf as hf_lib
+  from llmlab.convert import safetensors_io as st
+  bucket = gcs.bucket("convert")
+  storage.copytree(local_run, f"{bucket}/run")
+  out = hf_lib.to_hf(f"{bucket}/run", f"{bucket}/hf", max_shard_bytes=4096)
+  assert len(out["files"]) > 1
+  objects = gcs.objects("convert", "hf/")
+  assert {f"hf/{n}" for n in out["files"] + ["config.json", st.INDEX_NAME]} \
+      <= set(objects), objects
+  assert not any(".tmp" in o for o in objects)
+  hf_lib.from_hf(f"{bucket}/hf", f"{bucket}/back")
+  tokens = np.arange(16, dtype=np.int32).reshape(2, 8) % 64
+  want = np.asarray(llmlab.load(local_run).logits(tokens))
+  got = np.asarray(llmlab.load(f"{bucket}/back").logits(tokens))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(FileExistsError, match="gs://convert/hf"):
+    hf_lib.to_hf(f"{bucket}/run", f"{bucket}/hf")

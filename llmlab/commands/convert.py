@@ -17,7 +17,7 @@ from llmlab.convert import hf
 
 
 def define(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string("from_hf", None, "Local HF model directory "
+  flags.DEFINE_string("from_hf", None, "HF model directory (local or gs://) "
                       "(config.json + *.safetensors) to import.",
                       flag_values=fv)
   flags.DEFINE_bool("to_hf", False, "Export --workdir's checkpoint to --out.",

@@ -19,10 +19,8 @@ Qwen3 with QK-norm), written one tensor at a time.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import shutil
 from typing import Any
 
 import flax.linen as nn
@@ -34,6 +32,7 @@ from llmlab import runs
 from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
 from llmlab import sharding as shd
+from llmlab import storage
 from llmlab import steps as steps_lib
 from llmlab import train
 from llmlab.convert import hf_config
@@ -87,7 +86,7 @@ def load(hf_dir: str, *, dtype: str = "float32",
 def from_hf(hf_dir: str, workdir: str, *, step: int = 0,
             dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
             ignore_fields=(), mesh_axes: dict | None = None) -> dict:
-  """Convert a local HF directory into an llmlab run directory.
+  """Convert an HF directory (local or gs://) into an llmlab run directory.
 
   Params are placed as in `load`, then written by `write_run`. Returns a
   summary with the model sizes and any warnings (e.g. a tokenizer whose size
@@ -105,7 +104,7 @@ def write_run(got: Loaded, workdir: str, step: int = 0) -> dict:
   The checkpoint is written before config.json, so a conversion that dies
   midway leaves no run directory behind (just orbax temporaries).
   """
-  workdir = os.path.abspath(workdir)  # orbax wants absolute paths
+  workdir = _absolute(workdir)
   _require_no_run(workdir)
   cfg, setup, spec = got.cfg, got.setup, got.spec
   vocab = setup.model_cfg.vocab_size
@@ -113,11 +112,11 @@ def write_run(got: Loaded, workdir: str, step: int = 0) -> dict:
                                   setup.state_shardings["step"]),
            "params": got.params,
            "opt_state": _fresh_opt_state(setup, got.params)}
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   warnings = []
   data_info = _copy_tokenizer(spec.directory, workdir, cfg, vocab, warnings)
   info = train.model_info(cfg, vocab)
-  source = {"dir": os.path.abspath(spec.directory),
+  source = {"dir": _absolute(spec.directory),
             "architecture": spec.architecture, "extras": spec.extras,
             "config": spec.raw}
   meta = {"config": config_lib.to_dict(cfg), "model_info": info, "step": step,
@@ -136,8 +135,13 @@ def write_run(got: Loaded, workdir: str, step: int = 0) -> dict:
           "warnings": warnings, **info}
 
 
+def _absolute(path: str) -> str:
+  """Orbax wants absolute paths; a URI already is one."""
+  return path if storage.is_remote(path) else os.path.abspath(path)
+
+
 def _require_empty(path: str, names) -> None:
-  clash = [n for n in names if os.path.exists(os.path.join(path, n))]
+  clash = [n for n in names if storage.exists(storage.join(path, n))]
   if clash:
     raise FileExistsError(f"{path}: already holds {clash}; refusing to "
                           "overwrite (choose an empty directory)")
@@ -146,16 +150,15 @@ def _require_empty(path: str, names) -> None:
 def _require_no_run(workdir: str) -> None:
   """No config.json and no finished checkpoint (temporaries are fine)."""
   ckpts = ckpt_lib.checkpoint_dir(workdir)
-  steps = [n for n in os.listdir(ckpts) if n.isdigit()] if os.path.isdir(
-      ckpts) else []
-  _require_empty(workdir, ["config.json"] + [os.path.join("checkpoints", n)
+  steps = [n for n in storage.listdir(ckpts) if n.isdigit()]
+  _require_empty(workdir, ["config.json"] + [f"checkpoints/{n}"
                                              for n in steps])
 
 
 def _run_config(spec: hf_config.HFModel, hf_dir: str, dtype: str,
                 mesh_axes: dict):
   cfg = config_lib.base()
-  cfg.name = os.path.basename(os.path.normpath(hf_dir))
+  cfg.name = os.path.basename(os.path.normpath(str(hf_dir).rstrip("/")))
   cfg.model.update({k: v for k, v in spec.model.items() if k != "vocab_size"})
   cfg.model.update(dtype=dtype, param_dtype=dtype)
   for axis, size in mesh_axes.items():
@@ -280,16 +283,15 @@ def _fresh_opt_state(setup, params):
 def _copy_tokenizer(hf_dir, workdir, cfg, vocab: int, warnings: list) -> dict:
   """Copy the HF tokenizer next to the run; point `data.tokenizer` at it."""
   name = next((n for n in TOKENIZER_FILES
-               if os.path.exists(os.path.join(hf_dir, n))), None)
+               if storage.exists(storage.join(hf_dir, n))), None)
   if name is None:
     warnings.append(f"{hf_dir}: no {' or '.join(TOKENIZER_FILES)}; "
                     "data.tokenizer stays 'byte', which does not match the "
                     "model's vocabulary")
     return {"tokenizer": tok_lib.ByteTokenizer().info()}
-  src, dst = (os.path.join(hf_dir, name),
-              os.path.abspath(os.path.join(workdir, name)))
+  src, dst = storage.join(hf_dir, name), storage.join(workdir, name)
   if jax.process_index() == 0:
-    shutil.copyfile(src, dst)
+    storage.copy_file(src, dst)
   cfg.data.tokenizer = dst
   try:
     tok = tok_lib.load(src)  # the source: other processes may be copying
@@ -307,14 +309,10 @@ def _copy_tokenizer(hf_dir, workdir, cfg, vocab: int, warnings: list) -> dict:
 
 
 def _add_to_config(workdir: str, **keys) -> None:
-  path = os.path.join(workdir, "config.json")
-  with open(path) as f:
-    out = json.load(f)
+  path = storage.join(workdir, "config.json")
+  out = storage.read_json(path)
   out.update(keys)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(out, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  storage.write_json(path, out)
 
 
 # ----------------------------------------------------------------------------
@@ -326,7 +324,7 @@ def to_hf(workdir: str, out_dir: str, *, step: int | None = None,
           dtype: str | None = None,
           max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
   """Write run `workdir`'s checkpoint as a Hugging Face model directory."""
-  workdir = os.path.abspath(workdir)  # orbax wants absolute paths
+  workdir = _absolute(workdir)
   cfg, raw = runs.read_config(workdir)
   dtype = dtype or cfg.model.param_dtype
   if dtype not in DTYPES:
@@ -347,18 +345,17 @@ def to_hf(workdir: str, out_dir: str, *, step: int | None = None,
              e.to_hf(jax.device_get(leaf if i is None else leaf[i]))
              .astype(np_dtype))
       tensors.append((e.hf_name(i), e.hf_shape, np_dtype, get))
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   files = st.write_checkpoint(out_dir, tensors, max_shard_bytes,
                               metadata={"format": "pt"})
   extras = _export_extras(cfg, raw, source)
   hf_cfg = hf_config.to_hf(cfg.model, mcfg.vocab_size, family, extras, dtype)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(hf_cfg, f, indent=2, sort_keys=True)
+  storage.write_json(storage.join(out_dir, "config.json"), hf_cfg)
   tok = str(cfg.data.tokenizer)
   copied = {".json": "tokenizer.json", ".model": "tokenizer.model"}.get(
       os.path.splitext(tok)[1])
   if copied:
-    shutil.copyfile(tok, os.path.join(out_dir, copied))
+    storage.copy_file(tok, storage.join(out_dir, copied))
   return {"out": out_dir, "step": run.step, "architecture":
           hf_cfg["architectures"][0], "files": files, "tokenizer": copied,
           "dtype": dtype}

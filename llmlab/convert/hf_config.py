@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
+
+from llmlab import storage
 
 # HF architecture -> model_type. Qwen2 adds q/k/v biases, Qwen3 QK-norm.
 ARCHITECTURES = {
@@ -64,15 +65,14 @@ class HFModel:
 
 
 def read(hf_dir: str, ignore_fields=()) -> HFModel:
-  path = os.path.join(hf_dir, "config.json")
-  if not os.path.exists(path):
+  path = storage.join(hf_dir, "config.json")
+  if not storage.exists(path):
     raise FileNotFoundError(f"{hf_dir}: no config.json (not a Hugging Face "
                             "model directory)")
-  with open(path) as f:
-    try:
-      raw = json.load(f)
-    except json.JSONDecodeError as e:
-      raise UnsupportedConfig(f"{path}: not JSON: {e}") from None
+  try:
+    raw = storage.read_json(path)
+  except json.JSONDecodeError as e:
+    raise UnsupportedConfig(f"{path}: not JSON: {e}") from None
   return dataclasses.replace(parse(raw, path, ignore_fields), directory=hf_dir)
 
 

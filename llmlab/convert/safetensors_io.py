@@ -11,6 +11,11 @@ the tensors' shapes first and then streams each tensor as it is produced.
 A sharded checkpoint is several such files plus `model.safetensors.index.json`
 (`{"metadata": {"total_size": bytes}, "weight_map": {name: file}}`), the
 layout Hugging Face `save_pretrained` writes.
+
+Directories may be `gs://` (any etils.epath URI): a remote file is first
+copied to a local temporary directory (a memory map needs a local file;
+the copy needs that much local disk and is removed with the Checkpoint),
+and a remote write streams one upload per file (llmlab/storage.py).
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ import json
 import math
 import mmap
 import os
+import shutil
 import struct
+import weakref
 from typing import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
+
+from llmlab import storage
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -47,11 +56,12 @@ class SafetensorsError(ValueError):
 
 
 class File:
-  """One memory-mapped .safetensors file: names(), info(name), get(name)."""
+  """One memory-mapped local .safetensors file: names(), info(name),
+  get(name). `path` names it in errors (the URI it was copied from)."""
 
-  def __init__(self, path: str):
-    self.path = path
-    with open(path, "rb") as f:
+  def __init__(self, local: str, path: str | None = None):
+    self.path = path = path or local
+    with open(local, "rb") as f:
       size = os.fstat(f.fileno()).st_size
       if size < 8:
         raise SafetensorsError(f"{path}: {size} bytes, too short for a "
@@ -114,8 +124,10 @@ class Checkpoint:
     self.directory = directory
     self._where: dict[str, File] = {}
     self._files: dict[str, File] = {}
-    index = os.path.join(directory, INDEX_NAME)
-    if os.path.exists(index):
+    self._copies: list[str] = []  # local copies of remote files
+    weakref.finalize(self, _remove_all, self._copies)
+    index = storage.join(directory, INDEX_NAME)
+    if storage.exists(index):
       for name, fname in _read_index(index).items():
         self._where[name] = self._open(fname)
       for name, f in self._where.items():
@@ -123,7 +135,7 @@ class Checkpoint:
           raise SafetensorsError(f"{index}: maps {name!r} to {f.path}, which "
                                  "has no such tensor")
     else:
-      files = sorted(n for n in os.listdir(directory)
+      files = sorted(n for n in storage.listdir(directory)
                      if n.endswith(".safetensors"))
       if not files:
         raise FileNotFoundError(f"{directory}: no *.safetensors files (and no "
@@ -136,11 +148,14 @@ class Checkpoint:
       self._where = {name: f for name in f.names()}
 
   def _open(self, fname: str) -> File:
-    path = os.path.join(self.directory, fname)
+    path = storage.join(self.directory, fname)
     if path not in self._files:
-      if not os.path.exists(path):
+      if not storage.exists(path):
         raise FileNotFoundError(f"{path}: listed in {INDEX_NAME} but missing")
-      self._files[path] = File(path)
+      local = storage.local_copy(path)
+      if local != path:
+        self._copies.append(os.path.dirname(local))
+      self._files[path] = File(local, path)
     return self._files[path]
 
   def names(self) -> list[str]:
@@ -161,10 +176,14 @@ class Checkpoint:
     return self._where[name].get(name)
 
 
+def _remove_all(dirs: list[str]) -> None:
+  for d in dirs:
+    shutil.rmtree(d, ignore_errors=True)
+
+
 def _read_index(path: str) -> dict[str, str]:
   try:
-    with open(path) as f:
-      index = json.load(f)
+    index = storage.read_json(path)
     weight_map = index["weight_map"]
   except (json.JSONDecodeError, KeyError, TypeError) as e:
     raise SafetensorsError(f"{path}: not a safetensors index "
@@ -201,8 +220,7 @@ def write_file(path: str, tensors: list[Tensor],
     offset += n
   raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
   raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
+  with storage.open_write(path) as f:
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
     for name, shape, dtype, produce in tensors:
@@ -211,7 +229,6 @@ def write_file(path: str, tensors: list[Tensor],
         raise ValueError(f"{path}: tensor {name!r} produced shape {arr.shape}, "
                          f"declared {tuple(shape)}")
       f.write(np.ascontiguousarray(arr.reshape(-1)).view(np.uint8))
-  os.replace(tmp, path)
   return offset
 
 
@@ -240,10 +257,10 @@ def write_checkpoint(directory: str, tensors: Iterable[Tensor],
   total = 0
   weight_map = {}
   for fname, shard in zip(names, shards):
-    total += write_file(os.path.join(directory, fname), shard, metadata)
+    total += write_file(storage.join(directory, fname), shard, metadata)
     weight_map.update({t[0]: fname for t in shard})
   if len(names) > 1:
-    with open(os.path.join(directory, INDEX_NAME), "w") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map},
-                f, indent=2)
+    storage.write_json(storage.join(directory, INDEX_NAME),
+                       {"metadata": {"total_size": total},
+                        "weight_map": weight_map})
   return names
