@@ -59,6 +59,7 @@ from llmlab import config as config_lib
 from llmlab import data as data_lib
 from llmlab import experiment
 from llmlab import runs
+from llmlab import storage
 from llmlab.studies import overtrain_analysis
 from llmlab.studies import overtrain_report
 from llmlab.studies import sensitivity as sens_lib
@@ -238,7 +239,7 @@ FINETUNE_KEYS = ("init_from", "train.steps", "train.batch_size",
 def _check_same_run(cfg, run_dir: str) -> None:
   """A fine-tune directory made with other settings is refused (its name
   only carries step, learning rate and seed), not silently resumed."""
-  if not os.path.exists(os.path.join(run_dir, "config.json")):
+  if not storage.exists(storage.join(run_dir, "config.json")):
     return
   old, _ = runs.read_config(run_dir)
   get = lambda c, key: c[key] if "." not in key else c[key.split(".")[0]][
@@ -291,7 +292,8 @@ def run(scfg, workdir: str, train_fn=None) -> dict:
   log.info("overtrain: checkpoints %s of %s", steps, pre_dir)
 
   ev = _Evaluators(pre_dir, target_data, scfg)
-  identity = {"pretrain": os.path.abspath(pre_dir),
+  identity = {"pretrain": pre_dir if storage.is_remote(pre_dir) else
+              os.path.abspath(pre_dir),
               "eval_tokens": int(scfg.eval_tokens),
               "eval_batch_size": int(scfg.eval_batch_size),
               "target_data": config_lib.to_dict(target_data)}
