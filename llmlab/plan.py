@@ -28,7 +28,8 @@ model on loop-free programs, since it counts a loop body once). What that
 estimate cannot see: communication (collectives are not costed: fsdp's
 all-gathers and reduce-scatters, DCN all-reduces across slices, and
 whether they overlap compute), the inside of Pallas kernels (splash
-attention's custom call costs ~0), host time (input pipeline, dispatch,
+attention's custom call costs ~0: `kernel_estimate` adds its FLOPs and
+prices them at the rate XLA gives the rest of the step), host time (input pipeline, dispatch,
 checkpoints), and the scheduler's real overlap; XLA's per-op model is
 its own guess of each fusion's speed.
 """
@@ -41,6 +42,7 @@ import time
 
 import jax
 
+from llmlab import attention as attention_lib
 from llmlab import config as config_lib
 from llmlab import guard
 from llmlab import model as model_lib
@@ -539,13 +541,52 @@ def _step_figures(cfg, vocab_size: int, devices, run: bool) -> dict:
   t0 = time.perf_counter()
   est = estimate(cfg, vocab_size, devices)
   est["compile_s"] = time.perf_counter() - t0
-  out.update(estimate=est, flops_per_step=est["flops"] * len(devices))
   if est["seconds"] > 0:
-    out["estimated_step_s"] = est["seconds"]
+    est["kernel"] = kernel_estimate(cfg, mcfg, devices, est)
+  flops, seconds = est["flops"], est["seconds"]
+  if est.get("kernel"):
+    flops += est["kernel"]["flops"]
+    seconds += est["kernel"]["seconds"]
+  out.update(estimate=est, flops_per_step=flops * len(devices))
+  if seconds > 0:
+    out["estimated_step_s"] = seconds
     if peak:
-      out["estimated_mfu"] = model_flops / (est["seconds"] * peak *
-                                            len(devices))
+      out["estimated_mfu"] = model_flops / (seconds * peak * len(devices))
   return out
+
+
+# Matmuls of one attention layer's training step in units of its forward
+# pass (QK^T and PV): the backward of splash (jax.experimental.pallas.ops.
+# tpu.splash_attention) recomputes the scores in both of its kernels, dq
+# (QK^T, dO V^T, dS K) and dkv (QK^T, P^T dO, dO V^T, dS^T Q): 7 matmuls,
+# 3.5 forwards; remat full adds one more forward.
+SPLASH_PASSES = {"none": 4.5, "dots": 4.5, "full": 5.5}
+
+
+def kernel_estimate(cfg, mcfg, devices, est: dict) -> dict | None:
+  """Splash attention's share of the step, which XLA's cost model cannot
+  see (a Pallas kernel is one custom call it books at ~0 FLOPs and ~0 s).
+
+  FLOPs: the causal attention matmuls (half the score square; the kernel
+  skips fully masked blocks) times SPLASH_PASSES, per device. Time: those
+  FLOPs at the rate XLA's cost model gives the rest of the step (its
+  FLOPs / its seconds) -- the assumption that the kernel is as efficient
+  as the matmuls around it, since nothing on this machine can time it.
+  None when the step does not use splash."""
+  plat = devices[0].platform
+  kernel, _ = attention_lib.resolve(mcfg, plat, cfg.train.seq_len)
+  if kernel != "splash":
+    return None
+  tokens = cfg.train.batch_size * cfg.train.seq_len
+  forward = (2.0 * mcfg.num_layers * cfg.train.seq_len * mcfg.num_heads *
+             mcfg.head_size * tokens)
+  flops = forward * SPLASH_PASSES.get(cfg.model.remat, 4.5) / len(devices)
+  rate = est["flops"] / est["seconds"]
+  return {"name": "splash", "flops": flops, "seconds": flops / rate,
+          "rate_flops_per_s": rate,
+          "method": "causal attention FLOPs x "
+                    f"{SPLASH_PASSES.get(cfg.model.remat, 4.5)} passes at "
+                    "the cost model's FLOP rate for the rest of the step"}
 
 
 def format_plan(res: dict) -> str:
@@ -597,6 +638,11 @@ def _format_estimate(res: dict) -> list[str]:
                     if mfu else ""))
   else:
     lines.append("estimated step time: XLA's cost model gave none")
+  if est.get("kernel"):
+    k = est["kernel"]
+    lines.append(f"  of which {k['name']} attention {k['seconds']:.3g} s, "
+                 f"{k['flops'] * res['devices']:.3g} FLOPs, estimated apart "
+                 f"({k['method']})")
   lines.append(f"  ({est['method']}; collectives are not costed: "
                "llmlab/plan.py)")
   return lines

@@ -131,3 +131,31 @@ def test_presets_compile_for_their_slices(name, hbm_gib):
   assert res["temp_bytes"] < res["bytes_per_device"] <= res["hbm_bytes"]
   assert res["estimate"]["loops_left"] == 0
   assert 0.05 < res["estimated_mfu"] < 0.9, res["estimated_mfu"]
+  # auto -> splash on TPU: the kernel XLA cannot cost is priced apart, and
+  # with it the step's FLOPs cover the model's.
+  assert res["estimate"]["kernel"]["name"] == "splash"
+  assert res["model_flops_per_step"] < res["flops_per_step"] < \
+      2 * res["model_flops_per_step"]
+
+
+def test_splash_is_priced_apart_from_the_cost_model():
+  """XLA books a Pallas kernel at ~0: its FLOPs are the causal attention
+  matmuls x passes, timed at the rate of the rest of the step."""
+  import types
+  from llmlab import model as model_lib
+  cfg = config_lib.merge_defaults(presets.get_config("7b_v5p128"))
+  mcfg = model_lib.ModelConfig.from_config(cfg.model, 32000)
+  tpu = [types.SimpleNamespace(platform="tpu")] * 64
+  est = {"flops": 1e15, "seconds": 2.0}
+  k = plan_lib.kernel_estimate(cfg, mcfg, tpu, est)
+  per_token = model_lib.flops_per_token(mcfg, cfg.train.seq_len)
+  attn_forward = per_token["forward"] - 2 * (
+      model_lib.param_counts(mcfg)["non_embedding"] +
+      mcfg.d_model * mcfg.vocab_size)
+  tokens = cfg.train.batch_size * cfg.train.seq_len
+  assert k["flops"] * 64 == pytest.approx(attn_forward * tokens * 5.5)
+  assert k["seconds"] == pytest.approx(k["flops"] / 5e14)
+  xla = config_lib.with_overrides(cfg, {"model.attention": "xla"})
+  assert plan_lib.kernel_estimate(
+      xla, model_lib.ModelConfig.from_config(xla.model, 32000), tpu,
+      est) is None
