@@ -5,7 +5,8 @@ llmlab/plan.py for how the estimate counts loops).
 
     pip install "llmlab[tpu]"
     python benchmarks/plan_presets.py [--presets=7b_v5p128,7b_v5p128_s8192]
-        [--vocab_size=32000] [--chunk_vocab=128256] [--out=plan.json]
+        [--vocab_size=32000] [--chunk_vocab=128256] [--out=plan.jsonl]
+        [--rows='1b_v5p32,model.attention=splash;7b_v5p128']
 
 Rows: each preset of configs/presets.py:TARGETS with XLA's attention
 (model.attention=xla, materialised scores) and with splash (the Pallas
@@ -68,6 +69,8 @@ def row(preset: str, overrides: dict, vocab: int) -> dict:
           "libtpu_init_args": res["libtpu_init_args"],
           "step_compile_s": res["compile_s"],
           "estimate_compile_s": (res["estimate"] or {}).get("compile_s"),
+          "kernel_s": ((res["estimate"] or {}).get("kernel") or {}).get(
+              "seconds"),
           "wall_s": time.perf_counter() - t0}
 
 
@@ -82,7 +85,9 @@ def show(r: dict) -> str:
   else:
     what = (f"temp {r['temp_gib']:7.2f} GiB  peak {r['peak_gib']:7.2f} / "
             f"{r['hbm_gib']:.0f} GiB {'fits' if r['fits'] else 'NO'}  "
-            f"step {r['step_s']:.3f} s  MFU {100 * (r['mfu'] or 0):.1f}%")
+            + (f"step {r['step_s']:.3f} s" if r["step_s"] else "no estimate")
+            + (f" (splash {r['kernel_s']:.3f} s)" if r.get("kernel_s") else "")
+            + f"  MFU {100 * (r['mfu'] or 0):.1f}%")
   est = r["estimate_compile_s"]
   return (f"{r['preset']:<17} {r['target']:<8} V={r['vocab']:<6} {over:<26} "
           f"{what}  [compile: step {r['step_compile_s']:.0f} s"
@@ -97,11 +102,18 @@ def main() -> None:
   p.add_argument("--chunk_preset", default="1b_v5p32")
   p.add_argument("--chunk_vocab", type=int, default=128256)
   p.add_argument("--chunk", type=int, default=1024)
-  p.add_argument("--out", default="")
+  p.add_argument("--rows", default="", help="Only these rows, ';'-separated"
+                 ": 'PRESET[,key=value...]' (e.g. '1b_v5p32,model.attention"
+                 "=splash;7b_v5p128'), at --vocab_size.")
+  p.add_argument("--out", default="", help="JSON lines, one per row, "
+                 "appended as each row finishes.")
   args = p.parse_args()
   rows = []
   plan = []
-  for name in filter(None, args.presets.split(",")):
+  for spec in filter(None, args.rows.split(";")):
+    name, *kv = spec.split(",")
+    plan.append((name, dict(x.split("=", 1) for x in kv), args.vocab_size))
+  for name in filter(None, [] if plan else args.presets.split(",")):
     for a in attentions():
       over = {"model.attention": a} if a != "xla" else {}
       plan.append((name, over, args.vocab_size))
@@ -110,16 +122,16 @@ def main() -> None:
         # whether they are needed at all (splash).
         plan.append((name, dict(over, **{"train.microbatches": 1}),
                      args.vocab_size))
-  if args.chunk_preset:
+  if args.chunk_preset and not args.rows:
     plan += [(args.chunk_preset, {}, args.chunk_vocab),
              (args.chunk_preset, {"model.logits_chunk": args.chunk},
               args.chunk_vocab)]
   for name, overrides, vocab in plan:
     rows.append(row(name, overrides, vocab))
     print(show(rows[-1]), flush=True)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(rows, f, indent=2)
+    if args.out:
+      with open(args.out, "a") as f:
+        f.write(json.dumps(rows[-1]) + "\n")
 
 
 if __name__ == "__main__":
