@@ -151,8 +151,10 @@ SCHEDULE_COPY = "lr_schedule.json"  # a file schedule's rates, kept in the run
 def _keep_schedule(workdir: str, cfg, p: dict, start: int) -> dict | None:
   """A `file` schedule's rates, copied into the run directory (so the run
   stays readable if the file moves: curves.curves_from_runs reads the
-  copy); a resume whose file now gives other rates is refused, since it
-  would not replay the run. Returns config.json's "schedule_file" record."""
+  copy); a resume whose file now gives other rates for the steps both
+  cover is refused, since it would not replay the run (a longer
+  train.steps under the same rates is fine). Returns config.json's
+  "schedule_file" record."""
   if cfg.optim.schedule != "file":
     return None
   path = storage.join(workdir, SCHEDULE_COPY)
@@ -160,14 +162,16 @@ def _keep_schedule(workdir: str, cfg, p: dict, start: int) -> dict | None:
             "sha256": optim.schedule_fingerprint(p),
             "warmup_steps": int(p["warmup"]), "peak_lr": float(p["lr"])}
   if start > 0 and storage.exists(path):
-    old = storage.read_json(path)
-    if old.get("sha256") != record["sha256"]:
+    old = np.asarray(storage.read_json(path)["lr"], np.float32)
+    n = min(len(old), len(p["table"]))  # train.steps may have grown
+    bad = np.flatnonzero(old[:n] != p["table"][:n])
+    if len(bad):
       raise config_lib.ConfigError(
           f"cannot resume from step {start}: config.optim.schedule_file="
           f"{cfg.optim.schedule_file!r} gives other rates than the run "
-          f"started with (kept in {path}); restore the file, or point "
-          "config.optim.schedule_file at that copy")
-    return record
+          f"started with (kept in {path}), first at update {bad[0] + 1}: "
+          f"{p['table'][bad[0]]!r} != {old[bad[0]]!r}; restore the file, or "
+          "point config.optim.schedule_file at that copy")
   storage.write_json(path, dict(record, lr=np.asarray(
       p["table"], np.float64).tolist()))
   return record

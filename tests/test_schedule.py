@@ -142,11 +142,15 @@ def test_train_with_a_schedule_file(tmp_path):
   assert f"{bad}" in out.stderr and "lr[5] = inf (update 6) is not finite" in out.stderr
   assert not (tmp_path / "never").exists()
 
+  # Half the run, then resumed to its end (the checkpoint at step 6).
+  out = _train(wd, f"--config.optim.schedule_file={path}", "--config.train.steps=6")
+  assert out.returncode == 0, out.stderr[-4000:]
   out = _train(wd, f"--config.optim.schedule_file={path}")
   assert out.returncode == 0, out.stderr[-4000:]
+  assert "resumed from step 6" in out.stderr, out.stderr[-4000:]
   rows = [json.loads(l) for l in open(wd / "metrics.jsonl")]
   logged = {r["step"]: r["learning_rate"] for r in rows if "learning_rate" in r}
-  assert logged and all(v == np.float32(rates[s - 1]) for s, v in logged.items())
+  assert sorted(logged) == list(range(2, 13, 2)) and all(v == np.float32(rates[s - 1]) for s, v in logged.items())
   cfg = json.loads((wd / "config.json").read_text())
   assert cfg["optim"]["schedule_file"] == str(path)
   assert cfg["schedule_file"]["warmup_steps"] == 2 and cfg["schedule_file"]["peak_lr"] == \
@@ -160,4 +164,4 @@ def test_train_with_a_schedule_file(tmp_path):
   path.write_text(json.dumps(dict(lr=[r * 2 for r in rates], warmup_steps=2)))
   out = _train(wd, f"--config.optim.schedule_file={path}")
   assert out.returncode == 2 and "gives other rates than the run started with" in \
-      out.stderr, out.stderr[-2000:]
+      out.stderr and "first at update 2" in out.stderr, out.stderr[-2000:]
