@@ -18,7 +18,7 @@ again: re-running the script resumes where it stopped (an interrupted run
 resumes from its checkpoint).
 
     python benchmarks/schedule_experiment.py --workdir=/tmp/llmlab/schedule
-    python benchmarks/schedule_experiment.py --workdir=/tmp/s --smoke  # ~5 min
+    python benchmarks/schedule_experiment.py --workdir=/tmp/s --smoke  # ~3 min
 """
 
 from __future__ import annotations

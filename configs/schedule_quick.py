@@ -25,8 +25,8 @@ def get_config(arg: str | None = None):
                  decay_fraction=0.2)
   c.checkpoint.update(keep=1, async_save=True)
   if arg == "smoke":  # the pipeline in a minute (tests, dry runs)
-    c.train.update(steps=60, batch_size=8, seq_len=64, log_every=10,
-                   eval_every=10, eval_tokens=4096)
+    c.train.update(steps=60, batch_size=8, seq_len=64, log_every=5,
+                   eval_every=5, eval_tokens=4096)  # 12 evals >= 7 params
     c.optim.warmup_steps = 5
   elif arg:
     raise ValueError(f"configs/schedule_quick.py: unknown variant {arg!r} "
