@@ -99,7 +99,8 @@ def base() -> ConfigDict:
   c.optim = ConfigDict(dict(
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
       schedule="cosine", warmup_steps=10, decay_fraction=0.2,
-      final_lr_fraction=0.1))
+      final_lr_fraction=0.1,
+      schedule_file=""))  # schedule="file": JSON of every update's rate
 
   c.checkpoint = ConfigDict(dict(
       every_steps=0, keep=2, sweep_points=0, sweep_min_fraction=0.1,
@@ -215,8 +216,13 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
            "must be positive")
   _require(isinstance(t.seed, int) and 0 <= t.seed < 2**32, "train.seed",
            t.seed, "must be an integer in [0, 2**32)")
-  _require(o.schedule in ("cosine", "constant", "wsd"), "optim.schedule",
-           o.schedule, "must be one of cosine, constant, wsd")
+  _require(o.schedule in ("cosine", "constant", "wsd", "file"),
+           "optim.schedule", o.schedule,
+           "must be one of cosine, constant, wsd, file")
+  _require(o.schedule != "file" or bool(o.get("schedule_file")),
+           "optim.schedule_file", o.get("schedule_file"),
+           "optim.schedule='file' needs a schedule file (llmlab schedule "
+           "writes one)")
   _require(0.0 <= o.decay_fraction <= 1.0, "optim.decay_fraction",
            o.decay_fraction, "must be in [0, 1]")
   _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps,

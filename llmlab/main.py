@@ -32,6 +32,8 @@ COMMANDS = {
               "evaluate every checkpoint of runs into a records CSV"),
     "fit": ("llmlab.commands.fit",
             "fit a scaling law to records and predict a target"),
+    "schedule": ("llmlab.commands.schedule",
+                 "a learning-rate schedule minimising a fitted curve law"),
     "study": ("llmlab.commands.study",
               "scaling study: train, sweep, fit, predict a held-out run"),
     "overtrain": ("llmlab.commands.overtrain",

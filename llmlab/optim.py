@@ -7,7 +7,11 @@ clipping, and three schedules:
 - `wsd` (warmup-stable-decay): flat after warmup, then a linear decay over
   the last `decay_fraction` of the steps. A stable phase lets any checkpoint
   be branched into a short decay, which is what makes intermediate
-  checkpoints comparable in scaling studies.
+  checkpoints comparable in scaling studies;
+- `file`: every update's rate read from `optim.schedule_file` (a JSON file
+  as `llmlab schedule` writes one: {"lr": [rate of update 1, 2, ...],
+  "warmup_steps": W}, warmup included), so a schedule found by optimising a
+  law of the loss curve trains exactly as it was predicted.
 
 A schedule is its kind (compiled in) plus a few numbers (`schedule_params`:
 peak and final LR, warmup/stable/decay lengths) that the train step takes as
@@ -23,10 +27,19 @@ from __future__ import annotations
 
 from typing import Callable
 
+import hashlib
+import json
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from llmlab import config as config_lib
+from llmlab import storage
+
+KINDS = ("cosine", "constant", "wsd", "file")
 
 
 def schedule_params(optim_cfg, learning_rate: float, steps: int) -> dict:
@@ -38,7 +51,14 @@ def schedule_params(optim_cfg, learning_rate: float, steps: int) -> dict:
   float32 products with its reciprocal (XLA's algebraic simplifier). So
   `lr_at` with these numbers as arguments gives the compiled optax values
   bit for bit, and runs keep the numbers they had before.
+
+  A `file` schedule is its rates of updates 1..steps (float32 "table") and
+  the file's warmup length; its peak is the largest rate.
   """
+  if optim_cfg.schedule == "file":
+    table, warm = read_schedule_file(optim_cfg.schedule_file, steps)
+    return {"table": table, "warmup": np.int32(warm),
+            "lr": np.float32(table.max(initial=0.0))}
   warm = min(int(optim_cfg.warmup_steps), max(steps - 1, 0))
   lr = float(learning_rate)
   lo = lr * float(optim_cfg.final_lr_fraction)
@@ -65,6 +85,9 @@ def lr_at(kind: str, p: dict, count):
     frac = 1 - jnp.clip(c, 0, length).astype(jnp.float32) * inv
     return frac * drop + end
 
+  if kind == "file":  # the warmup is in the table
+    last = p["table"].shape[0] - 1
+    return jnp.take(p["table"], jnp.clip(count, 0, last))
   c = count - p["warmup"]
   if kind == "constant":
     main = jnp.broadcast_to(p["lr"], jnp.shape(count))
@@ -89,6 +112,54 @@ def schedule(optim_cfg, learning_rate: float, steps: int) -> optax.Schedule:
   kind = optim_cfg.schedule
   lr_at(kind, p, 0)  # unknown kinds fail here, not in the step
   return lambda count: lr_at(kind, p, count)
+
+
+def read_schedule_file(path: str, steps: int) -> tuple[np.ndarray, int]:
+  """(float32 rates of updates 1..steps, warmup steps) of a schedule file.
+
+  Read and checked when the run is built, before anything compiles: a file
+  too short for train.steps, or a rate that is not a finite number >= 0,
+  would otherwise train with a clipped index or a NaN update. Errors name
+  the file and the entry.
+  """
+  where = f"config.optim.schedule_file={path!r}"
+  if not path:
+    raise config_lib.ConfigError("config.optim.schedule='file' needs "
+                                 "config.optim.schedule_file=PATH.json")
+  if not storage.exists(path):
+    raise FileNotFoundError(f"{where}: no such file")
+  try:
+    obj = json.loads(storage.read_text(path))
+  except json.JSONDecodeError as e:
+    raise config_lib.ConfigError(f"{where}: not JSON ({e})") from None
+  rates = obj.get("lr") if isinstance(obj, dict) else obj
+  if not isinstance(rates, list):
+    raise config_lib.ConfigError(f'{where}: expected {{"lr": [rates...]}} or a '
+                                 "list of rates")
+  if len(rates) < steps:
+    raise config_lib.ConfigError(f"{where}: {len(rates)} rates, fewer than "
+                                 f"config.train.steps={steps}")
+  for i, v in enumerate(rates[:steps]):
+    _check_rate(where, i, v)
+  warm = obj.get("warmup_steps", 0) if isinstance(obj, dict) else 0
+  if not isinstance(warm, int) or isinstance(warm, bool) or warm < 0:
+    raise config_lib.ConfigError(f"{where}: warmup_steps={warm!r} is not an "
+                                 "integer >= 0")
+  return np.asarray(rates[:steps], np.float32), warm
+
+
+def _check_rate(where: str, i: int, v) -> None:
+  ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+  why = ("is not a number" if not ok else "is not finite"
+         if not math.isfinite(v) else "is negative" if v < 0 else "")
+  if why:
+    raise config_lib.ConfigError(f"{where}: lr[{i}] = {v!r} (update {i + 1}) "
+                                 f"{why}")
+
+
+def schedule_fingerprint(p: dict) -> str:
+  """sha256 of a file schedule's rates: what a resumed run must train with."""
+  return hashlib.sha256(np.asarray(p["table"], np.float32).tobytes()).hexdigest()
 
 
 def decay_mask(params):

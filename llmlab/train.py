@@ -39,6 +39,7 @@ from llmlab import loop as loop_lib
 from llmlab import metrics as metrics_lib
 from llmlab import model as model_lib
 from llmlab import objectives
+from llmlab import optim
 from llmlab import perf
 from llmlab import plan as plan_lib
 from llmlab import profiling
@@ -144,8 +145,43 @@ def _resume_command() -> str:
   return shlex.join(argv)
 
 
-def _write_config(workdir: str, cfg, info: dict, data_info: dict, mesh) -> None:
+SCHEDULE_COPY = "lr_schedule.json"  # a file schedule's rates, kept in the run
+
+
+def _keep_schedule(workdir: str, cfg, p: dict, start: int) -> dict | None:
+  """A `file` schedule's rates, copied into the run directory (so the run
+  stays readable if the file moves: curves.curves_from_runs reads the
+  copy); a resume whose file now gives other rates for the steps both
+  cover is refused, since it would not replay the run (a longer
+  train.steps under the same rates is fine). Returns config.json's
+  "schedule_file" record."""
+  if cfg.optim.schedule != "file":
+    return None
+  path = storage.join(workdir, SCHEDULE_COPY)
+  record = {"path": cfg.optim.schedule_file, "copy": SCHEDULE_COPY,
+            "sha256": optim.schedule_fingerprint(p),
+            "warmup_steps": int(p["warmup"]), "peak_lr": float(p["lr"])}
+  if start > 0 and storage.exists(path):
+    old = np.asarray(storage.read_json(path)["lr"], np.float32)
+    n = min(len(old), len(p["table"]))  # train.steps may have grown
+    bad = np.flatnonzero(old[:n] != p["table"][:n])
+    if len(bad):
+      raise config_lib.ConfigError(
+          f"cannot resume from step {start}: config.optim.schedule_file="
+          f"{cfg.optim.schedule_file!r} gives other rates than the run "
+          f"started with (kept in {path}), first at update {bad[0] + 1}: "
+          f"{p['table'][bad[0]]!r} != {old[bad[0]]!r}; restore the file, or "
+          "point config.optim.schedule_file at that copy")
+  storage.write_json(path, dict(record, lr=np.asarray(
+      p["table"], np.float64).tolist()))
+  return record
+
+
+def _write_config(workdir: str, cfg, info: dict, data_info: dict, mesh,
+                  schedule_file: dict | None = None) -> None:
   out = config_lib.to_dict(cfg)
+  if schedule_file:
+    out["schedule_file"] = schedule_file
   out["model_info"] = info
   out["data_info"] = data_info
   out["mesh_shape"] = dict(mesh.shape)
@@ -234,11 +270,24 @@ def train(cfg, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) one training run; returns a summary dict."""
   cfg = config_lib.merge_defaults(cfg)
   config_lib.validate(cfg, jax.device_count())  # cheap: before the workdir
+  _check_schedule(cfg)
   workdir_lock.check_writable(workdir)
   with contextlib.ExitStack() as stack:
     if cfg.guard.lock and is_primary():  # the job's processes share it
       stack.enter_context(workdir_lock.Lock(workdir))
     return _train(cfg, workdir)
+
+
+def _check_schedule(cfg) -> None:
+  """A schedule file is read and checked before the workdir is touched
+  (optim.read_schedule_file names the file and the bad entry)."""
+  if cfg.optim.schedule != "file":
+    return
+  p = optim.schedule_params(cfg.optim, cfg.train.learning_rate,
+                            cfg.train.steps)
+  if not np.isclose(p["lr"], cfg.train.learning_rate, rtol=1e-6):
+    log.warning("optim.schedule=file: the file's peak rate %.4g is used, not "
+                "train.learning_rate=%.4g", p["lr"], cfg.train.learning_rate)
 
 
 def _train(cfg, workdir: str) -> dict[str, Any]:
@@ -509,6 +558,9 @@ class Trainer:
     t_start = time.time()
     state, carry = self.restore()
     start = int(state["step"])
+    schedule_file = (_keep_schedule(self.workdir, self.cfg,
+                                    self.setup.hparams["schedule"], start)
+                     if self.primary else None)
     batches = self.batches(start)
     first = next(batches, None)
     if self.cfg.guard.preflight and start < self.total:
@@ -517,7 +569,7 @@ class Trainer:
           self.cfg, self.setup, self.train_step, carry, batch)
     if self.primary:  # only now: a refused resume must not overwrite it
       _write_config(self.workdir, self.cfg, self.info, self.data.info,
-                    self.setup.mesh)
+                    self.setup.mesh, schedule_file)
     self.open_writer(start)
     if start == 0:
       self.writer.text("config", "```\n" + self.cfg.to_json(indent=2) +

@@ -29,6 +29,8 @@ FLAGS = {
              "max_compiles", "vocab_size", "json"],
     "sweep": ["workdir", "out", "eval_tokens"],
     "fit": ["records", "form", "target", "bootstrap", "out"],
+    "schedule": ["fit", "steps", "peak_lr", "out", "warmup_steps", "params",
+                 "iterations"],
     "study": ["config", "workdir"],
     "overtrain": ["config", "workdir", "pretrain_run"],
     "distill-study": ["config", "workdir"],

@@ -269,6 +269,28 @@ def form_inputs(curves: Mapping, inputs: Iterable[str], near: int = NEAR) -> dic
   return x
 
 
+def final_inputs(eta_S, log_params=None) -> dict:
+  """form_inputs of one point, the last step, as a traceable jax function of
+  the rates eta_S (for gradients of the final loss with respect to the
+  schedule, scaling/schedule.py). Every step is its own drop term (no
+  blocks): one point costs O(S), exact, and cheap for 10^5 steps.
+  Conventions as drop_blocks: eta_0 = 0, only drops count,
+  S_k(t) = P_t - P_{k-1}."""
+  import jax.numpy as jnp  # noqa: PLC0415 (the module is numpy otherwise)
+
+  eta_S = jnp.asarray(eta_S)
+  p_S = jnp.cumsum(eta_S)
+  prev_S = jnp.concatenate([jnp.zeros(1, eta_S.dtype), eta_S[:-1]])
+  x = dict(log_lr_sum=jnp.log(p_S[-1:]),
+           drop_point=jnp.zeros_like(eta_S),
+           drop=jnp.maximum(prev_S - eta_S, 0.0),
+           drop_log_lr=jnp.log(jnp.maximum(eta_S, LR_FLOOR)),
+           drop_lr_sum=p_S[-1] - p_S + eta_S)
+  if log_params is not None:
+    x["params"] = jnp.reshape(jnp.asarray(log_params, eta_S.dtype), (1,))
+  return x
+
+
 def check_inputs(curves: Mapping, inputs: Iterable[str]) -> None:
   """A form of several model sizes needs each run's size."""
   if "params" in inputs and "params" not in curves:
@@ -278,6 +300,12 @@ def check_inputs(curves: Mapping, inputs: Iterable[str]) -> None:
 
 # ----------------------------------------------------------------------------
 # What a prediction extrapolates.
+
+
+def profiles(curves: Mapping) -> dict[str, dict]:
+  """{run: its length, warmup, peak rate and size}: what a fit saw
+  (fit.json "fitted_curves"), for extrapolation checks without the data."""
+  return {r: _profile(curves, r) for r in records_lib.run_names(curves)}
 
 
 def _profile(curves: Mapping, run: str) -> dict:
@@ -335,18 +363,23 @@ def _metric_rows(path: str, key: str) -> list[dict]:
   return [rows[s] for s in sorted(rows)]
 
 
-def _run_schedule(cfg: dict) -> tuple[np.ndarray, int]:
+def _run_schedule(cfg: dict, wd: str | None = None) -> tuple[np.ndarray, int]:
   """(rates of updates 1..steps, warmup steps), the rates as the train step
   computes them: update s uses optax's count s - 1, and the schedule's numbers
   are traced arguments of a compiled function (evaluated op by op, a rate can
-  differ in its last bit)."""
+  differ in its last bit). A `file` schedule is read from the copy the run
+  keeps in its directory (config.json's "schedule_file"), when there is one."""
   import jax
   import jax.numpy as jnp
   from ml_collections import ConfigDict
 
 
   steps = int(cfg["train"]["steps"])
-  p = optim.schedule_params(ConfigDict(cfg["optim"]), cfg["train"]["learning_rate"], steps)
+  optim_cfg = ConfigDict(cfg["optim"])
+  copy = (cfg.get("schedule_file") or {}).get("copy")
+  if optim_cfg.schedule == "file" and wd is not None and copy:
+    optim_cfg.schedule_file = storage.join(wd, copy)
+  p = optim.schedule_params(optim_cfg, cfg["train"]["learning_rate"], steps)
   rates = jax.jit(functools.partial(optim.lr_at, cfg["optim"]["schedule"]))
   eta_S = np.asarray(rates(p, jnp.arange(steps, dtype=jnp.int32)), np.float64)
   return eta_S, int(p["warmup"])
@@ -371,7 +404,7 @@ def curves_from_runs(workdirs: Iterable[str], loss: str = "eval",
   for wd in workdirs:
     run = sweep_lib.run_name(wd)
     cfg = storage.read_json(storage.join(wd, "config.json"))
-    eta[run], warmup_steps = _run_schedule(cfg)
+    eta[run], warmup_steps = _run_schedule(cfg, wd)
     rows += [dict(r, params=cfg["model_info"][params_key], warmup_steps=warmup_steps)
              for r in _run_rows(wd, run, eta[run], loss)]
   table = {k: [r[k] for r in rows] for k in rows[0]}

@@ -282,7 +282,8 @@ def run_curve_fit(curves, form: str = "multipower", out_dir: str | None = None,
           if n_bootstrap > 0 else None)
   result = dict(_fit_fields(fit, boot, fit_curves, source, delta, n_bootstrap, seed),
                 fit_seconds=seconds, bootstrap_seconds=time.time() - t0 - seconds,
-                max_step=max_step, predict=predict_source)
+                max_step=max_step, predict=predict_source,
+                fitted_curves=curves_lib.profiles(fit_curves))
   rows = []
   if target is not None:
     resid = np.log(fit_curves["loss"] / fit_lib.predict_curves(fit, fit_curves))
