@@ -55,8 +55,11 @@ def _compute_grid(fit_records, extra=()) -> np.ndarray:
 
 
 def _interval(samples_BxM, level=0.95):
+  """Percentiles over refits; a refit whose law is undefined at a point (a
+  curve law gone negative: NaN) is left out there."""
   q = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
-  return np.percentile(samples_BxM, q, axis=0)
+  with np.errstate(all="ignore"):
+    return np.nanpercentile(samples_BxM, q, axis=0)
 
 
 def _compute_optimal(fit, boot, fit_records, extra_compute):

@@ -210,7 +210,10 @@ def run_study(scfg, workdir: str, train_fn=None) -> dict:
     result = dict(curve)
   elif curve is not None:
     result["curve_fit"] = curve  # the other design on the same runs
-  result["timing"] = design_times(planned, ex)
+  result["timing"] = design_times(planned + [
+      r for r in _branch_plan(scfg, workdir) if r["kind"] == "branch" and
+      r["workdir"] in branch_endpoints(scfg, workdir) and
+      r["workdir"] not in {p["workdir"] for p in planned}], ex)
   wall = ex.wall_time()  # saves the phase times too
   result["wall_time_s"] = wall["wall_time_this_run_s"]  # as it always was
   result.update(wall)
@@ -366,13 +369,20 @@ def _branch_scores(rows: list[dict], family: list[str]) -> dict:
     if not mine:
       return None
     err = [abs(r["loss_hat"] - r["loss"]) / r["loss"] for r in mine]
-    cover = {k: float(np.mean([r[lo] <= r["loss"] <= r[hi] for r in mine]))
-             for k, (lo, hi) in _INTERVALS.items() if mine[0].get(lo) is not None}
+    cover = {k: float(np.mean([_inside(r, lo, hi) for r in mine]))
+             for k, (lo, hi) in _INTERVALS.items()
+             if any(r.get(lo) is not None for r in mine)}
     return dict(n=len(mine), mean_rel_error=float(np.mean(err)),
                 worst_rel_error=float(np.max(err)), coverage_95=cover)
   fam = [r for r in rows if r["run"].split("_branch")[0] in family]
   return dict(family=score(fam), target=score([r for r in rows if r not in fam]),
               rows=rows)
+
+
+def _inside(row: dict, lo: str, hi: str) -> bool:
+  """The row's loss lies in its interval (one undefined there: not)."""
+  return (row.get(lo) is not None and row.get(hi) is not None
+          and row[lo] <= row["loss"] <= row[hi])
 
 
 _INTERVALS = dict(curve=("loss_lo", "loss_hi"), observed=("obs_lo", "obs_hi"),
@@ -389,9 +399,9 @@ def _coverages(rows: list[dict], late) -> dict:
   run's loss (+ seed spread); over all points and the scored late ones."""
   out = {}
   for name, (lo, hi) in _INTERVALS.items():
-    if rows[0].get(lo) is None:
+    if all(r.get(lo) is None for r in rows):
       continue
-    inside = np.array([r[lo] <= r["loss"] <= r[hi] for r in rows])
+    inside = np.array([_inside(r, lo, hi) for r in rows])
     out[name] = dict(all=float(inside.mean()),
                      late=float(inside[np.asarray(late)].mean()))
   return out
@@ -426,14 +436,19 @@ def seed_noise(scfg, planned: list[dict]) -> dict | None:
               rel_std_rms=float(np.sqrt(np.mean(rel_T ** 2))))
 
 
-def branch_endpoints(scfg, workdir: str) -> list[str]:
-  """Finished branch runs of this study's design in `workdir` (trained by
-  fit_on='branches' or run_branches), whatever this invocation planned."""
+def _branch_plan(scfg, workdir: str) -> list[dict]:
+  """The plan of this study with fit_on='branches'."""
   branched = copy.deepcopy(scfg)
   if "fit_on" in branched:
     branched.fit_on = "branches"
+  return plan(branched, workdir)
+
+
+def branch_endpoints(scfg, workdir: str) -> list[str]:
+  """Finished branch runs of this study's design in `workdir` (trained by
+  fit_on='branches' or run_branches), whatever this invocation planned."""
   out = []
-  for r in plan(branched, workdir):
+  for r in _branch_plan(scfg, workdir):
     if r["kind"] == "branch" and runs_lib.finished(r["workdir"],
                                                    r["cfg"].train.steps):
       out.append(r["workdir"])
@@ -442,32 +457,41 @@ def branch_endpoints(scfg, workdir: str) -> list[str]:
 
 def design_times(planned: list[dict], ex) -> dict:
   """Seconds of each design, from the harness's per-run wall and CPU times
-  over all invocations: kind of run (main, seed, branch), the evals along
-  the main runs' curves (their logged eval_time_s, final eval excluded),
-  and the analysis phases (the longest invocation's: a re-run reuses the
-  sweep's cached evals). branches = main + branch runs + sweep + fit;
-  curves = main + seed runs + curve fit; each design's main runs without
-  the other's evals is `main - curve_evals` for branches."""
+  over all invocations, and the analysis phases (the longest invocation's: a
+  re-run reuses the sweep's cached evals).
+
+  branches = main + branch runs + sweep + fit; curves = main runs + curve
+  fit, and `_with_seeds` adding the noise member's re-runs. `_family`: the
+  same without the target's runs, which a study trains only to score its
+  prediction (what a prediction costs). The main runs are the same runs in
+  both designs; `curve_evals_wall_s` is what their evals along the curve
+  cost (the branch design alone would not make them).
+  """
   phases = ex.state.setdefault("phase_seconds", {})
   for k, v in ex.timing.items():
     phases[k] = max(v, phases.get(k, 0.0))
   out = {}
+  def total(kind, unit, family_only=False):
+    v = [ex.run_seconds(r["workdir"], unit == "cpu") for r in planned
+         if r["kind"] == kind and not (family_only and r["role"] == "target")]
+    return float(sum(x for x in v if x is not None))
   for kind in ("main", "seed", "branch"):
-    mine = [r for r in planned if r["kind"] == kind]
     for unit in ("wall", "cpu"):
-      v = [ex.run_seconds(r["workdir"], unit == "cpu") for r in mine]
-      out[f"{kind}_{unit}_s"] = float(sum(x for x in v if x is not None))
+      out[f"{kind}_{unit}_s"] = total(kind, unit)
   out["curve_evals_wall_s"] = float(sum(
       _eval_seconds(r["workdir"], r["final"]) for r in planned
       if r["kind"] == "main" and r["cfg"].train.get("eval_at_steps")))
   out.update(phases)
   for unit, suffix in (("wall", ""), ("cpu", "_cpu")):
-    main = out[f"main_{unit}_s"]
-    out[f"branches_design_{unit}_s"] = (
-        main + out[f"branch_{unit}_s"] + phases.get(f"sweep_s{suffix}", 0.0)
-        + phases.get(f"fit_s{suffix}", 0.0))
-    out[f"curves_design_{unit}_s"] = (
-        main + out[f"seed_{unit}_s"] + phases.get(f"curve_fit_s{suffix}", 0.0))
+    for tag, fam in (("", False), ("_family", True)):
+      main = total("main", unit, fam)
+      out[f"branches_design{tag}_{unit}_s"] = (
+          main + total("branch", unit, fam) + phases.get(f"sweep_s{suffix}", 0.0)
+          + phases.get(f"fit_s{suffix}", 0.0))
+      out[f"curves_design{tag}_{unit}_s"] = (
+          main + phases.get(f"curve_fit_s{suffix}", 0.0))
+      out[f"curves_design{tag}_with_seeds_{unit}_s"] = (
+          out[f"curves_design{tag}_{unit}_s"] + total("seed", unit))
   return out
 
 
@@ -489,8 +513,8 @@ def _eval_seconds(run_dir: str, final: int) -> float:
 
 CURVE_NOTE = ("loss curves: one run per size with a warmup-stable-decay "
               "schedule, evaluated along the way; the multi-power law "
-              "across sizes (multipower_n) is fitted to every logged eval "
-              "of the family and predicts the target's whole curve (no "
+              "across sizes (curve_fit.form) is fitted to every logged "
+              "eval of the family and predicts the target's whole curve (no "
               "branch runs; the decay is the last {f:.0%} of each run).")
 
 
@@ -652,10 +676,17 @@ def _curve_lines(curve: dict) -> list[str]:
 
 
 def _timing_table(t: dict | None) -> list[str]:
-  """Seconds per kind of run (wall and this process's CPU time)."""
+  """Seconds per kind of run and per design (wall and this process's CPU
+  time; the CPU is shared, so wall time also counts other jobs)."""
   if not t:
     return []
   out = ["## Time", "", "| part | wall s | CPU s |", "| --- | ---: | ---: |"]
+  for d in ("branches_design", "curves_design", "curves_design_with_seeds"):
+    for tag in ("", "_family"):
+      key = d.replace("_design", "_design" + tag)
+      if f"{key}_wall_s" in t:
+        out.append(f"| {d.replace('_', ' ')}{' (family only)' if tag else ''} "
+                   f"| {t[key + '_wall_s']:.0f} | {t[key + '_cpu_s']:.0f} |")
   for kind in ("main", "seed", "branch"):
     out.append(f"| {kind} runs | {t.get(kind + '_wall_s', 0):.0f} | "
                f"{t.get(kind + '_cpu_s', 0):.0f} |")
