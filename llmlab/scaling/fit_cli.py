@@ -54,10 +54,12 @@ def _compute_grid(fit_records, extra=()) -> np.ndarray:
   return np.unique(np.concatenate([10.0 ** np.arange(lo, hi + 1), np.asarray(extra, float)]))
 
 
-def _interval(samples_BxM, level=0.95):
-  """Percentiles over refits; a refit whose law is undefined at a point (a
-  curve law gone negative: NaN) is left out there."""
+def _interval(samples_BxM, level=0.95, skip_nan=False):
+  """Percentiles over refits; skip_nan: a refit whose law is undefined at a
+  point (a curve law gone negative: NaN) is left out there."""
   q = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
+  if not skip_nan:
+    return np.percentile(samples_BxM, q, axis=0)
   with np.errstate(all="ignore"):
     return np.nanpercentile(samples_BxM, q, axis=0)
 
@@ -339,7 +341,8 @@ def _curve_predictions(fit, boot, target, resid_R, noise=None):
   """
   mid = fit_lib.predict_curves(fit, target)
   boot_BxM = fit_lib.predict_curves(boot, target) if boot is not None else mid[None]
-  lo, hi = _interval(boot_BxM) if boot is not None else (np.full_like(mid, np.nan),) * 2
+  lo, hi = (_interval(boot_BxM, skip_nan=True) if boot is not None
+            else (np.full_like(mid, np.nan),) * 2)
   obs_lo, obs_hi = _observed_interval(boot_BxM, resid_R)
   loss = target.get("loss", np.full_like(mid, np.nan))
   rows = [dict(zip(PREDICTION_COLUMNS, (r, int(s), *v))) for r, s, *v in zip(
@@ -364,7 +367,8 @@ def _observed_interval(pred_BxM, resid_R, level=0.95, chunk=1024):
   parts = []
   for i in range(0, pred_BxM.shape[1], chunk):
     log_BxQxM = np.log(pred_BxM[:, None, i:i + chunk]) + r_Q[None, :, None]
-    parts.append(_interval(np.exp(log_BxQxM.reshape(-1, log_BxQxM.shape[-1])), level))
+    parts.append(_interval(np.exp(log_BxQxM.reshape(-1, log_BxQxM.shape[-1])), level,
+                           skip_nan=True))
   return np.concatenate(parts, axis=1)
 
 
