@@ -2,7 +2,10 @@
 
 Five byte-level models geometric in non-embedding N, one held-out target
 ~3.5x the largest, each trained with warmup-stable-decay and branched
-decays (see `llmlab/scaling/study.py`). Variants:
+decays (see `llmlab/scaling/study.py`); `--config.fit_on=curves` fits a law
+of whole loss curves to evals along the main runs instead (no branches;
+measured against branches in the README: less accurate here, so branches
+stays the default). Variants:
   configs/study_quick.py         the full quick study (<= 25 min, 2 cores)
   configs/study_quick.py:smoke   same pipeline, tiny budgets (~3 min)
 

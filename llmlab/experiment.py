@@ -181,6 +181,7 @@ class Experiment:
     self.started = clock()
     self.cpu_started = time.process_time()
     self.timing = {}  # this invocation's seconds by `timed` key
+    self.cpu_timing = {}  # and its CPU seconds
     self.state = read_json(self.path(STATE))
     if self.state is None:
       old = read_json(self.path(total_from), {}) if total_from else {}
@@ -276,14 +277,14 @@ class Experiment:
   @contextlib.contextmanager
   def timed(self, key: str):
     """Adds the block's seconds to `timing[key]` and its CPU seconds to
-    `timing[key + "_cpu"]` (this invocation)."""
+    `cpu_timing[key]` (this invocation)."""
     t, c = self.clock(), time.process_time()
     try:
       yield
     finally:
       self.timing[key] = self.timing.get(key, 0.0) + self.clock() - t
-      self.timing[key + "_cpu"] = (self.timing.get(key + "_cpu", 0.0) +
-                                   time.process_time() - c)
+      self.cpu_timing[key] = (self.cpu_timing.get(key, 0.0) +
+                              time.process_time() - c)
 
   def wall_time(self) -> dict:
     """All invocations' seconds and this one's (saved now too)."""

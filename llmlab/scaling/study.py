@@ -21,6 +21,14 @@ properly annealed run for a fraction of the cost of training it anew
 Fixed Training Durations"). A branch is made by copying the stable
 checkpoint into a new run directory with a shorter schedule and resuming.
 
+fit_on="curves" (see the README's study section for both measured): no
+branches; every main run evaluates at `curve_points` steps along the way, a
+law of whole loss curves across sizes (curve_fit.form, e.g. multipower_e) is
+fitted to the family's logged evals and predicts the target's whole curve.
+Branch runs already in the directory are then held-out schedules it is also
+scored on. Either design can re-train one family member with `noise_seeds`
+more seeds: the spread of its loss widens the target's intervals.
+
 Re-running resumes: finished runs and evaluated checkpoints are skipped.
 """
 
@@ -468,7 +476,8 @@ def design_times(planned: list[dict], ex) -> dict:
   cost (the branch design alone would not make them).
   """
   phases = ex.state.setdefault("phase_seconds", {})
-  for k, v in ex.timing.items():
+  now = dict(ex.timing, **{k + "_cpu": v for k, v in ex.cpu_timing.items()})
+  for k, v in now.items():
     phases[k] = max(v, phases.get(k, 0.0))
   out = {}
   def total(kind, unit, family_only=False):
