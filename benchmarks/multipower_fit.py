@@ -17,12 +17,14 @@ the fitted parameters, fit wall time (the first fit of a data size in a
 process includes compiling, ~10 s; then a warm refit), each held-out
 schedule's mean and worst relative error and the coverage of the 95%
 intervals (bootstrap over the fitted runs: of the law's curve, and of an
-observed loss). Then a profile over gamma (how well the three curves pin C,
+observed loss), and that coverage again with a relative run-to-run noise
+term folded in (--noise). Then a profile over gamma (how well the three curves pin C,
 beta, gamma), the size-coupled law (multipower_n) fitted to both sizes at
 once, and the fit time on a 10^5-step cosine curve.
 
     python benchmarks/multipower_fit.py [--sizes=25M,100M] [--rates=rows,exact]
-        [--bootstrap=100] [--skip_profile] [--skip_joint] [--skip_long]
+        [--bootstrap=100] [--noise=0,0.001,...] [--skip_profile] [--skip_joint]
+        [--skip_long]
 """
 
 from __future__ import annotations
@@ -125,15 +127,40 @@ def report(res: dict, title: str, warm_s: float | None = None) -> None:
         f"{pct(res['obs_coverage'])} (observed loss)")
 
 
-def single(size: str, rates: str, n_boot: int) -> dict:
+def single(size: str, rates: str, n_boot: int, noise=()) -> dict:
   table = load(size, rates)
   fit_runs, held = split(table)
   res = fit_cli.run_curve_fit(table, "multipower", predict=held, fit_runs=fit_runs,
-                              max_step=24000, n_bootstrap=n_boot)
+                              max_step=24000, n_bootstrap=n_boot, with_rows=True)
   t0 = time.time()
   fit_lib.fit_law(curves.select_runs(table, fit_runs, 24000), "multipower")
   report(res, f"{size}, rates={rates}", time.time() - t0)
+  if noise and n_boot > 0:
+    noise_coverage(res.pop("rows"), noise)
   return res
+
+
+def noise_coverage(rows: list[dict], sigmas) -> None:
+  """Coverage of the 95% intervals over the held-out rows when a relative
+  run-to-run noise of std sigma is folded in (fit_cli.fold_noise: in
+  quadrature with each side's log half-width). These curves have one seed
+  per schedule, so sigma is not measured here: the table shows how large a
+  noise term the intervals would need, per interval and per schedule."""
+  loss = np.array([r["loss"] for r in rows])
+  mid = np.array([r["loss_hat"] for r in rows])
+  run = np.array([r["run"] for r in rows], dtype=object)
+  print(f"  coverage with a relative noise term sigma folded in (curve / observed; "
+        f"per schedule: observed)")
+  for sigma in sigmas:
+    parts = []
+    for lo_key, hi_key in (("loss_lo", "loss_hi"), ("obs_lo", "obs_hi")):
+      lo, hi = fit_cli.fold_noise(mid, [r[lo_key] for r in rows],
+                                  [r[hi_key] for r in rows], sigma)
+      parts.append((lo <= loss) & (loss <= hi))
+    per = " ".join(f"{n.split('/')[-1]} {100 * parts[1][run == n].mean():.0f}%"
+                   for n in dict.fromkeys(run))
+    print(f"  sigma {100 * sigma:5.2f}%: {100 * parts[0].mean():5.1f}% / "
+          f"{100 * parts[1].mean():5.1f}%  ({per})")
 
 
 def _fixed_gamma_form(gamma: float) -> str:
@@ -215,11 +242,14 @@ def main():
   p.add_argument("--skip_profile", action="store_true")
   p.add_argument("--skip_joint", action="store_true")
   p.add_argument("--skip_long", action="store_true")
+  p.add_argument("--noise", default="0,0.001,0.002,0.003,0.005",
+                 help="relative noise stds to fold into the intervals ('' none)")
   args = p.parse_args()
   sizes, modes = args.sizes.split(","), args.rates.split(",")
+  noise = [float(v) for v in args.noise.split(",") if v]
   for size in sizes:
     for rates in modes:
-      res = single(size, rates, args.bootstrap)
+      res = single(size, rates, args.bootstrap, noise)
       if rates == modes[0] and not args.skip_profile:
         profile(size, rates, res)
   if not args.skip_joint and len(sizes) > 1:

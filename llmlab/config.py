@@ -92,6 +92,7 @@ def base() -> ConfigDict:
   c.train = ConfigDict(dict(
       steps=100, batch_size=8, seq_len=128, microbatches=1, learning_rate=3e-3,
       seed=0, log_every=10, eval_every=0, eval_tokens=65_536,
+      eval_at_steps=(),  # also evaluate after these steps (loss curves)
       eval_batch_size=0, peak_flops=0.0, max_to_host_lag=1,
       wandb="",  # "project[/entity]": also log to Weights & Biases
       profile_steps=""))  # "A:B": jax.profiler trace of steps A..B

@@ -179,12 +179,17 @@ class Experiment:
     self.workdir, self.clock = workdir, clock
     self.train_fn = train_fn or _train
     self.started = clock()
+    self.cpu_started = time.process_time()
     self.timing = {}  # this invocation's seconds by `timed` key
+    self.cpu_timing = {}  # and its CPU seconds
     self.state = read_json(self.path(STATE))
     if self.state is None:
       old = read_json(self.path(total_from), {}) if total_from else {}
       self.state = {"wall_time_total_s": old.get("wall_time_total_s", 0.0),
                     "run_seconds": {}}
+    # CPU seconds of this process (all threads) per run: on a shared CPU the
+    # wall clock also counts other jobs' time, the CPU time does not.
+    self.state.setdefault("run_cpu_seconds", {})
     self.before = self.state["wall_time_total_s"]
     self.planned = {}  # workdir -> tokens, in plan order
     self.done = set()
@@ -230,14 +235,15 @@ class Experiment:
     if before is not None:
       before()
     key = os.path.relpath(workdir, self.workdir)
-    seconds = self.state["run_seconds"]
+    seconds, cpu = self.state["run_seconds"], self.state["run_cpu_seconds"]
     if not storage.exists(storage.join(workdir, "config.json")):
-      seconds[key] = 0.0  # a fresh start, not a resume
-    t = self.clock()
+      seconds[key] = cpu[key] = 0.0  # a fresh start, not a resume
+    t, c = self.clock(), time.process_time()
     try:
       summary = self.train_fn(cfg, workdir)
     finally:
       seconds[key] = seconds.get(key, 0.0) + self.clock() - t
+      cpu[key] = cpu.get(key, 0.0) + time.process_time() - c
       self._save()
     if not summary["preempted"]:
       self.done.add(workdir)
@@ -252,11 +258,12 @@ class Experiment:
              self.clock() - t)
     return summary
 
-  def run_seconds(self, workdir: str) -> float | None:
+  def run_seconds(self, workdir: str, cpu: bool = False) -> float | None:
     """Seconds this study spent training run `workdir`, over all its
-    invocations (None: trained before the harness counted)."""
-    return self.state["run_seconds"].get(os.path.relpath(workdir,
-                                                         self.workdir))
+    invocations (None: trained before the harness counted); `cpu`: the
+    process's CPU seconds instead of wall seconds."""
+    key = "run_cpu_seconds" if cpu else "run_seconds"
+    return self.state[key].get(os.path.relpath(workdir, self.workdir))
 
   def summary(self, cfg, workdir: str) -> dict:
     """A finished run's summary read back from its directory (model_info
@@ -269,12 +276,15 @@ class Experiment:
 
   @contextlib.contextmanager
   def timed(self, key: str):
-    """Adds the block's seconds to `timing[key]` (this invocation)."""
-    t = self.clock()
+    """Adds the block's seconds to `timing[key]` and its CPU seconds to
+    `cpu_timing[key]` (this invocation)."""
+    t, c = self.clock(), time.process_time()
     try:
       yield
     finally:
       self.timing[key] = self.timing.get(key, 0.0) + self.clock() - t
+      self.cpu_timing[key] = (self.cpu_timing.get(key, 0.0) +
+                              time.process_time() - c)
 
   def wall_time(self) -> dict:
     """All invocations' seconds and this one's (saved now too)."""

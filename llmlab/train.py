@@ -331,7 +331,8 @@ class Trainer:
                    that row; keep step s's device metrics if s is a log step
     3. guard       (waits) the policy on step s's own report, at the points
                    below, so no eval or checkpoint ever sees a bad state
-    4. eval        (waits) every train.eval_every steps and at the end
+    4. eval        (waits) every train.eval_every steps, at the steps of
+                   train.eval_at_steps (a loss curve's points) and at the end
     5. save        (waits) on the checkpoint schedule, at the end and on
                    preemption; first writes every pending row, so a resume
                    from that checkpoint (which drops later rows) leaves
@@ -368,7 +369,9 @@ class Trainer:
 
   def hooks(self) -> list[loop_lib.Hook]:
     Hook = loop_lib.Hook  # pylint: disable=invalid-name
-    eval_due = loop_lib.every(self.cfg.train.eval_every)
+    every = loop_lib.every(self.cfg.train.eval_every)
+    at = {int(s) for s in self.cfg.train.get("eval_at_steps", ()) or ()}
+    eval_due = lambda end: every(end) or end.step in at
     save_due = lambda end: end.stop or self.mgr.should_save(end.step)
     profile = profiling.Profile(self.cfg.train.profile_steps, self.workdir)
     return [
@@ -390,7 +393,9 @@ class Trainer:
       self.pending = (end.step, end.metrics)
 
   def eval(self, end) -> None:
+    t = time.time()  # eval_time_s: what evals along a curve cost a run
     self.last_eval = dict(self.run_eval(end.state["params"]), step=end.step)
+    self.last_eval["eval_time_s"] = time.time() - t
     self.progress.eval(end.step, self.last_eval["eval_loss"],
                        self.last_eval["eval_bpb"],
                        int(self.last_eval.get("eval_targets", 0)))

@@ -9,19 +9,21 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _study(workdir):
+def _study(workdir, *flags, ok=True):
   out = subprocess.run(
       [sys.executable, "-m", "llmlab", "study",
-       f"--config={ROOT}/configs/study_quick.py:test", f"--workdir={workdir}"],
+       f"--config={ROOT}/configs/study_quick.py:test", f"--workdir={workdir}",
+       *flags],
       capture_output=True, text=True, timeout=900, cwd=ROOT,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert out.returncode == 0, out.stderr[-4000:]
+  if ok:
+    assert out.returncode == 0, out.stderr[-4000:]
   return out
 
 
 def test_study_end_to_end_and_resume(tmp_path):
   workdir = str(tmp_path / "study")
-  out = _study(workdir)
+  out = _study(workdir, "--config.fit_on=branches")
   result = json.load(open(os.path.join(workdir, "study.json")))
   for key in ("params", "intervals", "predictions", "are", "naive_are",
               "skill", "compute_optimal", "wall_time_s", "design", "prediction"):
@@ -52,7 +54,8 @@ def test_study_end_to_end_and_resume(tmp_path):
   assert out.stderr.count("memory pre-flight, per device") < planned
   total = result["wall_time_total_s"]
   before = os.path.getmtime(os.path.join(workdir, "runs", "t1", "config.json"))
-  out = _study(workdir)  # resumes: nothing is retrained or re-evaluated
+  out = _study(workdir, "--config.fit_on=branches")  # resumes: nothing is
+  # retrained or re-evaluated
   assert "trained" not in out.stderr
   assert "nothing new to evaluate" in out.stderr
   assert os.path.getmtime(os.path.join(workdir, "runs", "t1", "config.json")) == before
@@ -62,3 +65,48 @@ def test_study_end_to_end_and_resume(tmp_path):
   assert abs(again["wall_time_total_s"] - total -
              again["wall_time_this_run_s"]) < 1e-6
   assert again["wall_time_this_run_s"] < total
+
+
+def test_study_on_curves(tmp_path):
+  """fit_on=curves: one run per size (no branches), the curve law fitted on
+  every logged eval of the family, the target predicted along its curve;
+  the seed re-runs' spread widens its intervals."""
+  workdir = str(tmp_path / "study")
+  _study(workdir, "--config.fit_on=curves")
+  result = json.load(open(os.path.join(workdir, "study.json")))
+  assert result["fit_on"] == "curves" and result["form"] == "multipower_e"
+  assert result["fit_runs"] == ["t1", "t2", "t3"]
+  runs = sorted(os.listdir(os.path.join(workdir, "runs")))
+  assert runs == ["t1", "t2", "t3", "t3_seed1", "t_target"]  # no branches
+  points = result["points"]
+  assert len(points) == 12 and points[-1]["step"] == 20
+  assert all(p["run"] == "t_target" for p in points)
+  late = [p for p in points if p["step"] >= 0.5 * 20]
+  are = sum(abs(p["loss_hat"] - p["loss"]) / p["loss"] for p in late) / len(late)
+  assert abs(result["are"] - are) < 1e-9 and result["naive_are"] > 0
+  assert result["skill"] == 1 - result["are"] / result["naive_are"]
+  noise = result["seed_noise"]
+  assert noise["member"] == "t3" and noise["runs"] == ["t3", "t3_seed1"]
+  assert len(noise["rel_std"]) == 12 and noise["rel_std_rms"] > 0
+  for p in points:  # the seed spread only widens the observed interval
+    assert p["run_lo"] <= p["obs_lo"] <= p["obs_hi"] <= p["run_hi"]
+  assert set(result["coverage_95"]) == {"curve", "observed", "with_seed_noise"}
+  t = result["timing"]
+  assert t["branch_wall_s"] == 0 and t["seed_wall_s"] > 0
+  assert t["curves_design_wall_s"] >= t["main_wall_s"] + t["seed_wall_s"]
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert "along its curve" in report and "Seed noise (t3" in report
+  assert os.path.exists(os.path.join(workdir, "curve_fit", "predictions.csv"))
+
+
+def test_study_bad_fit_on(tmp_path):
+  """A fit_on or curve setting the study does not know: one line naming
+  the key and value, before anything trains."""
+  workdir = tmp_path / "study"
+  for flag, msg in (("--config.fit_on=endpoints", "fit_on='endpoints'"),
+                    ("--config.curve_spacing=cubic", "curve_spacing='cubic'"),
+                    ("--config.curve_points=5", "curve_points=5")):
+    out = _study(str(workdir), "--config.fit_on=curves", flag, ok=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert msg in out.stderr and "Traceback" not in out.stderr
+    assert not (workdir / "runs").exists()

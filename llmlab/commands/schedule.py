@@ -28,7 +28,7 @@ from llmlab import storage
 
 def define(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("fit", None, "fit.json of a curve form (llmlab fit "
-                      "--form=multipower|multipower_n).", flag_values=fv)
+                      "--form=multipower|multipower_n|multipower_e).", flag_values=fv)
   flags.DEFINE_integer("steps", None, "Training steps (updates).",
                        flag_values=fv)
   flags.DEFINE_float("peak_lr", None, "Peak learning rate (end of warmup).",
@@ -36,7 +36,7 @@ def define(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("out", None, "schedule.json to write.", flag_values=fv)
   flags.DEFINE_integer("warmup_steps", None, "Linear warmup steps (default: "
                        "the fitted curves' warmup).", flag_values=fv)
-  flags.DEFINE_float("params", None, "Model size N (multipower_n only).",
+  flags.DEFINE_float("params", None, "Model size N (size-coupled laws: multipower_n, multipower_e).",
                      flag_values=fv)
   flags.DEFINE_integer("iterations", 2000, "Gradient steps per start.",
                        flag_values=fv)

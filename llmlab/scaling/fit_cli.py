@@ -54,9 +54,14 @@ def _compute_grid(fit_records, extra=()) -> np.ndarray:
   return np.unique(np.concatenate([10.0 ** np.arange(lo, hi + 1), np.asarray(extra, float)]))
 
 
-def _interval(samples_BxM, level=0.95):
+def _interval(samples_BxM, level=0.95, skip_nan=False):
+  """Percentiles over refits; skip_nan: a refit whose law is undefined at a
+  point (a curve law gone negative: NaN) is left out there."""
   q = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
-  return np.percentile(samples_BxM, q, axis=0)
+  if not skip_nan:
+    return np.percentile(samples_BxM, q, axis=0)
+  with np.errstate(all="ignore"):
+    return np.nanpercentile(samples_BxM, q, axis=0)
 
 
 def _compute_optimal(fit, boot, fit_records, extra_compute):
@@ -256,15 +261,19 @@ PREDICTION_COLUMNS = ("run", "step", "loss", "loss_hat", "loss_lo", "loss_hi", "
 def run_curve_fit(curves, form: str = "multipower", out_dir: str | None = None,
                   predict=None, *, fit_runs=None, max_step: float | None = None,
                   n_bootstrap: int = 100, seed: int = 0, delta: float = fit_lib.DELTA,
-                  source: str | None = None, predict_source: str | None = None) -> dict:
+                  source: str | None = None, predict_source: str | None = None,
+                  noise=None, with_rows: bool = False) -> dict:
   """Fits a curve form to whole loss curves, bootstraps over runs, predicts every
   row of `predict`; writes out_dir/fit.json and out_dir/predictions.csv.
 
   curves, predict: curves tables (curves.py) or lists of row dicts; fit_runs and
   max_step (rows at steps < max_step) select what is fitted. Input errors are
   raised (RecordsError naming file, run and row) before fitting. A predicted run
-  outside what the fit saw is listed under "extrapolation". Returns the
-  fit.json dict.
+  outside what the fit saw is listed under "extrapolation". `noise`: the
+  relative run-to-run std of a loss (a scalar or one per predicted row, e.g.
+  the spread over seeds), folded into the observed interval as run_lo/run_hi
+  (`fold_noise`). with_rows: the result also holds every predicted row
+  ("rows"). Returns the fit.json dict.
   """
   law = forms_lib.get_form(form)
   if not law.curve:
@@ -287,7 +296,7 @@ def run_curve_fit(curves, form: str = "multipower", out_dir: str | None = None,
   rows = []
   if target is not None:
     resid = np.log(fit_curves["loss"] / fit_lib.predict_curves(fit, fit_curves))
-    rows, result["predictions"] = _curve_predictions(fit, boot, target, resid)
+    rows, result["predictions"] = _curve_predictions(fit, boot, target, resid, noise)
     result.update(_prediction_errors(rows))
     why = curves_lib.extrapolation(fit_curves, target)
     result["extrapolation"] = {r: w for r, w in why.items() if w}
@@ -295,23 +304,55 @@ def run_curve_fit(curves, form: str = "multipower", out_dir: str | None = None,
       p["extrapolation"] = why[p["run"]]
   if out_dir is not None:
     _write_curve_outputs(out_dir, result, rows if target is not None else None)
+  if with_rows:
+    result["rows"] = rows
   return _clean(result)
 
 
-def _curve_predictions(fit, boot, target, resid_R):
+def fold_noise(mid, lo, hi, rel_std, level: float = 0.95):
+  """An interval [lo, hi] around mid widened by a relative noise of std
+  rel_std (independent of what made the interval): each side's log
+  half-width and z * rel_std added in quadrature. A loss a new training run
+  will show is the law's curve, plus that run's own offset from the curve
+  (init and data order: the spread over seeds), which no refit of the same
+  runs sees."""
+  z = float(np.sqrt(2.0) * _erfinv(level))
+  mid, lo, hi = (np.asarray(v, np.float64) for v in (mid, lo, hi))
+  extra = (z * np.asarray(rel_std, np.float64)) ** 2
+  return (mid * np.exp(-np.sqrt(np.log(mid / lo) ** 2 + extra)),
+          mid * np.exp(np.sqrt(np.log(hi / mid) ** 2 + extra)))
+
+
+def _erfinv(y: float) -> float:
+  """erf^-1 by bisection (no scipy at this layer)."""
+  lo, hi = 0.0, 10.0
+  for _ in range(200):
+    m = (lo + hi) / 2
+    lo, hi = (m, hi) if math.erf(m) < y else (lo, m)
+  return (lo + hi) / 2
+
+
+def _curve_predictions(fit, boot, target, resid_R, noise=None):
   """(rows of predictions.csv, per-run summaries) for every row of `target`.
 
   loss_lo/hi: 95% interval of the law's curve (bootstrap over runs: parameter
   uncertainty only); obs_lo/hi: of an observed loss, adding the spread of the
-  fit's log residuals resid_R (a logged loss is the curve plus batch noise).
+  fit's log residuals resid_R (a logged loss is the curve plus batch noise);
+  run_lo/hi (with `noise`): the observed interval widened by run-to-run noise.
   """
   mid = fit_lib.predict_curves(fit, target)
   boot_BxM = fit_lib.predict_curves(boot, target) if boot is not None else mid[None]
-  lo, hi = _interval(boot_BxM) if boot is not None else (np.full_like(mid, np.nan),) * 2
+  lo, hi = (_interval(boot_BxM, skip_nan=True) if boot is not None
+            else (np.full_like(mid, np.nan),) * 2)
   obs_lo, obs_hi = _observed_interval(boot_BxM, resid_R)
   loss = target.get("loss", np.full_like(mid, np.nan))
   rows = [dict(zip(PREDICTION_COLUMNS, (r, int(s), *v))) for r, s, *v in zip(
       target["run"], target["step"], loss, mid, lo, hi, obs_lo, obs_hi)]
+  if noise is not None:
+    run_lo, run_hi = fold_noise(mid, obs_lo, obs_hi,
+                                np.broadcast_to(noise, mid.shape))
+    for row, a, b in zip(rows, run_lo, run_hi):
+      row.update(run_lo=float(a), run_hi=float(b))
   runs = []
   for run in records_lib.run_names(target):
     mine = [r for r in rows if r["run"] == run]
@@ -327,7 +368,8 @@ def _observed_interval(pred_BxM, resid_R, level=0.95, chunk=1024):
   parts = []
   for i in range(0, pred_BxM.shape[1], chunk):
     log_BxQxM = np.log(pred_BxM[:, None, i:i + chunk]) + r_Q[None, :, None]
-    parts.append(_interval(np.exp(log_BxQxM.reshape(-1, log_BxQxM.shape[-1])), level))
+    parts.append(_interval(np.exp(log_BxQxM.reshape(-1, log_BxQxM.shape[-1])), level,
+                           skip_nan=True))
   return np.concatenate(parts, axis=1)
 
 
@@ -338,19 +380,20 @@ def _prediction_errors(rows) -> dict:
   rows = [r for r in rows if np.isfinite(r["loss"])]
   if not rows:
     return dict(mean_rel_error=None, worst_rel_error=None, mean_worst_rel_error=None,
-                coverage=None, obs_coverage=None)
+                coverage=None, obs_coverage=None, run_coverage=None)
   err = np.array([abs(r["loss_hat"] - r["loss"]) / r["loss"] for r in rows])
   runs = np.array([r["run"] for r in rows], dtype=object)
   per_run = [(err[runs == r].mean(), err[runs == r].max()) for r in dict.fromkeys(runs)]
-  def inside(lo, hi):  # None without an interval (no bootstrap)
-    if not np.isfinite(rows[0][lo]):
+  def inside(lo, hi):  # None without an interval (no bootstrap, no noise)
+    if lo not in rows[0] or not np.isfinite(rows[0][lo]):
       return None
     return float(np.mean([r[lo] <= r["loss"] <= r[hi] for r in rows]))
 
   return dict(mean_rel_error=float(np.mean([m for m, _ in per_run])),
               worst_rel_error=float(err.max()),
               mean_worst_rel_error=float(np.mean([w for _, w in per_run])),
-              coverage=inside("loss_lo", "loss_hi"), obs_coverage=inside("obs_lo", "obs_hi"))
+              coverage=inside("loss_lo", "loss_hi"), obs_coverage=inside("obs_lo", "obs_hi"),
+              run_coverage=inside("run_lo", "run_hi"))
 
 
 def _write_curve_outputs(out_dir: str, result: dict, rows) -> None:
@@ -360,10 +403,12 @@ def _write_curve_outputs(out_dir: str, result: dict, rows) -> None:
     return
   buf = io.StringIO(newline="")
   w = csv.writer(buf)
-  w.writerow(PREDICTION_COLUMNS)
+  cols = PREDICTION_COLUMNS + (("run_lo", "run_hi") if rows and "run_lo" in rows[0]
+                               else ())
+  w.writerow(cols)
   for r in rows:
     w.writerow(["" if isinstance(r[c], float) and not math.isfinite(r[c]) else r[c]
-                for c in PREDICTION_COLUMNS])
+                for c in cols])
   storage.write_text(storage.join(out_dir, "predictions.csv"), buf.getvalue())
 
 

@@ -71,7 +71,9 @@ def loss_curves(records, curve, target=None, band=None, xkey: str = "tokens"):
     # The prediction at the target's last point: a marker with its 95%
     # interval as an error bar, visible however narrow the band is.
     mid, lo, hi = (float(np.ravel(band[k])[-1]) for k in ("mid", "lo", "hi"))
-    ax.errorbar([np.ravel(band["x"])[-1]], [mid], yerr=[[mid - lo], [hi - mid]],
+    # (A bootstrap percentile interval need not contain the point estimate.)
+    ax.errorbar([np.ravel(band["x"])[-1]], [mid],
+                yerr=[[max(mid - lo, 0.0)], [max(hi - mid, 0.0)]],
                 fmt="D", color="tab:red", ms=7, capsize=5, elinewidth=2,
                 label="target prediction, 95% interval")
   if target is not None and target.get("loss") is not None:
