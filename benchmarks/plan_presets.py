@@ -43,7 +43,7 @@ def attentions() -> list[str]:
       "xla"]
 
 
-def row(preset: str, overrides: dict, vocab: int) -> dict:
+def row(preset: str, overrides: dict, vocab: int, estimate=True) -> dict:
   """`llmlab plan --target --json` of a preset, in its own process: libtpu
   reads its flags (LIBTPU_INIT_ARGS, the recipes' for the slice's
   generation) once per process. No search: the figures are the point."""
@@ -51,7 +51,8 @@ def row(preset: str, overrides: dict, vocab: int) -> dict:
   cmd = [sys.executable, "-m", "llmlab", "plan", "--json",
          f"--config={ROOT}/configs/presets.py:{preset}",
          f"--target={presets.TARGETS[preset]}", f"--vocab_size={vocab}",
-         "--nosuggest"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+         "--nosuggest", f"--estimate={estimate}"] + [
+             f"--config.{k}={v}" for k, v in overrides.items()]
   t0 = time.perf_counter()
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
   if out.returncode not in (0, 1):
@@ -103,8 +104,8 @@ def main() -> None:
   p.add_argument("--chunk_vocab", type=int, default=128256)
   p.add_argument("--chunk", type=int, default=1024)
   p.add_argument("--rows", default="", help="Only these rows, ';'-separated"
-                 ": 'PRESET[,key=value...]' (e.g. '1b_v5p32,model.attention"
-                 "=splash;7b_v5p128'), at --vocab_size.")
+                 ": 'PRESET[,key=value...][,vocab=V][,estimate=false]' (e.g. "
+                 "'1b_v5p32,model.attention=splash;7b_v5p128').")
   p.add_argument("--out", default="", help="JSON lines, one per row, "
                  "appended as each row finishes.")
   args = p.parse_args()
@@ -112,22 +113,26 @@ def main() -> None:
   plan = []
   for spec in filter(None, args.rows.split(";")):
     name, *kv = spec.split(",")
-    plan.append((name, dict(x.split("=", 1) for x in kv), args.vocab_size))
+    vocab = int(next((x.split("=")[1] for x in kv if x.startswith("vocab=")),
+                     args.vocab_size))
+    plan.append((name, dict(x.split("=", 1) for x in kv
+                            if x.split("=")[0] not in ("vocab", "estimate")),
+                 vocab, "estimate=false" not in kv))
   for name in filter(None, [] if plan else args.presets.split(",")):
     for a in attentions():
       over = {"model.attention": a} if a != "xla" else {}
-      plan.append((name, over, args.vocab_size))
+      plan.append((name, over, args.vocab_size, True))
       if presets.get_config(name).train.microbatches > 1 and "_s" in name:
         # The step in one piece: what the microbatches are for (xla) or
         # whether they are needed at all (splash).
         plan.append((name, dict(over, **{"train.microbatches": 1}),
-                     args.vocab_size))
+                     args.vocab_size, True))
   if args.chunk_preset and not args.rows:
-    plan += [(args.chunk_preset, {}, args.chunk_vocab),
+    plan += [(args.chunk_preset, {}, args.chunk_vocab, False),
              (args.chunk_preset, {"model.logits_chunk": args.chunk},
-              args.chunk_vocab)]
-  for name, overrides, vocab in plan:
-    rows.append(row(name, overrides, vocab))
+              args.chunk_vocab, False)]
+  for name, overrides, vocab, estimate in plan:
+    rows.append(row(name, overrides, vocab, estimate))
     print(show(rows[-1]), flush=True)
     if args.out:
       with open(args.out, "a") as f:

@@ -46,6 +46,9 @@ def define(fv: flags.FlagValues) -> None:
                        flag_values=fv)
   flags.DEFINE_integer("vocab_size", 0, "Vocabulary (default: the "
                        "tokenizer's).", flag_values=fv)
+  flags.DEFINE_bool("estimate", True, "--target: also estimate the step "
+                    "time (two more compiles, of 2 and 3 layers unrolled).",
+                    flag_values=fv)
   flags.DEFINE_bool("json", False, "Print JSON.", flag_values=fv)
 
 
@@ -81,7 +84,8 @@ def body(fv: flags.FlagValues) -> int:
                                   "memory: drop --devices/--real/--device/"
                                   "--hbm_gb")
     res = plan.plan_target(fv.config, fv.target, fv.num_slices,
-                           fv.vocab_size, fv.suggest, fv.max_compiles)
+                           fv.vocab_size, fv.suggest, fv.max_compiles,
+                           with_estimate=fv.estimate)
     return _show(res, fv.json)
   n = fv.devices or _mesh_devices(fv.config.mesh) or 1
   if not fv.real:
