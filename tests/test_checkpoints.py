@@ -41,7 +41,7 @@ OVERRIDES = {
     "train.log_every": 1, "train.eval_every": 8, "train.eval_tokens": 1024,
     "checkpoint.every_steps": 4, "checkpoint.keep": 3,
 }
-TIMING = {"step_time_s", "tokens_per_s", "mfu"}
+TIMING = {"step_time_s", "tokens_per_s", "mfu", "eval_time_s"}
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
 
