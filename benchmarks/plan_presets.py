@@ -15,9 +15,10 @@ in one microbatch; then the --chunk_preset with a --chunk_vocab vocabulary
 with and without `model.logits_chunk`.
 A step XLA refuses to compile (scoped VMEM or HBM out of memory) is a row
 with its reason. Each row is one `llmlab plan --target --json` process,
-compiled with the recipes' LIBTPU_INIT_ARGS (launch/README.md) unless the
-environment sets its own. A row compiles 3 programs (the step, then 2 and
-3 layers unrolled for the cost model): 1-4 minutes on a 2-core machine.
+compiled with libtpu's default flags (or the environment's
+LIBTPU_INIT_ARGS; `--recipe_flags` for launch/tpu.sh's, ~20x slower to
+compile). A row compiles 3 programs (the step, then 2 and 3 layers
+unrolled for the cost model; `estimate=false` rows only the step): minutes on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -45,8 +46,7 @@ def attentions() -> list[str]:
 
 def row(preset: str, overrides: dict, vocab: int, estimate=True) -> dict:
   """`llmlab plan --target --json` of a preset, in its own process: libtpu
-  reads its flags (LIBTPU_INIT_ARGS, the recipes' for the slice's
-  generation) once per process. No search: the figures are the point."""
+  reads its flags (LIBTPU_INIT_ARGS) once per process. No search: the figures are the point."""
   from configs import presets
   cmd = [sys.executable, "-m", "llmlab", "plan", "--json",
          f"--config={ROOT}/configs/presets.py:{preset}",

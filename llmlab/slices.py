@@ -27,8 +27,10 @@ INSTALL_HINT = 'pip install "llmlab[tpu]"'
 
 # The TPU compiler flags of the public MaxText recipes, which launch/tpu.sh
 # sets on the workers (launch/README.md says what each does;
-# tests/test_launch.py keeps the two lists equal). `devices` sets them too,
-# so `llmlab plan --target` compiles the program a launched run compiles.
+# tests/test_launch.py keeps the two lists equal). `llmlab plan --target
+# --recipe_flags` compiles with them: the program a launched run compiles,
+# at a price on a CPU machine (the 7b_v5p128 step: 42 min with them, 2 min
+# with libtpu's defaults, on 2 shared cores).
 RECIPE_FLAGS = (
     "--xla_tpu_enable_async_collective_fusion=true",
     "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",
@@ -153,9 +155,10 @@ def devices(sl: Slice, num_slices: int = 1) -> list:
   libtpu does not print warnings about the metadata server it cannot reach,
   and several processes may load it at once (libtpu otherwise takes a
   machine-wide lock, /tmp/libtpu_lockfile, meant for real TPU chips).
-  LIBTPU_INIT_ARGS gets the recipes' flags unless set (empty: libtpu's
-  defaults). libtpu reads it once, when it loads: the first slice a process
-  compiles for decides the flags of all the others.
+  LIBTPU_INIT_ARGS is the caller's (unset: libtpu's defaults; `llmlab plan
+  --recipe_flags` sets the recipes' flags, `libtpu_args`). libtpu reads it
+  once, when it loads: the first slice a process compiles for decides the
+  flags of all the others.
   """
   if not have_libtpu():
     raise ValueError(f"compiling for a TPU slice needs libtpu: "
@@ -163,7 +166,6 @@ def devices(sl: Slice, num_slices: int = 1) -> list:
   for key, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
                      ("TPU_SKIP_MDS_QUERY", "1"),
                      ("TPU_WORKER_HOSTNAMES", "localhost"),
-                     ("TPU_ACCELERATOR_TYPE", sl.name),
-                     ("LIBTPU_INIT_ARGS", libtpu_args(sl.generation))):
+                     ("TPU_ACCELERATOR_TYPE", sl.name)):
     os.environ.setdefault(key, value)
   return list(get_topology_desc(**sl.topology_kwargs(num_slices)).devices)

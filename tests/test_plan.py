@@ -91,7 +91,8 @@ def _plan(*args, timeout=900):
 @needs_libtpu
 @pytest.mark.parametrize("slices_, mesh", [
     (1, ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]),
-    (2, ["--config.mesh.dcn_data=2", "--config.mesh.data=-1"])])
+    (2, ["--config.mesh.dcn_data=2", "--config.mesh.data=-1",
+         "--recipe_flags"])])
 def test_tiny_step_compiles_for_a_v5e_slice(slices_, mesh):
   # attention=xla: the flops check below needs every product visible to
   # XLA's cost model, which books a Pallas kernel (auto -> splash on TPU)
@@ -103,8 +104,9 @@ def test_tiny_step_compiles_for_a_v5e_slice(slices_, mesh):
   assert (res["target"], res["devices"], res["fits"]) == ("v5e-4",
                                                           4 * slices_, True)
   assert res["device_kind"] == "TPU v5 lite" and res["hbm_bytes"] == 16 * GiB
-  if "LIBTPU_INIT_ARGS" not in os.environ:  # launch/tpu.sh's flags
-    assert res["libtpu_init_args"] == slices.libtpu_args("v5e")
+  if "LIBTPU_INIT_ARGS" not in os.environ:  # launch/tpu.sh's, if asked
+    assert res["libtpu_init_args"] == (slices.libtpu_args("v5e")
+                                       if "--recipe_flags" in mesh else "")
   assert 0 < res["bytes_per_device"] < GiB
   assert res["estimate"]["loops_left"] == 0
   # The model's FLOPs plus what XLA adds (full attention square, the

@@ -14,6 +14,7 @@ Exit status 0 if the step fits, 1 if not, 2 for bad input.
 from __future__ import annotations
 
 import json
+import os
 import math
 
 from absl import flags
@@ -49,6 +50,10 @@ def define(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool("estimate", True, "--target: also estimate the step "
                     "time (two more compiles, of 2 and 3 layers unrolled).",
                     flag_values=fv)
+  flags.DEFINE_bool("recipe_flags", False, "--target: compile with the "
+                    "TPU flags launch/tpu.sh sets (MaxText's recipes) unless "
+                    "LIBTPU_INIT_ARGS is set; ~20x slower compiles on a CPU "
+                    "machine.", flag_values=fv)
   flags.DEFINE_bool("json", False, "Print JSON.", flag_values=fv)
 
 
@@ -83,6 +88,10 @@ def body(fv: flags.FlagValues) -> int:
       raise cli_common.UsageError("--target names the devices and their "
                                   "memory: drop --devices/--real/--device/"
                                   "--hbm_gb")
+    if fv.recipe_flags:
+      from llmlab import slices  # noqa: PLC0415
+      os.environ.setdefault("LIBTPU_INIT_ARGS", slices.libtpu_args(
+          slices.parse(fv.target).generation))
     res = plan.plan_target(fv.config, fv.target, fv.num_slices,
                            fv.vocab_size, fv.suggest, fv.max_compiles,
                            with_estimate=fv.estimate)
