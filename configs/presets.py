@@ -12,10 +12,10 @@ preset with the TPU compiler on any machine (`pip install "llmlab[tpu]"`);
 its figures for these presets are in benchmarks/plan_presets.py. The
 vocabulary is the tokenizer's (data.tokenizer); plan with
 `--vocab_size=N` for yours (the benchmark uses 32000, and 128256 to show
-`model.logits_chunk`). The _s8192 variants keep the tokens per step; with
-XLA's attention (materialised scores) they accumulate microbatches, which
-splash attention (`--config.model.attention=splash`) should make
-unnecessary: try `--config.train.microbatches=1` with it.
+`model.logits_chunk`). The _s8192 variants keep the tokens per step in one
+microbatch, which splash attention (`model.attention=auto` on TPU) makes
+fit; with `--config.model.attention=xla` add
+`--config.train.microbatches=4` (1B) or `2` (7B).
 """
 
 from llmlab.config import base
@@ -30,22 +30,25 @@ MODELS = {
 }
 # variant -> (model, mesh (data, fsdp, tensor), global batch, seq_len, remat,
 # microbatches). Meshes fill their slice's devices (TARGETS). Microbatches
-# from `llmlab plan --target` (XLA attention, vocabulary 32000):
-# 1b_v5p32 in one 512-sequence step needs 124 GiB per device (remat dots),
-# two halves 63 GiB; at seq 8192 one step needs 134 GiB of temporaries and
-# two halves do not compile either, four quarters need 37.5 GiB; 7b_v5p128
-# at seq 8192 in one step does not compile (XLA's attention-score fusion
-# f32[4, 8, 4, 8192, 8192] runs out of scoped VMEM), two halves need 46.1
-# GiB. Splash attention should need no microbatches there. 7b_gpu8
-# accumulates 2 microbatches: `llmlab plan --device=h100` puts one
-# 128-sequence step at 80.6 GiB per device (over an H100's 80 GiB), two
-# halves at 44.9 GiB.
+# from `llmlab plan --target` (vocabulary 32000; README has the table): on
+# TPU `model.attention=auto` is splash, and with it every preset runs its
+# step in one piece at seq 8192 (7b_v5p128_s8192: 27.7 GiB per device,
+# 1b_v5p32_s8192: 21.5 GiB). With XLA's attention (materialised scores)
+# they need microbatches: 1b_v5p32_s8192 needs 134 GiB of temporaries in
+# one step, four quarters 37.5 GiB (--config.train.microbatches=4);
+# 7b_v5p128_s8192 in one step does not compile (XLA's attention-score
+# fusion f32[4, 8, 4, 8192, 8192] runs out of scoped VMEM), two halves need
+# 46.1 GiB. 1b_v5p32 keeps 2 microbatches: with XLA's attention one
+# 512-sequence step needs 124 GiB (remat dots), two halves 63 GiB (40 GiB
+# with splash). 7b_gpu8 accumulates 2 microbatches: `llmlab plan
+# --device=h100` puts one 128-sequence step at 80.6 GiB per device (over an
+# H100's 80 GiB), two halves at 44.9 GiB.
 VARIANTS = {
     "125m_v5e8": ("125m", (8, 1, 1), 64, 2048, "full", 1),
     "1b_v5p32": ("1b", (1, 16, 1), 512, 2048, "dots", 2),
-    "1b_v5p32_s8192": ("1b", (1, 16, 1), 128, 8192, "full", 4),
+    "1b_v5p32_s8192": ("1b", (1, 16, 1), 128, 8192, "full", 1),
     "7b_v5p128": ("7b", (1, 64, 1), 1024, 2048, "full", 1),
-    "7b_v5p128_s8192": ("7b", (1, 64, 1), 256, 8192, "full", 2),
+    "7b_v5p128_s8192": ("7b", (1, 64, 1), 256, 8192, "full", 1),
     "1b_gpu8": ("1b", (1, 8, 1), 256, 2048, "dots", 1),
     "7b_gpu8": ("7b", (1, 4, 2), 128, 2048, "full", 2),
 }
