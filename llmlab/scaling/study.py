@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
 import os
 import sys
@@ -207,21 +206,23 @@ def run_study(scfg, workdir: str, train_fn=None) -> dict:
         _seed_branch, r["main"], r["start"], r["workdir"])
     ex.train(r["cfg"], r["workdir"], before=seed)
   fit_on = scfg.get("fit_on", "branches")
+  noise = seed_noise(scfg, planned)  # both designs' intervals use it
   if fit_on == "branches":
-    result = _branch_design(scfg, workdir, planned, ex)
+    result = _branch_design(scfg, workdir, planned, ex, noise)
   else:
     result = {}
   with ex.timed("curve_fit_s"):
-    curve = (curve_analysis(scfg, workdir, planned)
+    curve = (curve_analysis(scfg, workdir, planned, noise)
              if _has_curves(planned) else None)
   if fit_on == "curves":
     result = dict(curve)
   elif curve is not None:
     result["curve_fit"] = curve  # the other design on the same runs
+  finished = set(branch_endpoints(scfg, workdir))
+  mine = {p["workdir"] for p in planned}
   result["timing"] = design_times(planned + [
       r for r in _branch_plan(scfg, workdir) if r["kind"] == "branch" and
-      r["workdir"] in branch_endpoints(scfg, workdir) and
-      r["workdir"] not in {p["workdir"] for p in planned}], ex)
+      r["workdir"] in finished and r["workdir"] not in mine], ex)
   wall = ex.wall_time()  # saves the phase times too
   result["wall_time_s"] = wall["wall_time_this_run_s"]  # as it always was
   result.update(wall)
@@ -234,7 +235,8 @@ def run_study(scfg, workdir: str, train_fn=None) -> dict:
   return result
 
 
-def _branch_design(scfg, workdir: str, planned: list[dict], ex) -> dict:
+def _branch_design(scfg, workdir: str, planned: list[dict], ex,
+                   noise: dict | None) -> dict:
   """Sweep every branch end and main run's final checkpoint, fit the
   configured law (today's design)."""
   fitted = [r for r in planned if r["kind"] != "seed"]
@@ -258,7 +260,6 @@ def _branch_design(scfg, workdir: str, planned: list[dict], ex) -> dict:
   truth = known_entropy(planned[0]["workdir"], result)
   if truth:
     result["known_entropy"] = truth
-  noise = seed_noise(scfg, planned)
   if noise:
     result["seed_noise"] = noise
     result["coverage_95"] = _fold_into_endpoints(scfg, result, noise)
@@ -279,19 +280,16 @@ def _fold_into_endpoints(scfg, result: dict, noise: dict) -> dict:
   for p, a, b in zip(rows, lo, hi):
     p.update(noise_lo=float(a), noise_hi=float(b))
   late = step >= float(scfg.are_fraction) * step.max()
-  out = {}
-  for name, (a, b) in dict(curve=("lo", "hi"),
-                           with_seed_noise=("noise_lo", "noise_hi")).items():
-    inside = np.array([p[a] <= p["loss"] <= p[b] for p in rows])
-    out[name] = dict(all=float(inside.mean()), late=float(inside[late].mean()))
-  return out
+  return _coverages(rows, late, dict(curve=("lo", "hi"),
+                                     with_seed_noise=("noise_lo", "noise_hi")))
 
 
 def _has_curves(planned: list[dict]) -> bool:
   return bool(planned[0]["cfg"].train.get("eval_at_steps", ()))
 
 
-def curve_analysis(scfg, workdir: str, planned: list[dict]) -> dict:
+def curve_analysis(scfg, workdir: str, planned: list[dict],
+                   noise: dict | None) -> dict:
   """The curve design on the main runs' logged evals: fit the curve law
   (scfg.curve_fit.form, size-coupled) on the family's whole curves, predict
   the target's at every eval, score it as the branch design is scored (ARE
@@ -306,7 +304,6 @@ def curve_analysis(scfg, workdir: str, planned: list[dict]) -> dict:
   branch_dirs = branch_endpoints(scfg, workdir)
   ends = _last_rows(curves_lib.curves_from_runs(branch_dirs)) if branch_dirs else None
   predict = _concat([target] + ([ends] if ends else []))
-  noise = seed_noise(scfg, planned)
   sigma = (np.interp(predict["step"], noise["step"], noise["rel_std_smoothed"])
            if noise else None)
   first = float(scfg.curve_fit.get("min_fraction", 0.0)) * int(scfg.steps)
@@ -401,12 +398,13 @@ def _tokens_per_step(scfg) -> int:
   return int(scfg.base.train.batch_size) * int(scfg.base.train.seq_len)
 
 
-def _coverages(rows: list[dict], late) -> dict:
-  """Share of the target's points inside each 95% interval: of the law's
-  curve (parameters), of an observed loss (+ fit residuals), of another
-  run's loss (+ seed spread); over all points and the scored late ones."""
+def _coverages(rows: list[dict], late, intervals=None) -> dict:
+  """Share of the target's points inside each 95% interval (default
+  `_INTERVALS`: of the law's curve (parameters), of an observed loss (+ fit
+  residuals), of another run's loss (+ seed spread)); over all points and
+  the scored late ones."""
   out = {}
-  for name, (lo, hi) in _INTERVALS.items():
+  for name, (lo, hi) in (intervals or _INTERVALS).items():
     if all(r.get(lo) is None for r in rows):
       continue
     inside = np.array([_inside(r, lo, hi) for r in rows])
@@ -506,18 +504,10 @@ def design_times(planned: list[dict], ex) -> dict:
 
 def _eval_seconds(run_dir: str, final: int) -> float:
   """Seconds a run spent in its logged evals before the final one."""
-  path = storage.join(run_dir, "metrics.jsonl")
-  if not storage.exists(path):
-    return 0.0
-  total = 0.0
-  for line in storage.read_text(path).splitlines():
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if "eval_time_s" in row and int(row.get("step", final)) != final:
-      total += float(row["eval_time_s"])
-  return total
+  return float(sum(
+      float(row["eval_time_s"])
+      for row in storage.jsonl_rows(storage.join(run_dir, "metrics.jsonl"))
+      if "eval_time_s" in row and int(row.get("step", final)) != final))
 
 
 CURVE_NOTE = ("loss curves: one run per size with a warmup-stable-decay "
@@ -660,7 +650,7 @@ def _curve_table(result: dict) -> list[str]:
 def _curve_lines(curve: dict) -> list[str]:
   """Seed noise, interval coverage and held-out branch schedules."""
   out = []
-  if curve.get("are") is not None and curve is not None and "points" in curve:
+  if curve.get("are") is not None and "points" in curve:
     out.append(f"Curve law ({curve['form']}) on the main runs' evals: ARE "
                f"{100 * curve['are']:.2f}%, naive {100 * curve['naive_are']:.2f}%"
                f", skill {curve['skill']:.3f}.")
