@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -316,20 +317,11 @@ def fold_noise(mid, lo, hi, rel_std, level: float = 0.95):
   will show is the law's curve, plus that run's own offset from the curve
   (init and data order: the spread over seeds), which no refit of the same
   runs sees."""
-  z = float(np.sqrt(2.0) * _erfinv(level))
+  z = statistics.NormalDist().inv_cdf((1 + level) / 2)
   mid, lo, hi = (np.asarray(v, np.float64) for v in (mid, lo, hi))
   extra = (z * np.asarray(rel_std, np.float64)) ** 2
   return (mid * np.exp(-np.sqrt(np.log(mid / lo) ** 2 + extra)),
           mid * np.exp(np.sqrt(np.log(hi / mid) ** 2 + extra)))
-
-
-def _erfinv(y: float) -> float:
-  """erf^-1 by bisection (no scipy at this layer)."""
-  lo, hi = 0.0, 10.0
-  for _ in range(200):
-    m = (lo + hi) / 2
-    lo, hi = (m, hi) if math.erf(m) < y else (lo, m)
-  return (lo + hi) / 2
 
 
 def _curve_predictions(fit, boot, target, resid_R, noise=None):
