@@ -29,8 +29,11 @@ def test_study_end_to_end_and_resume(tmp_path):
               "skill", "compute_optimal", "wall_time_s", "design", "prediction"):
     assert key in result, key
   assert set(result["params"]) == {"E", "A", "B", "alpha", "beta"}
-  assert result["fit_runs"] == ["t1", "t2", "t3"]  # the target is held out
+  # The target is held out; t3's seed re-run is fitted too (fit_seeds).
+  assert result["fit_runs"] == ["t1", "t2", "t3", "t3_seed1"]
   assert result["target"]["ratio_to_largest_fitted"] >= 3
+  records = open(os.path.join(workdir, "records.csv")).read().splitlines()
+  assert sum(r.startswith("t3_seed1,20,") for r in records) == 1
   assert 0 <= result["are"] < 1 and result["naive_are"] > 0
   assert result["skill"] == 1 - result["are"] / result["naive_are"]
   # Branch ends are annealed endpoints of separate runs; the target's main
@@ -75,7 +78,8 @@ def test_study_on_curves(tmp_path):
   _study(workdir, "--config.fit_on=curves")
   result = json.load(open(os.path.join(workdir, "study.json")))
   assert result["fit_on"] == "curves" and result["form"] == "multipower_e"
-  assert result["fit_runs"] == ["t1", "t2", "t3"]
+  assert result["fit_runs"] == ["t1", "t2", "t3", "t3_seed1"]  # fit_seeds
+  assert result["params_column"] == "params"
   runs = sorted(os.listdir(os.path.join(workdir, "runs")))
   assert runs == ["t1", "t2", "t3", "t3_seed1", "t_target"]  # no branches
   points = result["points"]
@@ -96,7 +100,22 @@ def test_study_on_curves(tmp_path):
   assert t["curves_design_wall_s"] >= t["main_wall_s"] + t["seed_wall_s"]
   report = open(os.path.join(workdir, "report.md")).read()
   assert "along its curve" in report and "Seed noise (t3" in report
+  assert "![target_curve.png](target_curve.png)" in report
+  assert "| t3_seed1@20 | runs/t3_seed1 | seed |" in report
+  assert "branches design" not in report  # no branch runs to time
   assert os.path.exists(os.path.join(workdir, "curve_fit", "predictions.csv"))
+  # Re-analysed with N = non-embedding parameters and the seed run left
+  # out of the fit: nothing trains again.
+  out = _study(workdir, "--config.fit_on=curves", "--config.fit_seeds=False",
+               "--config.curve_fit.params_column=params_nonembed")
+  assert "trained" not in out.stderr
+  again = json.load(open(os.path.join(workdir, "study.json")))
+  info = json.load(open(os.path.join(workdir, "runs", "t_target",
+                                     "config.json")))["model_info"]
+  assert again["fit_runs"] == ["t1", "t2", "t3"]
+  assert again["params_column"] == "params_nonembed"
+  assert again["target"]["params"] == info["params_nonembed"] < info["params_total"]
+  assert again["are"] != result["are"]
 
 
 def test_study_bad_fit_on(tmp_path):
@@ -105,7 +124,9 @@ def test_study_bad_fit_on(tmp_path):
   workdir = tmp_path / "study"
   for flag, msg in (("--config.fit_on=endpoints", "fit_on='endpoints'"),
                     ("--config.curve_spacing=cubic", "curve_spacing='cubic'"),
-                    ("--config.curve_points=5", "curve_points=5")):
+                    ("--config.curve_points=5", "curve_points=5"),
+                    ("--config.curve_fit.params_column=width",
+                     "curve_fit.params_column='width'")):
     out = _study(str(workdir), "--config.fit_on=curves", flag, ok=False)
     assert out.returncode == 2, out.stderr[-2000:]
     assert msg in out.stderr and "Traceback" not in out.stderr

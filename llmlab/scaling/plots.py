@@ -6,6 +6,7 @@ no global backend or figure state is touched in a process that also trains).
 
 import io
 
+import matplotlib
 import matplotlib.image
 import numpy as np
 from matplotlib import ticker
@@ -83,6 +84,37 @@ def loss_curves(records, curve, target=None, band=None, xkey: str = "tokens"):
   _log_loss_axis(ax)
   ax.set_xlabel(X_LABELS.get(xkey, xkey))
   ax.legend(fontsize=8)
+  return fig
+
+
+def target_curve(family: dict, target: str, points: list[dict], x: str = "step"):
+  """The curve design on one chart: the fitted members' logged evals (one
+  line each), the target's evals and its predicted curve with the widest 95%
+  band the points carry (seed noise folded in where measured).
+
+  family: {run: (x values, losses, N)}, coloured by log N (a member's seed
+  re-runs share its colour); points: the target's rows (x, loss, loss_hat
+  and maybe run_lo/run_hi, obs_lo/obs_hi, loss_lo/loss_hi)."""
+  fig, ax = _figure(f"{target}: predicted along its curve")
+  cmap = matplotlib.colormaps["viridis"]
+  logn = np.log([n for _, _, n in family.values()])
+  span = max(float(np.ptp(logn)), 1e-9)
+  for (run, (xs, loss, _)), u in zip(family.items(), logn):
+    ax.plot(xs, loss, color=cmap((u - logn.min()) / span), lw=1, alpha=0.8,
+            label=run if len(family) <= MAX_CURVES else None)
+  xs = np.array([r[x] for r in points], np.float64)
+  for lo, hi in (("run_lo", "run_hi"), ("obs_lo", "obs_hi"), ("loss_lo", "loss_hi")):
+    if points and points[0].get(lo) is not None:
+      ax.fill_between(xs, [r[lo] for r in points], [r[hi] for r in points],
+                      color="tab:red", alpha=0.2, label="95% interval")
+      break
+  ax.plot(xs, [r["loss_hat"] for r in points], color="tab:red", lw=1.5,
+          label=f"{target} predicted")
+  ax.scatter(xs, [r["loss"] for r in points], color="black", marker="x", s=25,
+             zorder=5, label=f"{target} actual")
+  _log_loss_axis(ax)
+  ax.set_xlabel("training step" if x == "step" else X_LABELS.get(x, x))
+  ax.legend(fontsize=7)
   return fig
 
 

@@ -57,6 +57,9 @@ log = logging.getLogger("llmlab")
 
 FIT_ON = ("branches", "curves")
 SPACINGS = ("log", "linear")
+# curve_fit.params_column (records.csv's names) -> the run's config.json
+# model_info key the curves read N from.
+PARAMS_KEYS = {"params": "params_total", "params_nonembed": "params_nonembed"}
 
 
 def check(scfg) -> None:
@@ -83,6 +86,12 @@ def check(scfg) -> None:
           f"more evals along each run than that"
           + (" (0 turns them off with fit_on='branches')"
              if fit_on == "branches" else ""))
+  col = scfg.get("curve_fit", {}).get("params_column", "params")
+  if col not in PARAMS_KEYS:
+    raise ValueError(f"study config: curve_fit.params_column={col!r}; known: "
+                     f"{list(PARAMS_KEYS)}")
+  if not isinstance(scfg.get("fit_seeds", False), bool):
+    raise ValueError(f"study config: fit_seeds={scfg.fit_seeds!r}: True or False")
   if int(scfg.get("noise_seeds", 0)) < 0:
     raise ValueError(f"study config: noise_seeds={scfg.noise_seeds}: >= 0")
   member = scfg.get("noise_member", "")
@@ -191,6 +200,7 @@ def plan(scfg, workdir: str) -> list[dict]:
                           every_steps=0, keep_at_steps=())
       seeds.append(dict(name=member, role="seed", cfg=cfg, main=None,
                         start=None, final=steps, kind="seed", seed=seed0 + k,
+                        run=f"{member}_seed{seed0 + k}",
                         workdir=os.path.join(workdir, "runs",
                                              f"{member}_seed{seed0 + k}")))
   return mains + seeds + branch_runs
@@ -239,21 +249,21 @@ def _branch_design(scfg, workdir: str, planned: list[dict], ex,
                    noise: dict | None) -> dict:
   """Sweep every branch end and main run's final checkpoint, fit the
   configured law (today's design)."""
-  fitted = [r for r in planned if r["kind"] != "seed"]
-  names = [f"{r['name']}@{r['final']}" for r in fitted]
+  fitted = [r for r in planned if r["kind"] != "seed" or _fit_seeds(scfg)]
+  names = [f"{_run(r)}@{r['final']}" for r in fitted]
   with ex.timed("sweep_s"):
     rows = sweep_lib.sweep(
         [r["workdir"] for r in fitted], ex.path("endpoints.csv"),
         eval_tokens=int(scfg.eval_tokens), names=names,
         only_steps={r["workdir"]: [r["final"]] for r in fitted},
         log=lambda s: print(s, file=sys.stderr, flush=True))
-  by_name = {f"{r['name']}@{r['final']}": r for r in fitted}
+  by_name = {f"{_run(r)}@{r['final']}": r for r in fitted}
   records = []
   for row in rows:
     r = by_name.get(row["run"])
     if r is None:
       continue
-    records.append(dict(row, run=r["name"], role=r["role"]))
+    records.append(dict(row, run=_run(r), role=r["role"]))
   sweep_lib.write_csv(ex.path("records.csv"), records)
   with ex.timed("fit_s"):
     result = analyse(scfg, records, workdir)
@@ -264,6 +274,16 @@ def _branch_design(scfg, workdir: str, planned: list[dict], ex,
     result["seed_noise"] = noise
     result["coverage_95"] = _fold_into_endpoints(scfg, result, noise)
   return result
+
+
+def _fit_seeds(scfg) -> bool:
+  return bool(scfg.get("fit_seeds", False))
+
+
+def _run(r: dict) -> str:
+  """A planned run's name in records and curves: the member's name, or
+  "<member>_seed<k>" for a seed re-run."""
+  return r.get("run", r["name"])
 
 
 def _fold_into_endpoints(scfg, result: dict, noise: dict) -> dict:
@@ -299,10 +319,14 @@ def curve_analysis(scfg, workdir: str, planned: list[dict],
   mains = [r for r in planned if r["kind"] == "main"]
   family = [r["name"] for r in mains if r["role"] == "family"]
   name = next(r["name"] for r in mains if r["role"] == "target")
-  curves = curves_lib.curves_from_runs([r["workdir"] for r in mains])
+  seeds = [r for r in planned if r["kind"] == "seed" and _fit_seeds(scfg)]
+  col = scfg.curve_fit.get("params_column", "params")
+  read = functools.partial(curves_lib.curves_from_runs,
+                           params_key=PARAMS_KEYS[col])
+  curves = read([r["workdir"] for r in mains + seeds])
   target = curves_lib.select_runs(curves, [name])
   branch_dirs = branch_endpoints(scfg, workdir)
-  ends = _last_rows(curves_lib.curves_from_runs(branch_dirs)) if branch_dirs else None
+  ends = _last_rows(read(branch_dirs)) if branch_dirs else None
   predict = _concat([target] + ([ends] if ends else []))
   sigma = (np.interp(predict["step"], noise["step"], noise["rel_std_smoothed"])
            if noise else None)
@@ -310,7 +334,8 @@ def curve_analysis(scfg, workdir: str, planned: list[dict],
   fit = fit_cli.run_curve_fit(
       _from_step(curves, first), scfg.curve_fit.form,
       os.path.join(workdir, "curve_fit"), predict,
-      fit_runs=family, n_bootstrap=int(scfg.curve_fit.bootstrap), noise=sigma,
+      fit_runs=family + [_run(r) for r in seeds],
+      n_bootstrap=int(scfg.curve_fit.bootstrap), noise=sigma,
       with_rows=True, source=f"{workdir}/runs/*/metrics.jsonl (eval_loss)")
   every = fit.pop("rows")
   rows = [r for r in every if r["run"] == name]
@@ -331,12 +356,28 @@ def curve_analysis(scfg, workdir: str, planned: list[dict],
                          ratio_to_largest_fitted=n_target / biggest["params"][0]),
              points=[dict(r, tokens=r["step"] * _tokens_per_step(scfg),
                           naive=float(n)) for r, n in zip(rows, naive)],
-             coverage_95=_coverages(rows, late), seed_noise=noise)
+             coverage_95=_coverages(rows, late), seed_noise=noise,
+             params_column=col)
   out["prediction"] = out["points"][-1]
+  _plot_target_curve(curves, family + [_run(r) for r in seeds], name,
+                     out["points"], workdir)
   if ends:
     out["branch_endpoints"] = _branch_scores(
         [r for r in every if r["run"] != name], family)
   return out
+
+
+def _plot_target_curve(curves: dict, fitted: list[str], name: str,
+                       points: list[dict], workdir: str) -> None:
+  """target_curve.png (and a TensorBoard image): the fitted curves, the
+  target's evals and its prediction with the 95% band."""
+  from llmlab.scaling import plots  # noqa: PLC0415 (matplotlib only here)
+  family = {}
+  for run in fitted:
+    m = curves["run"] == run
+    family[run] = (curves["step"][m], curves["loss"][m], curves["params"][m][0])
+  plots.save({"target_curve": plots.target_curve(family, name, points)},
+             workdir, prefix="study")
 
 
 def _from_step(curves: dict, first: float) -> dict:
@@ -611,7 +652,7 @@ def write_report(result: dict, workdir: str, planned: list[dict] = (),
   lines += _curve_lines(result.get("curve_fit") or result)
   lines += _timing_table(result.get("timing"))
   lines += _optimal_table(result.get("compute_optimal"))
-  lines += _runs_table(planned, eval_tokens)
+  lines += _runs_table(planned, eval_tokens, result.get("fit_on") == "curves")
   for png in [f for f in storage.listdir(workdir) if f.endswith(".png")]:
     lines.append(f"![{png}]({png})")
   experiment.write_text(os.path.join(workdir, "report.md"),
@@ -680,7 +721,8 @@ def _timing_table(t: dict | None) -> list[str]:
   if not t:
     return []
   out = ["## Time", "", "| part | wall s | CPU s |", "| --- | ---: | ---: |"]
-  for d in ("branches_design", "curves_design", "curves_design_with_seeds"):
+  designs = ("branches_design",) if t.get("branch_wall_s") else ()
+  for d in designs + ("curves_design", "curves_design_with_seeds"):
     for tag in ("", "_family"):
       key = d.replace("_design", "_design" + tag)
       if f"{key}_wall_s" in t:
@@ -741,7 +783,8 @@ def _optimal_table(co: dict | None) -> list[str]:
   return out + [""]
 
 
-def _runs_table(planned: list[dict], eval_tokens: int | None) -> list[str]:
+def _runs_table(planned: list[dict], eval_tokens: int | None,
+               curves: bool = False) -> list[str]:
   """Where each point of the report was trained (run directories are named
   by size and branch step; the report names a point size@final_step)."""
   if not planned:
@@ -750,12 +793,16 @@ def _runs_table(planned: list[dict], eval_tokens: int | None) -> list[str]:
          "| report name | run directory | role | steps | branched at |",
          "| --- | --- | --- | ---: | ---: |"]
   for r in planned:
-    out.append(f"| {r['name']}@{r['final']} | "
+    out.append(f"| {_run(r)}@{r['final']} | "
                f"{os.path.relpath(r['workdir'], os.path.dirname(os.path.dirname(r['workdir'])))} | "
                f"{r['role']} | {r['final']} | {r['start'] or '-'} |")
-  if eval_tokens:
+  if eval_tokens and not curves:
     out += ["", f"Every fitted point is the sweep's eval of the run's final "
             f"checkpoint on {eval_tokens:,} held-out tokens (study "
             "`eval_tokens`); the eval logged during training uses the run's "
             "own `train.eval_tokens` budget, so the two differ slightly."]
+  elif eval_tokens:
+    out += ["", f"Every fitted point is an eval logged during training "
+            f"(`train.eval_at_steps`) on {eval_tokens:,} held-out tokens "
+            "(study `eval_tokens`)."]
   return out + [""]
