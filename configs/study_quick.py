@@ -2,10 +2,13 @@
 
 Five byte-level models geometric in non-embedding N, one held-out target
 ~3.5x the largest, each trained with warmup-stable-decay and branched
-decays (see `llmlab/scaling/study.py`); `--config.fit_on=curves` fits a law
-of whole loss curves to evals along the main runs instead (no branches;
-measured against branches in the README: less accurate here, so branches
-stays the default). Variants:
+decays (see `llmlab/scaling/study.py`), the largest with two more seeds
+that are fitted too; `--config.fit_on=curves` fits a law of whole loss
+curves to evals along the main runs instead (no branches; measured against
+branches in the README: a tie here, ARE 1.11% vs 1.18% in 7.1 vs 6.8 min,
+so branches, which also give the compute-optimal allocation, stay the
+default; the default run makes the curve law's analysis beside it).
+Variants:
   configs/study_quick.py         the full quick study (<= 25 min, 2 cores)
   configs/study_quick.py:smoke   same pipeline, tiny budgets (~3 min)
 
@@ -67,7 +70,8 @@ def get_config(arg: str | None = None):
   s.noise_member = ""
   # The seed re-runs are fitted too (branches: their final evals; curves:
   # their whole curves). The largest member decides the extrapolation and
-  # one run of it is ~1% noisy; three pin it (README: ARE 3.05% -> 1.11%).
+  # one run of it is ~1% noisy; three pin it (README: ARE 2.24% -> 1.18%
+  # with branches, 3.05% -> 1.11% with curves).
   s.fit_seeds = True
   if arg == "smoke":
     s.family = [

@@ -232,7 +232,8 @@ def multipower_e(p, x):
   floor and its A, alpha, B power laws are free to head anywhere beyond the
   fitted sizes (its target error on the quick study was 111%; letting A and
   alpha vary with N here as well gave 2.6% or 8.7%, depending on which evals
-  were fitted; this form 3.05%)."""
+  were fitted; this form 3.05%, and 1.11% with the largest member's two seed
+  re-runs fitted too)."""
   u = x["params"] - np.log(N_REF)
   l0 = _lse(p["e"], p["q"] - p["nu"] * x["params"])
   return _curve_log_loss(l0, p["a"], p["alpha"], p["b"] + p["k_b"] * u, p, x)

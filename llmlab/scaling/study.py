@@ -27,7 +27,9 @@ law of whole loss curves across sizes (curve_fit.form, e.g. multipower_e) is
 fitted to the family's logged evals and predicts the target's whole curve.
 Branch runs already in the directory are then held-out schedules it is also
 scored on. Either design can re-train one family member with `noise_seeds`
-more seeds: the spread of its loss widens the target's intervals.
+more seeds: the spread of its loss widens the target's intervals, and with
+`fit_seeds` those runs are fitted too (the largest member decides the
+extrapolation, and one run of it is ~1% off its mean: README).
 
 Re-running resumes: finished runs and evaluated checkpoints are skipped.
 """
