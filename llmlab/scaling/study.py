@@ -651,6 +651,10 @@ def write_report(result: dict, workdir: str, planned: list[dict] = (),
   else:
     lines += _prediction_table(result.get("predictions") or [],
                                result.get("prediction"))
+    lines += [f"The law's 95% interval ({'bootstrap' if name == 'curve' else name}"
+              f") covers {100 * c['all']:.0f}% of the target's points."
+              for name, c in (result.get("coverage_95") or {}).items()]
+    lines += [""] if result.get("coverage_95") else []
   lines += _curve_lines(result.get("curve_fit") or result)
   lines += _timing_table(result.get("timing"))
   lines += _optimal_table(result.get("compute_optimal"))
@@ -704,8 +708,9 @@ def _curve_lines(curve: dict) -> list[str]:
                f"evals, {100 * noise['rel_std_rms_late']:.2f}% over the late "
                "ones.")
   for name, c in (curve.get("coverage_95") or {}).items():
-    out.append(f"95% interval ({name}) covers {100 * c['all']:.0f}% of the "
-               f"target's points ({100 * c['late']:.0f}% of the scored ones).")
+    out.append(f"The curve law's 95% interval ({name}) covers "
+               f"{100 * c['all']:.0f}% of the target's points "
+               f"({100 * c['late']:.0f}% of the scored ones).")
   br = curve.get("branch_endpoints") or {}
   for who in ("family", "target"):
     b = br.get(who)
