@@ -322,6 +322,7 @@ def curve_analysis(scfg, workdir: str, planned: list[dict],
   family = [r["name"] for r in mains if r["role"] == "family"]
   name = next(r["name"] for r in mains if r["role"] == "target")
   seeds = [r for r in planned if r["kind"] == "seed" and _fit_seeds(scfg)]
+  fitted = family + [_run(r) for r in seeds]
   col = scfg.curve_fit.get("params_column", "params")
   read = functools.partial(curves_lib.curves_from_runs,
                            params_key=PARAMS_KEYS[col])
@@ -336,8 +337,7 @@ def curve_analysis(scfg, workdir: str, planned: list[dict],
   fit = fit_cli.run_curve_fit(
       _from_step(curves, first), scfg.curve_fit.form,
       os.path.join(workdir, "curve_fit"), predict,
-      fit_runs=family + [_run(r) for r in seeds],
-      n_bootstrap=int(scfg.curve_fit.bootstrap), noise=sigma,
+      fit_runs=fitted, n_bootstrap=int(scfg.curve_fit.bootstrap), noise=sigma,
       with_rows=True, source=f"{workdir}/runs/*/metrics.jsonl (eval_loss)")
   every = fit.pop("rows")
   rows = [r for r in every if r["run"] == name]
@@ -361,8 +361,7 @@ def curve_analysis(scfg, workdir: str, planned: list[dict],
              coverage_95=_coverages(rows, late), seed_noise=noise,
              params_column=col)
   out["prediction"] = out["points"][-1]
-  _plot_target_curve(curves, family + [_run(r) for r in seeds], name,
-                     out["points"], workdir)
+  _plot_target_curve(curves, fitted, name, out["points"], workdir)
   if ends:
     out["branch_endpoints"] = _branch_scores(
         [r for r in every if r["run"] != name], family)
