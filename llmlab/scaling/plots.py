@@ -103,10 +103,12 @@ def target_curve(family: dict, target: str, points: list[dict], x: str = "step")
     ax.plot(xs, loss, color=cmap((u - logn.min()) / span), lw=1, alpha=0.8,
             label=run if len(family) <= MAX_CURVES else None)
   xs = np.array([r[x] for r in points], np.float64)
+  col = lambda k: np.array([np.nan if r.get(k) is None else r[k] for r in points],
+                           np.float64)  # a point without an interval: a gap
   for lo, hi in (("run_lo", "run_hi"), ("obs_lo", "obs_hi"), ("loss_lo", "loss_hi")):
-    if points and points[0].get(lo) is not None:
-      ax.fill_between(xs, [r[lo] for r in points], [r[hi] for r in points],
-                      color="tab:red", alpha=0.2, label="95% interval")
+    if np.isfinite(col(lo)).any():
+      ax.fill_between(xs, col(lo), col(hi), color="tab:red", alpha=0.2,
+                      label="95% interval")
       break
   ax.plot(xs, [r["loss_hat"] for r in points], color="tab:red", lw=1.5,
           label=f"{target} predicted")
