@@ -308,3 +308,19 @@ def test_fit_refuses_too_few_points_and_warns_near(tmp_path, capsys, caplog):
   with caplog.at_level("WARNING", logger="llmlab"):
     fit_cli.check_identifiable(len(seven["loss"]), "chinchilla", "seven")
   assert "only 7 points for the 5 parameters" in caplog.text
+
+
+def test_target_curve_plot_leaves_gaps_for_points_without_interval(tmp_path):
+  """The curve design's plot: a point whose interval is missing (a NaN
+  bootstrap quantile becomes None in study.json) is a gap in the band."""
+  from llmlab.scaling import plots
+  points = [dict(step=s, loss=3.0 - 0.1 * i, loss_hat=3.01 - 0.1 * i,
+                 run_lo=None if i == 2 else 2.9 - 0.1 * i,
+                 run_hi=None if i == 2 else 3.1 - 0.1 * i)
+            for i, s in enumerate((10, 20, 30, 40))]
+  family = {"a": (np.array([10, 20, 30, 40]), np.array([3.5, 3.3, 3.2, 3.1]), 1e4),
+            "a_seed1": (np.array([10, 20, 30, 40]), np.array([3.5, 3.3, 3.2, 3.1]), 1e4)}
+  fig = plots.target_curve(family, "t", points)
+  paths = plots.save({"target_curve": fig}, str(tmp_path), prefix="study")
+  assert paths == [str(tmp_path / "target_curve.png")]
+  assert (tmp_path / "target_curve.png").stat().st_size > 1000
