@@ -32,6 +32,9 @@ COMMANDS = {
               "evaluate every checkpoint of runs into a records CSV"),
     "fit": ("llmlab.commands.fit",
             "fit a scaling law to records and predict a target"),
+    "backtest": ("llmlab.commands.backtest",
+                 "scaling-law backtests of published families: models x "
+                 "fraction x min_tokens"),
     "schedule": ("llmlab.commands.schedule",
                  "a learning-rate schedule minimising a fitted curve law"),
     "study": ("llmlab.commands.study",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -186,6 +187,20 @@ def read_json(path: str) -> Any:
 def write_text(path: str, text: str) -> None:
   """Atomic whole-file write (see module docstring)."""
   write_bytes(path, text.encode())
+
+
+def json_safe(obj):
+  """JSON-safe copy: numpy scalars and arrays as Python numbers and lists,
+  non-finite floats (NaN, inf) as None (null), dict keys as str."""
+  if isinstance(obj, dict):
+    return {str(k): json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v) for v in obj]
+  if type(obj).__module__ == "numpy":  # arrays and numpy scalars
+    return json_safe(obj.tolist())
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  return obj
 
 
 def write_json(path: str, obj: Any, **kw) -> None:

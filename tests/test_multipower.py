@@ -334,5 +334,8 @@ def test_bad_predict_file_and_flags_fail_before_fitting(tmp_path, capsys):
   assert "needs each run's model size: a `params` column" in capsys.readouterr().err
   assert fit_cli.main(["--form=multipower", f"--records={good}", "--target=a"]) == 2
   assert "--target not used by --form=multipower" in capsys.readouterr().err
+  # --predict works for every form; a records form needs its own columns.
   assert fit_cli.main(["--form=chinchilla", f"--records={good}", f"--predict={bad}"]) == 2
-  assert "--predict not used by --form=chinchilla" in capsys.readouterr().err
+  assert "missing required column(s) ['params', 'tokens']" in capsys.readouterr().err
+  assert fit_cli.main(["--form=chinchilla", f"--records={good}", "--max_step=5"]) == 2
+  assert "--max_step not used by --form=chinchilla" in capsys.readouterr().err

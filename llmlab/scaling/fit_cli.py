@@ -76,12 +76,20 @@ def _compute_optimal(fit, boot, fit_records, extra_compute):
   return out
 
 
-def _predictions(fit, boot, n, d, actual=None, compute=None):
+def _at(fit, rec):
+  """fit_lib.predict at every row of a table with params, tokens (and the
+  flops and unique_tokens columns where it has them)."""
+  return fit_lib.predict(fit, params=rec["params"], tokens=rec["tokens"],
+                         compute=rec.get("flops"), unique_tokens=rec.get("unique_tokens"))
+
+
+def _predictions(fit, boot, n, d, actual=None, compute=None, unique=None):
   """Rows of fit.json "predictions": point estimate and bootstrap 95% interval
   (parameter uncertainty only)."""
-  mid = fit_lib.predict(fit, params=n, tokens=d, compute=compute)
-  lo, hi = (_interval(fit_lib.predict(boot, params=n, tokens=d, compute=compute))
-            if boot is not None else (np.full_like(mid, np.nan),) * 2)
+  rec = dict(params=n, tokens=d, flops=compute, unique_tokens=unique)
+  mid = _at(fit, rec)
+  lo, hi = (_interval(_at(boot, rec)) if boot is not None
+            else (np.full_like(mid, np.nan),) * 2)
   rows = []
   for i in range(len(mid)):
     row = dict(params=float(n[i]), tokens=float(d[i]), loss_hat=float(mid[i]),
@@ -104,7 +112,8 @@ def _figures(fit, boot, fit_records, target_records, point, optimal, sat, thresh
     return fit_lib.predict(fit, params=np.full_like(x, n), tokens=x)
 
   band = target = None
-  if target_records is not None or point is not None:
+  if "unique_tokens" not in law.inputs and (target_records is not None or
+                                            point is not None):
     n_t = target_records["params"][0] if target_records is not None else point[0]
     d_hi = target_records["tokens"].max() if target_records is not None else point[1]
     d_lo = (target_records["tokens"].min() if target_records is not None else
@@ -119,13 +128,13 @@ def _figures(fit, boot, fit_records, target_records, point, optimal, sat, thresh
       t = target_records
       target = dict(x=6.0 * t["params"] * t["tokens"] if xkey == "compute" else t["tokens"],
                     loss=t["loss"])
-  figs = {"loss_curves": plots.loss_curves(fit_records, curve, target, band, xkey)}
-  fitted = fit_lib.predict(fit, params=fit_records["params"], tokens=fit_records["tokens"])
+  figs = ({} if "unique_tokens" in law.inputs else  # curves need U as well
+          {"loss_curves": plots.loss_curves(fit_records, curve, target, band, xkey)})
+  fitted = _at(fit, fit_records)
   t_act = t_pred = None
   if target_records is not None:
     t_act = target_records["loss"]
-    t_pred = fit_lib.predict(fit, params=target_records["params"],
-                             tokens=target_records["tokens"])
+    t_pred = _at(fit, target_records)
   figs["predicted_vs_actual"] = plots.predicted_vs_actual(fit_records["loss"], fitted,
                                                           t_act, t_pred)
   if optimal is not None:
@@ -135,21 +144,6 @@ def _figures(fit, boot, fit_records, target_records, point, optimal, sat, thresh
   if sat:
     figs["saturation"] = plots.saturation_plot(sat, threshold)
   return figs
-
-
-def _clean(obj):
-  """JSON-safe: numpy -> python, non-finite floats -> None."""
-  if isinstance(obj, dict):
-    return {str(k): _clean(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple, np.ndarray)):
-    return [_clean(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
-  if isinstance(obj, (np.floating, float)):
-    return float(obj) if math.isfinite(obj) else None
-  if isinstance(obj, np.integer):
-    return int(obj)
-  if isinstance(obj, np.bool_):
-    return bool(obj)
-  return obj
 
 
 def check_identifiable(points: int, form: str, where: str) -> None:
@@ -173,15 +167,22 @@ def run_fit(records, form: str = "chinchilla", target=None, out_dir: str | None 
             fit_runs=None, final_only: bool = False, n_bootstrap: int = 100, seed: int = 0,
             delta: float = fit_lib.DELTA, saturation_threshold: float = 0.01,
             are_min_fraction: float = 0.7, are_final_only: bool = False,
-            source: str | None = None) -> dict:
+            source: str | None = None, predict: str | None = None) -> dict:
   """Fits, bootstraps, predicts the target, writes out_dir/fit.json and plots.
 
   records: a records table (see records.py) or list of row dicts; target: a run
   name (excluded from the fit), an "N,D" string or an (N, D) pair, or None.
+  predict: a CSV of points (the law's input columns: params, tokens, and
+  unique_tokens for the data-constrained forms; any others are kept), each
+  row written to out_dir/predictions.csv with loss_hat, loss_lo, loss_hi.
   Returns the fit.json dict.
   """
   records = records_lib.as_records(records)
-  forms_lib.get_form(form)
+  law = forms_lib.get_form(form)
+  records_lib.require(records, [k for k in law.inputs if k == "unique_tokens"],
+                      source or "records", f"--form={form}")
+  points = (records_lib.read_points(predict, _point_columns(law))
+            if predict is not None else None)
   tgt = _parse_target(target, records)
   target_run = tgt[1] if tgt and tgt[0] == "run" else None
   fit_records = records_lib.select(
@@ -199,7 +200,8 @@ def run_fit(records, form: str = "chinchilla", target=None, out_dir: str | None 
     target_records = records_lib.take(t, np.argsort(t["tokens"], kind="stable"))
     predictions = _predictions(fit, boot, target_records["params"],
                                target_records["tokens"], target_records["loss"],
-                               target_records.get("flops"))
+                               target_records.get("flops"),
+                               target_records.get("unique_tokens"))
     loss_hat = np.array([p["loss_hat"] for p in predictions])
     are["are"] = fit_lib.are(target_records["loss"], loss_hat, target_records["tokens"],
                              are_min_fraction, are_final_only)
@@ -227,15 +229,44 @@ def run_fit(records, form: str = "chinchilla", target=None, out_dir: str | None 
       compute_optimal=optimal,
       saturation=dict(threshold=saturation_threshold, runs=sat),
   )
+  if points is not None:
+    result["predict"] = predict
+    result["n_predicted"] = len(points[1])
   if out_dir is not None:
     from llmlab.scaling import plots
 
+    if points is not None:
+      _write_point_predictions(out_dir, fit, boot, *points)
     figs = _figures(fit, boot, fit_records, target_records, point, optimal, sat,
                     saturation_threshold)
     result["plots"] = [os.path.basename(p) for p in plots.save(figs, out_dir)]
     storage.write_text(storage.join(out_dir, "fit.json"),
-                       json.dumps(_clean(result), indent=2))
-  return _clean(result)
+                       json.dumps(storage.json_safe(result), indent=2))
+  return storage.json_safe(result)
+
+
+def _point_columns(law) -> tuple[str, ...]:
+  """The CSV columns a law predicts from (compute: from params and tokens)."""
+  cols = [k for k in law.inputs if k != "compute"]
+  if "compute" in law.inputs:
+    cols += [c for c in ("params", "tokens") if c not in cols]
+  return tuple(cols)
+
+
+def _write_point_predictions(out_dir, fit, boot, header, rows, cols) -> None:
+  """predictions.csv: every row of the --predict file, its columns as read,
+  plus loss_hat and the bootstrap 95% interval (loss_lo, loss_hi)."""
+  mid = _at(fit, cols)
+  lo, hi = (_interval(_at(boot, cols)) if boot is not None
+            else (np.full_like(mid, np.nan),) * 2)
+  buf = io.StringIO(newline="")
+  w = csv.writer(buf)
+  extra = ("loss_hat", "loss_lo", "loss_hi")
+  w.writerow([h for h in header if h not in extra] + list(extra))
+  for row, m, a, b in zip(rows, mid, lo, hi):
+    w.writerow([row[h] for h in header if h not in extra] +
+               ["" if not math.isfinite(v) else repr(float(v)) for v in (m, a, b)])
+  storage.write_text(storage.join(out_dir, "predictions.csv"), buf.getvalue())
 
 
 def _fit_fields(fit, boot, fit_records, source, delta, n_bootstrap, seed) -> dict:
@@ -307,7 +338,7 @@ def run_curve_fit(curves, form: str = "multipower", out_dir: str | None = None,
     _write_curve_outputs(out_dir, result, rows if target is not None else None)
   if with_rows:
     result["rows"] = rows
-  return _clean(result)
+  return storage.json_safe(result)
 
 
 def fold_noise(mid, lo, hi, rel_std, level: float = 0.95):
@@ -390,7 +421,7 @@ def _prediction_errors(rows) -> dict:
 
 def _write_curve_outputs(out_dir: str, result: dict, rows) -> None:
   storage.write_text(storage.join(out_dir, "fit.json"),
-                     json.dumps(_clean(result), indent=2))
+                     json.dumps(storage.json_safe(result), indent=2))
   if rows is None:
     return
   buf = io.StringIO(newline="")
@@ -462,15 +493,16 @@ def summary(result: dict) -> str:
     lines.append(f"  target {result['target']['run']}: ARE {result['are']:.4f} "
                  f"(naive {result['naive_are']:.4f}{skill})")
   for s in result["saturation"]["runs"]:
+    sat = s["saturation_tokens"]  # None: the run's L(D) never saturates
     lines.append(f"  saturation {s['run']} (N {s['params']:.3g}): "
-                 f"{s['saturation_tokens']:.3g} tokens"
+                 f"{'never' if sat is None else f'{sat:.3g} tokens'}"
                  f"{' (reached)' if s['saturated'] else ''}")
   return "\n".join(lines)
 
 
 _RECORD_FLAGS = ("target", "min_tokens", "min_fraction", "final_only", "are_final_only",
                  "saturation_threshold")
-_CURVE_FLAGS = ("predict", "max_step")
+_CURVE_FLAGS = ("max_step",)
 
 
 def _parser():
@@ -485,8 +517,10 @@ def _parser():
   p.add_argument("--fit_runs", help="comma-separated runs to fit on (default all)")
   p.add_argument("--final_only", action="store_true", help="fit final checkpoints only")
   p.add_argument("--target", help="a run name (held out) or N,D")
-  p.add_argument("--predict", help="curve forms: a curves CSV to predict every row of "
-                 "(writes predictions.csv)")
+  p.add_argument("--predict", help="a CSV to predict every row of, written to "
+                 "OUT/predictions.csv with loss_hat (and loss_lo, loss_hi): curve forms "
+                 "a curves CSV; other forms the law's columns (params, tokens; "
+                 "unique_tokens for data_constrained, data_repeat)")
   p.add_argument("--max_step", type=float,
                  help="curve forms: fit only rows at steps below this")
   p.add_argument("--bootstrap", type=int, default=100, help="refits for intervals (0: none)")
@@ -541,11 +575,14 @@ def main(argv: list[str]) -> int:
         fit_runs=args.fit_runs.split(",") if args.fit_runs else None,
         final_only=args.final_only, n_bootstrap=args.bootstrap, seed=args.seed,
         delta=args.delta, saturation_threshold=args.saturation_threshold,
-        are_final_only=args.are_final_only, source=args.records)
+        are_final_only=args.are_final_only, source=args.records, predict=args.predict)
   except ValueError as e:  # includes RecordsError
     print(f"llmlab fit: error: {e}", file=sys.stderr)
     return 2
   print(summary(result))
+  if args.predict:
+    print(f"wrote {os.path.join(args.out, 'predictions.csv')} "
+          f"({result['n_predicted']} rows)")
   print(f"wrote {os.path.join(args.out, 'fit.json')} and {len(result['plots'])} plots "
         f"(+ TensorBoard images in {os.path.join(args.out, 'tensorboard')})")
   return 0

@@ -7,10 +7,13 @@ conditioned than fitting A ~ 1e3 and alpha ~ 0.3 side by side.
 
 Naming rule (used by `natural_params`): a parameter named by one letter, maybe
 followed by digits, is the log of the coefficient named by its upper case
-(a -> A, l0 -> L0); other names (alpha, beta) are used as they are.
+(a -> A, l0 -> L0); one named log_X is the log of X (log_r_d -> r_d); other
+names (alpha, beta) are used as they are.
 
 Inputs a form may use, all as natural logs: "params" (N, parameters), "tokens"
-(D, training tokens) and "compute" (C, training FLOPs); or "curve", the arrays
+(D, training tokens), "compute" (C, training FLOPs) and "unique_tokens" (U,
+the distinct tokens of a run's data: it saw them about D / U times); or
+"curve", the arrays
 curves.form_inputs builds of whole loss curves (a form using it is fitted to a
 curves table, see curves.py).
 """
@@ -28,7 +31,7 @@ _COEF_GRID = (0.0, 5.0, 10.0, 15.0, 20.0, 25.0)
 _E_GRID = (-1.0, -0.5, 0.0, 0.5, 1.0)
 _EXP_GRID = (0.0, 0.5, 1.0, 1.5, 2.0)
 
-INPUTS = ("params", "tokens", "compute", "curve")
+INPUTS = ("params", "tokens", "compute", "unique_tokens", "curve")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,8 +176,12 @@ def multipower_n(p, x):
                          p, x)
 
 
-def _is_log(name: str) -> bool:
-  return re.fullmatch(r"[a-z][0-9]*", name) is not None
+def natural_name(name: str) -> str | None:
+  """The natural name of a log-space parameter (a -> A, log_r_d -> r_d), or
+  None for a parameter fitted as it is (see the naming rule above)."""
+  if re.fullmatch(r"[a-z][0-9]*", name):
+    return name.upper()
+  return name[4:] if name.startswith("log_") else None
 
 
 def natural_params(form: Form, theta_P) -> dict[str, float]:
@@ -182,8 +189,8 @@ def natural_params(form: Form, theta_P) -> dict[str, float]:
   theta_P = np.asarray(theta_P, dtype=np.float64)
   out = {}
   for i, k in enumerate(form.params):
-    out[k.upper() if _is_log(k) else k] = (
-        np.exp(theta_P[..., i]) if _is_log(k) else theta_P[..., i])
+    nat = natural_name(k)
+    out[nat or k] = np.exp(theta_P[..., i]) if nat else theta_P[..., i]
   return {k: (float(v) if np.ndim(v) == 0 else v) for k, v in out.items()}
 
 
@@ -237,3 +244,70 @@ def multipower_e(p, x):
   u = x["params"] - np.log(N_REF)
   l0 = _lse(p["e"], p["q"] - p["nu"] * x["params"])
   return _curve_log_loss(l0, p["a"], p["alpha"], p["b"] + p["k_b"] * u, p, x)
+
+
+# ----------------------------------------------------------------------------
+# Repeated data (inputs: params, tokens, unique_tokens).
+
+_DC_GRID = dict(a=(0.0, 5.0, 10.0), b=(5.0, 10.0), e=(0.0, 1.0), alpha=(0.3, 0.6),
+                beta=(0.3, 0.6), log_r_d=(1.0, 3.0), log_r_n=(1.0, 3.0))
+
+
+def _effective(log_u, log_x, log_r_star):
+  """log X' of X' = min(X, U) + U R* (1 - exp(-R / R*)), R = max(X / U - 1, 0):
+  the first U of X count fully, each repetition beyond them less (Muennighoff
+  et al. 2023, eq. 5-6; min(X, U) extends it to a run still in its first pass,
+  where X' = X)."""
+  r = jnp.maximum(jnp.exp(log_x - log_u) - 1.0, 0.0)
+  decayed = -jnp.expm1(-r * jnp.exp(-log_r_star))
+  return jnp.log(jnp.exp(jnp.minimum(log_x, log_u)) +
+                 jnp.exp(log_u + log_r_star) * decayed)
+
+
+def _effective_sizes(p, x):
+  """(log N', log D'): D' from the repetitions of the unique tokens U;
+  N' from the parameters beyond U_N = min(N, N*(U)), the compute-optimal size
+  for U tokens under the law's own A, B, alpha, beta (compute_optimal below:
+  N*(D) = G^(1 + beta/alpha) D^(beta/alpha)), which count less the more they
+  exceed it (the paper's parameter analogue, R_N = N / U_N - 1)."""
+  log_g = (jnp.log(p["alpha"]) + p["a"] - jnp.log(p["beta"]) - p["b"]) / (
+      p["alpha"] + p["beta"])
+  ratio = p["beta"] / p["alpha"]
+  log_n_opt = (1.0 + ratio) * log_g + ratio * x["unique_tokens"]
+  log_u_n = jnp.minimum(x["params"], log_n_opt)
+  log_n = _effective(log_u_n, x["params"], p["log_r_n"])
+  log_d = _effective(x["unique_tokens"], x["tokens"], p["log_r_d"])
+  return log_n, log_d
+
+
+@register_form("data_constrained",
+               params=("a", "b", "e", "alpha", "beta", "log_r_d", "log_r_n"),
+               inputs=("params", "tokens", "unique_tokens"), grid=_DC_GRID)
+def data_constrained(p, x):
+  """L(N, D, U) = E + A / N'^alpha + B / D'^beta with effective data
+  D' = U + U R_D* (1 - exp(-R_D / R_D*)), R_D = D / U - 1, and effective
+  parameters N' likewise from U_N = min(N, N*(U)) (Muennighoff et al. 2023,
+  "Scaling Data-Constrained Language Models", arXiv:2305.16264). D' saturates
+  at U (1 + R_D*): repeated data stops helping but never hurts."""
+  log_n, log_d = _effective_sizes(p, x)
+  return _lse(p["a"] - p["alpha"] * log_n, p["b"] - p["beta"] * log_d, p["e"])
+
+
+@register_form("data_repeat",
+               params=("a", "b", "e", "alpha", "beta", "log_r_d", "log_r_n", "c",
+                       "kappa", "gamma"),
+               inputs=("params", "tokens", "unique_tokens"),
+               grid=dict(_DC_GRID, c=(-8.0, -4.0), kappa=(0.5,), gamma=(1.0, 2.0)))
+def data_repeat(p, x):
+  """data_constrained plus an overfitting term that makes heavy repetition
+  hurt: L = E + A / N'^alpha + B / D'^beta + C (N / U)^kappa R^gamma, with
+  R = max(D / U - 1, 0) the repetitions so far. Muennighoff et al. saw the
+  validation loss of 44-epoch runs bottom out after 7-10 epochs and then rise
+  by 10-20%, which no saturating D' can follow. The term grows with the
+  repetitions (gamma) and with the model's size relative to its unique data
+  (kappa: a larger model memorises the same data sooner); it is exactly 0
+  during the first pass."""
+  log_n, log_d = _effective_sizes(p, x)
+  r = jnp.maximum(jnp.exp(x["tokens"] - x["unique_tokens"]) - 1.0, 1e-30)
+  overfit = p["c"] + p["kappa"] * (x["params"] - x["unique_tokens"]) + p["gamma"] * jnp.log(r)
+  return _lse(p["a"] - p["alpha"] * log_n, p["b"] - p["beta"] * log_d, p["e"], overfit)

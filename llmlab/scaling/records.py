@@ -5,7 +5,13 @@ A records table is a plain dict of equal-length numpy arrays ("columnar"):
   run                  : str, the run each row belongs to. Without a `run`
                          column every row is its own run ("line<N>" / "row<i>"), so that
                          resampling runs in the bootstrap resamples points;
-  step, flops          : float64, optional.
+  family               : str, optional: the family (group of runs) a row belongs to
+                         (`llmlab backtest` fits each family apart);
+  step, flops          : float64, optional;
+  unique_tokens        : float64, optional, > 0: the distinct tokens the run's data
+                         holds (a run of D tokens saw each about D / U times; the
+                         data-constrained forms need it);
+  epochs               : float64, optional: the run's planned repetitions (informative).
 Other CSV columns are ignored. `as_records` also accepts a list of row dicts.
 """
 
@@ -18,7 +24,8 @@ import numpy as np
 from llmlab import storage
 
 REQUIRED = ("params", "tokens", "loss")
-OPTIONAL_NUMERIC = ("step", "flops")
+OPTIONAL_NUMERIC = ("step", "flops", "unique_tokens", "epochs")
+POSITIVE = REQUIRED + ("unique_tokens",)  # logged by the forms that read them
 
 
 class RecordsError(ValueError):
@@ -57,17 +64,27 @@ def _columns(rows: Iterable[tuple[str, str, Mapping]], source: str, present,
                        f"found {sorted(present)}")
   numeric = REQUIRED + tuple(c for c in OPTIONAL_NUMERIC if c in present)
   cols = {c: [] for c in numeric}
-  runs = []
+  runs, families = [], []
   for where, label, row in rows:
     for c in numeric:
       cols[c].append(_number(row.get(c), where, display.get(c, c),
-                             None if c in OPTIONAL_NUMERIC else "positive"))
+                             "positive" if c in POSITIVE else None))
     runs.append(str(row["run"]) if "run" in present else label)
+    if "family" in present:
+      families.append(_text(row.get("family"), where, "family"))
   if not runs:
     raise RecordsError(f"{source}: no data rows")
   out = {c: np.asarray(v, dtype=np.float64) for c, v in cols.items()}
   out["run"] = np.asarray(runs, dtype=object)
+  if "family" in present:
+    out["family"] = np.asarray(families, dtype=object)
   return out
+
+
+def _text(value, where: str, column: str) -> str:
+  if value is None or not str(value).strip():
+    raise RecordsError(f"{where}: column {column!r}: missing value")
+  return str(value).strip()
 
 
 def read_csv(path, required, rename: Mapping[str, str] | None = None):
@@ -114,6 +131,19 @@ def read_records(path, params_column: str = "params") -> dict:
   return _columns(where, str(path), set(header), {"params": params_column})
 
 
+def read_points(path, columns) -> tuple[list[str], list[dict], dict]:
+  """Points to predict at: (header, rows as read, {column: float64 array})
+  for the numeric `columns` a law needs (params, tokens, ...); every other
+  column, a loss too, is kept as it is. Errors name the file, line, column."""
+  header, rows = read_csv(path, tuple(columns))
+  if not rows:
+    raise RecordsError(f"{path}: no data rows")
+  cols = {c: np.array([_number(row.get(c), f"{path}, line {n}", c,
+                               "positive" if c in POSITIVE else None)
+                       for n, row in rows]) for c in columns}
+  return header, [row for _, row in rows], cols
+
+
 def table_rows(records, source: str, required=REQUIRED):
   """(column names, (where, label, row dict) triples) of a dict of equal-length
   columns or of a list of row dicts with the same keys."""
@@ -138,6 +168,14 @@ def as_records(records, source: str = "records") -> dict:
   """Normalises a list of row dicts or a dict of columns into a validated table."""
   present, rows = table_rows(records, source)
   return _columns(rows, source, present)
+
+
+def require(records: Mapping, columns, source: str, why: str) -> None:
+  """A column a computation needs (e.g. a form's unique_tokens), named with
+  the file it is missing from."""
+  missing = [c for c in columns if c not in records]
+  if missing:
+    raise RecordsError(f"{source}: missing column(s) {missing}, needed by {why}")
 
 
 def take(records: Mapping, mask_or_index) -> dict:
