@@ -614,8 +614,8 @@ class Trainer:
     """train.hang_timeout_s, and SIGTERM during a hang (llmlab/watchdog.py)."""
     timeout = watchdog.timeout_for(self.cfg.train.hang_timeout_s,
                                    jax.process_count())
-    return watchdog.Watchdog(timeout, self.workdir,
-                             preempted=lambda: self.sig.flag,
+    sigterm = lambda: getattr(self.sig, "flag", False)  # noqa: E731
+    return watchdog.Watchdog(timeout, self.workdir, preempted=sigterm,
                              tag=jax.process_index())
 
   def summary(self, start, final_step, preempted, carry, wall) -> dict:
