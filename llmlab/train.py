@@ -590,7 +590,7 @@ class Trainer:
     hooks += self.hooks()
     preempted = False
     try:
-      with dog:  # armed for the steps only; the final save is after it
+      with dog:  # the steps and the final save (llmlab/watchdog.py)
         while True:
           try:
             end = loop_lib.run(self.train_step, state, carry,
@@ -601,10 +601,10 @@ class Trainer:
             state, carry = self.roll_back(rb.event)
             start = int(state["step"])
             batches = self.batches(start)
-      if end is not None:
-        state, carry, preempted = end.state, end.carry, end.stop
-      final_step = int(state["step"])
-      self.save(final_step, state, carry, force=preempted, wait=True)
+        if end is not None:
+          state, carry, preempted = end.state, end.carry, end.stop
+        final_step = int(state["step"])
+        self.save(final_step, state, carry, force=preempted, wait=True)
     finally:
       self.writer.close()
     return self.summary(start, final_step, preempted, carry,

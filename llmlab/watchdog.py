@@ -7,8 +7,10 @@ turns that into an exit with a distinct status, `EXIT_HANG`, on which the
 launchers (launch/tpu.sh, launch/slurm.sbatch) run the job again, as on a
 preemption; the run then resumes from its newest checkpoint.
 
-`Watchdog` is armed around the train loop (llmlab/train.py); the loop
-calls `beat(step)` after every step. It fires when
+`Watchdog` is armed around the train loop and its final save
+(llmlab/train.py); the loop calls `beat(step)` after every step (the
+periodic saves and evals inside the loop count towards the step they
+follow). It fires when
 
 * no step completes within `train.hang_timeout_s` (`-1`: auto, 1800 s on
   multi-process jobs, off for one process; `0`: off), or
@@ -77,6 +79,7 @@ class Watchdog:
     self.fired = None  # the report, once fired
     self._last = time.monotonic()
     self._term_at = None  # when SIGTERM was first seen, without a beat since
+    self._term_ok = False  # a step completed after SIGTERM: it is handled
     self._stop = threading.Event()
     self._thread = None
 
@@ -93,8 +96,12 @@ class Watchdog:
       self._thread.join()
 
   def beat(self, step: int | None = None) -> None:
-    """A step completed."""
+    """A step completed. After SIGTERM, the first one means the normal
+    preemption path took over (stop, save): the grace no longer applies,
+    only the hang timeout."""
     self.step, self._last, self._term_at = step, time.monotonic(), None
+    if self.preempted():
+      self._term_ok = True
 
   # -- the watching thread
 
@@ -107,7 +114,7 @@ class Watchdog:
 
   def _overdue(self, now: float) -> str | None:
     idle = now - self._last
-    if self.preempted():
+    if not self._term_ok and self.preempted():
       if self._term_at is None:
         self._term_at = now
       if now - self._term_at > self.grace_s:

@@ -18,14 +18,17 @@ class _Released(Exception):
   """The blocked stub step, released by the fake exit."""
 
 
-def _run_loop(dog, step_fn, total=5):
+def _run_loop(dog, step_fn, total=5, after=lambda: None):
+  """As llmlab/train.py: the loop, then `after` (the final save), armed."""
   hooks = [loop_lib.Hook("watchdog", lambda end: dog.beat(end.step))]
   with dog:
     try:
-      return loop_lib.run(step_fn, {}, {}, iter(range(total)), 0, total,
-                          hooks)
+      end = loop_lib.run(step_fn, {}, {}, iter(range(total)), 0, total,
+                         hooks)
     except _Released:
       return None
+    after()
+    return end
 
 
 def _blocking_steps(released: threading.Event, ok_steps: int):
@@ -98,9 +101,10 @@ def test_steps_keep_it_quiet(tmp_path):
       term.set()
     return state, carry, {}
 
-  dog = watchdog.Watchdog(0.5, str(tmp_path), preempted=term.is_set,
+  dog = watchdog.Watchdog(1.5, str(tmp_path), preempted=term.is_set,
                           grace_s=0.5, poll_s=0.02, exit=codes.append)
-  end = _run_loop(dog, step, total=14)
+  # the final save after SIGTERM: longer than the grace
+  end = _run_loop(dog, step, total=14, after=lambda: time.sleep(1.0))
   assert end.step == 14 and codes == [] and dog.fired is None
   assert not list(tmp_path.glob("hang-*"))
 
