@@ -13,7 +13,7 @@ have no append and no rename, so the writes here are whole objects:
   events) are written to a local directory and uploaded whole at flush
   points (llmlab/metrics.py says which).
 
-Deadlines (docs/reliability.md, "Storage stalls"): a bucket that stops
+Deadlines (docs/reliability.md, "Hangs and storage stalls"): a bucket that stops
 answering must end the run with an error naming the object, never hang
 it. Both clients get a stall timeout, set here at import (before either
 opens a connection): a request that moves no byte for `STALL_S` seconds
@@ -22,7 +22,8 @@ gcsfs (etils.epath, every gs:// file here) through aiohttp's connect and
 socket-read timeouts in fsspec's config, tensorstore (token stores,
 orbax checkpoints) through libcurl's low-speed limit. On top, a
 token-store read waits at most `DEADLINE_S` for all its retries
-(`deadline()`), then raises `StorageTimeout` naming the object.
+(`deadline()`), then raises `StorageTimeout` naming the object; so do
+retries that ran out first (`gave_up`).
 """
 
 from __future__ import annotations
@@ -109,6 +110,16 @@ def deadline(future, what: str, until: float | None = None):
     return future.result(timeout=left)
   except TimeoutError:
     raise timeout_error(what, DEADLINE_S) from None
+
+
+def gave_up(e: BaseException) -> bool:
+  """Whether tensorstore error `e` (a ValueError with a status) is its
+  retries running out on a storage that did not answer (curl timeouts,
+  503s), rather than something wrong with the data."""
+  text = str(e)
+  return any(mark in text for mark in (
+      "retry attempts failed", "CURL error", "DEADLINE_EXCEEDED",
+      "UNAVAILABLE"))
 
 
 def _stalls_named(fn):

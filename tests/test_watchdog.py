@@ -136,3 +136,12 @@ def test_a_read_past_its_deadline_names_the_object():
     storage.deadline(never, "gs://b/tok/shards/x/tokens",
                      until=time.monotonic() + 0.2)
   assert time.monotonic() - t < 5
+
+
+def test_tensorstore_retries_running_out_are_a_stall_not_bad_data():
+  assert storage.gave_up(ValueError(
+      "ABORTED: All 1 retry attempts failed: CURL error Timeout was reached: "
+      "Operation too slow. Less than 1 bytes/sec transferred the last 2 "
+      "seconds [curl_code='28']"))
+  assert not storage.gave_up(ValueError(
+      "DATA_LOSS: Error reading shard index: crc32c mismatch"))

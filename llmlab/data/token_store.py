@@ -142,6 +142,9 @@ def _json_of(future, key: str, where: str) -> dict | None:
   try:
     got = storage.deadline(future, f"{where}: {key}")
   except ValueError as e:
+    if storage.gave_up(e):
+      raise storage.StorageTimeout(f"{where}: cannot read {key}, the "
+                                   f"storage did not answer ({e})") from None
     raise DataError(f"{where}: cannot read {key} ({e})") from None
   if got.state != "value":
     return None
@@ -677,7 +680,12 @@ class Split:
     """The URI of shard i's array `name` (what a storage error names)."""
     return f"{self.store.base}{self.shards[i]['path']}/{name}"
 
-  def _error(self, i: int, e: Exception) -> DataError:
+  def _error(self, i: int, e: Exception) -> Exception:
+    if storage.gave_up(e):  # the storage, not the shard
+      return storage.StorageTimeout(
+          f"{self.store.base}{self.shards[i]['path']}: the storage did not "
+          f"answer ({e}); re-run the same command to resume from the newest "
+          "checkpoint")
     return DataError(
         f"token store {self.store.uri}: shard {self.shards[i]['path']} is "
         f"missing, truncated or corrupt ({e}); write the store again")
