@@ -97,7 +97,8 @@ def base() -> ConfigDict:
       wandb="",  # "project[/entity]": also log to Weights & Biases
       profile_steps="",  # "A:B": jax.profiler trace of steps A..B
       # No step for this long: dump stacks, exit 75 (llmlab/watchdog.py).
-      # -1: auto (1800 s on multi-process jobs, else off); 0: off.
+      # -1: auto (1800 s on multi-process jobs or a remote workdir, else
+      # off); 0: off.
       hang_timeout_s=-1.0))
 
   c.optim = ConfigDict(dict(
@@ -219,8 +220,8 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
   hang = t.get("hang_timeout_s", -1.0)
   _require(isinstance(hang, (int, float)) and not isinstance(hang, bool) and
            (hang in (-1, 0) or hang >= 1), "train.hang_timeout_s", hang,
-           "must be -1 (auto: 1800 s on multi-process jobs, else off), 0 "
-           "(off) or a number of seconds >= 1")
+           "must be -1 (auto: 1800 s on multi-process jobs or a remote "
+           "workdir, else off), 0 (off) or a number of seconds >= 1")
   _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate,
            "must be positive")
   _require(isinstance(t.seed, int) and 0 <= t.seed < 2**32, "train.seed",

@@ -613,7 +613,8 @@ class Trainer:
   def watchdog(self) -> watchdog.Watchdog:
     """train.hang_timeout_s, and SIGTERM during a hang (llmlab/watchdog.py)."""
     timeout = watchdog.timeout_for(self.cfg.train.hang_timeout_s,
-                                   jax.process_count())
+                                   jax.process_count(),
+                                   storage.is_remote(self.workdir))
     sigterm = lambda: getattr(self.sig, "flag", False)  # noqa: E731
     return watchdog.Watchdog(timeout, self.workdir, preempted=sigterm,
                              tag=jax.process_index())

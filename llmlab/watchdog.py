@@ -13,7 +13,9 @@ periodic saves and evals inside the loop count towards the step they
 follow). It fires when
 
 * no step completes within `train.hang_timeout_s` (`-1`: auto, 1800 s on
-  multi-process jobs, off for one process; `0`: off), or
+  multi-process jobs and with a remote (gs://) workdir, where a stalled
+  checkpoint write can wait out tensorstore's retries; off for one
+  process on local disk; `0`: off), or
 * SIGTERM arrived (a preemption, `timeout`, `scancel`) and no step
   completed within `SIGTERM_GRACE_S` after it: the normal SIGTERM path
   (finish the step, save, exit 0) needs a step to end, which a hung run
@@ -51,14 +53,15 @@ from typing import Callable, TextIO
 # (bad input), and from 128+N (killed by signal N).
 EXIT_HANG = 75
 SIGTERM_GRACE_S = 20.0  # GCE preemption and SLURM's KillWait give 30 s
-AUTO_TIMEOUT_S = 1800.0  # hang_timeout_s=-1 on a multi-process job
+AUTO_TIMEOUT_S = 1800.0  # hang_timeout_s=-1: multi-process or remote
 
 
-def timeout_for(hang_timeout_s: float, process_count: int) -> float:
+def timeout_for(hang_timeout_s: float, process_count: int,
+                remote: bool = False) -> float:
   """Seconds without a step before firing (0: never) for the config value
   (-1: auto, 0: off, > 0: seconds)."""
   if hang_timeout_s < 0:
-    return AUTO_TIMEOUT_S if process_count > 1 else 0.0
+    return AUTO_TIMEOUT_S if process_count > 1 or remote else 0.0
   return float(hang_timeout_s)
 
 

@@ -111,6 +111,7 @@ def test_steps_keep_it_quiet(tmp_path):
 
 def test_timeout_for():
   assert watchdog.timeout_for(-1, 1) == 0  # auto: off on one process
+  assert watchdog.timeout_for(-1, 1, remote=True) == 1800  # gs:// workdir
   assert watchdog.timeout_for(-1, 4) == watchdog.AUTO_TIMEOUT_S == 1800
   assert watchdog.timeout_for(0, 4) == 0
   assert watchdog.timeout_for(90, 1) == 90
@@ -123,7 +124,8 @@ def test_hang_timeout_is_validated(value):
   cfg.train["hang_timeout_s"] = value
   with pytest.raises(config_lib.ConfigError,
                      match=r"config\.train\.hang_timeout_s=.*must be -1 "
-                           r"\(auto: 1800 s on multi-process jobs, else off\)"):
+                           r"\(auto: 1800 s on multi-process jobs or a "
+                           r"remote workdir, else off\)"):
     config_lib.validate(cfg)
 
 
