@@ -122,8 +122,11 @@ def guarded(prog: str, debug: bool, call: Callable[[], Any]) -> int:
 
 
 def is_storage_stall(e: BaseException) -> bool:
+  """A storage failure because the storage stopped answering (also a
+  checkpoint save that failed while it did): transient, exit 75."""
   storage = sys.modules.get("llmlab.storage")
-  return bool(storage and isinstance(e, storage.StorageTimeout))
+  return bool(storage and (isinstance(e, storage.StorageTimeout) or
+                           storage.stalled()))
 
 
 def exit_now(status: int) -> None:

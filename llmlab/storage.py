@@ -93,12 +93,39 @@ def _configure_clients() -> None:
 _configure_clients()
 
 
+_STALLED: list[tuple[float, str]] = []  # (when, what) of the last stall
+
+
+def stalled() -> str | None:
+  """What stopped answering, if a request in this process gave up on the
+  storage within the last `max(DEADLINE_S, 300)` seconds. Remote calls
+  here then fail at once instead of waiting out their own retries: after
+  a stall a run is ending, and its clean-up (last metrics upload, lock
+  file) would otherwise add a full retry cycle each to the exit."""
+  memory = max(DEADLINE_S, 300.0)
+  if _STALLED and time.monotonic() - _STALLED[-1][0] < memory:
+    return _STALLED[-1][1]
+  return None
+
+
+def _stall(error: StorageTimeout, what: str) -> StorageTimeout:
+  _STALLED[:] = [(time.monotonic(), what)]
+  return error
+
+
+def _skip_if_stalled(path: str) -> None:
+  first = stalled() if is_remote(path) else None
+  if first is not None:
+    raise StorageTimeout(f"{path}: not tried, the storage stopped "
+                         f"answering ({first})")
+
+
 def timeout_error(what: str, seconds: float) -> StorageTimeout:
   """The one-line error of a request that did not finish in time."""
-  return StorageTimeout(
+  return _stall(StorageTimeout(
       f"{what}: no answer from the storage within {seconds:g} s (stalled "
       "connection or server; LLMLAB_STORAGE_DEADLINE_S). Re-run the same "
-      "command to resume from the newest checkpoint.")
+      "command to resume from the newest checkpoint."), what)
 
 
 def deadline(future, what: str, until: float | None = None):
@@ -129,6 +156,7 @@ def _stalls_named(fn):
 
   @functools.wraps(fn)
   def wrapped(path, *args, **kwargs):
+    _skip_if_stalled(str(path))
     try:
       return fn(path, *args, **kwargs)
     except StorageError:
@@ -136,10 +164,10 @@ def _stalls_named(fn):
     except Exception as e:  # noqa: BLE001 - matched below
       if not _is_stall(e):
         raise
-      raise StorageTimeout(
+      raise _stall(StorageTimeout(
           f"{path}: the storage stopped answering ({type(e).__name__}: "
           f"{e or 'timed out'}); re-run the same command to resume from "
-          "the newest checkpoint") from e
+          "the newest checkpoint"), str(path)) from e
   return wrapped
 
 
@@ -349,13 +377,18 @@ def jsonl_rows(path: str) -> list[dict]:
 
 def upload(local: str, remote: str) -> None:
   """Copy local file `local` to `remote` as one object."""
+  _skip_if_stalled(remote)
   try:
     dst = epath.Path(remote)
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_bytes(epath.Path(local).read_bytes())
   except Exception as e:  # noqa: BLE001 - any client's error: name the path
-    kind = StorageTimeout if _is_stall(e) else StorageError
-    raise kind(f"{remote}: cannot write ({type(e).__name__}: {e})") from e
+    if _is_stall(e):
+      raise _stall(StorageTimeout(
+          f"{remote}: cannot write, the storage stopped answering "
+          f"({type(e).__name__}: {e or 'timed out'})"), remote) from e
+    raise StorageError(f"{remote}: cannot write ({type(e).__name__}: {e})") \
+        from e
 
 
 def _stamp(path: str) -> tuple:

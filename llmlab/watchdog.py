@@ -74,7 +74,7 @@ class Watchdog:
                grace_s: float = SIGTERM_GRACE_S,
                poll_s: float = 0.5, out: TextIO | None = None,
                tag: int = 0,
-               exit: Callable[[int], None] = os._exit):  # pylint: disable=redefined-builtin
+               exit: Callable[[int], None] = os._exit):  # pylint: disable=W0622
     self.timeout_s, self.workdir, self.grace_s = timeout_s, workdir, grace_s
     self.preempted, self.poll_s, self.exit = preempted, poll_s, exit
     self.out, self.tag = out, tag
@@ -181,7 +181,8 @@ def stacks() -> str:
   names = {t.ident: t.name for t in threading.enumerate()}
   me = threading.get_ident()
   parts = []
-  for ident, frame in sys._current_frames().items():  # pylint: disable=protected-access
+  frames = sys._current_frames()  # pylint: disable=protected-access
+  for ident, frame in frames.items():
     if ident == me:
       continue  # the watchdog itself
     parts.append(f"Thread {ident} ({names.get(ident, '?')}):\n" +

@@ -147,3 +147,24 @@ def test_tensorstore_retries_running_out_are_a_stall_not_bad_data():
       "seconds [curl_code='28']"))
   assert not storage.gave_up(ValueError(
       "DATA_LOSS: Error reading shard index: crc32c mismatch"))
+
+
+def test_after_a_stall_remote_calls_fail_at_once(monkeypatch):
+  """The clean-up of a run that lost its storage (last metrics upload, the
+  lock file) does not wait out one retry cycle per call."""
+  monkeypatch.setattr(storage, "_STALLED", [])
+  with pytest.raises(storage.StorageTimeout):
+    storage.deadline(__import__("concurrent.futures").futures.Future(),
+                     "gs://b/x", until=time.monotonic())
+  assert storage.stalled() == "gs://b/x"
+  t = time.monotonic()
+  with pytest.raises(storage.StorageTimeout,
+                     match=r"gs://b/run/metrics.jsonl: not tried, the storage "
+                           r"stopped answering \(gs://b/x\)"):
+    storage.upload(__file__, "gs://b/run/metrics.jsonl")
+  with pytest.raises(storage.StorageTimeout, match="not tried"):
+    storage.exists("gs://b/run/config.json")
+  assert time.monotonic() - t < 1
+  assert storage.exists(__file__)  # local paths are not affected
+  monkeypatch.setattr(storage, "_STALLED", [(time.monotonic() - 1e4, "old")])
+  assert storage.stalled() is None  # only for a while after the stall
