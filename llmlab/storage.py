@@ -380,7 +380,8 @@ def upload(local: str, remote: str) -> None:
   _skip_if_stalled(remote)
   try:
     dst = epath.Path(remote)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not str(remote).startswith("gs://"):  # GCS has no directories, and
+      dst.parent.mkdir(parents=True, exist_ok=True)  # gcsfs asks anyway
     dst.write_bytes(epath.Path(local).read_bytes())
   except Exception as e:  # noqa: BLE001 - any client's error: name the path
     if _is_stall(e):
