@@ -67,7 +67,9 @@ def timeout_for(hang_timeout_s: float, process_count: int,
 
 class Watchdog:
   """Fires when no `beat` comes in time (module doc). `preempted()` says
-  whether SIGTERM was seen; `exit` and `now` are for tests."""
+  whether SIGTERM was seen (the train loop's Python handler sets it: a
+  main thread stuck inside one C call never runs it, so there only the
+  hang timeout applies); `exit`, `out` and `poll_s` are for tests."""
 
   def __init__(self, timeout_s: float, workdir: str | None, *,
                preempted: Callable[[], bool] = lambda: False,

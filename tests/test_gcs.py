@@ -285,3 +285,36 @@ def test_sigterm_during_a_storage_hang_exits_within_the_grace(gcs, gs_store, tmp
   assert len(reports) == 1, os.listdir(workdir)
   assert "read_rows" in open(os.path.join(workdir, reports[0])).read()
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def test_stalled_server_ends_a_gs_run_naming_the_object(gcs, local_run, tmp_path):
+  """A run whose workdir is in the stalled bucket: its next metrics upload
+  gives up after gcsfs's bounded retries (3 s stall timeout here), the run
+  exits 75 naming the object, its clean-up does not wait on the dead
+  server again; with the server back it resumes to the local losses."""
+  bucket = gcs.bucket("wstall")
+  workdir, log = f"{bucket}/run", tmp_path / "log"
+  with open(log, "w") as f:
+    proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, text=True, stdout=f,
+                            stderr=subprocess.STDOUT, env=_stall_env(),
+                            start_new_session=True)
+  _wait_for(gcs, "wstall", "run/checkpoints/50/commit_success.txt", proc)
+  gcs.proc.send_signal(signal.SIGSTOP)
+  t = time.time()
+  try:
+    proc.wait(timeout=300)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("the run hung: " + log.read_text()[-3000:])
+  finally:
+    gcs.proc.send_signal(signal.SIGCONT)
+  took = time.time() - t
+  text = log.read_text()
+  assert proc.returncode == 75, text[-3000:]
+  assert took < 150, took  # gcsfs: 6 attempts x 3 s + 31 s of backoff, once
+  last = text.strip().splitlines()[-1]
+  assert last.startswith("llmlab train: error: gs://wstall/run/"), last
+  out = _run(workdir)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "resumed from step" in out.stderr
+  assert _losses(workdir) == _losses(local_run)
