@@ -9,7 +9,9 @@
 # copy the package and any local --config=FILE to every worker and pip install it there; run llmlab on
 # all workers at once (jax.distributed initialises itself from the TPU metadata). If llmlab fails while
 # the slice is healthy, that is a real error: no retry. If the slice is gone, preempted or suspended, it
-# is deleted, recreated and the run restarted, at most --retries times.
+# is deleted, recreated and the run restarted, at most --retries times. Exit status 75 (a hung run ended
+# by its watchdog, or storage that stopped answering; docs/reliability.md) is restartable: the run is
+# started again on the same slice, and these restarts count against --retries too.
 #
 # Options (all --flag=value):
 #   --name, --zone, --accelerator (e.g. v5litepod-16), --version (TPU runtime, e.g. v2-alpha-tpuv5-lite)
@@ -39,6 +41,7 @@ REMOTE_DIR=llmlab_dist  # relative to the worker's home, where ssh commands star
 NAME= ZONE= ACCELERATOR= VERSION= PROJECT= INSTALL=$REPO_DIR PIP_EXTRA='jax[tpu]'
 QUEUED=0 SPOT=0 BEST_EFFORT=0 PREEMPTIBLE=0 DELETE_AT_END=0 DRY_RUN=0
 RETRIES=3 READY_TIMEOUT=7200 POLL=30
+EXIT_HANG=75  # llmlab/watchdog.py: no step in train.hang_timeout_s, or a storage deadline passed
 ENVS=()
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; }
@@ -298,6 +301,14 @@ main() {
       log "llmlab finished on all workers of $NAME"
       ((!DELETE_AT_END)) || delete_slice
       return 0
+    fi
+    if ((status == EXIT_HANG)); then
+      retry=$((retry + 1))
+      ((retry <= RETRIES)) || fail "llmlab hung or lost its storage $retry times (status $EXIT_HANG); giving up (--retries=$RETRIES)"
+      log "llmlab exited with status $EXIT_HANG (hung or storage stalled; stacks in WORKDIR/hang-*.txt);" \
+          "restart $retry of $RETRIES resumes from the last checkpoint"
+      sleep "$POLL"
+      continue
     fi
     sleep "$POLL"  # a preempted node may still say READY for a moment
     read_state

@@ -15,6 +15,10 @@ command and applies one exit contract:
     unless `--debug`;
   - storage that failed during the run (`storage.StorageError`, a failed
     checkpoint save): one line naming the path, exit 1;
+  - storage that stopped answering (`storage.StorageTimeout`: a request
+    past its deadline): one line naming the object, exit 75
+    (`watchdog.EXIT_HANG`, restartable: the launchers run the job again);
+    a hung run ended by llmlab/watchdog.py exits 75 too;
   - a study preempted by SIGTERM (`llmlab.experiment.Preempted`): its
     message on stderr, exit 0 (re-running the command resumes).
 
@@ -37,6 +41,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from llmlab import experiment
+from llmlab import watchdog
 from llmlab.runtime import setup_compile_cache, setup_logging
 
 HELP_ARGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
@@ -110,8 +115,32 @@ def guarded(prog: str, debug: bool, call: Callable[[], Any]) -> int:
       return 2
     if is_storage_failure(e):
       print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+      if is_storage_stall(e):
+        exit_now(watchdog.EXIT_HANG)
       return 1
     raise
+
+
+def is_storage_stall(e: BaseException) -> bool:
+  """A storage failure because the storage stopped answering (also a
+  checkpoint save that failed while it did): transient, exit 75."""
+  storage = sys.modules.get("llmlab.storage")
+  return bool(storage and (isinstance(e, storage.StorageTimeout) or
+                           storage.stalled()))
+
+
+def exit_now(status: int) -> None:
+  """Flush and end the process now. After a storage stall other threads
+  (grain's prefetch threads, mid-read on the same storage) are still
+  waiting for it, and a normal exit joins them: each would wait out its
+  own deadline first."""
+  logging.shutdown()
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  os._exit(status)  # pylint: disable=protected-access
 
 
 def finish(result: Any) -> int:

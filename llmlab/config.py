@@ -95,7 +95,11 @@ def base() -> ConfigDict:
       eval_at_steps=(),  # also evaluate after these steps (loss curves)
       eval_batch_size=0, peak_flops=0.0, max_to_host_lag=1,
       wandb="",  # "project[/entity]": also log to Weights & Biases
-      profile_steps=""))  # "A:B": jax.profiler trace of steps A..B
+      profile_steps="",  # "A:B": jax.profiler trace of steps A..B
+      # No step for this long: dump stacks, exit 75 (llmlab/watchdog.py).
+      # -1: auto (1800 s on multi-process jobs or a remote workdir, else
+      # off); 0: off.
+      hang_timeout_s=-1.0))
 
   c.optim = ConfigDict(dict(
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
@@ -213,6 +217,11 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
   _require(profile_range(t.get("profile_steps", "")) is not None,
            "train.profile_steps", t.get("profile_steps", ""),
            'must be "" (off) or "A:B" with 2 <= A <= B (steps A..B)')
+  hang = t.get("hang_timeout_s", -1.0)
+  _require(isinstance(hang, (int, float)) and not isinstance(hang, bool) and
+           (hang in (-1, 0) or hang >= 1), "train.hang_timeout_s", hang,
+           "must be -1 (auto: 1800 s on multi-process jobs or a remote "
+           "workdir, else off), 0 (off) or a number of seconds >= 1")
   _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate,
            "must be positive")
   _require(isinstance(t.seed, int) and 0 <= t.seed < 2**32, "train.seed",

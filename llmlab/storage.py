@@ -12,17 +12,32 @@ have no append and no rename, so the writes here are whole objects:
 * `Spool`: files that grow all run long (metrics.jsonl, TensorBoard
   events) are written to a local directory and uploaded whole at flush
   points (llmlab/metrics.py says which).
+
+Deadlines (docs/reliability.md, "Hangs and storage stalls"): a bucket that stops
+answering must end the run with an error naming the object, never hang
+it. Both clients get a stall timeout, set here at import (before either
+opens a connection): a request that moves no byte for `STALL_S` seconds
+fails and the client's own bounded retries replace its connection --
+gcsfs (etils.epath, every gs:// file here) through aiohttp's connect and
+socket-read timeouts in fsspec's config, tensorstore (token stores,
+orbax checkpoints) through libcurl's low-speed limit. On top, a
+token-store read waits at most `DEADLINE_S` for all its retries
+(`deadline()`), then raises `StorageTimeout` naming the object; so do
+retries that ran out first (`gave_up`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
+import time
 from typing import Any, BinaryIO, Iterator
 
 from etils import epath
@@ -32,6 +47,138 @@ log = logging.getLogger("llmlab")
 
 class StorageError(OSError):
   """A file or object could not be written or read; names the path."""
+
+
+class StorageTimeout(StorageError):
+  """The storage did not answer in time (a stalled connection or server):
+  transient, so `llmlab` exits with `watchdog.EXIT_HANG` and the launchers
+  run the command again, which resumes."""
+
+
+def _seconds(name: str, default: float) -> float:
+  value = os.environ.get(name, "")
+  try:
+    out = float(value) if value else default
+  except ValueError:
+    out = -1.0
+  if not out > 0:
+    raise ValueError(f"{name}={value!r}: must be a number of seconds > 0")
+  return out
+
+
+STALL_S = _seconds("LLMLAB_STORAGE_STALL_S", 30.0)
+DEADLINE_S = _seconds("LLMLAB_STORAGE_DEADLINE_S", 180.0)
+
+
+def _configure_clients() -> None:
+  """The stall timeout for both clients (module doc). Explicit settings
+  win: a TENSORSTORE_CURL_* variable already set, or fsspec config keys
+  the user gave (FSSPEC_GS_* variables, ~/.config/fsspec)."""
+  stall = str(max(1, round(STALL_S)))
+  for name, value in (("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", stall),
+                      ("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1"),
+                      ("TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS", stall)):
+    os.environ.setdefault(name, value)
+  try:
+    import aiohttp  # gcsfs's HTTP client
+    import fsspec
+  except ImportError:  # no gcsfs: no gs:// through epath either
+    return
+  timeout = aiohttp.ClientTimeout(total=None, sock_connect=STALL_S,
+                                  sock_read=STALL_S)
+  for proto in ("gs", "gcs"):
+    fsspec.config.conf.setdefault(proto, {}).setdefault("requests_timeout",
+                                                        timeout)
+
+
+_configure_clients()
+
+
+_STALLED: list[tuple[float, str]] = []  # (when, what) of the last stall
+
+
+def stalled() -> str | None:
+  """What stopped answering, if a request in this process gave up on the
+  storage within the last `max(DEADLINE_S, 300)` seconds. Remote calls
+  here then fail at once instead of waiting out their own retries: after
+  a stall a run is ending, and its clean-up (last metrics upload, lock
+  file) would otherwise add a full retry cycle each to the exit."""
+  memory = max(DEADLINE_S, 300.0)
+  if _STALLED and time.monotonic() - _STALLED[-1][0] < memory:
+    return _STALLED[-1][1]
+  return None
+
+
+def _stall(error: StorageTimeout, what: str) -> StorageTimeout:
+  _STALLED[:] = [(time.monotonic(), what)]
+  return error
+
+
+def _skip_if_stalled(path: str) -> None:
+  first = stalled() if is_remote(path) else None
+  if first is not None:
+    raise StorageTimeout(f"{path}: not tried, the storage stopped "
+                         f"answering ({first})")
+
+
+def timeout_error(what: str, seconds: float) -> StorageTimeout:
+  """The one-line error of a request that did not finish in time."""
+  return _stall(StorageTimeout(
+      f"{what}: no answer from the storage within {seconds:g} s (stalled "
+      "connection or server; LLMLAB_STORAGE_DEADLINE_S). Re-run the same "
+      "command to resume from the newest checkpoint."), what)
+
+
+def deadline(future, what: str, until: float | None = None):
+  """`future.result()` (a tensorstore or concurrent future) by monotonic
+  time `until` (default: DEADLINE_S from now), else `StorageTimeout`
+  naming `what`."""
+  left = DEADLINE_S if until is None else max(until - time.monotonic(), 0.0)
+  try:
+    return future.result(timeout=left)
+  except TimeoutError:
+    raise timeout_error(what, DEADLINE_S) from None
+
+
+def gave_up(e: BaseException) -> bool:
+  """Whether tensorstore error `e` (a ValueError with a status) is its
+  retries running out on a storage that did not answer (curl timeouts,
+  503s), rather than something wrong with the data."""
+  text = str(e)
+  return any(mark in text for mark in (
+      "retry attempts failed", "CURL error", "DEADLINE_EXCEEDED",
+      "UNAVAILABLE"))
+
+
+def _stalls_named(fn):
+  """Client timeouts and dropped connections of `fn(path, ...)` become
+  `StorageTimeout` naming the path (other errors, FileNotFoundError
+  included, pass through unchanged)."""
+
+  @functools.wraps(fn)
+  def wrapped(path, *args, **kwargs):
+    _skip_if_stalled(str(path))
+    try:
+      return fn(path, *args, **kwargs)
+    except StorageError:
+      raise
+    except Exception as e:  # noqa: BLE001 - matched below
+      if not _is_stall(e):
+        raise
+      raise _stall(StorageTimeout(
+          f"{path}: the storage stopped answering ({type(e).__name__}: "
+          f"{e or 'timed out'}); re-run the same command to resume from "
+          "the newest checkpoint"), str(path)) from e
+  return wrapped
+
+
+def _is_stall(e: BaseException) -> bool:
+  if isinstance(e, TimeoutError):  # asyncio's too (Python >= 3.11)
+    return True
+  aiohttp = sys.modules.get("aiohttp")
+  return bool(aiohttp and isinstance(
+      e, (aiohttp.ServerTimeoutError, aiohttp.ServerDisconnectedError,
+          aiohttp.ClientConnectionError)))
 
 
 def is_remote(path: str) -> bool:
@@ -44,18 +191,22 @@ def join(base: str, *parts: str) -> str:
       os.path.join(base, *parts)
 
 
+@_stalls_named
 def exists(path: str) -> bool:
   return epath.Path(path).exists()
 
 
+@_stalls_named
 def isdir(path: str) -> bool:
   return epath.Path(path).is_dir()
 
 
+@_stalls_named
 def makedirs(path: str) -> None:
   epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
+@_stalls_named
 def listdir(path: str) -> list[str]:
   """Names in directory `path` (empty if it does not exist)."""
   p = epath.Path(path)
@@ -98,10 +249,12 @@ def _files(d: epath.Path) -> list[epath.Path]:
   return out
 
 
+@_stalls_named
 def read_bytes(path: str) -> bytes:
   return epath.Path(path).read_bytes()
 
 
+@_stalls_named
 def write_bytes(path: str, data: bytes) -> None:
   """Whole-object write; locally via a temporary file and a rename."""
   if is_remote(path):
@@ -171,11 +324,12 @@ def local_copy(path: str, chunk: int = 64 << 20) -> str:
       shutil.copyfileobj(src, dst, chunk)
   except Exception as e:  # noqa: BLE001 - any client's error: name the path
     shutil.rmtree(os.path.dirname(out), ignore_errors=True)
-    raise StorageError(f"{path}: cannot read ({type(e).__name__}: {e})") \
-        from e
+    kind = StorageTimeout if _is_stall(e) else StorageError
+    raise kind(f"{path}: cannot read ({type(e).__name__}: {e})") from e
   return out
 
 
+@_stalls_named
 def read_text(path: str) -> str:
   return epath.Path(path).read_text()
 
@@ -208,6 +362,7 @@ def write_json(path: str, obj: Any, **kw) -> None:
                                       "default": str, **kw}))
 
 
+@_stalls_named
 def append_line(path: str, line: str) -> None:
   """Append one line (a true append locally; read + rewrite remotely)."""
   if not is_remote(path):
@@ -219,6 +374,7 @@ def append_line(path: str, line: str) -> None:
   p.write_text(old + line.rstrip("\n") + "\n")
 
 
+@_stalls_named
 def jsonl_rows(path: str) -> list[dict]:
   """The JSON rows of a .jsonl file (empty if there is none); a line torn
   by a kill mid-write is skipped."""
@@ -236,11 +392,17 @@ def jsonl_rows(path: str) -> list[dict]:
 
 def upload(local: str, remote: str) -> None:
   """Copy local file `local` to `remote` as one object."""
+  _skip_if_stalled(remote)
   try:
     dst = epath.Path(remote)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not str(remote).startswith("gs://"):  # GCS has no directories, and
+      dst.parent.mkdir(parents=True, exist_ok=True)  # gcsfs asks anyway
     dst.write_bytes(epath.Path(local).read_bytes())
   except Exception as e:  # noqa: BLE001 - any client's error: name the path
+    if _is_stall(e):
+      raise _stall(StorageTimeout(
+          f"{remote}: cannot write, the storage stopped answering "
+          f"({type(e).__name__}: {e or 'timed out'})"), remote) from e
     raise StorageError(f"{remote}: cannot write ({type(e).__name__}: {e})") \
         from e
 

@@ -47,6 +47,7 @@ from llmlab import runs
 from llmlab import sharding as shd
 from llmlab import steps as steps_lib
 from llmlab import storage
+from llmlab import watchdog
 from llmlab import workdir_lock
 
 log = logging.getLogger("llmlab")
@@ -584,27 +585,39 @@ class Trainer:
       self.writer.hparams(hparams(self.cfg, self.info),
                           ["eval/loss", "eval/bpb", "train/loss"])
     batches = itertools.chain([first], batches)
-    hooks = self.hooks()
+    dog = self.watchdog()
+    hooks = [loop_lib.Hook("watchdog", lambda end: dog.beat(end.step))]
+    hooks += self.hooks()
     preempted = False
     try:
-      while True:
-        try:
-          end = loop_lib.run(self.train_step, state, carry,
-                             self.global_batches(batches), start, self.total,
-                             hooks)
-          break
-        except _RollBack as rb:
-          state, carry = self.roll_back(rb.event)
-          start = int(state["step"])
-          batches = self.batches(start)
-      if end is not None:
-        state, carry, preempted = end.state, end.carry, end.stop
-      final_step = int(state["step"])
-      self.save(final_step, state, carry, force=preempted, wait=True)
+      with dog:  # the steps and the final save (llmlab/watchdog.py)
+        while True:
+          try:
+            end = loop_lib.run(self.train_step, state, carry,
+                               self.global_batches(batches), start,
+                               self.total, hooks)
+            break
+          except _RollBack as rb:
+            state, carry = self.roll_back(rb.event)
+            start = int(state["step"])
+            batches = self.batches(start)
+        if end is not None:
+          state, carry, preempted = end.state, end.carry, end.stop
+        final_step = int(state["step"])
+        self.save(final_step, state, carry, force=preempted, wait=True)
     finally:
       self.writer.close()
     return self.summary(start, final_step, preempted, carry,
                         time.time() - t_start)
+
+  def watchdog(self) -> watchdog.Watchdog:
+    """train.hang_timeout_s, and SIGTERM during a hang (llmlab/watchdog.py)."""
+    timeout = watchdog.timeout_for(self.cfg.train.hang_timeout_s,
+                                   jax.process_count(),
+                                   storage.is_remote(self.workdir))
+    sigterm = lambda: getattr(self.sig, "flag", False)  # noqa: E731
+    return watchdog.Watchdog(timeout, self.workdir, preempted=sigterm,
+                             tag=jax.process_index())
 
   def summary(self, start, final_step, preempted, carry, wall) -> dict:
     last = self.last

@@ -31,6 +31,8 @@ import uuid
 
 from etils import epath
 
+from llmlab import storage
+
 log = logging.getLogger("llmlab")
 
 LOCK_NAME = "llmlab.lock"
@@ -266,6 +268,13 @@ class Lock:
         self._fd = None
     if self._beat is not None:
       self._stop.set()
+      down = storage.stalled()
+      if down:  # a heartbeat may be mid-request; the file counts as stale
+        log.warning("workdir %s: lock file %s left in place: the storage "
+                    "stopped answering (%s); a re-run on this host takes it "
+                    "over at once, elsewhere after %.0f s", self.workdir,
+                    self.path, down, self.stale_after_s)
+        return
       self._beat.join()
       self._beat = None
       try:

@@ -7,12 +7,29 @@ Clients reach it through environment variables, set for this process and
 inherited by the commands tests start: etils.epath / gcsfs through
 `STORAGE_EMULATOR_HOST`, tensorstore (hence orbax) through
 `TENSORSTORE_GCS_HTTP_URL` with `GOOGLE_AUTH_TOKEN_FOR_TESTING`.
+
+Do not start it with the wrapper's own `FakeGCSServer().start()` for
+anything longer than a few hundred requests: that runs the binary with
+its default `-log-level info` (one line per request) into
+`stderr=subprocess.PIPE`, which nobody reads. After ~64 KiB of log (about
+300 requests: a `llmlab tokenize` plus 10 steps of the tiny config) the
+pipe is full, the server's logging write blocks inside its request
+handlers, and every request from then on (a `curl` of the bucket list
+too) waits forever (issue 28; seen with /proc/PID/wchan
+`anon_pipe_write`, 62,963 bytes queued in the pipe, and the run going on
+as soon as the pipe was read). Here stderr goes to a file and only errors
+are logged. From a shell:
+
+    python -m tests.gcs --root=/tmp/gcs --port=4443 --bucket=bkt
+
+serves until Ctrl-C and prints the environment to export.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -96,3 +113,33 @@ class Server:
     with urllib.request.urlopen(
         f"{self.url}/storage/v1/b/{bucket}/o?prefix={prefix}", timeout=10) as r:
       return sorted(item["name"] for item in json.load(r).get("items", []))
+
+
+def main(argv=None) -> None:
+  import argparse
+  p = argparse.ArgumentParser(description="a GCS server on 127.0.0.1")
+  p.add_argument("--root", required=True, help="where objects are kept")
+  p.add_argument("--port", type=int, default=4443)
+  p.add_argument("--bucket", action="append", default=[],
+                 help="bucket to create (repeatable)")
+  args = p.parse_args(argv)
+
+  def interrupt(*_):
+    raise KeyboardInterrupt
+
+  signal.signal(signal.SIGTERM, interrupt)  # stop the server too
+  server = Server(os.path.abspath(args.root), args.port).start()
+  for name in args.bucket:
+    server.bucket(name)
+  print("\n".join(f"export {k}={v}" for k, v in server.env().items()),
+        flush=True)
+  try:
+    server.proc.wait()
+  except KeyboardInterrupt:
+    pass
+  finally:
+    server.stop()
+
+
+if __name__ == "__main__":
+  main()

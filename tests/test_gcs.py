@@ -185,3 +185,136 @@ def test_convert_to_and_from_hf_in_a_bucket(gcs, local_run):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   with pytest.raises(FileExistsError, match="gs://convert/hf"):
     hf_lib.to_hf(f"{bucket}/run", f"{bucket}/hf")
+
+
+# --- storage stalls (issue 28): SIGSTOP the server mid-run ---------------------------------------
+
+# The issue's scenario: a local workdir, the tiny config's token store on gs://.
+STALL_ENV = {"LLMLAB_STORAGE_STALL_S": "3", "LLMLAB_STORAGE_DEADLINE_S": "10"}
+
+
+def _stall_cmd(store, workdir):
+  return [sys.executable, "-m", "llmlab", "train", f"--config={ROOT}/configs/tiny.py",
+          "--config.data.source=tokens", f"--config.data.tokens.path={store}",
+          "--config.train.steps=60", "--config.train.log_every=5",
+          "--config.checkpoint.every_steps=10", f"--workdir={workdir}"]
+
+
+def _stall_env(**extra):
+  return {**os.environ, "JAX_PLATFORMS": "cpu", **STALL_ENV, **extra}
+
+
+@pytest.fixture(scope="module")
+def gs_store(gcs):
+  store = f"{gcs.bucket('stall')}/tok"
+  _llmlab("tokenize", f"--config={ROOT}/configs/tiny.py", f"--out={store}")
+  return store
+
+
+def _stalled_start(gcs, store, workdir, log, **env):
+  """The run in the background; the server SIGSTOPped once checkpoint 10
+  is written (steps go on from prefetched batches, then the reads stall)."""
+  with open(log, "w") as f:
+    proc = subprocess.Popen(_stall_cmd(store, workdir), cwd=ROOT, text=True, stdout=f,
+                            stderr=subprocess.STDOUT, env=_stall_env(**env),
+                            start_new_session=True)
+  deadline = time.time() + 600
+  while not os.path.exists(os.path.join(workdir, "checkpoints", "10")):
+    assert proc.poll() is None, open(log).read()[-3000:]
+    assert time.time() < deadline
+    time.sleep(0.1)
+  gcs.proc.send_signal(signal.SIGSTOP)
+  return proc
+
+
+def test_stalled_server_ends_the_run_naming_the_object(gcs, gs_store, tmp_path):
+  """No hang: the read past its deadline ends the run with one line naming
+  the gs:// object and the restartable status 75; with the server back,
+  the same command resumes to an uninterrupted run's losses, bit for bit."""
+  ref = str(tmp_path / "ref")
+  out = subprocess.run(_stall_cmd(gs_store, ref), capture_output=True, text=True, timeout=900,
+                       cwd=ROOT, env=_stall_env())
+  assert out.returncode == 0, out.stderr[-3000:]
+  workdir, log = str(tmp_path / "run"), tmp_path / "log"
+  proc = _stalled_start(gcs, gs_store, workdir, log)
+  t = time.time()
+  try:
+    proc.wait(timeout=120)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("the run hung: " + log.read_text()[-3000:])
+  finally:
+    gcs.proc.send_signal(signal.SIGCONT)
+  took = time.time() - t
+  assert proc.returncode == 75, log.read_text()[-3000:]
+  assert took < 10 + 30, took  # the deadline (10 s) plus the exit
+  last = log.read_text().strip().splitlines()[-1]
+  assert last.startswith("llmlab train: error: gs://stall/tok/shards/"), last
+  assert "no answer from the storage within 10 s" in last
+  out = subprocess.run(_stall_cmd(gs_store, workdir), capture_output=True, text=True, timeout=900,
+                       cwd=ROOT, env=_stall_env())
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "resumed from step" in out.stderr
+  assert _losses(workdir) == _losses(ref) and len(_losses(ref)) == 12
+
+
+def test_sigterm_during_a_storage_hang_exits_within_the_grace(gcs, gs_store, tmp_path):
+  """A long storage deadline, so the run hangs; SIGTERM (a preemption,
+  `timeout`) then ends it after the watchdog's grace with status 75, the
+  stacks in WORKDIR/hang-*.txt, and no checkpoint written after it."""
+  from llmlab import watchdog
+  workdir, log = str(tmp_path / "run"), tmp_path / "log"
+  proc = _stalled_start(gcs, gs_store, workdir, log, LLMLAB_STORAGE_DEADLINE_S="600")
+  try:
+    time.sleep(8)  # the prefetched batches are used up; now it waits on the server
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    os.killpg(proc.pid, signal.SIGTERM)
+    t = time.time()
+    try:
+      proc.wait(timeout=watchdog.SIGTERM_GRACE_S + 30)
+    except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, signal.SIGKILL)
+      raise AssertionError("SIGTERM did not end the hung run: " + log.read_text()[-3000:])
+  finally:
+    gcs.proc.send_signal(signal.SIGCONT)
+  assert time.time() - t < watchdog.SIGTERM_GRACE_S + 15
+  text = log.read_text()
+  assert proc.returncode == 75, text[-3000:]
+  assert "llmlab: hang: SIGTERM received" in text
+  reports = [n for n in os.listdir(workdir) if n.startswith("hang-")]
+  assert len(reports) == 1, os.listdir(workdir)
+  assert "read_rows" in open(os.path.join(workdir, reports[0])).read()
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def test_stalled_server_ends_a_gs_run_naming_the_object(gcs, local_run, tmp_path):
+  """A run whose workdir is in the stalled bucket: its next metrics upload
+  gives up after gcsfs's bounded retries (3 s stall timeout here), the run
+  exits 75 naming the object, its clean-up does not wait on the dead
+  server again; with the server back it resumes to the local losses."""
+  bucket = gcs.bucket("wstall")
+  workdir, log = f"{bucket}/run", tmp_path / "log"
+  with open(log, "w") as f:
+    proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, text=True, stdout=f,
+                            stderr=subprocess.STDOUT, env=_stall_env(),
+                            start_new_session=True)
+  _wait_for(gcs, "wstall", "run/checkpoints/50/commit_success.txt", proc)
+  gcs.proc.send_signal(signal.SIGSTOP)
+  t = time.time()
+  try:
+    proc.wait(timeout=300)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("the run hung: " + log.read_text()[-3000:])
+  finally:
+    gcs.proc.send_signal(signal.SIGCONT)
+  took = time.time() - t
+  text = log.read_text()
+  assert proc.returncode == 75, text[-3000:]
+  assert took < 150, took  # gcsfs: 6 attempts x 3 s + 31 s of backoff, once
+  last = text.strip().splitlines()[-1]
+  assert last.startswith("llmlab train: error: gs://wstall/run/"), last
+  out = _run(workdir)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "resumed from step" in out.stderr
+  assert _losses(workdir) == _losses(local_run)

@@ -371,6 +371,10 @@ BAD_INPUTS = [  # (overrides, exception, expected text); D = the tmp dir
      "config.guard.on_save_error='ignore': must be one of stop, retry"),
     ({"guard.spike_window": 0}, config_lib.ConfigError,
      "config.guard.spike_window=0: must be an integer >= 1"),
+    ({"train.hang_timeout_s": 0.5}, config_lib.ConfigError,
+     "config.train.hang_timeout_s=0.5: must be -1 (auto: 1800 s on "
+     "multi-process jobs or a remote workdir, else off), 0 (off) or a "
+     "number of seconds >= 1"),
     ({"model.num_heads": 5}, config_lib.ConfigError,
      "config.model.num_heads=5: must divide model.d_model=32"),
     ({"train.microbatches": 3}, config_lib.ConfigError,

@@ -301,6 +301,22 @@ def test_tpu_gives_up(tmp_path):
   assert missing.returncode == 2 and "--zone=... is required" in missing.stderr
 
 
+def test_tpu_restarts_a_hung_run_on_the_same_slice(tmp_path):
+  """Exit status 75 (llmlab's watchdog or a storage deadline) is restartable, like a preemption, but the
+  healthy slice is kept."""
+  args = [*TPU_FLAGS, "--poll=0", "--install=git+https://example.com/llmlab.git", "--", "train",
+          "--workdir=gs://b/r"]
+  result, calls = _tpu(tmp_path / "a", *args, outcomes=["hang", "ok"])
+  assert result.returncode == 0, result.stderr
+  assert sum("python3 -m llmlab" in c for c in calls) == 2
+  assert sum(" create " in f" {c} " for c in calls) == 1
+  assert not any(" delete " in f" {c} " for c in calls)
+  assert "exited with status 75" in result.stderr and "restart 1 of 3" in result.stderr
+  again, calls = _tpu(tmp_path / "b", "--retries=1", *args, outcomes=["hang", "hang"])
+  assert again.returncode == 1 and "giving up (--retries=1)" in again.stderr
+  assert sum("python3 -m llmlab" in c for c in calls) == 2
+
+
 # --- launch/slurm.sh, launch/slurm.sbatch -------------------------------------------------------------
 
 def test_slurm_dry_run_prints_sbatch_and_script():
@@ -359,3 +375,21 @@ def test_sbatch_script_keeps_the_callers_xla_flags(pid_dir, mine):
   assert flags.read_text() == mine + "\n"
   os.kill(int((tmp_path / "srun.pid").read_text()), signal.SIGTERM)
   proc.communicate(timeout=10)
+
+
+@pytest.mark.parametrize("restarts, requeued", [("0", True), ("3", False)])
+def test_sbatch_script_requeues_a_hung_run(pid_dir, restarts, requeued):
+  """srun ending with 75 (llmlab's watchdog or a storage deadline) requeues the job, at most
+  LLMLAB_MAX_RESTARTS (3) times."""
+  tmp_path = pid_dir
+  env = _env(FAKE_SLURM_DIR=str(tmp_path), SLURM_JOB_ID="4242", FAKE_SRUN_EXIT="75",
+             SLURM_RESTART_COUNT=restarts, PATH=f"{HELPERS / 'fake_slurm'}{os.pathsep}{os.environ['PATH']}")
+  result = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), "train"], env=env,
+                          capture_output=True, text=True, timeout=30)
+  assert result.returncode == 75, result.stderr
+  assert (tmp_path / "scontrol.args").exists() == requeued, result.stderr
+  if requeued:
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
+    assert "restart 1 of 3" in result.stderr
+  else:
+    assert "not requeueing (LLMLAB_MAX_RESTARTS=3)" in result.stderr

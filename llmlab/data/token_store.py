@@ -61,6 +61,7 @@ import numpy as np
 import tensorstore as ts
 from etils import epath
 
+from llmlab import storage  # before any GCS request: its stall timeouts
 from llmlab.data import config as config_lib
 from llmlab.data import corpus
 from llmlab.data import documents
@@ -139,8 +140,11 @@ def _read_json(kv: ts.KvStore, key: str, where: str) -> dict | None:
 def _json_of(future, key: str, where: str) -> dict | None:
   """The JSON of a kvstore read future; None if the key is missing."""
   try:
-    got = future.result()
+    got = storage.deadline(future, f"{where}: {key}")
   except ValueError as e:
+    if storage.gave_up(e):
+      raise storage.StorageTimeout(f"{where}: cannot read {key}, the "
+                                   f"storage did not answer ({e})") from None
     raise DataError(f"{where}: cannot read {key} ({e})") from None
   if got.state != "value":
     return None
@@ -656,7 +660,8 @@ class Split:
                          context=_context("data"))
                  for name in ("tokens", "bytes")]
       try:
-        tokens, marks = [f.result() for f in futures]
+        tokens, marks = [storage.deadline(f, f"{url}/{name}")
+                         for f, name in zip(futures, ("tokens", "bytes"))]
       except ValueError as e:
         raise self._error(i, e) from None
       for arr in (tokens, marks):
@@ -671,7 +676,16 @@ class Split:
       self._opened[i] = opened
       return opened
 
-  def _error(self, i: int, e: Exception) -> DataError:
+  def _object(self, i: int, name: str) -> str:
+    """The URI of shard i's array `name` (what a storage error names)."""
+    return f"{self.store.base}{self.shards[i]['path']}/{name}"
+
+  def _error(self, i: int, e: Exception) -> Exception:
+    if storage.gave_up(e):  # the storage, not the shard
+      return storage.StorageTimeout(
+          f"{self.store.base}{self.shards[i]['path']}: the storage did not "
+          f"answer ({e}); re-run the same command to resume from the newest "
+          "checkpoint")
     return DataError(
         f"token store {self.store.uri}: shard {self.shards[i]['path']} is "
         f"missing, truncated or corrupt ({e}); write the store again")
@@ -706,9 +720,11 @@ class Split:
                         arr.tokens[a:a + c1 - c0].read(),
                         arr.marks[a:a + c1 - c0].read()))
         fetched += (c1 - c0) * arr.itemsize
+    end = time.monotonic() + storage.DEADLINE_S  # one deadline per batch
     for i, s, c0, c1, mark, ft, fm in pending:
       try:
-        t, m = ft.result(), fm.result()
+        t, m = [storage.deadline(f, self._object(s, name), end)
+                for f, name in ((ft, "tokens"), (fm, "bytes"))]
       except ValueError as e:
         raise self._error(s, e) from None
       tokens[i, c0:c1] = t
