@@ -268,7 +268,7 @@ class Lock:
         self._fd = None
     if self._beat is not None:
       self._stop.set()
-      down = storage.stalled()
+      down = storage.stalled() if storage.is_remote(self.workdir) else None
       if down:  # a heartbeat may be mid-request; the file counts as stale
         log.warning("workdir %s: lock file %s left in place: the storage "
                     "stopped answering (%s); a re-run on this host takes it "

@@ -29,6 +29,15 @@ runtime.setup_compile_cache()  # in-process tests share it too
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _no_stall_memory():
+  """A storage stall a test provoked is not remembered by the next test
+  (storage.stalled() makes remote calls fail at once for a while)."""
+  yield
+  from llmlab import storage
+  storage._STALLED.clear()  # pylint: disable=protected-access
+
+
 @pytest.fixture(scope="session")
 def gcs(tmp_path_factory):
   """A real GCS server (fake-gcs-server) on 127.0.0.1 for the session;
