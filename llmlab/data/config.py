@@ -33,13 +33,13 @@ Keys (all in `default_config()`):
                 tokens of the training stream, repeated for as many epochs as
                 the run needs (the data-constrained regime of Muennighoff et
                 al. 2023). Each source keeps the first floor(U w / seq_len)
-                rows of its packed training stream (w its mixture weight):
-                documents in the seed's order for in-memory sources (another
-                seed draws another subset, as another sample of the corpus
-                would), the stored order for a token store. Those rows are
-                shuffled anew every epoch (grain `shuffle` + `repeat`), so
-                order stays a pure function of (seed, step). Evaluation is
-                unchanged. U must cover at least one global batch.
+                rows (w its mixture weight) of its shuffled training stream,
+                i.e. exactly the rows a fresh run reads first (a uniform
+                sample of the corpus's rows; another seed draws another),
+                and reads them again epoch after epoch, each later epoch
+                in an order seeded by (seed, epoch); order stays a pure
+                function of (seed, step). Evaluation is unchanged. U must
+                cover at least one global batch.
   tokens.path   source 'tokens': URI (local or gs://) of a token store written
                 by `llmlab tokenize` (token_store.py); rows are read by random
                 access (token_data.py). The store fixes the mixture, split and

@@ -8,9 +8,10 @@ deterministic pattern), and global batch `step` is mixed rows
 [step G, (step+1) G). Process p owns rows [step G + p B, step G + (p+1) B) with
 B = G / process_count, i.e. element `step P + p` of the rows batched by B.
 Resuming at step s is `train_iter(s)`: nothing to checkpoint but the step.
-With `data.unique_tokens=U` each source's packed rows are cut to their first
-floor(U w / seq_len) before the shuffle (data/config.py): the same few rows
-repeat, reshuffled every epoch, order still a pure function of (seed, step).
+With `data.unique_tokens=U` each source keeps the first floor(U w / seq_len)
+rows of that shuffled stream (data/config.py) and repeats them, reshuffled
+every later epoch (`batches.repeat_sample`): order still a pure function of
+(seed, step), and identical to the fresh run's for the first U tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 
 from llmlab.data import config as config_lib
 from llmlab.data.batches import StepBatches
+from llmlab.data.batches import repeat_sample
 from llmlab.data import corpus
 from llmlab.data import documents
 from llmlab.data import evaluation
@@ -87,9 +89,10 @@ class Data(StepBatches):
       keep = config_lib.unique_rows(unique_tokens, part.weight, len(packed),
                                     self._seq_len, part.name)
       rows_per_epoch[part.name] = keep
-      ds = grain.MapDataset.source(packed)[:keep]
-      rows.append(ds.shuffle(seed=derive_seed(seed, part.name, "rows"))
-                  .repeat())
+      fresh = grain.MapDataset.source(packed).shuffle(
+          seed=derive_seed(seed, part.name, "rows"))
+      rows.append(fresh.repeat() if keep == len(packed) else repeat_sample(
+          fresh[:keep], derive_seed(seed, part.name, "epochs")))
     mixed = rows[0] if len(rows) == 1 else grain.MapDataset.mix(
         rows, [p.weight for p in self._parts])
     batched = mixed.batch(self._local_batch, drop_remainder=True)

@@ -34,6 +34,7 @@ import numpy as np
 from llmlab.data import config as data_config
 from llmlab.data import evaluation
 from llmlab.data.batches import StepBatches
+from llmlab.data.batches import repeat_sample
 from llmlab.data import tokenizer as tokenizer_lib
 from llmlab.data import token_store
 from llmlab.data.errors import DataError
@@ -86,10 +87,13 @@ class StoreData(StepBatches):
     """This process's batches of (source ids [B], row ids [B]) as a grain
     MapDataset; `_local` maps them to the rows' arrays."""
     ids = []
-    for k, (name, n) in enumerate(zip(self._names, self._rows)):
-      rows = grain.MapDataset.range(n)  # the first n: data.unique_tokens
-      ids.append(rows.shuffle(seed=derive_seed(seed, name, "rows")).repeat()
-                 .map(lambda r, k=k: (k, r)))
+    for k, (name, split) in enumerate(zip(self._names, self._train)):
+      total, keep = split.num_rows(self._seq_len), self._rows[k]
+      fresh = grain.MapDataset.range(total).shuffle(
+          seed=derive_seed(seed, name, "rows"))
+      rows = fresh.repeat() if keep == total else repeat_sample(
+          fresh[:keep], derive_seed(seed, name, "epochs"))  # unique_tokens
+      ids.append(rows.map(lambda r, k=k: (k, r)))
     mixed = ids[0] if len(ids) == 1 else grain.MapDataset.mix(
         ids, self._weights)
     batched = mixed.batch(self._local_batch, drop_remainder=True)
