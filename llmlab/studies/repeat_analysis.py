@@ -102,9 +102,16 @@ def _holdout(result, target: list[dict], guess_naive, are_fraction: float):
                  tokens=t["tokens"], epochs=t["epochs"], loss=t["loss"],
                  predicted=float(g), naive=float(n))
             for t, g, n in zip(target, guess, guess_naive)]
+  by_r = {}
+  for r in sorted({t["repetitions"] for t in target}):
+    m = np.array([t["repetitions"] == r for t in target])
+    a = fit_lib.are(tg["loss"][m], guess[m], tg["tokens"][m], are_fraction)
+    b = fit_lib.are(tg["loss"][m], guess_naive[m], tg["tokens"][m],
+                    are_fraction)
+    by_r[str(r)] = dict(are=a, naive_are=b)
   return dict(are=are, naive_are=naive_are,
               skill=1.0 - are / naive_are if naive_are > 0 else None,
-              points=points)
+              by_repetitions=by_r, points=points)
 
 
 def analyse(scfg, records: list[dict]) -> dict:
@@ -127,7 +134,8 @@ def analyse(scfg, records: list[dict]) -> dict:
     at_1pct[form] = repetitions_at(result, n_target, d_run, threshold)
     by_size[form] = {f"{n:.0f}": repetitions_at(result, n, d_run, threshold)
                      for n in sizes}
-    laws[form]["curves"] = _law_curves(result, sizes, d_run)
+    laws[form]["curves"] = _law_curves(
+        result, sizes, d_run, max(r["repetitions"] for r in records))
   best = min(laws, key=lambda f: laws[f]["holdout"]["are"])
   biggest = max(r["params"] for r in family)
   return dict(
@@ -135,7 +143,7 @@ def analyse(scfg, records: list[dict]) -> dict:
       repetitions_at_1pct_by_size=by_size,
       measured_repetitions_at_1pct=measured_repetitions(records, threshold),
       holdout=dict(form=best, **{k: v for k, v in laws[best]["holdout"].items()
-                                 if k != "points"}),
+                                 if k not in ("points", "by_repetitions")}),
       threshold=threshold, are_fraction=are_fraction,
       tokens=d_run, forms_native=repeat_forms.native(),
       target=dict(name=target[0]["family"], params=n_target,
@@ -143,9 +151,10 @@ def analyse(scfg, records: list[dict]) -> dict:
       n_records=dict(family=len(family), target=len(target)))
 
 
-def _law_curves(result, sizes, d: float) -> dict:
-  """The law's loss ratio to fresh data over R at D, per size (the plot)."""
-  reps = np.geomspace(1.0, 64.0, 49)
+def _law_curves(result, sizes, d: float, most: int) -> dict:
+  """The law's loss ratio to fresh data over R in 1 .. most at D, per size
+  (the plot)."""
+  reps = np.geomspace(1.0, most, 41)
   out = {"repetitions": reps.tolist()}
   for n in sizes:
     loss = _predict(result, np.full_like(reps, n), np.full_like(reps, d),

@@ -12,9 +12,10 @@ the stand-ins are never registered.
 Stand-ins (Muennighoff et al. 2023, arXiv:2305.16264, data side only):
   data_constrained  L = E + A / N^alpha + B / D'^beta,
                     D' = U + U R* (1 - exp(-R / R*)), R = D / U - 1
-  data_repeat       the same + C ((D / U)^kappa - 1): a loss that rises
-                    again under heavy repetition (overfitting), zero on
-                    fresh data.
+  data_repeat       the same + C (N / U)^mu R^kappa: a loss that rises
+                    again under heavy repetition (overfitting), more for
+                    models large next to their unique data, zero on fresh
+                    data (R = 0).
 U is the unique tokens seen so far (min(U, D)), so fresh data is R = 0.
 """
 
@@ -28,7 +29,7 @@ from llmlab.scaling import forms as forms_lib
 
 FORMS = ("chinchilla", "data_constrained", "data_repeat")
 
-# Small grids: the stand-ins only have to find the basin; 864 / 3,456 starts.
+# Small grids: the stand-ins only have to find the basin; 864 / 6,912 starts.
 _GRID = dict(a=(0.0, 7.5, 15.0, 22.5), b=(0.0, 7.5, 15.0, 22.5),
              e=(-1.0, 0.0, 1.0), alpha=(0.25, 0.75, 1.5),
              beta=(0.25, 0.75, 1.5), r=(0.5, 2.5))
@@ -53,10 +54,13 @@ def _data_constrained(p, x):
 
 
 def _data_repeat(p, x):
-  """data_constrained + C ((D / U)^kappa - 1) (stand-in)."""
-  base = jnp.exp(_data_constrained(p, x))
-  epochs_log = jnp.maximum(x["tokens"] - x["unique_tokens"], 0.0)
-  return jnp.log(base + jnp.exp(p["c"]) * jnp.expm1(p["kappa"] * epochs_log))
+  """data_constrained + C (N / U)^mu R^kappa (stand-in)."""
+  repeats = jnp.maximum(jnp.exp(x["tokens"] - x["unique_tokens"]) - 1.0, 1e-12)
+  overfit = (p["c"] + p["mu"] * (x["params"] - x["unique_tokens"])
+             + p["kappa"] * jnp.log(repeats))
+  return forms_lib._lse(p["a"] - p["alpha"] * x["params"],  # pylint: disable=protected-access
+                        p["b"] - p["beta"] * _log_effective_data(p, x), p["e"],
+                        overfit)
 
 
 def _register() -> None:
@@ -64,8 +68,8 @@ def _register() -> None:
   inputs = ("params", "tokens", "unique_tokens")
   specs = {
       "data_constrained": (_data_constrained, dict(_GRID)),
-      "data_repeat": (_data_repeat, dict(_GRID, c=(-6.0, -3.0),
-                                         kappa=(0.5, 1.5))),
+      "data_repeat": (_data_repeat, dict(_GRID, c=(-8.0, -4.0),
+                                         mu=(0.5, 1.5), kappa=(1.0, 2.5))),
   }
   for name, (fn, grid) in specs.items():
     if name not in forms_lib.FORMS:
