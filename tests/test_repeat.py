@@ -16,8 +16,6 @@ from llmlab import main as main_lib
 from llmlab import storage
 from llmlab import train as train_lib
 from llmlab.checkpoints import checkpoint_dir
-from llmlab.data.packing import PackedRows
-from llmlab.data.seeds import derive_seed
 from llmlab.studies import repeat
 from llmlab.studies import repeat_analysis
 from llmlab.studies import repeat_forms

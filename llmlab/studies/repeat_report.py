@@ -121,7 +121,7 @@ def markdown(result: dict) -> str:
                  f" | {m['max_measured']} | {ratio} |")
   lines += ["", "Measured R interpolates in log R between the runs' "
             "budgets (coarse where they are far apart, e.g. 1 and 4); one "
-            "run's seed noise is ~0.5-1% at this scale, the size of the "
+            "run's seed noise is ~1% at this scale, the size of the "
             "threshold, so small-R ratios are noise.",
             "", f"Best law on the held-out size: **{result['holdout']['form']}"
             f"** (ARE {100 * result['holdout']['are']:.2f}%, skill "
