@@ -9,10 +9,12 @@ records path does not yet pass a `unique_tokens` column on); once
 `"unique_tokens" in forms.INPUTS`, everything goes to fit.py unchanged and
 the stand-ins are never registered.
 
-Stand-ins (Muennighoff et al. 2023, arXiv:2305.16264, data side only):
+Stand-ins (Muennighoff et al. 2023, arXiv:2305.16264, data side only; the
+lead's forms add the parameter analogue N' and fit the same optimum on the
+study's records: checked against its work in progress):
   data_constrained  L = E + A / N^alpha + B / D'^beta,
                     D' = U + U R* (1 - exp(-R / R*)), R = D / U - 1
-  data_repeat       the same + C (N / U)^mu R^kappa: a loss that rises
+  data_repeat       the same + C (N / U)^kappa R^gamma: a loss that rises
                     again under heavy repetition (overfitting), more for
                     models large next to their unique data, zero on fresh
                     data (R = 0).
@@ -54,10 +56,10 @@ def _data_constrained(p, x):
 
 
 def _data_repeat(p, x):
-  """data_constrained + C (N / U)^mu R^kappa (stand-in)."""
+  """data_constrained + C (N / U)^kappa R^gamma (stand-in)."""
   repeats = jnp.maximum(jnp.exp(x["tokens"] - x["unique_tokens"]) - 1.0, 1e-12)
-  overfit = (p["c"] + p["mu"] * (x["params"] - x["unique_tokens"])
-             + p["kappa"] * jnp.log(repeats))
+  overfit = (p["c"] + p["kappa"] * (x["params"] - x["unique_tokens"])
+             + p["gamma"] * jnp.log(repeats))
   return forms_lib._lse(p["a"] - p["alpha"] * x["params"],  # pylint: disable=protected-access
                         p["b"] - p["beta"] * _log_effective_data(p, x), p["e"],
                         overfit)
@@ -69,7 +71,7 @@ def _register() -> None:
   specs = {
       "data_constrained": (_data_constrained, dict(_GRID)),
       "data_repeat": (_data_repeat, dict(_GRID, c=(-8.0, -4.0),
-                                         mu=(0.5, 1.5), kappa=(1.0, 2.5))),
+                                         kappa=(0.5, 1.5), gamma=(1.0, 2.5))),
   }
   for name, (fn, grid) in specs.items():
     if name not in forms_lib.FORMS:
