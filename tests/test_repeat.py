@@ -211,6 +211,15 @@ def test_rerun_does_not_retrain(smoke, monkeypatch):
   assert after["wall_time_total_s"] > before["wall_time_total_s"]
 
 
+def test_changed_study_is_refused_not_resumed(smoke, monkeypatch):
+  workdir, _ = smoke
+  monkeypatch.setattr(train_lib, "train", lambda *a: pytest.fail("trained"))
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"s1_fresh was trained with other settings "
+                     r"\(train.steps: 64 there, 32 now"):
+    repeat.run(_bad(steps=32), workdir)
+
+
 def _bad(**changes):
   scfg = _study_config()
   for key, value in changes.items():

@@ -41,6 +41,7 @@ import numpy as np
 from llmlab import config as config_lib
 from llmlab import experiment
 from llmlab import runs
+from llmlab import storage
 from llmlab.data import config as data_config
 from llmlab.data.errors import DataError
 from llmlab.studies import repeat_analysis
@@ -175,6 +176,26 @@ def plan(scfg, workdir: str) -> list[dict]:
   return out
 
 
+# Keys a run directory's name does not carry; another value there means the
+# study changed under it.
+RUN_KEYS = ("train.steps", "train.batch_size", "train.seq_len", "train.seed",
+            "data.unique_tokens", "model.d_model", "model.num_layers")
+
+
+def check_same_run(r: dict) -> None:
+  """A run directory made with other settings is refused, not resumed."""
+  if not storage.exists(storage.join(r["workdir"], "config.json")):
+    return
+  old, _ = runs.read_config(r["workdir"])
+  get = lambda c, key: c[key.split(".")[0]].get(key.split(".")[1], 0)
+  diffs = [f"{k}: {get(old, k)!r} there, {get(r['cfg'], k)!r} now"
+           for k in RUN_KEYS if get(old, k) != get(r["cfg"], k)]
+  if diffs:
+    raise config_lib.ConfigError(
+        f"{r['workdir']} was trained with other settings ({'; '.join(diffs)})"
+        "; use a new --workdir for the changed study")
+
+
 # ---------------------------------------------------------------- records
 
 
@@ -204,6 +225,8 @@ def run_records(r: dict) -> list[dict]:
 def run(scfg, workdir: str, train_fn=None) -> dict:
   """Trains what is missing, fits, predicts, writes DIR's outputs."""
   planned = plan(scfg, workdir)  # every check before anything trains
+  for r in planned:
+    check_same_run(r)
   ex = experiment.Experiment(workdir, train_fn)
   ex.start(scfg, "repeat_config.json")
   ex.expect([(r["cfg"], r["workdir"]) for r in planned])
