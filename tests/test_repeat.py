@@ -18,7 +18,7 @@ from llmlab import train as train_lib
 from llmlab.checkpoints import checkpoint_dir
 from llmlab.studies import repeat
 from llmlab.studies import repeat_analysis
-from llmlab.studies import repeat_forms
+from llmlab.scaling import fit as fit_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L, G = 64, 8
@@ -261,11 +261,11 @@ def test_law_solve_and_measured_crossing(monkeypatch):
   """repetitions_at on a law with a known answer; the measured crossing is
   interpolated in log R."""
   # L = 1 + 0.01 (R - 1) / 3: +1% at R = 4.
-  monkeypatch.setattr(repeat_forms, "predict", lambda res, params, tokens,
+  monkeypatch.setattr(fit_lib, "predict", lambda res, params, tokens,
                       unique_tokens: 1 + 0.01 * (tokens / unique_tokens - 1) / 3)
   assert repeat_analysis.repetitions_at(None, 1e5, 1e6, 0.01) == (
       pytest.approx(4.0, rel=1e-3))
-  monkeypatch.setattr(repeat_forms, "predict",
+  monkeypatch.setattr(fit_lib, "predict",
                       lambda res, params, tokens, unique_tokens: 0 * tokens + 2)
   assert repeat_analysis.repetitions_at(None, 1e5, 1e6, 0.01) is None
   rows = [dict(family="m", params=1.0, tokens=10.0, repetitions=r, loss=v)

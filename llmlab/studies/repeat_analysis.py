@@ -1,6 +1,6 @@
 """The repetition study's numbers (repeat.py has the design).
 
-Per law (repeat_forms.FORMS): the fit on the family's records, its
+Per law (FORMS, llmlab/scaling/forms.py): the fit on the family's records, its
 prediction of the held-out target's evals (ARE over evals >= are_fraction
 of the run, naive ARE, skill), and the number of epochs R at which the
 law's loss for the target's N and the runs' D is `threshold` (1%) above
@@ -15,14 +15,16 @@ from __future__ import annotations
 import numpy as np
 
 from llmlab.scaling import fit as fit_lib
-from llmlab.studies import repeat_forms
 
-FORMS = repeat_forms.FORMS
+# chinchilla is blind to repetition; the two others read unique_tokens
+# (llmlab/scaling/forms.py).
+FORMS = ("chinchilla", "data_constrained", "data_repeat")
 MAX_REPETITIONS = 1e4  # the solve's search range is 1 .. this many epochs
 
 
 def columns(rows: list[dict]) -> dict:
-  """Records as the fitter's numpy columns."""
+  """Records as the fitter's numpy columns (unique_tokens: the unique
+  tokens seen so far, min(U, D), so epochs = D / unique >= 1)."""
   out = {k: np.array([r[k] for r in rows], np.float64)
          for k in ("params", "tokens", "loss", "unique_tokens", "epochs")}
   out["run"] = np.array([r["run"] for r in rows], dtype=object)
@@ -30,8 +32,8 @@ def columns(rows: list[dict]) -> dict:
 
 
 def _predict(result, n, d, u) -> np.ndarray:
-  return np.asarray(repeat_forms.predict(result, params=n, tokens=d,
-                                         unique_tokens=u), np.float64)
+  return np.asarray(fit_lib.predict(result, params=n, tokens=d,
+                                    unique_tokens=u), np.float64)
 
 
 def naive(family: list[dict], target: list[dict]) -> np.ndarray:
@@ -126,7 +128,7 @@ def analyse(scfg, records: list[dict]) -> dict:
   sizes = sorted({r["params"] for r in records})
   laws, at_1pct, by_size = {}, {}, {}
   for form in scfg.forms:
-    result = repeat_forms.fit_law(fam, form)
+    result = fit_lib.fit_law(fam, form)
     laws[form] = dict(params=result.params, objective=result.objective,
                       converged=result.converged, n_points=result.n_points,
                       holdout=_holdout(result, target, guess_naive,
@@ -145,7 +147,7 @@ def analyse(scfg, records: list[dict]) -> dict:
       holdout=dict(form=best, **{k: v for k, v in laws[best]["holdout"].items()
                                  if k not in ("points", "by_repetitions")}),
       threshold=threshold, are_fraction=are_fraction,
-      tokens=d_run, forms_native=repeat_forms.native(),
+      tokens=d_run,
       target=dict(name=target[0]["family"], params=n_target,
                   ratio_to_largest_fitted=n_target / biggest),
       n_records=dict(family=len(family), target=len(target)))

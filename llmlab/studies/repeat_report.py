@@ -129,8 +129,4 @@ def markdown(result: dict) -> str:
             "", "![ratio](repeat_ratio.png)", "",
             f"Wall time: {result['wall_time_total_s'] / 60:.1f} min over all "
             f"invocations ({result['wall_time_this_run_s'] / 60:.1f} this one)."]
-  if not result.get("forms_native", True):
-    lines += ["", "Note: `data_constrained` / `data_repeat` are the study's "
-              "temporary stand-ins (llmlab/studies/repeat_forms.py) until "
-              "llmlab/scaling/forms.py has them."]
   return "\n".join(lines) + "\n"
