@@ -64,6 +64,7 @@ def data_defaults() -> ConfigDict:
       cache_dir="",
       prefetch=16,
       num_threads=2,
+      unique_tokens=0,  # > 0: train on the first U tokens, repeated
       stdlib=dict(max_file_bytes=1_000_000, include="", exclude=""),
       files=dict(paths="", text_field="text", column="text"),
       synthetic=dict(seed=0, order=2, num_symbols=16, branching=3,

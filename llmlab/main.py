@@ -41,6 +41,9 @@ COMMANDS = {
               "scaling study: train, sweep, fit, predict a held-out run"),
     "overtrain": ("llmlab.commands.overtrain",
                   "study: fine-tunability along one long pretraining run"),
+    "repeat-study": ("llmlab.commands.repeat_study",
+                     "study: loss under repeated data, its law, a bigger "
+                     "model"),
     "distill-study": ("llmlab.commands.distill_study",
                       "study: teacher, then students at equal tokens"),
     "teacher-logits": ("llmlab.commands.teacher_logits",

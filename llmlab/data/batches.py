@@ -6,6 +6,9 @@ process's batches, indexed by step), `_read_options`, and implements
 
 from __future__ import annotations
 
+import functools
+
+import grain
 import numpy as np
 
 from llmlab.data.errors import DataError
@@ -49,3 +52,23 @@ class StepBatches:
 
   def _eval(self, eval_tokens: int, batch_size: int) -> list[dict]:
     raise NotImplementedError
+
+
+def repeat_sample(sample, seed: int):
+  """`sample` (a finite grain MapDataset) epoch after epoch, endlessly:
+  epoch 0 in its own order, epoch e >= 1 in a permutation seeded by
+  (seed, e). With `sample` the first U rows of a fresh stream
+  (`data.unique_tokens`), a run sees exactly what the fresh run sees for
+  its first U tokens, then those rows again, reshuffled: the two differ
+  only by the repetition."""
+  n = len(sample)
+
+  @functools.lru_cache(maxsize=4)
+  def order(epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+  def row(i: int, j: int):
+    epoch = i // n
+    return sample[j if epoch == 0 else int(order(epoch)[j])]
+
+  return grain.MapDataset.range(n).repeat().map_with_index(row)

@@ -29,6 +29,17 @@ Keys (all in `default_config()`):
                 .parquet (one per row, `column`), .array_record /
                 .arrayrecord (one UTF-8 record per document).
   synthetic.*   the seeded sparse Markov source (see synthetic.py).
+  unique_tokens 0 (default: no limit) or U > 0: train on only the first U
+                tokens of the training stream, repeated for as many epochs as
+                the run needs (the data-constrained regime of Muennighoff et
+                al. 2023). Each source keeps the first floor(U w / seq_len)
+                rows (w its mixture weight) of its shuffled training stream,
+                i.e. exactly the rows a fresh run reads first (a uniform
+                sample of the corpus's rows; another seed draws another),
+                and reads them again epoch after epoch, each later epoch
+                in an order seeded by (seed, epoch); order stays a pure
+                function of (seed, step). Evaluation is unchanged. U must
+                cover at least one global batch.
   tokens.path   source 'tokens': URI (local or gs://) of a token store written
                 by `llmlab tokenize` (token_store.py); rows are read by random
                 access (token_data.py). The store fixes the mixture, split and
@@ -40,6 +51,7 @@ from __future__ import annotations
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from llmlab import config as config_lib
 from llmlab.data.errors import DataError
@@ -93,6 +105,39 @@ def _check_name(name: str, key: str) -> str:
   if name not in SOURCES:
     raise DataError(f"{key}: unknown source {name!r}; known: {SOURCES}")
   return name
+
+
+def unique_tokens(data_cfg, seq_len: int, global_batch: int) -> int:
+  """`data.unique_tokens`, checked against the batch shape (0 = no limit)."""
+  u = data_cfg.get("unique_tokens", 0)
+  if isinstance(u, bool) or not isinstance(u, (int, np.integer)) or u < 0:
+    raise DataError(f"data.unique_tokens={u!r}: must be an integer >= 0 "
+                    "(0 = no limit)")
+  if 0 < u < global_batch * seq_len:
+    raise DataError(f"data.unique_tokens={u}: less than one global batch "
+                    f"({global_batch} rows x seq_len={seq_len} = "
+                    f"{global_batch * seq_len} tokens)")
+  return int(u)
+
+
+def unique_rows(u: int, weight: float, rows: int, seq_len: int,
+                name: str) -> int:
+  """How many leading rows of source `name`'s training stream (`rows` in
+  all) training repeats: all of them when u == 0."""
+  if not u:
+    return rows
+  keep = int(u * weight) // seq_len
+  if keep < 1:
+    raise DataError(f"data.unique_tokens={u}: source {name!r} (weight "
+                    f"{weight:.3g}) gets less than one row of "
+                    f"seq_len={seq_len}")
+  if keep > rows:
+    raise DataError(f"data.unique_tokens={u}: source {name!r} has only "
+                    f"{rows * seq_len} training tokens in full rows of "
+                    f"seq_len={seq_len}, fewer than its share "
+                    f"{keep * seq_len}; lower data.unique_tokens or use 0 "
+                    "(no limit)")
+  return keep
 
 
 def split_paths(paths) -> list[str]:

@@ -8,6 +8,10 @@ deterministic pattern), and global batch `step` is mixed rows
 [step G, (step+1) G). Process p owns rows [step G + p B, step G + (p+1) B) with
 B = G / process_count, i.e. element `step P + p` of the rows batched by B.
 Resuming at step s is `train_iter(s)`: nothing to checkpoint but the step.
+With `data.unique_tokens=U` each source keeps the first floor(U w / seq_len)
+rows of that shuffled stream (data/config.py) and repeats them, reshuffled
+every later epoch (`batches.repeat_sample`): order still a pure function of
+(seed, step), and identical to the fresh run's for the first U tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 
 from llmlab.data import config as config_lib
 from llmlab.data.batches import StepBatches
+from llmlab.data.batches import repeat_sample
 from llmlab.data import corpus
 from llmlab.data import documents
 from llmlab.data import evaluation
@@ -64,24 +69,30 @@ class Data(StepBatches):
 
   def __init__(self, tokenizer, parts: list[_Part], *, seq_len: int,
                global_batch: int, seed: int, process_index: int,
-               process_count: int, info: dict, read_options):
+               process_count: int, info: dict, read_options,
+               unique_tokens: int = 0):
     super().__init__(tokenizer, seq_len=seq_len, global_batch=global_batch,
                      process_index=process_index, process_count=process_count,
                      read_options=read_options)
     self._parts = parts
-    self._local, rows_per_epoch = self._train_dataset(seed)
+    self._local, rows_per_epoch = self._train_dataset(seed, unique_tokens)
     self.info = {**info, "rows_per_epoch": rows_per_epoch}
+    if unique_tokens:
+      self.info["unique_tokens"] = self._seq_len * sum(rows_per_epoch.values())
 
-  def _train_dataset(self, seed: int):
+  def _train_dataset(self, seed: int, unique_tokens: int):
     """(this process's batches as a grain MapDataset, rows per source)."""
     rows, rows_per_epoch = [], {}
     for part in self._parts:
       packed = PackedRows(part.train, self._seq_len,
                           derive_seed(seed, part.name, "documents"))
-      rows_per_epoch[part.name] = len(packed)
-      ds = grain.MapDataset.source(packed)
-      rows.append(ds.shuffle(seed=derive_seed(seed, part.name, "rows"))
-                  .repeat())
+      keep = config_lib.unique_rows(unique_tokens, part.weight, len(packed),
+                                    self._seq_len, part.name)
+      rows_per_epoch[part.name] = keep
+      fresh = grain.MapDataset.source(packed).shuffle(
+          seed=derive_seed(seed, part.name, "rows"))
+      rows.append(fresh.repeat() if keep == len(packed) else repeat_sample(
+          fresh[:keep], derive_seed(seed, part.name, "epochs")))
     mixed = rows[0] if len(rows) == 1 else grain.MapDataset.mix(
         rows, [p.weight for p in self._parts])
     batched = mixed.batch(self._local_batch, drop_remainder=True)
@@ -103,12 +114,14 @@ def build(data_cfg, *, seq_len: int, global_batch: int, seed: int,
           process_index: int = 0, process_count: int = 1) -> Data:
   """Reads, splits and tokenizes the configured data; all checks happen here."""
   _check_shapes(seq_len, global_batch, process_index, process_count)
+  unique = config_lib.unique_tokens(data_cfg, seq_len, global_batch)
   if _uses_store(data_cfg):  # rows read from a token store: token_data.py
     return token_data.build(data_cfg, seq_len=seq_len,
                             global_batch=global_batch, seed=seed,
                             process_index=process_index,
                             process_count=process_count,
-                            read_options=_read_options(data_cfg))
+                            read_options=_read_options(data_cfg),
+                            unique_tokens=unique)
   tokenizer = tokenizer_lib.load(str(data_cfg.tokenizer))
   val_fraction = float(data_cfg.val_fraction)
   cache_dir = corpus.default_cache_dir(str(data_cfg.cache_dir or ""))
@@ -120,7 +133,7 @@ def build(data_cfg, *, seq_len: int, global_batch: int, seed: int,
   return Data(tokenizer, parts, seq_len=seq_len, global_batch=global_batch,
               seed=seed, process_index=process_index,
               process_count=process_count, info=info,
-              read_options=read_options)
+              read_options=read_options, unique_tokens=unique)
 
 
 def _read_options(data_cfg) -> grain.ReadOptions:

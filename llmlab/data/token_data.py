@@ -31,8 +31,10 @@ from __future__ import annotations
 import grain
 import numpy as np
 
+from llmlab.data import config as data_config
 from llmlab.data import evaluation
 from llmlab.data.batches import StepBatches
+from llmlab.data.batches import repeat_sample
 from llmlab.data import tokenizer as tokenizer_lib
 from llmlab.data import token_store
 from llmlab.data.errors import DataError
@@ -49,7 +51,8 @@ class StoreData(StepBatches):
 
   def __init__(self, tokenizer, store: token_store.TokenStore, *,
                seq_len: int, global_batch: int, seed: int,
-               process_index: int, process_count: int, read_options):
+               process_index: int, process_count: int, read_options,
+               unique_tokens: int = 0):
     super().__init__(tokenizer, seq_len=seq_len, global_batch=global_batch,
                      process_index=process_index, process_count=process_count,
                      read_options=read_options)
@@ -59,9 +62,15 @@ class StoreData(StepBatches):
     self._train = [store.split(n, "train") for n in self._names]
     self._val = [store.split(n, "val") for n in self._names]
     self._check_sizes()
+    self._rows = [data_config.unique_rows(
+        unique_tokens, w, t.num_rows(seq_len), seq_len, n)
+                  for n, w, t in zip(self._names, self._weights, self._train)]
     self._ids = self._row_ids(seed)
     self._local = self._ids.map(self._read_batch)
     self.info = _info(store, tokenizer, seq_len, self._train)
+    if unique_tokens:
+      self.info["rows_per_epoch"] = dict(zip(self._names, self._rows))
+      self.info["unique_tokens"] = seq_len * sum(self._rows)
 
   def _check_sizes(self) -> None:
     for name, train, val in zip(self._names, self._train, self._val):
@@ -79,9 +88,12 @@ class StoreData(StepBatches):
     MapDataset; `_local` maps them to the rows' arrays."""
     ids = []
     for k, (name, split) in enumerate(zip(self._names, self._train)):
-      rows = grain.MapDataset.range(split.num_rows(self._seq_len))
-      ids.append(rows.shuffle(seed=derive_seed(seed, name, "rows")).repeat()
-                 .map(lambda r, k=k: (k, r)))
+      total, keep = split.num_rows(self._seq_len), self._rows[k]
+      fresh = grain.MapDataset.range(total).shuffle(
+          seed=derive_seed(seed, name, "rows"))
+      rows = fresh.repeat() if keep == total else repeat_sample(
+          fresh[:keep], derive_seed(seed, name, "epochs"))  # unique_tokens
+      ids.append(rows.map(lambda r, k=k: (k, r)))
     mixed = ids[0] if len(ids) == 1 else grain.MapDataset.mix(
         ids, self._weights)
     batched = mixed.batch(self._local_batch, drop_remainder=True)
@@ -154,7 +166,8 @@ class StoreData(StepBatches):
 
 
 def build(data_cfg, *, seq_len: int, global_batch: int, seed: int,
-          process_index: int, process_count: int, read_options) -> StoreData:
+          process_index: int, process_count: int, read_options,
+          unique_tokens: int = 0) -> StoreData:
   """Opens and checks the store (manifest and tokenizer only)."""
   uri = str(data_cfg.tokens.path or "")
   if not uri:
@@ -166,7 +179,7 @@ def build(data_cfg, *, seq_len: int, global_batch: int, seed: int,
   return StoreData(tokenizer, store, seq_len=seq_len,
                    global_batch=global_batch, seed=seed,
                    process_index=process_index, process_count=process_count,
-                   read_options=read_options)
+                   read_options=read_options, unique_tokens=unique_tokens)
 
 
 def _info(store, tokenizer, seq_len: int, train: list) -> dict:
