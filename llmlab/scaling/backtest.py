@@ -327,6 +327,7 @@ def checks(rows: Sequence[dict]) -> dict:
   key = lambda r: (r["design"], r["checkpoints"], r["n_models"], r["fraction"],
                    r["min_tokens"] > 0)
   by = {key(r): r["are"] for r in rows if math.isfinite(r["are"])}
+  runs = {key(r): r["runs"] for r in rows}
 
   def compare(pairs):
     diffs = [(a, b) for a, b in pairs if a is not None and b is not None]
@@ -352,8 +353,9 @@ def checks(rows: Sequence[dict]) -> dict:
       drop_early_vs_keep=compare(pairs(
           lambda d, c, k, p, cut: (d, c, k, p, False) if c == "all" and cut else None)),
       closest_vs_smallest=compare(pairs(
-          lambda d, c, k, p, cut: ("smallest", c, k, p, cut)
-          if d == "closest" and c == "all" else None)))
+          lambda d, c, k, p, cut: ("smallest", c, k, p, cut)  # k = n-1: the same runs
+          if d == "closest" and c == "all" and runs.get(("smallest", c, k, p, cut))
+          != runs[(d, c, k, p, cut)] else None)))
 
 
 def run(records: Mapping, form: str = "chinchilla", target: str | None = None,

@@ -96,8 +96,9 @@ def _cell_line(c) -> str:
 
 def _check_line(question: str, c: dict | None, first: str, second: str) -> str:
   if c is None:
-    return (f"- {question} Not measurable here: no matched pair of cells was "
-            "identified (a fit needs more points than parameters).")
+    return (f"- {question} Not measurable here: no matched pair of cells (a fit "
+            "needs more points than parameters; with 3 sizes the closest and the "
+            "smallest k = 2 are the same models).")
   verdict = "yes" if c["median_diff"] < 0 else "no"
   return (f"- {question} **{verdict}**: {first} wins {c['wins']} of {c['pairs']} "
           f"matched cells (mean ARE {_pct(c['mean_first'])} vs {_pct(c['mean_second'])}"
