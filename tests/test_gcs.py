@@ -227,6 +227,16 @@ def _stalled_start(gcs, store, workdir, log, **env):
   return proc
 
 
+def _wait_or_fail(proc, log, timeout: float, what: str) -> None:
+  """Waits for a run that must end; a run still alive is killed and fails
+  the test with the end of its log."""
+  try:
+    proc.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"{what}: " + log.read_text()[-3000:]) from None
+
+
 def test_stalled_server_ends_the_run_naming_the_object(gcs, gs_store, tmp_path):
   """No hang: the read past its deadline ends the run with one line naming
   the gs:// object and the restartable status 75; with the server back,
@@ -239,10 +249,7 @@ def test_stalled_server_ends_the_run_naming_the_object(gcs, gs_store, tmp_path):
   proc = _stalled_start(gcs, gs_store, workdir, log)
   t = time.time()
   try:
-    proc.wait(timeout=120)
-  except subprocess.TimeoutExpired:
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("the run hung: " + log.read_text()[-3000:])
+    _wait_or_fail(proc, log, 120, "the run hung")
   finally:
     gcs.proc.send_signal(signal.SIGCONT)
   took = time.time() - t
@@ -270,11 +277,8 @@ def test_sigterm_during_a_storage_hang_exits_within_the_grace(gcs, gs_store, tmp
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
     os.killpg(proc.pid, signal.SIGTERM)
     t = time.time()
-    try:
-      proc.wait(timeout=watchdog.SIGTERM_GRACE_S + 30)
-    except subprocess.TimeoutExpired:
-      os.killpg(proc.pid, signal.SIGKILL)
-      raise AssertionError("SIGTERM did not end the hung run: " + log.read_text()[-3000:])
+    _wait_or_fail(proc, log, watchdog.SIGTERM_GRACE_S + 30,
+                  "SIGTERM did not end the hung run")
   finally:
     gcs.proc.send_signal(signal.SIGCONT)
   assert time.time() - t < watchdog.SIGTERM_GRACE_S + 15
@@ -302,10 +306,7 @@ def test_stalled_server_ends_a_gs_run_naming_the_object(gcs, local_run, tmp_path
   gcs.proc.send_signal(signal.SIGSTOP)
   t = time.time()
   try:
-    proc.wait(timeout=300)
-  except subprocess.TimeoutExpired:
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("the run hung: " + log.read_text()[-3000:])
+    _wait_or_fail(proc, log, 300, "the run hung")
   finally:
     gcs.proc.send_signal(signal.SIGCONT)
   took = time.time() - t

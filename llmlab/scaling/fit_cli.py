@@ -509,9 +509,13 @@ def _parser():
   p = argparse.ArgumentParser(prog="llmlab fit", description=__doc__.splitlines()[0])
   p.add_argument("--records", required=True,
                  help="CSV with params, tokens, loss (curve forms: run, step, lr, loss)")
-  p.add_argument("--form", default="chinchilla", choices=sorted(forms_lib.FORMS))
-  p.add_argument("--params_column", default="params")
-  p.add_argument("--min_tokens", type=float)
+  p.add_argument("--form", default="chinchilla", choices=sorted(forms_lib.FORMS),
+                 help="the law (llmlab/scaling/forms.py; default %(default)s)")
+  p.add_argument("--params_column", default="params",
+                 help="the CSV column read as N, e.g. params_nonembed (default "
+                 "%(default)s)")
+  p.add_argument("--min_tokens", type=float,
+                 help="drop checkpoints below this many tokens (default: keep all)")
   p.add_argument("--min_fraction", type=float,
                  help="drop checkpoints below this fraction of their run's final tokens")
   p.add_argument("--fit_runs", help="comma-separated runs to fit on (default all)")
@@ -525,9 +529,13 @@ def _parser():
                  help="curve forms: fit only rows at steps below this")
   p.add_argument("--bootstrap", type=int, default=100, help="refits for intervals (0: none)")
   p.add_argument("--out", default="fit_out", help="output directory")
-  p.add_argument("--delta", type=float, default=fit_lib.DELTA, help="Huber delta")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--saturation_threshold", type=float, default=0.01)
+  p.add_argument("--delta", type=float, default=fit_lib.DELTA,
+                 help="Huber delta on log-loss residuals (default %(default)s)")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of the bootstrap resamples (default %(default)s)")
+  p.add_argument("--saturation_threshold", type=float, default=0.01,
+                 help="nats gained by doubling D below which a run counts as "
+                 "saturated (default %(default)s)")
   p.add_argument("--are_final_only", action="store_true",
                  help="ARE on the target's final checkpoint only")
   return p
