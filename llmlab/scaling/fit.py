@@ -158,8 +158,9 @@ def _solve_group(form, screen: Tol, polish: Tol, keep: int, fast: bool, u0_KxP,
 
   Lanes move in coordinates u with theta = shift + scale @ u (see `whitening`).
   fast: the screen runs in float32 (~8x faster on CPU, where float64 exp and
-  log do not vectorise); the polish continues the screened lanes (their
-  L-BFGS memory too) in float64, which decides the result.
+  log do not vectorise) in three parts, each keeping the better half of the
+  lanes; the polish continues the screened lanes (their L-BFGS memory too)
+  in float64, which decides the result.
   """
   opt = optax.lbfgs(memory_size=10, linesearch=None)
 
@@ -175,10 +176,20 @@ def _solve_group(form, screen: Tol, polish: Tol, keep: int, fast: bool, u0_KxP,
   vg = value_and_grad(shift_P, scale_PxP, jnp.float32) if fast else precise
   lanes = jax.vmap(functools.partial(_lane_init, vg, opt))(
       u0_KxP.astype(jnp.float32) if fast else u0_KxP)
-  if keep < u0_KxP.shape[0]:
-    lanes = run(vg, screen, lanes)
-    _, best = jax.lax.top_k(-jnp.where(jnp.isnan(lanes["f"]), jnp.inf, lanes["f"]), keep)
-    lanes = jax.tree.map(lambda a: a[best], lanes)
+  best_of = lambda lanes, k: jax.tree.map(
+      lambda a: a[jax.lax.top_k(-jnp.where(jnp.isnan(lanes["f"]), jnp.inf, lanes["f"]),
+                                k)[1]], lanes)
+  if keep < u0_KxP.shape[0] and fast:
+    # Successive halving (Jamieson & Talwalkar 2016): lanes run in lockstep,
+    # so after each third of the screen the worse half of the starts stops
+    # paying for the evaluations the better half still needs.
+    part = screen._replace(max_evals=max(1, screen.max_evals // 3))
+    for _ in range(2):
+      lanes = run(vg, part, lanes)
+      lanes = best_of(lanes, max(keep, lanes["f"].shape[0] // 2))
+    lanes = best_of(run(vg, part, lanes), keep)
+  elif keep < u0_KxP.shape[0]:
+    lanes = best_of(run(vg, screen, lanes), keep)
   if fast:  # the screened lanes, memory and all, continue in float64
     lanes = jax.tree.map(lambda a: a.astype(u0_KxP.dtype)
                          if a.dtype == jnp.float32 else a, lanes)
