@@ -25,6 +25,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from llmlab import attention as attention_lib
@@ -226,6 +227,23 @@ def _attention_bwd(mm, dt, res, do_BxKxGxLxE):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _gathered_attention(q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, seg_BxL, seg_BxS,
+                        order_L, order_S, *, mm, dt):
+  """One device's share of context-parallel attention
+  (`attention_lib.gathered`): its queries against the whole sequence's
+  keys/values, masked by the slots' original positions (the sequence is
+  load-balanced, so slot order is not position order) and segment ids."""
+  b, h, l, e = q_BxHxLxE.shape
+  kh = k_BxKxSxE.shape[1]
+  causal_LxS = order_S[None, :] <= order_L[:, None]
+  same_BxLxS = seg_BxL[:, :, None] == seg_BxS[:, None, :]
+  bias_BxLxS = jnp.where(causal_LxS[None] & same_BxLxS, 0.0,
+                         jnp.finfo(jnp.float32).min)
+  o_BxKxGxLxE = _attention(q_BxHxLxE.reshape(b, kh, h // kh, l, e),
+                           k_BxKxSxE, v_BxKxSxE, bias_BxLxS, mm, dt)
+  return o_BxKxGxLxE.reshape(b, h, l, e)
+
+
 class Attention(nn.Module):
   """Grouped-query causal self-attention with segment isolation.
 
@@ -239,7 +257,10 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, segment_ids_BxL, sin_cos, decode: bool):
+  def __call__(self, x_BxLxD, segment_ids_BxL, sin_cos, decode: bool,
+               order_L=None):
+    """`order_L`: original position of each slot under context parallelism
+    (the sequence is load-balanced, see `attention_lib.context_order`)."""
     cfg = self.cfg
     d, h, k, e = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_size
     dt = _dtype(cfg.dtype)
@@ -273,6 +294,12 @@ class Attention(nn.Module):
     b, l = x_BxLxD.shape[:2]
     q_BxHxLxE = q_BxHxLxE * jnp.asarray(e ** -0.5, dt)
     kernel = "xla" if decode else attention_lib.kernel_for(cfg, l)
+    if order_L is not None and not decode:
+      local = functools.partial(_gathered_attention,
+                                mm=_dtype(cfg.product_dtype), dt=dt)
+      o_BxHxLxE = attention_lib.gathered(local, q_BxHxLxE, k_BxKxLxE,
+                                         v_BxKxLxE, segment_ids_BxL, order_L)
+      return dense("bhle,hed->bld", o_BxHxLxE.astype(dt), wo, cfg)
     if kernel != "xla":
       o_BxHxLxE = attention_lib.attend(kernel, q_BxHxLxE, k_BxKxLxE,
                                        v_BxKxLxE, segment_ids_BxL, cfg)
@@ -358,12 +385,14 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BxLxD, segment_ids_BxL, sin_cos):
-    """`sin_cos`: the rotary tables of `rope_tables`, shared by all layers."""
+  def __call__(self, x_BxLxD, segment_ids_BxL, sin_cos, order_L=None):
+    """`sin_cos`: the rotary tables of `rope_tables`, shared by all layers;
+    `order_L`: slot positions under context parallelism (else None)."""
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
     h = Attention(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x_BxLxD),
-                                    segment_ids_BxL, sin_cos, self.decode)
+                                    segment_ids_BxL, sin_cos, self.decode,
+                                    order_L)
     x_BxLxD = x_BxLxD + drop(h)
     h = Mlp(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x_BxLxD))
     x_BxLxD = constrain(x_BxLxD + drop(h), ("batch", "length", "embed"))
@@ -398,6 +427,14 @@ class Transformer(nn.Module):
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]),
                                        tokens_BxL.shape)
+    # Context parallelism: every sequence in load-balanced slot order (the
+    # ids are reordered, not activations: a cheap int gather); restored
+    # before the logits.
+    order_L = None if decode else attention_lib.context_order(
+        tokens_BxL.shape[1])
+    if order_L is not None:
+      tokens_BxL, segment_ids_BxL, positions_BxL = (
+          t[:, order_L] for t in (tokens_BxL, segment_ids_BxL, positions_BxL))
     dt = _dtype(cfg.dtype)
     emb_VxD = _param(self, "embedding", ("vocab", "embed"),
                      (cfg.vocab_size, cfg.d_model), cfg.init_std, cfg)
@@ -412,14 +449,18 @@ class Transformer(nn.Module):
         block,
         variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast,) * (2 if order_L is None else 3),
         length=cfg.num_layers,
         unroll=_unroll(cfg),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
+    extra = () if order_L is None else (jnp.asarray(order_L),)
     x_BxLxD, _ = stack(cfg, decode, deterministic, name="layers")(
         x_BxLxD, segment_ids_BxL,
-        rope_tables(positions_BxL, cfg.head_size, cfg.rope_theta))
+        rope_tables(positions_BxL, cfg.head_size, cfg.rope_theta), *extra)
+    if order_L is not None:
+      x_BxLxD = constrain(x_BxLxD[:, np.argsort(order_L)],
+                          ("batch", "length", "embed"))
     x_BxLxD = RMSNorm(cfg, name="final_norm")(x_BxLxD)
     if cfg.tie_embeddings:
       w_DxV = emb_VxD.T
