@@ -41,8 +41,8 @@ the same causal work. Tokens, segment ids and positions are reordered
 together after the batch arrives (RoPE reads positions, so it is
 unchanged), attention masks by the original positions, and the final hidden
 states are put back in order before the logits, so losses see the usual
-layout. Only the xla kernel runs under context parallelism for now: splash
-would need one mask per device (see `problems`).
+layout. The xla and splash kernels run under context parallelism (splash:
+`_splash_context`); cuDNN does not.
 
 `check` validates the choice before anything compiles (called by
 `llmlab.steps.build`).
@@ -96,13 +96,19 @@ def problems(kernel: str, cfg, plat: str, seq_len: int,
   the `model` ConfigDict."""
   if kernel == "xla":
     return []
-  if context > 1:
-    return [f"{kernel} does not run with mesh.context={context} yet (context "
-            "parallelism uses the xla kernel: model.attention=xla or auto)"]
+  if context > 1 and kernel != "splash":
+    return [f"{kernel} does not run with mesh.context={context} (context "
+            "parallelism runs splash or xla)"]
   head = cfg.head_dim or cfg.d_model // cfg.num_heads
   dtype = cfg.matmul_dtype or cfg.dtype
   if kernel == "splash":
-    return _splash_problems(cfg, plat, seq_len, dtype)
+    chunk = seq_len // (2 * context) if context > 1 else seq_len
+    out = _splash_problems(cfg, plat, chunk, dtype)
+    if context > 1:  # the checks ran on one load-balanced chunk: say so
+      out = [f"{w} (with mesh.context={context}: of each of the "
+             f"{2 * context} chunks of {seq_len // (2 * context)} positions)"
+             for w in out]
+    return out
   return _cudnn_problems(plat, seq_len, head, dtype)
 
 
@@ -111,6 +117,8 @@ def _splash_problems(cfg, plat, seq_len, dtype) -> list[str]:
   if plat not in ("tpu", "cpu"):
     out.append(f"splash is a TPU kernel (CPU: interpret mode, for tests); "
                f"this is {plat}")
+  # `seq_len`: one load-balanced chunk under context parallelism, whose
+  # query tiles must not straddle chunks (else no block is ever skipped).
   if seq_len % _LANES:
     out.append(f"the sequence length {seq_len} must be a multiple of {_LANES}")
   for key in ("attention_block_q", "attention_block_kv"):
@@ -222,14 +230,21 @@ def _warn_interpret() -> None:
 
 
 def attend(kernel: str, q_BxHxLxE, k_BxKxLxE, v_BxKxLxE, segment_ids_BxL,
-           cfg):
+           cfg, order_L=None):
   """Causal, segment-isolated GQA attention with a fused kernel.
 
   q is already scaled by head_size**-0.5. Operands are cast to the product
   dtype (`model.matmul_dtype`, default `model.dtype`), as in the xla path;
   the result has that dtype. Runs per device inside `jax.shard_map`.
+  `order_L`: the load-balanced slot order under context parallelism.
   """
   mm = jnp.dtype(cfg.matmul_dtype or cfg.dtype)
+  if order_L is not None:
+    if kernel != "splash":
+      raise ValueError(f"attend: {kernel} has no context-parallel form")
+    return _splash_context(q_BxHxLxE.astype(mm), k_BxKxLxE.astype(mm),
+                           v_BxKxLxE.astype(mm),
+                           segment_ids_BxL.astype(jnp.int32), order_L, cfg)
   if kernel == "splash":
     blocks = _block_sizes(cfg, q_BxHxLxE.shape[2])
     local = functools.partial(_splash_local, blocks=blocks,
@@ -330,6 +345,51 @@ def gathered(local, q_BxHxLxE, k_BxKxLxE, v_BxKxLxE, seg_BxL, order_L):
                        out_specs=qkv, check_vma=False)(
                            q_BxHxLxE, k_BxKxLxE, v_BxKxLxE,
                            seg_BxL.astype(jnp.int32), order_L)
+
+
+def _splash_context(q_BxHxLxE, k_BxKxLxE, v_BxKxLxE, seg_BxL, order_L, cfg):
+  """Splash under context parallelism, all-gather K/V as in `gathered`.
+
+  The gathered keys/values are put back in position order (a local
+  permutation), so the kernel's mask is a plain causal mask over key
+  positions whose query rows are the slots' positions (`q_sequence` =
+  `order_L`, MaxText's load-balanced causal mask). One kernel covers the
+  whole [L, L] mask with `q_seq_shards` = context; it is a pytree, and
+  `manual_sharding_spec` hands each device the block tables and
+  `q_sequence` of its own query rows, so fully masked blocks are still
+  skipped per device.
+  """
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+  mesh = jax.sharding.get_abstract_mesh()
+  b, h, l, _ = q_BxHxLxE.shape
+  batch = _axes("batch", b, mesh)
+  heads = _axes("heads", math.gcd(h, k_BxKxLxE.shape[1]), mesh)
+  ctx = _axes("length", l, mesh)
+  size = lambda a: math.prod(mesh.shape[x] for x in (
+      () if a is None else a if isinstance(a, tuple) else (a,)))
+  c = size(ctx)
+  mask = sa.CausalMask((l, l))
+  mask.q_sequence = np.asarray(order_L, np.int32)
+  kern = sa.make_splash_mha(
+      sa.MultiHeadMask([mask] * (h // size(heads))),
+      block_sizes=_block_sizes(cfg, l // (2 * c)), head_shards=1,
+      q_seq_shards=c, interpret=platform() == "cpu")
+  kspec = kern.manual_sharding_spec(
+      jax.sharding.NamedSharding(mesh, P(None, ctx)))
+  inv_L = np.argsort(order_L)  # position -> slot
+  qkv = P(batch, heads, ctx, None)
+
+  def per_device(kern, q, k, v, seg):
+    gather = lambda x, axis: jax.lax.all_gather(x, ctx, axis=axis, tiled=True)
+    k, v = gather(k, 2)[:, :, inv_L], gather(v, 2)[:, :, inv_L]
+    seg_kv = gather(seg, 1)[:, inv_L]
+    one = lambda q, k, v, sq, skv: kern(
+        q, k, v, segment_ids=sa.SegmentIds(q=sq, kv=skv))
+    return jax.vmap(one)(q, k, v, seg, seg_kv)
+  return jax.shard_map(per_device, mesh=mesh,
+                       in_specs=(kspec, qkv, qkv, qkv, P(batch, ctx)),
+                       out_specs=qkv, check_vma=False)(
+                           kern, q_BxHxLxE, k_BxKxLxE, v_BxKxLxE, seg_BxL)
 
 
 def _block_sizes(cfg, seq_len: int):

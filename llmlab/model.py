@@ -257,10 +257,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, segment_ids_BxL, sin_cos, decode: bool,
-               order_L=None):
-    """`order_L`: original position of each slot under context parallelism
-    (the sequence is load-balanced, see `attention_lib.context_order`)."""
+  def __call__(self, x_BxLxD, segment_ids_BxL, sin_cos, decode: bool):
     cfg = self.cfg
     d, h, k, e = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_size
     dt = _dtype(cfg.dtype)
@@ -294,11 +291,20 @@ class Attention(nn.Module):
     b, l = x_BxLxD.shape[:2]
     q_BxHxLxE = q_BxHxLxE * jnp.asarray(e ** -0.5, dt)
     kernel = "xla" if decode else attention_lib.kernel_for(cfg, l)
-    if order_L is not None and not decode:
+    # Under context parallelism the sequence arrives in load-balanced slot
+    # order (`Transformer`); `order_L` is each slot's position, static.
+    order_L = None if decode else attention_lib.context_order(l)
+    if order_L is not None and kernel != "xla":
+      o_BxHxLxE = attention_lib.attend(kernel, q_BxHxLxE, k_BxKxLxE,
+                                       v_BxKxLxE, segment_ids_BxL, cfg,
+                                       order_L)
+      return dense("bhle,hed->bld", o_BxHxLxE.astype(dt), wo, cfg)
+    if order_L is not None:  # xla: the all-gather K/V path
       local = functools.partial(_gathered_attention,
                                 mm=_dtype(cfg.product_dtype), dt=dt)
       o_BxHxLxE = attention_lib.gathered(local, q_BxHxLxE, k_BxKxLxE,
-                                         v_BxKxLxE, segment_ids_BxL, order_L)
+                                         v_BxKxLxE, segment_ids_BxL,
+                                         jnp.asarray(order_L))
       return dense("bhle,hed->bld", o_BxHxLxE.astype(dt), wo, cfg)
     if kernel != "xla":
       o_BxHxLxE = attention_lib.attend(kernel, q_BxHxLxE, k_BxKxLxE,
@@ -385,14 +391,12 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BxLxD, segment_ids_BxL, sin_cos, order_L=None):
-    """`sin_cos`: the rotary tables of `rope_tables`, shared by all layers;
-    `order_L`: slot positions under context parallelism (else None)."""
+  def __call__(self, x_BxLxD, segment_ids_BxL, sin_cos):
+    """`sin_cos`: the rotary tables of `rope_tables`, shared by all layers."""
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
     h = Attention(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x_BxLxD),
-                                    segment_ids_BxL, sin_cos, self.decode,
-                                    order_L)
+                                    segment_ids_BxL, sin_cos, self.decode)
     x_BxLxD = x_BxLxD + drop(h)
     h = Mlp(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x_BxLxD))
     x_BxLxD = constrain(x_BxLxD + drop(h), ("batch", "length", "embed"))
@@ -449,15 +453,14 @@ class Transformer(nn.Module):
         block,
         variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast,) * (2 if order_L is None else 3),
+        in_axes=(nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
         unroll=_unroll(cfg),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    extra = () if order_L is None else (jnp.asarray(order_L),)
     x_BxLxD, _ = stack(cfg, decode, deterministic, name="layers")(
         x_BxLxD, segment_ids_BxL,
-        rope_tables(positions_BxL, cfg.head_size, cfg.rope_theta), *extra)
+        rope_tables(positions_BxL, cfg.head_size, cfg.rope_theta))
     if order_L is not None:
       x_BxLxD = constrain(x_BxLxD[:, np.argsort(order_L)],
                           ("batch", "length", "embed"))

@@ -31,10 +31,12 @@ VOCAB = 64
 BATCH, SEQ = 4, 64
 
 
-def tiny_cfg(mesh, steps=3):
+def tiny_cfg(mesh, steps=3, attention="xla"):
   c = config_lib.base()
+  # splash (interpret mode) is slow to compile: one layer body, run twice.
   c.model.update(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
-                 mlp_dim=64, attention="xla")
+                 mlp_dim=64, attention=attention,
+                 scan_unroll=1 if attention == "splash" else 0)
   c.train.update(steps=steps, batch_size=BATCH, seq_len=SEQ,
                  learning_rate=1e-2)
   c.optim.warmup_steps = 1
@@ -60,8 +62,8 @@ def packed_batches(n):
            "bytes": np.ones((BATCH, SEQ), np.int32)}
 
 
-def run(mesh):
-  cfg = tiny_cfg(mesh)
+def run(mesh, steps, attention):
+  cfg = tiny_cfg(mesh, max(steps, 1), attention)
   config_lib.validate(cfg, int(np.prod(mesh)))
   m = shd.make_mesh(cfg.mesh, jax.devices()[:int(np.prod(mesh))])
   setup = steps_lib.build(cfg, VOCAB, m)
@@ -85,7 +87,7 @@ def run(mesh):
                        jax.device_get(grads))
   step = steps_lib.make_train_step(setup)
   losses = []
-  for b in packed_batches(cfg.train.steps):
+  for b in packed_batches(steps):
     state, met = step(state, shd.global_batch(b, setup.batch_sharding))
     losses.append(float(met["loss"]))
   return {"loss": float(loss), "grads": grads, "losses": losses,
@@ -95,4 +97,9 @@ def run(mesh):
 
 if __name__ == "__main__":
   spec = json.loads(sys.argv[1])
-  print(json.dumps({str(tuple(m)): run(tuple(m)) for m in spec["meshes"]}))
+  SEQ = spec.get("seq", SEQ)
+  print(json.dumps({
+      f"{tuple(m)} {a}": run(tuple(m), spec.get("steps", 3), a)
+      for m, a in zip(spec["meshes"], spec.get("attention",
+                                                ["xla"] * len(spec["meshes"])))
+  }))

@@ -18,14 +18,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MESHES = [[1, 1, 1, 1], [2, 1, 2, 2], [1, 2, 4, 1]]  # data, fsdp, context, tensor
 
 
-@pytest.fixture(scope="module")
-def runs():
+def _worker(spec: dict) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, os.path.join(HERE, "context_worker.py"),
-                        json.dumps({"meshes": MESHES})], capture_output=True,
-                       text=True, env=env, timeout=600)
+                        json.dumps(spec)], capture_output=True, text=True,
+                       env=env, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def runs():
+  """xla kernel: losses and gradients of one batch, and 3 train steps."""
+  return {k.rsplit(" ", 1)[0]: v for k, v in _worker({"meshes": MESHES}).items()}
 
 
 def _rel(got, ref):
@@ -36,8 +41,12 @@ def _rel(got, ref):
 @pytest.mark.parametrize("mesh", ["(2, 1, 2, 2)", "(1, 2, 4, 1)"])
 def test_losses_and_gradients_match_one_device(runs, mesh):
   ref, got = runs["(1, 1, 1, 1)"], runs[mesh]
-  assert _rel(got["loss"], ref["loss"]) <= 1e-5
   assert _rel(got["losses"], ref["losses"]) <= 1e-5
+  _assert_same(got, ref, mesh)
+
+
+def _assert_same(got, ref, what):
+  assert _rel(got["loss"], ref["loss"]) <= 1e-5
   leaves = jax.tree_util.tree_leaves_with_path(ref["grads"],
                                                is_leaf=lambda x: isinstance(
                                                    x, list))
@@ -46,7 +55,16 @@ def test_losses_and_gradients_match_one_device(runs, mesh):
     other = got["grads"]
     for k in path:
       other = other[k.key]
-    assert _rel(other, g) <= 1e-5, (mesh, jax.tree_util.keystr(path))
+    assert _rel(other, g) <= 1e-5, (what, jax.tree_util.keystr(path))
+
+
+def test_splash_context_matches_xla_on_one_device():
+  """The splash kernel (Pallas interpret mode) under context 2 with heads
+  over tensor: one kernel over the whole mask, block tables and query
+  positions sharded per device. 512 positions: 4 chunks of 128."""
+  res = _worker({"meshes": [[1, 1, 1, 1], [2, 1, 2, 2]], "seq": 512,
+                 "attention": ["xla", "splash"], "steps": 0})
+  _assert_same(res["(2, 1, 2, 2) splash"], res["(1, 1, 1, 1) xla"], "splash")
 
 
 def test_batch_is_sequence_sharded_and_load_balanced(runs):
@@ -89,12 +107,18 @@ def test_rules_must_put_length_on_context():
   assert config_lib.mesh_shape(_cfg(2).mesh, 8) == (4, 1, 2, 1)
 
 
-def test_fused_kernels_refuse_context_and_auto_falls_back():
+def test_kernel_choice_under_context():
   m = config_lib.base().model
-  m.attention = "splash"
+  m.attention = "splash"  # 512 / (2*4) = 64-position chunks: too small
+  with pytest.raises(config_lib.ConfigError, match=(
+      r"sequence length 64 must be a multiple of 128 \(with mesh.context=4")):
+    attention_lib.check(m, "tpu", 512, context=4)
+  assert attention_lib.check(m, "tpu", 1024, context=4) == "splash"
+  m.attention = "cudnn"
   with pytest.raises(config_lib.ConfigError,
-                     match="splash does not run with mesh.context=2"):
-    attention_lib.check(m, "tpu", 1024, context=2)
+                     match="cudnn does not run with mesh.context=2"):
+    attention_lib.check(m, "gpu", 1024, context=2)
   m.attention = "auto"
-  assert attention_lib.check(m, "tpu", 1024, context=2) == "xla"
-  assert attention_lib.check(m, "tpu", 1024, context=1) == "splash"
+  assert attention_lib.check(m, "tpu", 1024, context=2) == "splash"
+  assert attention_lib.check(m, "tpu", 512, context=4) == "xla"
+  assert attention_lib.check(m, "gpu", 1024, context=2) == "xla"
