@@ -576,9 +576,12 @@ def kernel_estimate(cfg, mcfg, devices, est: dict) -> dict | None:
   FLOPs at the rate XLA's cost model gives the rest of the step (its
   FLOPs / its seconds) -- the assumption that the kernel is as efficient
   as the matmuls around it, since nothing on this machine can time it.
+  Under context parallelism the load-balanced layout gives every device
+  the same causal share, so the per-device FLOPs are the same total / n.
   None when the step does not use splash."""
   plat = devices[0].platform
-  kernel, _ = attention_lib.resolve(mcfg, plat, cfg.train.seq_len)
+  context = shd.mesh_shape(cfg.mesh, len(devices))[2]
+  kernel, _ = attention_lib.resolve(mcfg, plat, cfg.train.seq_len, context)
   if kernel != "splash":
     return None
   tokens = cfg.train.batch_size * cfg.train.seq_len
