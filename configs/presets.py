@@ -44,7 +44,10 @@ MODELS = {
 # 512-sequence step needs 124 GiB (remat dots), two halves 63 GiB (40 GiB
 # with splash). 7b_gpu8 accumulates 2 microbatches: `llmlab plan
 # --device=h100` puts one 128-sequence step at 80.6 GiB per device (over an
-# H100's 80 GiB), two halves at 44.9 GiB.
+# H100's 80 GiB), two halves at 44.9 GiB. The _s32768/_s131072 variants
+# split each sequence over 4 chips (mesh.context=4, fsdp 16; splash): 29.7
+# GiB per device each, est. MFU 53.9% / 46.9%; without context, seq 131072
+# needs a 64-row batch (one per fsdp rank) and 102.7 GiB per device.
 VARIANTS = {
     "125m_v5e8": ("125m", (8, 1, 1, 1), 64, 2048, "full", 1),
     "1b_v5p32": ("1b", (1, 16, 1, 1), 512, 2048, "dots", 2),

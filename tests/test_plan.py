@@ -125,7 +125,8 @@ def _preset(name, *extra):
 @pytest.mark.integration
 @needs_libtpu
 @pytest.mark.parametrize("name, hbm_gib", [("125m_v5e8", 16),
-                                           ("1b_v5p32", 95)])
+                                           ("1b_v5p32", 95),
+                                           ("7b_v5p128_s131072", 95)])
 def test_presets_compile_for_their_slices(name, hbm_gib):
   rc, res = _preset(name)
   assert rc == 0 and res["fits"], res
