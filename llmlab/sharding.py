@@ -61,6 +61,24 @@ def _hybrid_devices(ici: tuple, dcn: int, devices: list) -> np.ndarray:
   return np.array(ordered).reshape(dcn * ici[0], *ici[1:])
 
 
+def check_context(mesh) -> None:
+  """Each sequence's context shards must live in one process: the host
+  loader hands a process whole rows (`global_batch`), so a sequence split
+  across processes would need each host to load part of a row. Raised
+  before anything compiles, naming the key."""
+  ax = AXES.index("context")
+  if mesh.shape.get("context", 1) == 1:
+    return
+  procs = np.vectorize(lambda d: d.process_index)(mesh.devices)
+  if not (procs == np.take(procs, [0], axis=ax)).all():
+    from llmlab.config import ConfigError
+    raise ConfigError(
+        f"config.mesh.context={mesh.shape['context']}: the context axis "
+        "spans devices of several processes; each sequence must stay within "
+        "one host's devices (use a context no larger than the devices per "
+        "process, and data/fsdp across hosts)")
+
+
 def rules(mesh_cfg) -> tuple:
   return tuple((name, tuple(ax) if isinstance(ax, list) else ax)
                for name, ax in mesh_cfg.rules)

@@ -122,3 +122,21 @@ def test_kernel_choice_under_context():
   assert attention_lib.check(m, "tpu", 1024, context=2) == "splash"
   assert attention_lib.check(m, "tpu", 512, context=4) == "xla"
   assert attention_lib.check(m, "gpu", 1024, context=2) == "xla"
+
+
+def test_context_must_stay_within_a_process():
+  """A stand-in mesh (shape and devices are all check_context reads): two
+  processes of 4 devices, context 2 inside each process is fine, context
+  across them is a ConfigError naming the key."""
+  from types import SimpleNamespace
+  from llmlab import sharding as shd
+  dev = lambda p: SimpleNamespace(process_index=p)
+  inside = np.array([dev(p) for p in (0, 0, 1, 1)]).reshape(2, 1, 2, 1)
+  shd.check_context(SimpleNamespace(
+      shape={"data": 2, "fsdp": 1, "context": 2, "tensor": 1}, devices=inside))
+  across = np.array([dev(p) for p in (0, 1, 0, 1)]).reshape(2, 1, 2, 1)
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"mesh.context=2: the context axis spans"):
+    shd.check_context(SimpleNamespace(
+        shape={"data": 2, "fsdp": 1, "context": 2, "tensor": 1},
+        devices=across))
