@@ -22,7 +22,7 @@ ConfigDict = ml_collections.ConfigDict
 # activations whose batch already took `fsdp`.
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
-    ("length", None),
+    ("length", "context"),  # activations' sequence: context parallelism
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -87,7 +87,9 @@ def base() -> ConfigDict:
       attention="auto", attention_block_q=0, attention_block_kv=0,
       logits_chunk=0))  # >0: the loss projects this many positions at a time
 
-  c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1,
+  # context: devices that split each sequence (context parallelism,
+  # llmlab/attention.py); must divide train.seq_len into 2*context chunks.
+  c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1, dcn_data=1,
                            rules=DEFAULT_RULES))
 
   c.train = ConfigDict(dict(
@@ -244,6 +246,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
            "must be >= 1")
   if "guard" in cfg:
     _validate_guard(cfg.guard)
+  _validate_context(cfg)
   if num_devices is not None:
     shape = mesh_shape(cfg.mesh, num_devices)
     dp = shape[0] * shape[1]
@@ -251,6 +254,27 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
     _require(micro % dp == 0, "train.batch_size", t.batch_size,
              f"the per-microbatch batch {micro} must be divisible by the "
              f"data-parallel size data*fsdp={dp} (mesh {shape})")
+
+
+def _validate_context(cfg: ConfigDict) -> None:
+  """mesh.context: each of its devices holds chunks i and 2c-1-i of every
+  sequence (causal load balancing), so 2*context must divide seq_len; and
+  the rules must put the activations' `length` on the axis, or it would
+  only replicate work."""
+  ctx, seq = cfg.mesh.get("context", 1), cfg.train.seq_len
+  _require(isinstance(ctx, int) and not isinstance(ctx, bool) and ctx >= 1,
+           "mesh.context", ctx, "must be a positive integer (1 = off)")
+  if ctx == 1:
+    return
+  _require(seq % (2 * ctx) == 0, "mesh.context", ctx,
+           f"2*mesh.context={2 * ctx} must divide train.seq_len={seq} (each "
+           "device holds two of 2*context equal chunks of every sequence)")
+  length = dict((k, v) for k, v in reversed(list(cfg.mesh.rules))).get(
+      "length")
+  names = length if isinstance(length, (tuple, list)) else (length,)
+  _require("context" in names, "mesh.context", ctx,
+           f"mesh.rules map 'length' to {length!r}: context parallelism needs "
+           "('length', 'context') in mesh.rules")
 
 
 def profile_range(text: str) -> tuple[int, int] | None:
@@ -265,8 +289,9 @@ def profile_range(text: str) -> tuple[int, int] | None:
   return (first, last) if 2 <= first <= last else None
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) with -1 meaning 'all remaining devices'.
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int, int]:
+  """(data, fsdp, context, tensor) with -1 meaning 'all remaining devices'
+  (context is never -1: it is a choice about sequences, not a remainder).
 
   `data` here is the total data-parallel size: dcn_data (slices, over the
   data-centre network) times the data size within a slice. Lives here, not
@@ -281,20 +306,24 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   for k, v in sizes.items():
     if v == 0 or v < -1:
       raise ConfigError(f"config.mesh.{k}={v}: must be a positive int or -1")
-  fixed = math.prod(v for v in sizes.values() if v != -1) * dcn
+  ctx = int(mesh_cfg.get("context", 1))
+  if ctx < 1:
+    raise ConfigError(f"config.mesh.context={ctx}: must be a positive int")
+  fixed = math.prod(v for v in sizes.values() if v != -1) * dcn * ctx
   if free:
     if num_devices % fixed:
       raise ConfigError(
-          f"mesh {sizes} (dcn_data={dcn}) cannot fill {num_devices} devices: "
+          f"mesh {sizes} (context={ctx}, dcn_data={dcn}) cannot fill "
+          f"{num_devices} devices: "
           f"{num_devices} is not divisible by {fixed}")
     sizes[free[0]] = num_devices // fixed
-  if math.prod(sizes.values()) * dcn != num_devices:
+  if math.prod(sizes.values()) * dcn * ctx != num_devices:
     raise ConfigError(
         f"config.mesh data={sizes['data']} x fsdp={sizes['fsdp']} x "
-        f"tensor={sizes['tensor']} x dcn_data={dcn} = "
-        f"{math.prod(sizes.values()) * dcn} devices, but {num_devices} are "
-        "available")
-  return (sizes["data"] * dcn, sizes["fsdp"], sizes["tensor"])
+        f"context={ctx} x tensor={sizes['tensor']} x dcn_data={dcn} = "
+        f"{math.prod(sizes.values()) * dcn * ctx} devices, but {num_devices} "
+        "are available")
+  return (sizes["data"] * dcn, sizes["fsdp"], ctx, sizes["tensor"])
 
 
 def _validate_guard(g: ConfigDict) -> None:

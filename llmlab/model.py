@@ -25,6 +25,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from llmlab import attention as attention_lib
@@ -226,6 +227,23 @@ def _attention_bwd(mm, dt, res, do_BxKxGxLxE):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _gathered_attention(q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, seg_BxL, seg_BxS,
+                        order_L, order_S, *, mm, dt):
+  """One device's share of context-parallel attention
+  (`attention_lib.gathered`): its queries against the whole sequence's
+  keys/values, masked by the slots' original positions (the sequence is
+  load-balanced, so slot order is not position order) and segment ids."""
+  b, h, l, e = q_BxHxLxE.shape
+  kh = k_BxKxSxE.shape[1]
+  causal_LxS = order_S[None, :] <= order_L[:, None]
+  same_BxLxS = seg_BxL[:, :, None] == seg_BxS[:, None, :]
+  bias_BxLxS = jnp.where(causal_LxS[None] & same_BxLxS, 0.0,
+                         jnp.finfo(jnp.float32).min)
+  o_BxKxGxLxE = _attention(q_BxHxLxE.reshape(b, kh, h // kh, l, e),
+                           k_BxKxSxE, v_BxKxSxE, bias_BxLxS, mm, dt)
+  return o_BxKxGxLxE.reshape(b, h, l, e)
+
+
 class Attention(nn.Module):
   """Grouped-query causal self-attention with segment isolation.
 
@@ -273,6 +291,21 @@ class Attention(nn.Module):
     b, l = x_BxLxD.shape[:2]
     q_BxHxLxE = q_BxHxLxE * jnp.asarray(e ** -0.5, dt)
     kernel = "xla" if decode else attention_lib.kernel_for(cfg, l)
+    # Under context parallelism the sequence arrives in load-balanced slot
+    # order (`Transformer`); `order_L` is each slot's position, static.
+    order_L = None if decode else attention_lib.context_order(l)
+    if order_L is not None and kernel != "xla":
+      o_BxHxLxE = attention_lib.attend(kernel, q_BxHxLxE, k_BxKxLxE,
+                                       v_BxKxLxE, segment_ids_BxL, cfg,
+                                       order_L)
+      return dense("bhle,hed->bld", o_BxHxLxE.astype(dt), wo, cfg)
+    if order_L is not None:  # xla: the all-gather K/V path
+      local = functools.partial(_gathered_attention,
+                                mm=_dtype(cfg.product_dtype), dt=dt)
+      o_BxHxLxE = attention_lib.gathered(local, q_BxHxLxE, k_BxKxLxE,
+                                         v_BxKxLxE, segment_ids_BxL,
+                                         jnp.asarray(order_L))
+      return dense("bhle,hed->bld", o_BxHxLxE.astype(dt), wo, cfg)
     if kernel != "xla":
       o_BxHxLxE = attention_lib.attend(kernel, q_BxHxLxE, k_BxKxLxE,
                                        v_BxKxLxE, segment_ids_BxL, cfg)
@@ -398,6 +431,14 @@ class Transformer(nn.Module):
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]),
                                        tokens_BxL.shape)
+    # Context parallelism: every sequence in load-balanced slot order (the
+    # ids are reordered, not activations: a cheap int gather); restored
+    # before the logits.
+    order_L = None if decode else attention_lib.context_order(
+        tokens_BxL.shape[1])
+    if order_L is not None:
+      tokens_BxL, segment_ids_BxL, positions_BxL = (
+          t[:, order_L] for t in (tokens_BxL, segment_ids_BxL, positions_BxL))
     dt = _dtype(cfg.dtype)
     emb_VxD = _param(self, "embedding", ("vocab", "embed"),
                      (cfg.vocab_size, cfg.d_model), cfg.init_std, cfg)
@@ -420,6 +461,9 @@ class Transformer(nn.Module):
     x_BxLxD, _ = stack(cfg, decode, deterministic, name="layers")(
         x_BxLxD, segment_ids_BxL,
         rope_tables(positions_BxL, cfg.head_size, cfg.rope_theta))
+    if order_L is not None:
+      x_BxLxD = constrain(x_BxLxD[:, np.argsort(order_L)],
+                          ("batch", "length", "embed"))
     x_BxLxD = RMSNorm(cfg, name="final_norm")(x_BxLxD)
     if cfg.tie_embeddings:
       w_DxV = emb_VxD.T

@@ -273,7 +273,7 @@ def candidates(cfg, n: int) -> list[dict]:
   devices (if data > 1: no recompute, shards params and optimizer state),
   two doublings of microbatches (no recompute; smaller matmuls), remat
   dots, remat full, then full remat with every valid microbatch count."""
-  data, fsdp, _ = shd.mesh_shape(cfg.mesh, n)
+  data, fsdp, _, _ = shd.mesh_shape(cfg.mesh, n)
   meshes = [{}]
   if data > 1 and int(cfg.mesh.get("dcn_data", 1) or 1) == 1:
     meshes.append({"mesh.data": 1, "mesh.fsdp": data * fsdp})
@@ -397,11 +397,14 @@ def suggest_mesh(mesh_cfg, n: int) -> str:
   per_slice = n // dcn
   tensor = max(int(mesh_cfg.tensor), 1)
   tensor = tensor if per_slice % tensor == 0 else 1
+  ctx = max(int(mesh_cfg.get("context", 1)), 1)
+  ctx = ctx if (per_slice // tensor) % ctx == 0 else 1
   data = max(int(mesh_cfg.data), 1)
-  data = data if (per_slice // tensor) % data == 0 else 1
-  fsdp = per_slice // (tensor * data)
+  data = data if (per_slice // (tensor * ctx)) % data == 0 else 1
+  fsdp = per_slice // (tensor * ctx * data)
   return (f"--config.mesh.data={data} --config.mesh.fsdp={fsdp} "
-          f"--config.mesh.tensor={tensor}")
+          + (f"--config.mesh.context={ctx} " if ctx > 1 else "")
+          + f"--config.mesh.tensor={tensor}")
 
 
 def xla_cost(compiled) -> dict:
@@ -467,7 +470,7 @@ def hints(cfg, vocab_size: int, n_devices: int, error: str | None) -> list:
   """What else would shrink the step, with the bytes it would save:
   attention scores and full logits (beyond what `candidates` searches)."""
   out = []
-  data, fsdp, tensor = shd.mesh_shape(cfg.mesh, n_devices)
+  data, fsdp, context, tensor = shd.mesh_shape(cfg.mesh, n_devices)
   rows = max(cfg.train.batch_size // cfg.train.microbatches // (data * fsdp),
              1)
   seq = cfg.train.seq_len
@@ -475,17 +478,18 @@ def hints(cfg, vocab_size: int, n_devices: int, error: str | None) -> list:
   vmem = bool(error and "vmem" in error.lower())
   if (attention == "xla" and seq >= 4096) or (attention != "splash" and
                                               vmem):
-    scores = rows * cfg.model.num_heads // tensor * seq * seq * 4
+    scores = rows * cfg.model.num_heads // tensor * seq // context * seq * 4
     have = "attention" in cfg.model
     out.append(
         f"attention: the xla attention materialises float32 scores "
-        f"[{rows}, {cfg.model.num_heads // tensor}, {seq}, {seq}] per device "
+        f"[{rows}, {cfg.model.num_heads // tensor}, {seq // context}, {seq}] "
+        "per device "
         f"and layer ({fmt_bytes(scores)}, kept for the backward too); "
         "Pallas splash attention never does: --config.model.attention=splash"
         + ("" if have else " (not in this llmlab yet)"))
   if vocab_size >= 65536 and not cfg.model.get("logits_chunk", 0):
-    logits = rows * seq * -(-vocab_size // tensor) * 4
-    out.append(f"logits: [{rows}, {seq}, {vocab_size}] float32 logits are "
+    logits = rows * seq // context * -(-vocab_size // tensor) * 4
+    out.append(f"logits: [{rows}, {seq // context}, {vocab_size}] float32 logits are "
                f"{fmt_bytes(logits)} per device (and their gradient as much); "
                "--config.model.logits_chunk=1024 computes the loss a chunk of "
                "positions at a time")
@@ -572,9 +576,12 @@ def kernel_estimate(cfg, mcfg, devices, est: dict) -> dict | None:
   FLOPs at the rate XLA's cost model gives the rest of the step (its
   FLOPs / its seconds) -- the assumption that the kernel is as efficient
   as the matmuls around it, since nothing on this machine can time it.
+  Under context parallelism the load-balanced layout gives every device
+  the same causal share, so the per-device FLOPs are the same total / n.
   None when the step does not use splash."""
   plat = devices[0].platform
-  kernel, _ = attention_lib.resolve(mcfg, plat, cfg.train.seq_len)
+  context = shd.mesh_shape(cfg.mesh, len(devices))[2]
+  kernel, _ = attention_lib.resolve(mcfg, plat, cfg.train.seq_len, context)
   if kernel != "splash":
     return None
   tokens = cfg.train.batch_size * cfg.train.seq_len

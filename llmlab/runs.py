@@ -83,6 +83,7 @@ def setup_for(cfg, raw: dict, mesh=None):
   cfg.model.attention = "auto"
   if mesh is None:
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data = 1, 1, 1, 1
+    cfg.mesh.context = 1
     mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
   return steps_lib.build(cfg, vocab_size(raw, "run"), mesh)
 

@@ -1,6 +1,9 @@
 """Meshes and shardings: the one place that maps logical axes to devices.
 
-The mesh has axes (data, fsdp, tensor). `config.mesh.rules` maps logical
+The mesh has axes (data, fsdp, context, tensor). `context` splits every
+sequence (context parallelism: the rules put the activations' `length` on
+it, so the batch arrives sequence-sharded and attention gathers keys and
+values across it, see `llmlab/attention.py`). `config.mesh.rules` maps logical
 names (from `llmlab/model.py`) to mesh axes; params, optimizer state and
 batches get their `NamedSharding` from it. The mesh uses `AxisType.Auto`
 so XLA's sharding propagation (GSPMD) fills in everything between the
@@ -18,16 +21,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmlab.config import mesh_shape  # noqa: F401  (sharding's API too)
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "context", "tensor")
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(mesh_cfg, len(devices))
   dcn = int(mesh_cfg.get("dcn_data", 1) or 1)
-  auto = (jax.sharding.AxisType.Auto,) * 3
+  auto = (jax.sharding.AxisType.Auto,) * len(AXES)
   if dcn > 1:
-    arr = _hybrid_devices((shape[0] // dcn, shape[1], shape[2]), dcn, devices)
+    arr = _hybrid_devices((shape[0] // dcn, *shape[1:]), dcn, devices)
     return jax.sharding.Mesh(arr, AXES, axis_types=auto)
   if devices == list(jax.devices()):
     return jax.make_mesh(shape, AXES, axis_types=auto)
@@ -48,13 +51,32 @@ def _hybrid_devices(ici: tuple, dcn: int, devices: list) -> np.ndarray:
   `ici` part of the data axis never leaves its slice.
   """
   from jax.experimental import mesh_utils
+  dcn_shape = (dcn,) + (1,) * (len(ici) - 1)
   if len({getattr(d, "slice_index", 0) for d in devices}) == dcn:
-    return mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices)
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn_shape, devices)
   if len({d.process_index for d in devices}) == dcn:
-    return mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices,
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn_shape, devices,
                                                 process_is_granule=True)
   ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
-  return np.array(ordered).reshape(dcn * ici[0], ici[1], ici[2])
+  return np.array(ordered).reshape(dcn * ici[0], *ici[1:])
+
+
+def check_context(mesh) -> None:
+  """Each sequence's context shards must live in one process: the host
+  loader hands a process whole rows (`global_batch`), so a sequence split
+  across processes would need each host to load part of a row. Raised
+  before anything compiles, naming the key."""
+  ax = AXES.index("context")
+  if mesh.shape.get("context", 1) == 1:
+    return
+  procs = np.vectorize(lambda d: d.process_index)(mesh.devices)
+  if not (procs == np.take(procs, [0], axis=ax)).all():
+    from llmlab.config import ConfigError
+    raise ConfigError(
+        f"config.mesh.context={mesh.shape['context']}: the context axis "
+        "spans devices of several processes; each sequence must stay within "
+        "one host's devices (use a context no larger than the devices per "
+        "process, and data/fsdp across hosts)")
 
 
 def rules(mesh_cfg) -> tuple:
@@ -91,6 +113,11 @@ def fit_sharding(shape, sharding: NamedSharding) -> NamedSharding:
 
 
 def batch_sharding(mesh, rule_table) -> NamedSharding:
+  """Rows over `batch`'s axes, positions over `length`'s (context): each
+  device gets its contiguous slice of the sequence; the model reorders
+  slices for causal load balancing after the embedding lookup. With context
+  inside a process, `make_array_from_process_local_data` still takes whole
+  host rows (the sequence dimension is not split across processes)."""
   return logical_sharding(mesh, rule_table, ("batch", "length"))
 
 

@@ -49,8 +49,10 @@ class Setup:
 def build(cfg, vocab_size: int, mesh: jax.sharding.Mesh) -> Setup:
   # Before anything traces: a kernel the mesh's devices cannot run is a
   # config error, not a compile failure minutes later.
+  shd.check_context(mesh)
   attention_lib.check(cfg.model, mesh.devices.flat[0].platform,
-                      cfg.train.seq_len)
+                      cfg.train.seq_len,
+                      int(mesh.shape.get("context", 1)))
   mcfg = model_lib.ModelConfig.from_config(cfg.model, vocab_size)
   model = model_lib.Transformer(mcfg)
   tx, _ = optim.make(cfg.optim, cfg.train.learning_rate, cfg.train.steps)

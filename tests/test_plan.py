@@ -125,7 +125,8 @@ def _preset(name, *extra):
 @pytest.mark.integration
 @needs_libtpu
 @pytest.mark.parametrize("name, hbm_gib", [("125m_v5e8", 16),
-                                           ("1b_v5p32", 95)])
+                                           ("1b_v5p32", 95),
+                                           ("7b_v5p128_s131072", 95)])
 def test_presets_compile_for_their_slices(name, hbm_gib):
   rc, res = _preset(name)
   assert rc == 0 and res["fits"], res
@@ -161,3 +162,16 @@ def test_splash_is_priced_apart_from_the_cost_model():
   assert plan_lib.kernel_estimate(
       xla, model_lib.ModelConfig.from_config(xla.model, 32000), tpu,
       est) is None
+
+
+@needs_libtpu
+def test_context_parallel_splash_compiles_for_a_v5e_slice():
+  """mesh.context=2 with splash (auto: 512 positions = 4 chunks of 128):
+  the sharded block tables and load-balanced query order lower through
+  Mosaic for a real TPU, next to fsdp."""
+  rc, res = _plan(f"--config={ROOT}/configs/tiny.py", "--target=v5e-4",
+                  "--config.train.seq_len=512", "--config.mesh.data=1",
+                  "--config.mesh.fsdp=2", "--config.mesh.context=2",
+                  "--estimate=false")
+  assert rc == 0 and res["fits"] and res["compile_error"] is None, res
+  assert res["mesh"] == {"data": 1, "fsdp": 2, "context": 2, "tensor": 1}

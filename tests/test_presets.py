@@ -26,8 +26,12 @@ def test_presets_fit_their_devices():
   assert rows["7b_gpu8"]["state_bytes_per_device"] < 12 * 7.3e9 / 8 * 1.05
   assert rows["7b_gpu8"]["state_bytes_per_device"] < 80 * GB  # an H100
   assert rows["1b_gpu8"]["param_bytes_per_device"] < rows["125m_v5e8"]["param_bytes_per_device"] * 3
-  rows = _run(64, "7b_v5p128")  # a v5p-128 slice: 64 chips, one device each
+  # a v5p-128 slice: 64 chips, one device each
+  rows = _run(64, "7b_v5p128", "7b_v5p128_s131072")
   assert rows["7b_v5p128"]["state_bytes_per_device"] < 95 * GB / 8  # v5p HBM, plenty left
+  # mesh.context=4 replicates the state over the sequence shards: fsdp 16.
+  ctx = rows["7b_v5p128_s131072"]["state_bytes_per_device"]
+  assert 12 * 7.2e9 / 16 < ctx < 12 * 7.3e9 / 16 * 1.05
 
 
 def test_smallest_preset_compiles_ahead_of_time():
