@@ -380,7 +380,7 @@ BAD_INPUTS = [  # (overrides, exception, expected text); D = the tmp dir
     ({"train.microbatches": 3}, config_lib.ConfigError,
      "config.train.microbatches=3: must divide train.batch_size=8"),
     ({"mesh.data": 2}, config_lib.ConfigError,
-     "config.mesh data=2 x fsdp=1 x tensor=1 x dcn_data=1 = 2 devices, but "
+     "config.mesh data=2 x fsdp=1 x context=1 x tensor=1 x dcn_data=1 = 2 devices, but "
      "1 are available"),
     ({"data.files.paths": "D/missing.txt"}, DataError,
      "data.files.paths: D/missing.txt does not exist"),

@@ -87,7 +87,7 @@ def test_dcn_data_axis_across_processes(runs, tmp_path):
   _two(dcn, "--config.train.steps=4", "--config.mesh.dcn_data=2",
        "--config.mesh.fsdp=2")
   config = json.load(open(os.path.join(dcn, "config.json")))
-  assert config["mesh_shape"] == {"data": 2, "fsdp": 2, "tensor": 1}
+  assert config["mesh_shape"] == {"data": 2, "fsdp": 2, "context": 1, "tensor": 1}
   one, got = _losses(runs / "one"), _losses(dcn)
   for s in range(1, 5):
     assert got[s] == pytest.approx(one[s], rel=1e-4), s

@@ -125,8 +125,7 @@ def _preset(name, *extra):
 @pytest.mark.integration
 @needs_libtpu
 @pytest.mark.parametrize("name, hbm_gib", [("125m_v5e8", 16),
-                                           ("1b_v5p32", 95),
-                                           ("7b_v5p128_s131072", 95)])
+                                           ("1b_v5p32", 95)])
 def test_presets_compile_for_their_slices(name, hbm_gib):
   rc, res = _preset(name)
   assert rc == 0 and res["fits"], res
@@ -139,6 +138,18 @@ def test_presets_compile_for_their_slices(name, hbm_gib):
   assert res["estimate"]["kernel"]["name"] == "splash"
   assert res["model_flops_per_step"] < res["flops_per_step"] < \
       2 * res["model_flops_per_step"]
+
+
+@pytest.mark.integration
+@needs_libtpu
+def test_context_parallel_7b_preset_fits_seq_131072_on_v5p128():
+  """The 7B at seq 131,072 (fsdp 16, context 4) compiles for its slice and
+  fits (the step only: the cost-model estimate of a 7B step takes another
+  5-9 min on 2 cores; `benchmarks/plan_presets.py` prints it)."""
+  rc, res = _preset("7b_v5p128_s131072", "--estimate=false")
+  assert rc == 0 and res["fits"], res
+  assert res["mesh"]["context"] == 4 and res["hbm_bytes"] == 95 * GiB
+  assert res["temp_bytes"] < res["bytes_per_device"] <= res["hbm_bytes"]
 
 
 def test_splash_is_priced_apart_from_the_cost_model():
