@@ -76,6 +76,7 @@ def heatmap(family: str, rows):
       ax.set_xlabel("fraction of each model's training")
       ax.set_ylabel("models fitted (k)")
       ax.set_yticks(ks)
+  fig.subplots_adjust(hspace=0.35)
   fig.suptitle(f"{family}: ARE % (white: 5/10/15%; red dashed: compute fraction)")
   if image is not None:
     fig.colorbar(image, ax=fig.axes, shrink=0.6, label="ARE %")
