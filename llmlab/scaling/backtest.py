@@ -147,12 +147,19 @@ def _pool(fam: Family) -> dict:
   return records_lib.take(fam.records, ~np.isin(fam.records["run"], fam.target_runs))
 
 
+def _reached(pool: Mapping, final: np.ndarray, cell: Cell) -> np.ndarray:
+  """Rows of the cell's runs within fraction p of their run's final tokens
+  (`final`: records.final_tokens of the pool)."""
+  return np.isin(pool["run"], cell.runs) & (
+      pool["tokens"] <= cell.fraction * final * (1 + 1e-9))
+
+
 def cell_weights(pool: Mapping, cells: Sequence[Cell]) -> np.ndarray:
   """G x N weights: 1 where a cell fits the row, else 0."""
   final = records_lib.final_tokens(pool)
   w = np.zeros((len(cells), len(pool["loss"])))
   for g, c in enumerate(cells):
-    m = np.isin(pool["run"], c.runs) & (pool["tokens"] <= c.fraction * final * (1 + 1e-9))
+    m = _reached(pool, final, c)
     if c.checkpoints == "final":
       last = np.zeros_like(m)
       for r in c.runs:
@@ -165,17 +172,17 @@ def cell_weights(pool: Mapping, cells: Sequence[Cell]) -> np.ndarray:
   return w
 
 
-def compute_fraction(pool: Mapping, cell: Cell, target_flops: float) -> float:
+def compute_fraction(pool: Mapping, final: np.ndarray, cell: Cell,
+                     target_flops: float) -> float:
   """FLOPs (6 N D) to train the cell's runs to their last used checkpoint,
   over the target's whole training: checkpoints dropped by min_tokens were
   still trained through, so they count; runs cut at fraction p count p."""
-  final = records_lib.final_tokens(pool)
+  reached = _reached(pool, final, cell)
   total = 0.0
   for r in cell.runs:
-    mine = pool["run"] == r
-    reach = pool["tokens"][mine & (pool["tokens"] <= cell.fraction * final * (1 + 1e-9))]
-    if len(reach):
-      total += 6.0 * pool["params"][mine][0] * reach.max()
+    mine = reached & (pool["run"] == r)
+    if mine.any():
+      total += 6.0 * pool["params"][mine][0] * pool["tokens"][mine].max()
   return total / target_flops
 
 
@@ -294,12 +301,13 @@ def backtest_family(form: forms_lib.Form, fam: Family, borrowed, n_starts: int =
   theta, _, n_points = fit_cells(form, pool, cells, weights, n_starts, delta=delta)
   seconds = time.perf_counter() - t0
   ares = score(form, theta, target, fam.target_runs)
+  final = records_lib.final_tokens(pool)
   rows = []
   for c, a, n in zip(cells, ares, n_points):
     rows.append(dict(family=fam.name, target=",".join(fam.target_runs), design=c.design,
                      checkpoints=c.checkpoints, n_models=c.n_models, fraction=c.fraction,
                      min_tokens=c.min_tokens,
-                     compute_fraction=float(compute_fraction(pool, c, target_flops)),
+                     compute_fraction=float(compute_fraction(pool, final, c, target_flops)),
                      are=float(a), n_points=int(n), runs=" ".join(c.runs),
                      fixed=dict(c.fixed)))
   return dict(rows=rows, fit_seconds=seconds, n_fits=int(np.sum(np.isfinite(ares))),

@@ -60,10 +60,8 @@ def log_inputs(records: Mapping, form: forms_lib.Form) -> dict[str, np.ndarray]:
   A curve form's inputs are built from a curves table (curves.form_inputs)."""
   if form.curve:
     return curves_lib.form_inputs(records, form.inputs)
-  if "unique_tokens" in form.inputs and "unique_tokens" not in records:
-    raise records_lib.RecordsError(
-        f"form {form.name!r} needs the column 'unique_tokens' (the distinct tokens "
-        "each run's data holds); the records have none")
+  records_lib.require(records, [k for k in form.inputs if k == "unique_tokens"],
+                      "records", f"form {form.name!r}")
   cols = {"params": records["params"], "tokens": records["tokens"],
           "unique_tokens": records.get("unique_tokens")}
   if "compute" in form.inputs:
@@ -244,7 +242,8 @@ def minimize(form: forms_lib.Form, theta0_GxKxP, weight_GxN, x, log_loss_GxN, *,
   preconditioner, see `whitening`; a zero column holds a parameter at its
   shift, see `fixing`). Returns numpy (theta_GxkxP, objective_Gxk, evals_Gxk,
   converged_Gxk) for the k = min(keep, K) polished starts of each group.
-  fast: a float32 screen and a whitened polish (see `_solve_group`).
+  fast: a float32 screen by successive halving, then a float64 polish (see
+  `_solve_group`).
   """
   theta0_GxKxP = np.asarray(theta0_GxKxP, np.float64)
   p = theta0_GxKxP.shape[-1]
