@@ -236,11 +236,12 @@ def fit_cells(form: forms_lib.Form, pool: Mapping, cells: Sequence[Cell],
   idx = np.flatnonzero(ok)
   if len(idx):
     s = starts(form, n_starts)
-    affine = fit_lib.fixing(form, [dict(cells[i].fixed) for i in idx])
+    affine = fit_lib.centring(form, x, weights[idx],
+                              fit_lib.fixing(form, [dict(cells[i].fixed) for i in idx]))
     th, f, _, _ = fit_lib.minimize(
         form, np.broadcast_to(s, (len(idx),) + s.shape), weights[idx], x,
         np.broadcast_to(log_loss, (len(idx), len(log_loss))), delta=delta, keep=keep,
-        affine=affine, screen=SCREEN, polish=POLISH, fast=True)
+        affine=affine, screen=SCREEN, polish=POLISH, fast=True, ragged=True)
     best = np.argmin(np.where(np.isnan(f), np.inf, f), axis=1)
     theta[idx] = th[np.arange(len(idx)), best]
     objective[idx] = f[np.arange(len(idx)), best]

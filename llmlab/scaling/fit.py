@@ -1,58 +1,24 @@
-"""Fitting scaling laws: Huber on log-loss, L-BFGS from many starts, in one jit.
-
-Why this shape:
-- The objective (Hoffmann et al. 2022) is sum_i w_i Huber_delta(pred_log_i - log L_i)
-  with delta = 1e-3: nearly an L1 loss whose value is tiny (~1e-3), so optimisers
-  with absolute stopping tolerances stop early and report the exponents of
-  wherever they stopped (Besiroglu et al. 2024 found this in Hoffmann's fit).
-  Stopping here is relative to the objective, with a generous evaluation cap.
-- Every start is a lane of a vmapped `lax.while_loop`, all groups (data sets,
-  bootstrap replicates) and starts in a single jitted call. Bootstrap replicates
-  differ only by per-point weights (resample counts), so they share one program.
-- Directions come from optax.lbfgs (`linesearch=None`: its L-BFGS transform);
-  the linesearch is flattened into the lane's loop, one objective evaluation per
-  loop step, and the lane carries its value and gradient (the job
-  optax.value_and_grad_from_state does in the unflattened loop). optax.lbfgs's
-  own zoom linesearch is a `while_loop` nested in each update: under vmap every
-  lane waits for the slowest lane's linesearch at every iteration (on the
-  Chinchilla grid 11% of iterations hit its 30-step cap) and vmapped `lax.cond`
-  evaluates both branches of each step, so an iteration costs up to 60
-  evaluations of the whole batch instead of ~2 here (measured: 20 iterations
-  of the 4,500-start grid took 76 s that way).
-- With many starts, all of them run to a loose tolerance (`SCREEN`, capped), and
-  the best `keep` per group continue to the tight one (`POLISH`): the 4,500-start
-  grid costs a few seconds instead of running every start to 1e-13.
-- Fitting runs in float64 inside `jax.enable_x64(True)`, which restores the
-  previous setting on exit: the same process trains float32 models afterwards.
+"""Fits of scaling laws to records: best of many starts, bootstrap, prediction,
+error metrics. The solver (Huber objective, lockstep L-BFGS lanes, layouts and
+preconditioners) is solver.py; its names are re-exported here for callers
+that fit records.
 """
 
 import dataclasses
 import functools
-from typing import Mapping, NamedTuple
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from llmlab.scaling import curves as curves_lib
 from llmlab.scaling import forms as forms_lib
 from llmlab.scaling import records as records_lib
-
-DELTA = 1e-3
-TINY = 1e-12  # floor of the objective scale, so an exact (zero-loss) fit still stops
-
-
-class Tol(NamedTuple):
-  """A lane stops when |grad| <= gtol * scale, or an accepted step lowered the
-  objective by <= ftol * scale (scale = max(objective, TINY)), or after max_evals."""
-  gtol: float
-  ftol: float
-  max_evals: int
-
-
-SCREEN = Tol(gtol=1e-5, ftol=1e-8, max_evals=60)
-POLISH = Tol(gtol=1e-9, ftol=1e-13, max_evals=5000)
+# The solver's names, for callers that fit records through this module.
+from llmlab.scaling.solver import (DELTA, POLISH, SCREEN, TINY, Tol, bucket,  # noqa: F401
+                                   centring, fixing, huber, minimize, objective,
+                                   whitening)
 
 
 def log_inputs(records: Mapping, form: forms_lib.Form) -> dict[str, np.ndarray]:
@@ -68,229 +34,6 @@ def log_inputs(records: Mapping, form: forms_lib.Form) -> dict[str, np.ndarray]:
     cols["compute"] = (records["flops"] if "flops" in records else
                        6.0 * np.asarray(records["params"]) * np.asarray(records["tokens"]))
   return {k: np.log(np.asarray(cols[k], np.float64)) for k in form.inputs}
-
-
-def huber(r, delta):
-  return jnp.where(jnp.abs(r) <= delta, 0.5 * r * r, delta * (jnp.abs(r) - 0.5 * delta))
-
-
-def objective(form: forms_lib.Form, theta_P, x, log_loss_N, weight_N, delta):
-  """Weighted sum of Huber losses of log-loss residuals (weight 0 = padding)."""
-  r_N = form.log_loss(form.named(theta_P), x) - log_loss_N
-  return jnp.sum(jnp.where(weight_N > 0, weight_N * huber(r_N, delta), 0.0))
-
-
-# ----------------------------------------------------------------------------
-# The vmapped solver.
-
-
-def _lane_init(value_and_grad, opt, theta0_P):
-  f, g = value_and_grad(theta0_P)
-  state = opt.init(theta0_P)
-  d, state = opt.update(g, state, theta0_P)
-  return dict(theta=theta0_P, f=jnp.where(jnp.isfinite(f), f, jnp.inf), g=g, d=d,
-              t=jnp.ones_like(f), trials=jnp.asarray(0), fresh=jnp.asarray(True),
-              opt=state, evals=jnp.asarray(1), done=jnp.asarray(False),
-              converged=jnp.asarray(False))
-
-
-def _lane_step(value_and_grad, opt, tol: Tol, c1, max_trials, lane):
-  """One objective evaluation of one lane: a linesearch trial along its direction.
-
-  An accepted trial (Armijo) moves the lane and asks optax.lbfgs for the next
-  direction; a rejected one shrinks the step by safeguarded quadratic
-  interpolation. When the curvature s.y of an accepted step is not positive, or
-  the linesearch fails, the L-BFGS memory is reset (scaled steepest descent); a
-  lane that cannot descend even from a fresh memory is finished.
-  """
-  theta, f, g, d, t = lane["theta"], lane["f"], lane["g"], lane["d"], lane["t"]
-  slope = jnp.vdot(g, d)
-  descent = slope < 0
-  theta_t = theta + t * d
-  f_t, g_t = value_and_grad(theta_t)
-  ok = jnp.isfinite(f_t) & jnp.all(jnp.isfinite(g_t))
-  accept = ok & descent & (f_t <= f + c1 * t * slope)
-
-  denom = 2.0 * (f_t - f - slope * t)
-  t_quad = jnp.where(ok & (denom > 0), -slope * t * t / denom, 0.1 * t)
-  t_shrunk = jnp.clip(t_quad, 0.1 * t, 0.5 * t)
-  restart = ~accept & ((lane["trials"] + 1 >= max_trials) | ~descent)
-
-  s_P, y_P = theta_t - theta, g_t - g
-  curvature_ok = jnp.vdot(s_P, y_P) > 1e-12 * jnp.linalg.norm(s_P) * jnp.linalg.norm(y_P)
-  reset = restart | (accept & ~curvature_ok)
-  theta_at = jnp.where(accept, theta_t, theta)
-  g_at = jnp.where(accept, g_t, g)
-  state = jax.tree.map(lambda fresh, old: jnp.where(reset, fresh, old),
-                       opt.init(theta_at), lane["opt"])
-  d_new, state = opt.update(g_at, state, theta_at)
-  moved = accept | restart
-
-  scale = jnp.maximum(jnp.abs(f_t), TINY)
-  # No descent even along the steepest direction: a minimum to working precision.
-  stuck = restart & lane["fresh"]
-  converged = stuck | (accept & ((jnp.linalg.norm(g_t) <= tol.gtol * scale) |
-                                 (f - f_t <= tol.ftol * scale)))
-  evals = lane["evals"] + 1
-  return dict(
-      theta=theta_at, f=jnp.where(accept, f_t, f), g=g_at,
-      d=jnp.where(moved, d_new, d), t=jnp.where(moved, 1.0, t_shrunk),
-      trials=jnp.where(moved, 0, lane["trials"] + 1),
-      fresh=jnp.where(moved, reset, lane["fresh"]),
-      opt=jax.tree.map(lambda u, v: jnp.where(moved, u, v), state, lane["opt"]),
-      evals=evals, converged=converged,
-      done=converged | (evals >= tol.max_evals) | ~jnp.isfinite(f))
-
-
-def _run_lane(value_and_grad, opt, tol: Tol, lane, c1=1e-4, max_trials=30):
-  """lax.while_loop over one lane until it stops (see `Tol`)."""
-  lane = dict(lane, done=~jnp.isfinite(lane["f"]), converged=jnp.asarray(False),
-              evals=jnp.zeros_like(lane["evals"]))
-  step = functools.partial(_lane_step, value_and_grad, opt, tol, c1, max_trials)
-  return jax.lax.while_loop(lambda c: ~c["done"], step, lane)
-
-
-def _solve_group(form, screen: Tol, polish: Tol, keep: int, fast: bool, u0_KxP,
-                 weight_N, x, log_loss_N, delta, shift_P, scale_PxP):
-  """One data set: K starts screened, the best `keep` polished.
-
-  Lanes move in coordinates u with theta = shift + scale @ u (see `whitening`).
-  fast: the screen runs in float32 (~8x faster on CPU, where float64 exp and
-  log do not vectorise) in three parts, each keeping the better half of the
-  lanes; the polish continues the screened lanes (their L-BFGS memory too)
-  in float64, which decides the result.
-  """
-  opt = optax.lbfgs(memory_size=10, linesearch=None)
-
-  def value_and_grad(shift, scale, dtype=u0_KxP.dtype):
-    x_, loss_, w_, d_ = jax.tree.map(lambda a: a.astype(dtype),
-                                     (x, log_loss_N, weight_N, delta))
-    shift, scale = shift.astype(dtype), scale.astype(dtype)
-    return jax.value_and_grad(lambda u_P: objective(form, shift + scale @ u_P, x_, loss_,
-                                                    w_, d_))
-
-  run = lambda vg, tol, lanes: jax.vmap(functools.partial(_run_lane, vg, opt, tol))(lanes)
-  precise = value_and_grad(shift_P, scale_PxP)
-  vg = value_and_grad(shift_P, scale_PxP, jnp.float32) if fast else precise
-  lanes = jax.vmap(functools.partial(_lane_init, vg, opt))(
-      u0_KxP.astype(jnp.float32) if fast else u0_KxP)
-  best_of = lambda lanes, k: jax.tree.map(
-      lambda a: a[jax.lax.top_k(-jnp.where(jnp.isnan(lanes["f"]), jnp.inf, lanes["f"]),
-                                k)[1]], lanes)
-  if keep < u0_KxP.shape[0] and fast:
-    # Successive halving (Jamieson & Talwalkar 2016): lanes run in lockstep,
-    # so after each third of the screen the worse half of the starts stops
-    # paying for the evaluations the better half still needs.
-    part = screen._replace(max_evals=max(1, screen.max_evals // 3))
-    for _ in range(2):
-      lanes = run(vg, part, lanes)
-      lanes = best_of(lanes, max(keep, lanes["f"].shape[0] // 2))
-    lanes = best_of(run(vg, part, lanes), keep)
-  elif keep < u0_KxP.shape[0]:
-    lanes = best_of(run(vg, screen, lanes), keep)
-  if fast:  # the screened lanes, memory and all, continue in float64
-    lanes = jax.tree.map(lambda a: a.astype(u0_KxP.dtype)
-                         if a.dtype == jnp.float32 else a, lanes)
-    f, g = jax.vmap(precise)(lanes["theta"])
-    lanes = dict(lanes, f=jnp.where(jnp.isfinite(f), f, jnp.inf), g=g)
-  lanes = run(precise, polish, lanes)
-  theta_KxP = shift_P + lanes["theta"] @ scale_PxP.T
-  return theta_KxP, lanes["f"], lanes["evals"], lanes["converged"]
-
-
-@functools.partial(jax.jit, static_argnames=("form_name", "screen", "polish", "keep",
-                                             "fast"))
-def _solve(u0_GxKxP, weight_GxN, x, log_loss_GxN, delta, shift_P, scale_PxP, *,
-           form_name: str, screen: Tol, polish: Tol, keep: int, fast: bool):
-  """Every group and start in one vmapped call. x: one set of inputs shared by
-  all groups (1-D arrays), or one per group (G x N)."""
-  solve = functools.partial(_solve_group, forms_lib.get_form(form_name), screen, polish,
-                            keep, fast)
-  x_axis = None if all(v.ndim == 1 for v in x.values()) else 0
-  affine_axis = None if shift_P.ndim == 1 else 0
-  return jax.vmap(solve, in_axes=(0, 0, x_axis, 0, None, affine_axis, affine_axis))(
-      u0_GxKxP, weight_GxN, x, log_loss_GxN, delta, shift_P, scale_PxP)
-
-
-def _bucket(n: int) -> int:
-  """Padded size (next power of two, >= 8; above 256 the next multiple of
-  64, where doubling would double the work): data sets of similar size
-  share a compiled program instead of each paying for compilation."""
-  if n > 256:
-    return -(-int(n) // 64) * 64
-  return max(8, 1 << (int(n) - 1).bit_length())
-
-
-def _pad(a) -> np.ndarray:
-  """Zeros appended along the last axis up to its bucket. Forms read zero
-  inputs safely (log inputs: N = 1; curve drop blocks: no drop)."""
-  a = np.asarray(a, np.float64)
-  n = a.shape[-1]
-  return np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, _bucket(n) - n)])
-
-
-def minimize(form: forms_lib.Form, theta0_GxKxP, weight_GxN, x, log_loss_GxN, *,
-             delta=DELTA, keep: int = 32, screen: Tol = SCREEN, polish: Tol = POLISH,
-             affine=None, fast: bool = False):
-  """Fits G data sets from K starts each (points padded to a bucket with weight 0).
-
-  x: the form's inputs, shared by all groups ({name: 1-D array}) or per group
-  ({name: G x N}); each array is padded to its own bucket.
-
-  affine: optional (shift_P, scale_PxP), or one per group (shift_GxP,
-  scale_GxPxP); the search runs in u, theta = shift + scale @ u (a
-  preconditioner, see `whitening`; a zero column holds a parameter at its
-  shift, see `fixing`). Returns numpy (theta_GxkxP, objective_Gxk, evals_Gxk,
-  converged_Gxk) for the k = min(keep, K) polished starts of each group.
-  fast: a float32 screen by successive halving, then a float64 polish (see
-  `_solve_group`).
-  """
-  theta0_GxKxP = np.asarray(theta0_GxKxP, np.float64)
-  p = theta0_GxKxP.shape[-1]
-  shift_P, scale_PxP = (np.zeros(p), np.eye(p)) if affine is None else affine
-  shift_P, scale_PxP = np.asarray(shift_P, np.float64), np.asarray(scale_PxP, np.float64)
-  per_group = shift_P.ndim == 2
-  inv = np.linalg.pinv(scale_PxP)
-  centred = theta0_GxKxP - (shift_P[:, None] if per_group else shift_P)
-  u0_GxKxP = np.einsum("gpq,gkq->gkp" if per_group else "pq,gkq->gkp", inv, centred)
-  keep = min(int(keep), theta0_GxKxP.shape[1])
-  with jax.enable_x64(True):
-    f64 = lambda a: jnp.asarray(a, jnp.float64)
-    out = _solve(f64(u0_GxKxP), f64(_pad(weight_GxN)),
-                 {k: f64(_pad(v)) for k, v in x.items()}, f64(_pad(log_loss_GxN)),
-                 f64(delta), f64(shift_P), f64(scale_PxP), form_name=form.name,
-                 screen=screen, polish=polish, keep=keep, fast=fast)
-    return tuple(np.asarray(o) for o in out)
-
-
-def fixing(form: forms_lib.Form, fixed_G: list[Mapping[str, float]]):
-  """Per-group affine maps (see `minimize`) that hold each group's `fixed`
-  parameters ({log-space name: value}) at their values and leave the others
-  free: a parameter borrowed from another fit is a zero column of the map, so
-  its gradient in u is 0 and every lane of the group keeps it."""
-  g, p = len(fixed_G), len(form.params)
-  shift_GxP, scale_GxPxP = np.zeros((g, p)), np.tile(np.eye(p), (g, 1, 1))
-  for i, fixed in enumerate(fixed_G):
-    for name, value in fixed.items():
-      j = form.params.index(name)
-      shift_GxP[i, j], scale_GxPxP[i, j, j] = value, 0.0
-  return shift_GxP, scale_GxPxP
-
-
-def whitening(form: forms_lib.Form, theta_P, x_N) -> tuple[np.ndarray, np.ndarray]:
-  """(theta, S) with S^T J^T J S = I for J = d log L_hat / d theta at theta.
-
-  The Gauss-Newton matrix J^T J carries the strong correlations of the law's
-  parameters (ln A with alpha through ln N ~ 20, ...); refits started near theta
-  run in u = S^-1 (theta' - theta), where those are gone: bootstrap refits then
-  need ~15 instead of ~70 evaluations. Tiny eigenvalues are floored.
-  """
-  with jax.enable_x64(True):
-    jac = jax.jacfwd(lambda th: form.log_loss(form.named(th), x_N))
-    j_NxP = np.asarray(jac(jnp.asarray(theta_P, jnp.float64)))
-  eig, vec = np.linalg.eigh(j_NxP.T @ j_NxP)
-  eig = np.maximum(eig, max(eig.max(), TINY) * 1e-12)
-  return np.asarray(theta_P, np.float64), vec / np.sqrt(eig)
 
 
 # ----------------------------------------------------------------------------
@@ -537,7 +280,7 @@ def saturation(records, threshold: float = 0.01, delta: float = DELTA,
   if not runs:
     return []
   rows = [np.flatnonzero(records["run"] == r) for r in runs]
-  groups, width = _bucket(len(runs)), max(len(r) for r in rows)
+  groups, width = bucket(len(runs)), max(len(r) for r in rows)
   weight, log_d, log_loss = (np.zeros((groups, width)) for _ in range(3))
   for g, idx in enumerate(rows):
     weight[g, :len(idx)] = 1.0
