@@ -280,7 +280,7 @@ def test_check_line_accepts_real_lines():
 
 def slug(heading: str) -> str:
   """GitHub's anchor for a heading."""
-  text = re.sub(r"[`*_]|\[|\]\([^)]*\)", "", heading.strip().lower())
+  text = re.sub(r"[`*]|\[|\]\([^)]*\)", "", heading.strip().lower())
   text = re.sub(r"[^\w\- ]", "", text)
   return text.replace(" ", "-")
 
