@@ -339,6 +339,38 @@ def test_check_link_finds_mistakes():
   assert slug("Scaling laws: `llmlab fit`") == "scaling-laws-llmlab-fit"
 
 
+# Paths the docs name on purpose that are not in the repository.
+NOT_IN_REPO = {
+    "llmlab/objectives/entropy_bonus.py": "the objective a reader adds",
+    "configs/tpu/v5p": "MaxText's directory of v5p recipes",
+}
+_REPO_PATH = re.compile(r"^(?:llmlab|configs|benchmarks|launch|tests|docs)/"
+                        r"[\w./-]*[\w/]$")
+
+
+def missing_paths(path: str) -> list[tuple[int, str]]:
+  """Repository paths named in `code` (`llmlab/plan.py`, `configs/tiny.py`,
+  `launch/tpu.sh`) that do not exist; `configs/x.py:arg` counts as
+  `configs/x.py`, a glob or placeholder (`*`, upper case) is skipped."""
+  out = []
+  for line, snippet in snippets(path):
+    for tok in snippet.split():
+      tok = tok.strip("`'\"(),;").split(":", 1)[0]
+      if (not _REPO_PATH.match(tok) or "*" in tok or
+          re.search(r"[A-Z]{2,}", tok)):
+        continue
+      if tok not in NOT_IN_REPO and not os.path.exists(os.path.join(ROOT,
+                                                                     tok)):
+        out.append((line, tok))
+  return out
+
+
+def test_every_repository_path_exists():
+  bad = [f"{_rel(path)}:{line}: {tok}" for path in DOCS
+         for line, tok in missing_paths(path)]
+  assert not bad, "\n".join(bad)
+
+
 def test_docs_index_lists_every_page():
   index = os.path.join(ROOT, "docs", "README.md")
   listed = {os.path.normpath(os.path.join(os.path.dirname(index), t.split(
