@@ -9,10 +9,11 @@ command and applies one exit contract:
 
   - success: the command's summary as one JSON line on stdout (if it
     returns a dict; commands that print a table print it themselves), exit 0;
-  - bad input (a bad flag or config key, a config file that does not exist,
-    ConfigError, DataError, WorkdirError, a missing run directory, ...):
-    one line `llmlab CMD: error: ...` on stderr, exit 2, no traceback
-    unless `--debug`;
+  - bad input, i.e. an `llmlab.errors.UserError` (a bad flag or config
+    key, a config file that does not exist, ConfigError, DataError,
+    WorkdirError, a missing run directory, a corrupt checkpoint, ...) or
+    absl's flags.Error: one line `llmlab CMD: error: ...` on stderr, exit 2,
+    no traceback unless `--debug`;
   - storage that failed during the run (`storage.StorageError`, a failed
     checkpoint save): one line naming the path, exit 1;
   - storage that stopped answering (`storage.StorageTimeout`: a request
@@ -20,7 +21,10 @@ command and applies one exit contract:
     (`watchdog.EXIT_HANG`, restartable: the launchers run the job again);
     a hung run ended by llmlab/watchdog.py exits 75 too;
   - a study preempted by SIGTERM (`llmlab.experiment.Preempted`): its
-    message on stderr, exit 0 (re-running the command resumes).
+    message on stderr, exit 0 (re-running the command resumes);
+  - anything else is a bug (in llmlab or a library it calls; a plain
+    ValueError from numpy or jax too): one line on stderr saying so, then
+    the exception propagates, so the process exits 1 with its traceback.
 
 Libraries never import this module (they raise; the command line decides
 how that ends).
@@ -40,6 +44,7 @@ from typing import Any, Callable
 from absl import flags
 from ml_collections import config_flags
 
+from llmlab import errors
 from llmlab import experiment
 from llmlab import watchdog
 from llmlab.runtime import setup_compile_cache, setup_logging
@@ -51,8 +56,7 @@ PREEMPTED = ("preempted (SIGTERM); the current run saved its checkpoint. "
              "Re-run the same command to resume.")
 
 
-class UsageError(ValueError):
-  """A command line that cannot work (a missing or conflicting flag)."""
+UsageError = errors.UsageError  # a command line that cannot work
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +122,9 @@ def guarded(prog: str, debug: bool, call: Callable[[], Any]) -> int:
       if is_storage_stall(e):
         exit_now(watchdog.EXIT_HANG)
       return 1
+    print(f"{prog}: internal error ({type(e).__name__}): this is a bug, not "
+          f"a problem with your input; please report it with the traceback "
+          f"below.", file=sys.stderr, flush=True)
     raise
 
 
@@ -222,7 +229,7 @@ def _check_config_file(argv, config) -> None:
     return
   path = spec.split(":", 1)[0]
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"--{config.name}={spec}: no file {path}")
+    raise errors.NotFound(f"--{config.name}={spec}: no file {path}")
 
 
 def _parse(fv, argv, config) -> None:
@@ -283,19 +290,8 @@ def load_config(spec: str, *overrides: str, name: str = "config"):
 
 def is_bad_input(e: BaseException) -> bool:
   """Whether `e` is the user's input being wrong (one line, exit 2) rather
-  than a failure of the program or the machine (traceback). Library
-  errors are matched only if their module is loaded: a command that never
-  imported orbax cannot have raised a CheckpointError, and importing it
-  here would cost seconds."""
-  if isinstance(e, (ValueError, flags.Error, FileNotFoundError,
-                    FileExistsError, NotADirectoryError, IsADirectoryError)):
-    return True
-  lock = sys.modules.get("llmlab.workdir_lock")
-  if lock and isinstance(e, lock.WorkdirError):
-    return True
-  ckpt = sys.modules.get("llmlab.checkpoints")
-  return bool(ckpt and isinstance(e, ckpt.CheckpointError) and
-              not isinstance(e, ckpt.CheckpointSaveError))
+  than a failure of the program or the machine (traceback)."""
+  return isinstance(e, (errors.UserError, flags.Error))
 
 
 def is_storage_failure(e: BaseException) -> bool:

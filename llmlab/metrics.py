@@ -18,6 +18,7 @@ import time
 import numpy as np
 from etils import epath
 
+from llmlab import errors
 from llmlab import storage
 
 
@@ -133,7 +134,7 @@ def _wandb_run(spec: str, workdir: str, spool: storage.Spool,
   try:
     import wandb  # optional dependency
   except ImportError as e:
-    raise ValueError(f"config.train.wandb={spec!r}: wandb is not installed; "
+    raise errors.ConfigError(f"config.train.wandb={spec!r}: wandb is not installed; "
                      'pip install "llmlab[wandb]"') from e
   project, _, entity = spec.partition("/")
   run_id = hashlib.sha256(str(workdir).encode()).hexdigest()[:16]

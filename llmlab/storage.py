@@ -42,6 +42,8 @@ from typing import Any, BinaryIO, Iterator
 
 from etils import epath
 
+from llmlab import errors
+
 log = logging.getLogger("llmlab")
 
 
@@ -62,7 +64,7 @@ def _seconds(name: str, default: float) -> float:
   except ValueError:
     out = -1.0
   if not out > 0:
-    raise ValueError(f"{name}={value!r}: must be a number of seconds > 0")
+    raise errors.ConfigError(f"{name}={value!r}: must be a number of seconds > 0")
   return out
 
 

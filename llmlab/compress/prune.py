@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmlab import api
+from llmlab import errors
 from llmlab import runs
 from llmlab import storage
 from llmlab import checkpoints as ckpt_lib
@@ -69,7 +70,7 @@ def prune(source: str, target_cfg, workdir: str, method: str = "magnitude", *,
   """Write the pruned run directory `workdir`; return a summary."""
   t0 = time.time()
   if method not in METHODS:
-    raise ValueError(f"--method={method!r}: must be one of {METHODS}")
+    raise errors.UsageError(f"--method={method!r}: must be one of {METHODS}")
   workdir = workdir if storage.is_remote(workdir) else os.path.abspath(workdir)
   hf._require_no_run(workdir)  # pylint: disable=protected-access
   src_m, src_cfg, src_step = source_model(source)

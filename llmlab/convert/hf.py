@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from llmlab import api
+from llmlab import errors
 from llmlab import runs
 from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
@@ -47,7 +48,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # in preference order
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
-class ConvertError(ValueError):
+class ConvertError(errors.UserError):
   """The checkpoint's tensors do not match its config or llmlab's model."""
 
 
@@ -71,7 +72,7 @@ def load(hf_dir: str, *, dtype: str = "float32",
   from `steps.build`, each device reading only its own slice.
   """
   if dtype not in DTYPES:
-    raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
+    raise errors.UsageError(f"dtype={dtype!r}: must be one of {DTYPES}")
   spec = hf_config.read(hf_dir, ignore_fields)
   ckpt = st.Checkpoint(hf_dir)
   cfg = _run_config(spec, hf_dir, dtype, mesh_axes or {})
@@ -143,7 +144,7 @@ def _absolute(path: str) -> str:
 def _require_empty(path: str, names) -> None:
   clash = [n for n in names if storage.exists(storage.join(path, n))]
   if clash:
-    raise FileExistsError(f"{path}: already holds {clash}; refusing to "
+    raise errors.AlreadyExists(f"{path}: already holds {clash}; refusing to "
                           "overwrite (choose an empty directory)")
 
 
@@ -328,7 +329,7 @@ def to_hf(workdir: str, out_dir: str, *, step: int | None = None,
   cfg, raw = runs.read_config(workdir)
   dtype = dtype or cfg.model.param_dtype
   if dtype not in DTYPES:
-    raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
+    raise errors.UsageError(f"dtype={dtype!r}: must be one of {DTYPES}")
   source = raw.get("hf_source", {})
   preferred = hf_config.ARCHITECTURES.get(source.get("architecture"))
   family = hf_config.family_for(cfg.model, preferred)

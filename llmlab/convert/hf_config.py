@@ -18,6 +18,7 @@ import dataclasses
 import json
 from typing import Any
 
+from llmlab import errors
 from llmlab import storage
 
 # HF architecture -> model_type. Qwen2 adds q/k/v biases, Qwen3 QK-norm.
@@ -49,7 +50,7 @@ _SHAPE = {"hidden_size": "d_model", "intermediate_size": "mlp_dim",
           "num_attention_heads": "num_heads", "vocab_size": "vocab_size"}
 
 
-class UnsupportedConfig(ValueError):
+class UnsupportedConfig(errors.UserError):
   """The HF config asks for something llmlab's model does not compute."""
 
 
@@ -67,7 +68,7 @@ class HFModel:
 def read(hf_dir: str, ignore_fields=()) -> HFModel:
   path = storage.join(hf_dir, "config.json")
   if not storage.exists(path):
-    raise FileNotFoundError(f"{hf_dir}: no config.json (not a Hugging Face "
+    raise errors.NotFound(f"{hf_dir}: no config.json (not a Hugging Face "
                             "model directory)")
   try:
     raw = storage.read_json(path)

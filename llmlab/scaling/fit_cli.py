@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from llmlab import errors
 from llmlab import storage
 from llmlab.scaling import curves as curves_lib
 from llmlab.scaling import fit as fit_lib
@@ -41,10 +42,10 @@ def _parse_target(target, records):
     n, d = (float(p) for p in parts)
   except ValueError:
     runs = records_lib.run_names(records)
-    raise ValueError(f"--target={target!r} is neither a run of the records "
+    raise errors.UsageError(f"--target={target!r} is neither a run of the records "
                      f"({runs[:10]}{'...' if len(runs) > 10 else ''}) nor 'N,D'") from None
   if not (n > 0 and d > 0 and math.isfinite(n) and math.isfinite(d)):
-    raise ValueError(f"--target={target!r}: N and D must be finite and > 0")
+    raise errors.UsageError(f"--target={target!r}: N and D must be finite and > 0")
   return ("point", (n, d))
 
 
@@ -548,7 +549,7 @@ def _check_flags(parser, args) -> None:
            if getattr(args, n) != parser.get_default(n)]
   if wrong:
     kind = "a curve form" if curve else "not a curve form"
-    raise ValueError(f"{', '.join(wrong)} not used by --form={args.form} ({kind})")
+    raise errors.UsageError(f"{', '.join(wrong)} not used by --form={args.form} ({kind})")
 
 
 def _main_curves(args) -> int:

@@ -45,6 +45,7 @@ import sys
 import numpy as np
 
 from llmlab import checkpoints as ckpt_lib
+from llmlab import errors
 from llmlab import experiment
 from llmlab import runs as runs_lib
 from llmlab import storage
@@ -68,21 +69,21 @@ def check(scfg) -> None:
   """Bad study settings, named before anything trains."""
   fit_on = scfg.get("fit_on", "branches")
   if fit_on not in FIT_ON:
-    raise ValueError(f"study config: fit_on={fit_on!r}; known: {list(FIT_ON)}")
+    raise errors.ConfigError(f"study config: fit_on={fit_on!r}; known: {list(FIT_ON)}")
   spacing = scfg.get("curve_spacing", "linear")
   if spacing not in SPACINGS:
-    raise ValueError(f"study config: curve_spacing={spacing!r}; known: "
+    raise errors.ConfigError(f"study config: curve_spacing={spacing!r}; known: "
                      f"{list(SPACINGS)}")
   points = int(scfg.get("curve_points", 0))
   if points < 0:
-    raise ValueError(f"study config: curve_points={points}: >= 0")
+    raise errors.ConfigError(f"study config: curve_points={points}: >= 0")
   if fit_on == "curves" or points:
     form = forms_lib.get_form(scfg.curve_fit.form)  # names the known forms
     if not form.curve:
-      raise ValueError(f"study config: curve_fit.form={scfg.curve_fit.form!r} "
+      raise errors.ConfigError(f"study config: curve_fit.form={scfg.curve_fit.form!r} "
                        "is not a law of loss curves (e.g. multipower_n)")
     if points <= len(form.params):
-      raise ValueError(
+      raise errors.ConfigError(
           f"study config: curve_points={points}: fitting "
           f"{scfg.curve_fit.form!r} ({len(form.params)} parameters) needs "
           f"more evals along each run than that"
@@ -90,16 +91,16 @@ def check(scfg) -> None:
              if fit_on == "branches" else ""))
   col = scfg.get("curve_fit", {}).get("params_column", "params")
   if col not in PARAMS_KEYS:
-    raise ValueError(f"study config: curve_fit.params_column={col!r}; known: "
+    raise errors.ConfigError(f"study config: curve_fit.params_column={col!r}; known: "
                      f"{list(PARAMS_KEYS)}")
   if not isinstance(scfg.get("fit_seeds", False), bool):
-    raise ValueError(f"study config: fit_seeds={scfg.fit_seeds!r}: True or False")
+    raise errors.ConfigError(f"study config: fit_seeds={scfg.fit_seeds!r}: True or False")
   if int(scfg.get("noise_seeds", 0)) < 0:
-    raise ValueError(f"study config: noise_seeds={scfg.noise_seeds}: >= 0")
+    raise errors.ConfigError(f"study config: noise_seeds={scfg.noise_seeds}: >= 0")
   member = scfg.get("noise_member", "")
   names = [n for n, _ in scfg.family]
   if member and member not in names:
-    raise ValueError(f"study config: noise_member={member!r} is not a family "
+    raise errors.ConfigError(f"study config: noise_member={member!r} is not a family "
                      f"member ({names})")
 
 
