@@ -63,9 +63,11 @@ class _Recorder(train.Trainer):
   def __init__(self, cfg, workdir, sig, bad_data_step=None):
     cfg, data, setup = train.prepare(cfg)
     aux = objectives.prepare(cfg, setup, runs.load_teacher)
-    info = train.model_info(cfg, data.vocab_size)
+    info = dict(train.model_info(cfg, data.vocab_size),
+                peak_flops_per_device=1e9)
     mgr = ckpt_lib.Manager(workdir, cfg.checkpoint, cfg.train.steps)
-    super().__init__(cfg, workdir, data, setup, aux, info, 1e9, mgr, sig)
+    super().__init__(train.RunContext(cfg, workdir, data, setup, aux, info,
+                                      mgr, sig))
     self.events, self.bad_data_step = [], bad_data_step
     self.train_step = self._stub
 
@@ -160,6 +162,51 @@ def test_stop_policy_raises_before_the_save(tmp_path):
   finally:
     t.mgr.close()
   assert t.mgr.steps() == [2]  # nothing saved after the bad step
+
+
+def test_hooks_added_from_outside_run_in_order_after_the_builtins(tmp_path):
+  """`add_hook(fn, every=N)`: due every N steps and at the last; after the
+  built-in hooks (the save at step 4 precedes the hook at 4), in the order
+  added; `finish` once at the end; a hook can stop the run cleanly."""
+  t = _Recorder(_config(**{"checkpoint.every_steps": 4}), str(tmp_path),
+                _Signal())
+  assert [h.name for h in t.hooks] == ["watchdog", "preemption", "metrics",
+                                       "guard", "eval", "save", "profile"]
+  t.add_hook(lambda end: t.events.append(("every3", end.step)),
+             every=3, finish=lambda end: t.events.append(("finish", end.step)))
+  t.add_hook(loop.Hook("stop", lambda end: setattr(end, "stop", True),
+                       due=lambda end: end.step == 6))
+  try:
+    summary = t.run()
+  finally:
+    t.mgr.close()
+  ours = [e for e in t.events if e[0] in ("every3", "finish")]
+  assert ours == [("every3", 3), ("every3", 6), ("finish", 6)]
+  at = t.events.index
+  for step in (3, 6):  # after the metrics hook wrote the previous row
+    assert at(("row", step - 1, True)) < at(("every3", step))
+  # Stopped by the hook after step 6: a clean early stop that saves the
+  # step (no preemption).
+  assert summary["step"] == 6 and not summary["preempted"]
+  assert t.mgr.steps() == [4, 6]
+  assert [e[1] for e in t.events if e[0] == "step"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_train_takes_hooks(tmp_path):
+  """`train(cfg, workdir, hooks=...)`, the public way in, on a real run:
+  a plain function sees every step, a `loop.hook(fn, every=2)` every other
+  one and the last, with the step's device metrics."""
+  seen, losses = [], []
+  cfg = _config(**{"train.steps": 3, "checkpoint.every_steps": 0,
+                   "train.eval_every": 0})
+  summary = train.train(cfg, str(tmp_path), hooks=[
+      lambda end: seen.append(end.step),
+      loop.hook(lambda end: losses.append(
+          (end.step, float(end.metrics["loss"]))), every=2)])
+  assert summary["step"] == 3 and seen == [1, 2, 3]
+  assert [s for s, _ in losses] == [2, 3]
+  rows = {r["step"]: r["loss"] for r in _rows(str(tmp_path)) if "loss" in r}
+  assert all(np.isclose(rows[s], loss) for s, loss in losses)
 
 
 def test_cpu_peak_is_measured_once_per_run_directory(tmp_path):
