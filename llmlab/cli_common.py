@@ -345,32 +345,6 @@ def _wrap(name: str, text: str) -> list[str]:
                                        subsequent_indent="      ")
 
 
-# -------------------------------------------------------------- argparse
-
-
-def run_argparse(name: str, argv: list[str], parser, body: Callable[
-    [list[str]], Any], absl_level: int = logging.WARNING) -> int:
-  """The same contract for a command that keeps an argparse parser (fit):
-  `--debug` is taken out before `body(argv)` sees the command line."""
-  prog = f"llmlab {name}"
-  parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
-  if any(a in HELP_ARGS for a in argv):
-    print(parser.format_help())
-    return 0
-  rest = [a for a in argv if a != "--debug"]
-
-  def call():
-    parser.error = _raise_usage
-    parser.parse_args(rest)  # bad flags: one line, before any work
-    setup(absl_level)
-    return body(rest)
-  return guarded(prog, "--debug" in argv, call)
-
-
-def _raise_usage(message: str):
-  raise UsageError(message)
-
-
 # ------------------------------------------------------------ distributed
 
 

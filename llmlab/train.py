@@ -192,8 +192,8 @@ def _keep_schedule(workdir: str, cfg, p: dict, start: int) -> dict | None:
   return record
 
 
-def _write_config(workdir: str, cfg, info: dict, data_info: dict, mesh,
-                  schedule_file: dict | None = None) -> None:
+def write_config(workdir: str, cfg, info: dict, data_info: dict, mesh,
+                 schedule_file: dict | None = None) -> None:
   out = config_lib.to_dict(cfg)
   if schedule_file:
     out["schedule_file"] = schedule_file
@@ -640,7 +640,7 @@ class Trainer:
       self.info["memory_per_device"] = plan_lib.preflight(
           self.cfg, self.setup, self.train_step, carry, batch)
     if self.primary:  # only now: a refused resume must not overwrite it
-      _write_config(self.workdir, self.cfg, self.info, self.data.info,
+      write_config(self.workdir, self.cfg, self.info, self.data.info,
                     self.setup.mesh, schedule_file)
     self.open_writer(start)
     if start == 0:

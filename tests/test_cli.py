@@ -155,7 +155,10 @@ def test_debug_shows_the_traceback(tmp_path):
     (["convert", "--workdir=W"], "llmlab convert",
      "give one of --from_hf=DIR and --to_hf"),
     (["fit", "--records=/nonexistent.csv"], "llmlab fit", "nonexistent.csv"),
-    (["fit", "--form=nope", "--records=x"], "llmlab fit", "invalid choice"),
+    (["fit", "--form=nope", "--records=x"], "llmlab fit",
+     "unknown scaling-law form 'nope'"),
+    (["fit", "--records=r.csv", "--bootstrap=many"], "llmlab fit",
+     "--bootstrap=many"),
     (["prune", "--from=R", f"--to_config={TINY}", "--workdir=W",
       "--method=nope"], "llmlab prune", "--method"),
 ])

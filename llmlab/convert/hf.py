@@ -2,7 +2,7 @@
 
 `load(hf_dir, mesh=...)` places an HF checkpoint's params on a mesh;
 `from_hf(hf_dir, workdir)` writes a run directory that every llmlab tool
-takes as its own: `config.json` (written by `train._write_config`, with
+takes as its own: `config.json` (written by `train.write_config`, with
 `model.*` from the HF config and `data.tokenizer` pointing at the copied
 tokenizer) and an orbax checkpoint holding the params and a freshly
 initialised optimizer state. Tensors are read one (slice) at a time from
@@ -93,7 +93,7 @@ def from_hf(hf_dir: str, workdir: str, *, step: int = 0,
   summary with the model sizes and any warnings (e.g. a tokenizer whose size
   differs from the model's).
   """
-  _require_no_run(workdir)
+  require_no_run(workdir)
   got = load(hf_dir, dtype=dtype, mesh=mesh, ignore_fields=ignore_fields,
              mesh_axes=mesh_axes)
   return write_run(got, workdir, step=step)
@@ -106,13 +106,13 @@ def write_run(got: Loaded, workdir: str, step: int = 0) -> dict:
   midway leaves no run directory behind (just orbax temporaries).
   """
   workdir = _absolute(workdir)
-  _require_no_run(workdir)
+  require_no_run(workdir)
   cfg, setup, spec = got.cfg, got.setup, got.spec
   vocab = setup.model_cfg.vocab_size
   state = {"step": jax.device_put(np.int32(step),
                                   setup.state_shardings["step"]),
            "params": got.params,
-           "opt_state": _fresh_opt_state(setup, got.params)}
+           "opt_state": fresh_opt_state(setup, got.params)}
   storage.makedirs(workdir)
   warnings = []
   data_info = _copy_tokenizer(spec.directory, workdir, cfg, vocab, warnings)
@@ -126,9 +126,9 @@ def write_run(got: Loaded, workdir: str, step: int = 0) -> dict:
   mgr.save(step, state, meta, force=True)
   mgr.close()
   if jax.process_index() == 0:
-    write_config = train._write_config  # pylint: disable=protected-access
+    write_config = train.write_config
     write_config(workdir, cfg, info, data_info, setup.mesh)
-    _add_to_config(workdir, hf_source=source)
+    add_to_config(workdir, hf_source=source)
   for w in warnings:
     log.warning("%s", w)
   return {"workdir": workdir, "step": step, "architecture": spec.architecture,
@@ -144,11 +144,11 @@ def _absolute(path: str) -> str:
 def _require_empty(path: str, names) -> None:
   clash = [n for n in names if storage.exists(storage.join(path, n))]
   if clash:
-    raise errors.AlreadyExists(f"{path}: already holds {clash}; refusing to "
-                          "overwrite (choose an empty directory)")
+    raise errors.AlreadyExists(f"{path}: already holds {clash}; refusing "
+                               "to overwrite (choose an empty directory)")
 
 
-def _require_no_run(workdir: str) -> None:
+def require_no_run(workdir: str) -> None:
   """No config.json and no finished checkpoint (temporaries are fine)."""
   ckpts = ckpt_lib.checkpoint_dir(workdir)
   steps = [n for n in storage.listdir(ckpts) if n.isdigit()]
@@ -275,7 +275,7 @@ def _unflatten(flat: dict) -> dict:
   return tree
 
 
-def _fresh_opt_state(setup, params):
+def fresh_opt_state(setup, params):
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
     return jax.jit(setup.tx.init,
                    out_shardings=setup.state_shardings["opt_state"])(params)
@@ -309,7 +309,7 @@ def _copy_tokenizer(hf_dir, workdir, cfg, vocab: int, warnings: list) -> dict:
   return {"tokenizer": dict(tok.info(), path=dst)}
 
 
-def _add_to_config(workdir: str, **keys) -> None:
+def add_to_config(workdir: str, **keys) -> None:
   path = storage.join(workdir, "config.json")
   out = storage.read_json(path)
   out.update(keys)
@@ -335,7 +335,7 @@ def to_hf(workdir: str, out_dir: str, *, step: int | None = None,
   family = hf_config.family_for(cfg.model, preferred)
   _require_empty(out_dir, ("config.json", st.SINGLE_NAME, st.INDEX_NAME))
   run = api.load(workdir, step=step)
-  mcfg = run._setup.model_cfg  # pylint: disable=protected-access
+  mcfg = run.setup.model_cfg
   params = _paths(run.params)
   np_dtype = np.dtype(jax.numpy.dtype(dtype))
   tensors = []

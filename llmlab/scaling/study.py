@@ -50,7 +50,7 @@ from llmlab import experiment
 from llmlab import runs as runs_lib
 from llmlab import storage
 from llmlab.scaling import curves as curves_lib
-from llmlab.scaling import fit_cli
+from llmlab.scaling import fitting
 from llmlab.scaling import forms as forms_lib
 from llmlab.scaling import records as records_lib
 from llmlab.scaling import sweep as sweep_lib
@@ -297,7 +297,7 @@ def _fold_into_endpoints(scfg, result: dict, noise: dict) -> dict:
     return {}
   step = np.array([p["tokens"] for p in rows]) / _tokens_per_step(scfg)
   sigma = np.interp(step, noise["step"], noise["rel_std_smoothed"])
-  lo, hi = fit_cli.fold_noise([p["loss_hat"] for p in rows],
+  lo, hi = fitting.fold_noise([p["loss_hat"] for p in rows],
                               [p["lo"] for p in rows], [p["hi"] for p in rows],
                               sigma)
   for p, a, b in zip(rows, lo, hi):
@@ -335,7 +335,7 @@ def curve_analysis(scfg, workdir: str, planned: list[dict],
   sigma = (np.interp(predict["step"], noise["step"], noise["rel_std_smoothed"])
            if noise else None)
   first = float(scfg.curve_fit.get("min_fraction", 0.0)) * int(scfg.steps)
-  fit = fit_cli.run_curve_fit(
+  fit = fitting.run_curve_fit(
       _from_step(curves, first), scfg.curve_fit.form,
       os.path.join(workdir, "curve_fit"), predict,
       fit_runs=fitted, n_bootstrap=int(scfg.curve_fit.bootstrap), noise=sigma,
@@ -577,7 +577,7 @@ def analyse(scfg, records: list[dict], workdir: str) -> dict:
             "tokens": r["tokens"], "loss": r["loss"], "flops": r["flops"]}
            for r in records]
   target = scfg.target[0]
-  out = fit_cli.run_fit(table, form=scfg.fit.form, target=target,
+  out = fitting.run_fit(table, form=scfg.fit.form, target=target,
                         out_dir=workdir, n_bootstrap=int(scfg.fit.bootstrap),
                         min_fraction=float(scfg.fit.min_fraction) or None,
                         are_min_fraction=float(scfg.are_fraction),
