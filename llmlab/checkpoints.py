@@ -186,10 +186,6 @@ class KeepProtectedAndLatest:
 # ------------------------------------------------------------------- manager
 
 
-def _is_primary() -> bool:
-  return jax.process_index() == 0
-
-
 def _sync(name: str) -> None:
   distributed.sync(name)
 
@@ -270,7 +266,7 @@ class Manager:
     (kept, not deleted, for inspection)."""
     if not steps:
       return
-    if _is_primary():
+    if distributed.is_primary():
       root = epath.Path(self.directory)
       for step in steps:
         dest = root / f"{step}.{why}"

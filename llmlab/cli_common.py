@@ -33,7 +33,6 @@ how that ends).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -46,6 +45,7 @@ from ml_collections import config_flags
 
 from llmlab import errors
 from llmlab import experiment
+from llmlab import storage
 from llmlab import watchdog
 from llmlab.runtime import setup_compile_cache, setup_logging
 
@@ -153,7 +153,7 @@ def exit_now(status: int) -> None:
 def finish(result: Any) -> int:
   """A body's result -> exit status (a dict is the summary: one JSON line)."""
   if isinstance(result, dict):
-    print(json.dumps(result, default=str))
+    print(storage.dumps(result))  # NaN -> null (storage.json_safe)
     return 0
   return int(result or 0)
 

@@ -346,22 +346,33 @@ def write_text(path: str, text: str) -> None:
 
 
 def json_safe(obj):
-  """JSON-safe copy: numpy scalars and arrays as Python numbers and lists,
-  non-finite floats (NaN, inf) as None (null), dict keys as str."""
+  """The one JSON policy of everything llmlab writes (config.json,
+  metrics.jsonl, study and fit results, summary lines): numpy scalars and
+  arrays as Python numbers and lists; non-finite floats (NaN, inf) as None
+  (null: JSON has no NaN, and a reader in another language must not choke);
+  dict keys as str; anything else that JSON cannot hold (a config, a path)
+  as its str."""
   if isinstance(obj, dict):
     return {str(k): json_safe(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
     return [json_safe(v) for v in obj]
-  if type(obj).__module__ == "numpy":  # arrays and numpy scalars
-    return json_safe(obj.tolist())
+  if type(obj).__module__ == "numpy" or (hasattr(obj, "__array__") and
+                                         hasattr(obj, "tolist")):
+    return json_safe(obj.tolist())  # numpy (and jax) arrays and scalars
   if isinstance(obj, float):
     return obj if math.isfinite(obj) else None
-  return obj
+  if obj is None or isinstance(obj, (str, int)):  # bool is an int
+    return obj
+  return str(obj)
+
+
+def dumps(obj: Any, **kw) -> str:
+  """json.dumps under the one policy (`json_safe`): strict JSON, no NaN."""
+  return json.dumps(json_safe(obj), allow_nan=False, **kw)
 
 
 def write_json(path: str, obj: Any, **kw) -> None:
-  write_text(path, json.dumps(obj, **{"indent": 2, "sort_keys": True,
-                                      "default": str, **kw}))
+  write_text(path, dumps(obj, **{"indent": 2, "sort_keys": True, **kw}))
 
 
 @_stalls_named

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import signal
@@ -35,6 +34,7 @@ import numpy as np
 from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
 from llmlab import data as data_lib
+from llmlab import distributed
 from llmlab import guard
 from llmlab import loop as loop_lib
 from llmlab import metrics as metrics_lib
@@ -64,10 +64,6 @@ TB_TAGS = {
     "nonfinite_steps": "guard/nonfinite_steps",
     "spike_steps": "guard/spike_steps", "rollbacks": "guard/rollbacks",
 }
-
-
-def is_primary() -> bool:
-  return jax.process_index() == 0
 
 
 def model_info(cfg, vocab_size: int) -> dict:
@@ -296,7 +292,7 @@ def train(cfg, workdir: str, hooks: Iterable[HookLike] = ()
   _check_schedule(cfg)
   workdir_lock.check_writable(workdir)
   with contextlib.ExitStack() as stack:
-    if cfg.guard.lock and is_primary():  # the job's processes share it
+    if cfg.guard.lock and distributed.is_primary():  # one lock per job
       stack.enter_context(workdir_lock.Lock(workdir))
     return _train(cfg, workdir, hooks)
 
@@ -396,7 +392,7 @@ class Trainer:
                                                      ctx.data, setup)
     self.info, self.mgr, self.sig = info, ctx.mgr, ctx.preempt
     peak = info.get("peak_flops_per_device", 0.0)
-    self.primary = is_primary()
+    self.primary = distributed.is_primary()
     self.total = cfg.train.steps
     self.tokens_per_step = info["tokens_per_step"]
     self.flops_per_step = (info["flops_per_token"] +
@@ -522,7 +518,7 @@ class Trainer:
     """guard_events.jsonl: rollbacks and stops, never truncated."""
     if self.primary:
       storage.append_line(storage.join(self.workdir, "guard_events.jsonl"),
-                          json.dumps(dict(row, time=time.time())))
+                          storage.dumps(dict(row, time=time.time())))
 
   def last_good(self) -> str:
     step = self.mgr.latest_step()
@@ -646,8 +642,8 @@ class Trainer:
     if start == 0:
       self.writer.text("config", "```\n" + self.cfg.to_json(indent=2) +
                        "\n```")
-      self.writer.text("model_info", "```\n" + json.dumps(
-          self.info, indent=2, default=str) + "\n```")
+      self.writer.text("model_info", "```\n" + storage.dumps(
+          self.info, indent=2) + "\n```")
       self.writer.hparams(hparams(self.cfg, self.info),
                           ["eval/loss", "eval/bpb", "train/loss"])
     batches = itertools.chain([first], batches)

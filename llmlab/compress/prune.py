@@ -19,7 +19,6 @@ the checkpoint metadata carry a `compress` summary.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmlab import api
+from llmlab import distributed
 from llmlab import errors
 from llmlab import runs
 from llmlab import storage
@@ -128,21 +128,18 @@ def write_run(workdir: str, cfg, setup, data, params, info: dict,
   model_info = train.model_info(cfg, data.vocab_size)
   meta = {"config": config_lib.to_dict(cfg), "model_info": model_info,
           "step": 0, "tokens": 0, "data_info": data.info,
-          "compress": _jsonable(info)}
+          "compress": storage.json_safe(info)}
   storage.makedirs(workdir)
   mgr = ckpt_lib.Manager(workdir, cfg.checkpoint, cfg.train.steps)
   mgr.save(0, state, meta, force=True)
   mgr.close()
-  if jax.process_index() == 0:
+  if distributed.is_primary():
     storage.write_text(storage.join(workdir, SELECTION_FILE),
-                       json.dumps(sel.to_json()))
+                       storage.dumps(sel.to_json()))
     train.write_config(workdir, cfg, model_info, data.info, setup.mesh)
     summary = dict(info)
     if "learned" in info:  # the per-step history stays in the checkpoint meta
       summary["learned"] = {k: v for k, v in info["learned"].items()
                             if k != "history"}
-    hf.add_to_config(workdir, compress=_jsonable(summary))
+    hf.add_to_config(workdir, compress=storage.json_safe(summary))
 
-
-def _jsonable(obj):
-  return json.loads(json.dumps(obj, default=lambda o: np.asarray(o).tolist()))

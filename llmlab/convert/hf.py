@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from llmlab import api
+from llmlab import distributed
 from llmlab import errors
 from llmlab import runs
 from llmlab import checkpoints as ckpt_lib
@@ -125,7 +126,7 @@ def write_run(got: Loaded, workdir: str, step: int = 0) -> dict:
   mgr = ckpt_lib.Manager(workdir, cfg.checkpoint, cfg.train.steps)
   mgr.save(step, state, meta, force=True)
   mgr.close()
-  if jax.process_index() == 0:
+  if distributed.is_primary():
     write_config = train.write_config
     write_config(workdir, cfg, info, data_info, setup.mesh)
     add_to_config(workdir, hf_source=source)
@@ -291,7 +292,7 @@ def _copy_tokenizer(hf_dir, workdir, cfg, vocab: int, warnings: list) -> dict:
                     "model's vocabulary")
     return {"tokenizer": tok_lib.ByteTokenizer().info()}
   src, dst = storage.join(hf_dir, name), storage.join(workdir, name)
-  if jax.process_index() == 0:
+  if distributed.is_primary():
     storage.copy_file(src, dst)
   cfg.data.tokenizer = dst
   try:

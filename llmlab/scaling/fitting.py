@@ -9,7 +9,6 @@ into predictions.csv; summary and curve_summary are their readable reports.
 
 import csv
 import io
-import json
 import logging
 import math
 import os
@@ -241,7 +240,7 @@ def run_fit(records, form: str = "chinchilla", target=None, out_dir: str | None 
                     saturation_threshold)
     result["plots"] = [os.path.basename(p) for p in plots.save(figs, out_dir)]
     storage.write_text(storage.join(out_dir, "fit.json"),
-                       json.dumps(storage.json_safe(result), indent=2))
+                       storage.dumps(result, indent=2))
   return storage.json_safe(result)
 
 
@@ -421,7 +420,7 @@ def _prediction_errors(rows) -> dict:
 
 def _write_curve_outputs(out_dir: str, result: dict, rows) -> None:
   storage.write_text(storage.join(out_dir, "fit.json"),
-                     json.dumps(storage.json_safe(result), indent=2))
+                     storage.dumps(result, indent=2))
   if rows is None:
     return
   buf = io.StringIO(newline="")
