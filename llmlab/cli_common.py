@@ -22,6 +22,9 @@ command and applies one exit contract:
     a hung run ended by llmlab/watchdog.py exits 75 too;
   - a study preempted by SIGTERM (`llmlab.experiment.Preempted`): its
     message on stderr, exit 0 (re-running the command resumes);
+  - Ctrl-C (KeyboardInterrupt): one line on stderr, exit 130. A training
+    run takes the first Ctrl-C as a preemption (finishes the step, saves
+    it, prints the resume command); a second one aborts at once;
   - anything else is a bug (in llmlab or a library it calls; a plain
     ValueError from numpy or jax too): one line on stderr saying so, then
     the exception propagates, so the process exits 1 with its traceback.
@@ -54,6 +57,9 @@ DEBUG_HELP = ("On bad input, raise with the full traceback (default: one "
               "line).")
 PREEMPTED = ("preempted (SIGTERM); the current run saved its checkpoint. "
              "Re-run the same command to resume.")
+INTERRUPTED = ("interrupted (Ctrl-C): aborted; steps after the last "
+               "checkpoint are lost. Re-run the same command to resume.")
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
 UsageError = errors.UsageError  # a command line that cannot work
@@ -111,6 +117,9 @@ def guarded(prog: str, debug: bool, call: Callable[[], Any]) -> int:
   except experiment.Preempted as e:
     print(f"{prog}: {str(e) or PREEMPTED}", file=sys.stderr)
     return 0
+  except KeyboardInterrupt as e:
+    print(f"{prog}: {str(e) or INTERRUPTED}", file=sys.stderr)
+    return EXIT_INTERRUPTED
   except Exception as e:  # pylint: disable=broad-except
     if debug:
       raise

@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable, Iterable
 
@@ -105,18 +106,26 @@ def prepare(cfg):
   return (cfg, *build(cfg))
 
 
-class _Preempted:
-  """SIGTERM: finish the current step, save, exit cleanly.
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C stopped the run after saving its step (`train` raises it once
+  the checkpoint is written; the command line exits 130)."""
 
-  One process: a Python SIGTERM handler sets a flag. Several processes:
-  JAX's preemption service (started by `jax.distributed.initialize`) owns
-  SIGTERM; it tells every process the same step to stop after, so all of
-  them join the same (collective) final save instead of deadlocking.
+
+class _Preempted:
+  """SIGTERM and Ctrl-C (SIGINT): finish the current step, save, stop.
+
+  One process: Python handlers set a flag (`name` says which signal). A
+  second Ctrl-C aborts at once (KeyboardInterrupt, nothing saved after the
+  last checkpoint). Several processes: JAX's preemption service (started by
+  `jax.distributed.initialize`) owns SIGTERM; it tells every process the
+  same step to stop after, so all of them join the same (collective) final
+  save instead of deadlocking; Ctrl-C keeps Python's default there.
   """
 
   def __init__(self):
     self.flag = False
-    self._old = None
+    self.name = None  # "SIGTERM" or "SIGINT", once received
+    self._old = {}
     self._synced = (jax.process_count() > 1 and
                     bool(getattr(jax.config, "jax_enable_preemption_service",
                                  False)))
@@ -124,14 +133,20 @@ class _Preempted:
   def __enter__(self):
     if self._synced:
       return self
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._set)
-    except ValueError:  # not the main thread
-      self._old = None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._set)
+      except ValueError:  # not the main thread
+        pass
     return self
 
-  def _set(self, *_):
+  def _set(self, signum, _frame):
     self.flag = True
+    self.name = self.name or signal.Signals(signum).name
+    if signum == signal.SIGINT:  # the next Ctrl-C aborts at once
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      print("llmlab: Ctrl-C: finishing this step and saving it (Ctrl-C "
+            "again aborts without saving)", file=sys.stderr, flush=True)
 
   def reached(self, step: int) -> bool:
     """Stop after `step`? Called once per step, with the same steps on all
@@ -142,14 +157,13 @@ class _Preempted:
     return self.flag
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
 
 
 def _resume_command() -> str:
   """The command line to run again (what the scheduler should re-run)."""
   import shlex
-  import sys
   argv = list(sys.argv)
   if argv and os.path.basename(argv[0]) in ("__main__.py", "main.py"):
     argv = ["python", "-m", "llmlab"] + argv[1:]
@@ -338,16 +352,20 @@ def _train(cfg, workdir: str, hooks: Iterable[HookLike]) -> dict[str, Any]:
            f"{info['params_nonembed']:,}", f"{info['params_total']:,}",
            info["flops_per_token"], dict(setup.mesh.shape))
 
-  with _Preempted() as sig:  # from here on, SIGTERM means "save and stop"
+  with _Preempted() as sig:  # from here on SIGTERM, Ctrl-C: "save and stop"
     mgr = ckpt_lib.Manager(workdir, cfg.checkpoint, cfg.train.steps)
     try:
       trainer = Trainer(RunContext(cfg, workdir, data, setup, aux, info, mgr,
                                    sig))
       for hook in hooks:
         trainer.add_hook(hook)
-      return trainer.run()
+      summary = trainer.run()
     finally:
       mgr.close()  # also on errors: let the last async save complete
+  if summary["preempted"] and sig.name == "SIGINT":
+    raise Interrupted(f"interrupted by Ctrl-C after saving step "
+                      f"{summary['step']}; re-run the same command to resume")
+  return summary
 
 
 class _RollBack(Exception):
@@ -694,9 +712,10 @@ class Trainer:
            **self.info}
     if preempted and self.primary:
       self.mgr.wait()
-      print(f"llmlab: SIGTERM received; finished step {final_step} and saved "
+      name = getattr(self.sig, "name", None) or "SIGTERM"
+      print(f"llmlab: {name} received; finished step {final_step} and saved "
             f"it to {self.mgr.path(final_step)}. To resume, re-run the same "
-            f"command:\n  {_resume_command()}", flush=True)
+            f"command:\n  {_resume_command()}", file=sys.stderr, flush=True)
     return out
 
 

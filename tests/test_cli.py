@@ -221,6 +221,21 @@ def test_other_errors_are_bugs_with_a_traceback(exc, capsys):
 
 
 
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+  def interrupted(message):
+    def body(fv):
+      raise KeyboardInterrupt(*message)
+    return body
+  assert cli_common.run("x", [], lambda fv: None, interrupted(
+      ["interrupted by Ctrl-C after saving step 3"])) == 130
+  assert capsys.readouterr().err == ("llmlab x: interrupted by Ctrl-C after "
+                                     "saving step 3\n")
+  assert cli_common.run("x", [], lambda fv: None, interrupted([])) == 130
+  err = capsys.readouterr().err
+  assert err.startswith("llmlab x: interrupted (Ctrl-C): aborted")
+  assert len(err.splitlines()) == 1
+
+
 def test_preempted_message_and_summary_line(capsys):
   def preempted(fv):
     raise experiment.Preempted("preempted (SIGTERM) during /w/run")

@@ -4,6 +4,7 @@ no test here compiles a train step or starts a process."""
 
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -150,7 +151,8 @@ def test_preemption_saves_and_stops(tmp_path, capsys):
   assert summary["preempted"] and summary["step"] == 3
   assert [e[1] for e in t.events if e[0] == "step"] == [1, 2, 3]
   assert t.mgr.steps() == [2, 3]
-  assert "SIGTERM received; finished step 3" in capsys.readouterr().out
+  out = capsys.readouterr()
+  assert "SIGTERM received; finished step 3" in out.err and not out.out
 
 
 def test_stop_policy_raises_before_the_save(tmp_path):
@@ -207,6 +209,43 @@ def test_train_takes_hooks(tmp_path):
   assert [s for s, _ in losses] == [2, 3]
   rows = {r["step"]: r["loss"] for r in _rows(str(tmp_path)) if "loss" in r}
   assert all(np.isclose(rows[s], loss) for s, loss in losses)
+
+
+def test_ctrl_c_once_stops_cleanly_twice_aborts(capsys):
+  """The first SIGINT only sets the flag (with a note on stderr); the
+  second raises KeyboardInterrupt at once; the old handlers come back."""
+  before = signal.getsignal(signal.SIGINT)
+  with train._Preempted() as sig:  # pylint: disable=protected-access
+    os.kill(os.getpid(), signal.SIGINT)
+    assert sig.reached(1) and sig.name == "SIGINT"
+    assert "Ctrl-C again aborts" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_saves_the_step_and_says_how_to_resume(tmp_path, capsys):
+  """A real run, Ctrl-C'd from a hook after step 2: it finishes step 3,
+  saves it, prints the resume command on stderr and raises Interrupted
+  (the command line's exit 130); a re-run resumes from step 3."""
+  cfg = _config(**{"train.steps": 6, "checkpoint.every_steps": 0,
+                   "train.eval_every": 0})
+  ctrl_c = lambda end: os.kill(os.getpid(), signal.SIGINT)  # noqa: E731
+  with pytest.raises(train.Interrupted, match="after saving step 3"):
+    train.train(cfg, str(tmp_path), hooks=[
+        loop.Hook("ctrl-c", ctrl_c, due=lambda end: end.step == 2)])
+  err = capsys.readouterr().err
+  assert "SIGINT received; finished step 3 and saved it" in err
+  assert "To resume, re-run the same command" in err
+  mgr = ckpt_lib.Manager(str(tmp_path), cfg.checkpoint, 6, read_only=True)
+  try:
+    assert mgr.steps() == [3]
+  finally:
+    mgr.close()
+  summary = train.train(cfg, str(tmp_path))
+  assert summary["step"] == 6 and not summary["preempted"]
+  rows = [r["step"] for r in _rows(str(tmp_path)) if "loss" in r]
+  assert rows == list(range(1, 7))
 
 
 def test_cpu_peak_is_measured_once_per_run_directory(tmp_path):
