@@ -253,7 +253,10 @@ def _files(d: epath.Path) -> list[epath.Path]:
 
 @_stalls_named
 def read_bytes(path: str) -> bytes:
-  return epath.Path(path).read_bytes()
+  try:
+    return epath.Path(path).read_bytes()
+  except FileNotFoundError as e:  # a path the user gave, or in their run
+    raise errors.NotFound(f"{path}: no such file") from e
 
 
 @_stalls_named
@@ -333,11 +336,18 @@ def local_copy(path: str, chunk: int = 64 << 20) -> str:
 
 @_stalls_named
 def read_text(path: str) -> str:
-  return epath.Path(path).read_text()
+  try:
+    return epath.Path(path).read_text()
+  except FileNotFoundError as e:  # a path the user gave, or in their run
+    raise errors.NotFound(f"{path}: no such file") from e
 
 
 def read_json(path: str) -> Any:
-  return json.loads(read_text(path))
+  """The JSON file at `path`; one that does not parse is a DataError."""
+  try:
+    return json.loads(read_text(path))
+  except json.JSONDecodeError as e:
+    raise errors.DataError(f"{path}: not valid JSON ({e})") from e
 
 
 def write_text(path: str, text: str) -> None:

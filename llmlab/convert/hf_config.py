@@ -15,7 +15,6 @@ and the 5.x one (`rope_parameters`, `layer_types`) are read.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 from llmlab import errors
@@ -72,8 +71,8 @@ def read(hf_dir: str, ignore_fields=()) -> HFModel:
                             "model directory)")
   try:
     raw = storage.read_json(path)
-  except json.JSONDecodeError as e:
-    raise UnsupportedConfig(f"{path}: not JSON: {e}") from None
+  except errors.DataError as e:  # not JSON
+    raise UnsupportedConfig(f"{path}: not JSON: {e.__cause__}") from None
   return dataclasses.replace(parse(raw, path, ignore_fields), directory=hf_dir)
 
 

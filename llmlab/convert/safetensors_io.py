@@ -186,9 +186,10 @@ def _read_index(path: str) -> dict[str, str]:
   try:
     index = storage.read_json(path)
     weight_map = index["weight_map"]
-  except (json.JSONDecodeError, KeyError, TypeError) as e:
+  except (errors.DataError, KeyError, TypeError) as e:  # DataError: no JSON
     raise SafetensorsError(f"{path}: not a safetensors index "
-                           f"(need a 'weight_map' object): {e}") from None
+                           f"(need a 'weight_map' object): "
+                           f"{e.__cause__ or e}") from None
   if not isinstance(weight_map, dict):
     raise SafetensorsError(f"{path}: 'weight_map' is not an object")
   return weight_map
