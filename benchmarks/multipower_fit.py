@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from llmlab.scaling import curves, fit_cli, forms
+from llmlab.scaling import curves, fitting, forms
 from llmlab.scaling import fit as fit_lib
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
@@ -130,7 +130,7 @@ def report(res: dict, title: str, warm_s: float | None = None) -> None:
 def single(size: str, rates: str, n_boot: int, noise=()) -> dict:
   table = load(size, rates)
   fit_runs, held = split(table)
-  res = fit_cli.run_curve_fit(table, "multipower", predict=held, fit_runs=fit_runs,
+  res = fitting.run_curve_fit(table, "multipower", predict=held, fit_runs=fit_runs,
                               max_step=24000, n_bootstrap=n_boot, with_rows=True)
   t0 = time.time()
   fit_lib.fit_law(curves.select_runs(table, fit_runs, 24000), "multipower")
@@ -142,19 +142,19 @@ def single(size: str, rates: str, n_boot: int, noise=()) -> dict:
 
 def noise_coverage(rows: list[dict], sigmas) -> None:
   """Coverage of the 95% intervals over the held-out rows when a relative
-  run-to-run noise of std sigma is folded in (fit_cli.fold_noise: in
+  run-to-run noise of std sigma is folded in (fitting.fold_noise: in
   quadrature with each side's log half-width). These curves have one seed
   per schedule, so sigma is not measured here: the table shows how large a
   noise term the intervals would need, per interval and per schedule."""
   loss = np.array([r["loss"] for r in rows])
   mid = np.array([r["loss_hat"] for r in rows])
   run = np.array([r["run"] for r in rows], dtype=object)
-  print(f"  coverage with a relative noise term sigma folded in (curve / observed; "
-        f"per schedule: observed)")
+  print("  coverage with a relative noise term sigma folded in (curve / observed; "
+        "per schedule: observed)")
   for sigma in sigmas:
     parts = []
     for lo_key, hi_key in (("loss_lo", "loss_hi"), ("obs_lo", "obs_hi")):
-      lo, hi = fit_cli.fold_noise(mid, [r[lo_key] for r in rows],
+      lo, hi = fitting.fold_noise(mid, [r[lo_key] for r in rows],
                                   [r[hi_key] for r in rows], sigma)
       parts.append((lo <= loss) & (loss <= hi))
     per = " ".join(f"{n.split('/')[-1]} {100 * parts[1][run == n].mean():.0f}%"
@@ -186,7 +186,7 @@ def profile(size: str, rates: str, free: dict) -> None:
         f"{pct(free['mean_rel_error'])} {pct(free['mean_worst_rel_error'])}  "
         f"{free['params']['C']:.3g}, {free['params']['beta']:.3g} (free)")
   for gamma in (0.65, 1.0, 2.0):
-    res = fit_cli.run_curve_fit(table, _fixed_gamma_form(gamma), predict=held,
+    res = fitting.run_curve_fit(table, _fixed_gamma_form(gamma), predict=held,
                                 fit_runs=fit_runs, max_step=24000, n_bootstrap=0)
     print(f"  {gamma:8.3f} {res['objective']:12.6g} {pct(res['mean_rel_error'])} "
           f"{pct(res['mean_worst_rel_error'])}  {res['params']['C']:.3g}, "
@@ -200,7 +200,7 @@ def joint(sizes, rates: str) -> None:
   if rates == "exact":
     both["eta"] = {k: v for t in tables for k, v in t["eta"].items()}
   fit_runs, held = split(both)
-  res = fit_cli.run_curve_fit(both, "multipower_n", predict=held, fit_runs=fit_runs,
+  res = fitting.run_curve_fit(both, "multipower_n", predict=held, fit_runs=fit_runs,
                               max_step=24000, n_bootstrap=0)
   report(res, f"multipower_n on {'+'.join(sizes)}, rates={rates}")
 

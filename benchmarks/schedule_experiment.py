@@ -24,7 +24,6 @@ resumes from its checkpoint).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -38,7 +37,7 @@ sys.path.insert(0, ROOT)
 from llmlab import storage  # noqa: E402
 from llmlab.scaling import curves as curves_lib  # noqa: E402
 from llmlab.scaling import fit as fit_lib  # noqa: E402
-from llmlab.scaling import fit_cli  # noqa: E402
+from llmlab.scaling import fitting  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "schedule_quick.py")
 FIT_SCHEDULES = ("constant", "cosine", "wsd")
@@ -84,9 +83,9 @@ def fit(args, wds: list[str]) -> str:
   if storage.exists(path):
     return path
   t0 = time.time()
-  result = fit_cli.run_curve_fit(curves_lib.curves_from_runs(wds), "multipower", out,
+  result = fitting.run_curve_fit(curves_lib.curves_from_runs(wds), "multipower", out,
                                  n_bootstrap=args.bootstrap, source="curves_from_runs")
-  log(f"fit in {time.time() - t0:.0f} s\n{fit_cli.curve_summary(result)}")
+  log(f"fit in {time.time() - t0:.0f} s\n{fitting.curve_summary(result)}")
   return path
 
 

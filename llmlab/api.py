@@ -31,13 +31,13 @@ class Run:
 
   def __init__(self, cfg, info, params, step, setup):
     self.config, self.info, self.params, self.step = cfg, info, params, step
-    self._setup = setup
+    self.setup = setup
     self._fwd = None
 
   def logits(self, tokens_BxL, segment_ids_BxL=None, positions_BxL=None):
     """Next-token logits_BxLxV (float32) of int tokens_BxL."""
     if self._fwd is None:
-      self._fwd = jax.jit(lambda p, b: steps_lib.apply_fn(self._setup.model)(
+      self._fwd = jax.jit(lambda p, b: steps_lib.apply_fn(self.setup.model)(
           p, b, None, False))
     tokens = jnp.asarray(tokens_BxL, jnp.int32)
     if tokens.ndim != 2:

@@ -45,6 +45,7 @@ from etils import epath
 
 from llmlab import config as config_lib
 from llmlab import distributed
+from llmlab import errors
 
 log = logging.getLogger("llmlab")
 
@@ -52,11 +53,12 @@ COMMIT_FILE = "commit_success.txt"  # written by orbax last, before the rename
 TMP_MARK = ".orbax-checkpoint-tmp"
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint is missing, incomplete, unreadable or corrupted."""
+class CheckpointError(errors.UserError, RuntimeError):
+  """A checkpoint is missing, incomplete, unreadable or corrupted (a user
+  error: one line, exit 2; a RuntimeError too, as before)."""
 
 
-class CheckpointSaveError(CheckpointError):
+class CheckpointSaveError(RuntimeError):
   """Writing checkpoint `step` failed (disk full, permissions, ...).
 
   What it left behind is never trusted: an orbax tmp dir is not listed, a
@@ -184,10 +186,6 @@ class KeepProtectedAndLatest:
 # ------------------------------------------------------------------- manager
 
 
-def _is_primary() -> bool:
-  return jax.process_index() == 0
-
-
 def _sync(name: str) -> None:
   distributed.sync(name)
 
@@ -268,7 +266,7 @@ class Manager:
     (kept, not deleted, for inspection)."""
     if not steps:
       return
-    if _is_primary():
+    if distributed.is_primary():
       root = epath.Path(self.directory)
       for step in steps:
         dest = root / f"{step}.{why}"

@@ -9,10 +9,11 @@ command and applies one exit contract:
 
   - success: the command's summary as one JSON line on stdout (if it
     returns a dict; commands that print a table print it themselves), exit 0;
-  - bad input (a bad flag or config key, a config file that does not exist,
-    ConfigError, DataError, WorkdirError, a missing run directory, ...):
-    one line `llmlab CMD: error: ...` on stderr, exit 2, no traceback
-    unless `--debug`;
+  - bad input, i.e. an `llmlab.errors.UserError` (a bad flag or config
+    key, a config file that does not exist, ConfigError, DataError,
+    WorkdirError, a missing run directory, a corrupt checkpoint, ...) or
+    absl's flags.Error: one line `llmlab CMD: error: ...` on stderr, exit 2,
+    no traceback unless `--debug`;
   - storage that failed during the run (`storage.StorageError`, a failed
     checkpoint save): one line naming the path, exit 1;
   - storage that stopped answering (`storage.StorageTimeout`: a request
@@ -20,7 +21,13 @@ command and applies one exit contract:
     (`watchdog.EXIT_HANG`, restartable: the launchers run the job again);
     a hung run ended by llmlab/watchdog.py exits 75 too;
   - a study preempted by SIGTERM (`llmlab.experiment.Preempted`): its
-    message on stderr, exit 0 (re-running the command resumes).
+    message on stderr, exit 0 (re-running the command resumes);
+  - Ctrl-C (KeyboardInterrupt): one line on stderr, exit 130. A training
+    run takes the first Ctrl-C as a preemption (finishes the step, saves
+    it, prints the resume command); a second one aborts at once;
+  - anything else is a bug (in llmlab or a library it calls; a plain
+    ValueError from numpy or jax too): one line on stderr saying so, then
+    the exception propagates, so the process exits 1 with its traceback.
 
 Libraries never import this module (they raise; the command line decides
 how that ends).
@@ -29,7 +36,6 @@ how that ends).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -40,7 +46,9 @@ from typing import Any, Callable
 from absl import flags
 from ml_collections import config_flags
 
+from llmlab import errors
 from llmlab import experiment
+from llmlab import storage
 from llmlab import watchdog
 from llmlab.runtime import setup_compile_cache, setup_logging
 
@@ -49,10 +57,12 @@ DEBUG_HELP = ("On bad input, raise with the full traceback (default: one "
               "line).")
 PREEMPTED = ("preempted (SIGTERM); the current run saved its checkpoint. "
              "Re-run the same command to resume.")
+INTERRUPTED = ("interrupted (Ctrl-C): aborted; steps after the last "
+               "checkpoint are lost. Re-run the same command to resume.")
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
-class UsageError(ValueError):
-  """A command line that cannot work (a missing or conflicting flag)."""
+UsageError = errors.UsageError  # a command line that cannot work
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +117,9 @@ def guarded(prog: str, debug: bool, call: Callable[[], Any]) -> int:
   except experiment.Preempted as e:
     print(f"{prog}: {str(e) or PREEMPTED}", file=sys.stderr)
     return 0
+  except KeyboardInterrupt as e:
+    print(f"{prog}: {str(e) or INTERRUPTED}", file=sys.stderr)
+    return EXIT_INTERRUPTED
   except Exception as e:  # pylint: disable=broad-except
     if debug:
       raise
@@ -118,6 +131,9 @@ def guarded(prog: str, debug: bool, call: Callable[[], Any]) -> int:
       if is_storage_stall(e):
         exit_now(watchdog.EXIT_HANG)
       return 1
+    print(f"{prog}: internal error ({type(e).__name__}): this is a bug, not "
+          f"a problem with your input; please report it with the traceback "
+          f"below.", file=sys.stderr, flush=True)
     raise
 
 
@@ -146,7 +162,7 @@ def exit_now(status: int) -> None:
 def finish(result: Any) -> int:
   """A body's result -> exit status (a dict is the summary: one JSON line)."""
   if isinstance(result, dict):
-    print(json.dumps(result, default=str))
+    print(storage.dumps(result))  # NaN -> null (storage.json_safe)
     return 0
   return int(result or 0)
 
@@ -222,7 +238,7 @@ def _check_config_file(argv, config) -> None:
     return
   path = spec.split(":", 1)[0]
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"--{config.name}={spec}: no file {path}")
+    raise errors.NotFound(f"--{config.name}={spec}: no file {path}")
 
 
 def _parse(fv, argv, config) -> None:
@@ -283,19 +299,8 @@ def load_config(spec: str, *overrides: str, name: str = "config"):
 
 def is_bad_input(e: BaseException) -> bool:
   """Whether `e` is the user's input being wrong (one line, exit 2) rather
-  than a failure of the program or the machine (traceback). Library
-  errors are matched only if their module is loaded: a command that never
-  imported orbax cannot have raised a CheckpointError, and importing it
-  here would cost seconds."""
-  if isinstance(e, (ValueError, flags.Error, FileNotFoundError,
-                    FileExistsError, NotADirectoryError, IsADirectoryError)):
-    return True
-  lock = sys.modules.get("llmlab.workdir_lock")
-  if lock and isinstance(e, lock.WorkdirError):
-    return True
-  ckpt = sys.modules.get("llmlab.checkpoints")
-  return bool(ckpt and isinstance(e, ckpt.CheckpointError) and
-              not isinstance(e, ckpt.CheckpointSaveError))
+  than a failure of the program or the machine (traceback)."""
+  return isinstance(e, (errors.UserError, flags.Error))
 
 
 def is_storage_failure(e: BaseException) -> bool:
@@ -347,32 +352,6 @@ def _flag_help(flag, required: bool) -> list[str]:
 def _wrap(name: str, text: str) -> list[str]:
   return ["  " + name] + textwrap.wrap(text, 76, initial_indent="      ",
                                        subsequent_indent="      ")
-
-
-# -------------------------------------------------------------- argparse
-
-
-def run_argparse(name: str, argv: list[str], parser, body: Callable[
-    [list[str]], Any], absl_level: int = logging.WARNING) -> int:
-  """The same contract for a command that keeps an argparse parser (fit):
-  `--debug` is taken out before `body(argv)` sees the command line."""
-  prog = f"llmlab {name}"
-  parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
-  if any(a in HELP_ARGS for a in argv):
-    print(parser.format_help())
-    return 0
-  rest = [a for a in argv if a != "--debug"]
-
-  def call():
-    parser.error = _raise_usage
-    parser.parse_args(rest)  # bad flags: one line, before any work
-    setup(absl_level)
-    return body(rest)
-  return guarded(prog, "--debug" in argv, call)
-
-
-def _raise_usage(message: str):
-  raise UsageError(message)
 
 
 # ------------------------------------------------------------ distributed

@@ -15,6 +15,8 @@ from typing import Any
 
 import ml_collections
 
+from llmlab import errors
+
 ConfigDict = ml_collections.ConfigDict
 
 # Logical axis name -> mesh axes, tried in order (MaxText style). A mesh axis
@@ -49,8 +51,7 @@ OBJECTIVE_DEFAULTS = dict(
 )
 
 
-class ConfigError(ValueError):
-  """A config key has a bad value; raised before any compilation."""
+ConfigError = errors.ConfigError  # a config key has a bad value
 
 
 def data_defaults() -> ConfigDict:

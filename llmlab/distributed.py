@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 import jax
 from jax.experimental import multihost_utils
 
+from llmlab import errors
+
 ENV_COORDINATOR = "LLMLAB_COORDINATOR"
 ENV_NUM_PROCESSES = "LLMLAB_NUM_PROCESSES"
 ENV_PROCESS_ID = "LLMLAB_PROCESS_ID"
@@ -152,14 +154,14 @@ def _explicit_plan(coordinator, num_processes, process_id, environ) -> Plan | No
   missing = [k for k in ("coordinator", "num_processes", "process_id") if k not in given]
   if missing:
     have = ", ".join(f"{k} ({src})" for k, (_, src) in given.items())
-    raise ValueError(
+    raise errors.UsageError(
         f"llmlab.distributed: got {have} but not {', '.join(missing)}; a multi-process run needs all three "
         f"(arguments coordinator/num_processes/process_id or env {ENV_COORDINATOR}/{ENV_NUM_PROCESSES}/{ENV_PROCESS_ID})"
     )
   num = _as_int(*given["num_processes"], minimum=1)
   pid = _as_int(*given["process_id"], minimum=0)
   if pid >= num:
-    raise ValueError(
+    raise errors.UsageError(
         f"llmlab.distributed: process_id {pid} ({given['process_id'][1]}) is out of range for num_processes "
         f"{num} ({given['num_processes'][1]}); expected 0 <= process_id < num_processes"
     )
@@ -171,10 +173,10 @@ def _as_int(value, source: str, minimum: int) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, str)) or (
       isinstance(value, str) and not value.strip().isdigit()
   ):
-    raise ValueError(f"llmlab.distributed: {source} must be an integer >= {minimum}, got {value!r}")
+    raise errors.UsageError(f"llmlab.distributed: {source} must be an integer >= {minimum}, got {value!r}")
   number = int(value)
   if number < minimum:
-    raise ValueError(f"llmlab.distributed: {source} must be an integer >= {minimum}, got {value!r}")
+    raise errors.UsageError(f"llmlab.distributed: {source} must be an integer >= {minimum}, got {value!r}")
   return number
 
 
@@ -182,7 +184,7 @@ def _as_coordinator(value, source: str) -> str:
   """'host:port' ('[v6addr]:port' too), the address of process 0's coordination service."""
   host, sep, port = str(value).strip().rpartition(":")
   if not (isinstance(value, str) and sep and host and port.isdigit() and 1 <= int(port) <= 65535):
-    raise ValueError(
+    raise errors.UsageError(
         f"llmlab.distributed: {source} must be 'host:port' with port in 1..65535 "
         f"(e.g. '10.0.0.1:8476'), got {value!r}"
     )
@@ -194,7 +196,7 @@ def _check_device_ids(local_device_ids) -> None:
       isinstance(local_device_ids, Sequence)
       and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in local_device_ids)
   ):
-    raise ValueError(f"llmlab.distributed: local_device_ids must be non-negative ints, got {local_device_ids!r}")
+    raise errors.UsageError(f"llmlab.distributed: local_device_ids must be non-negative ints, got {local_device_ids!r}")
 
 
 def _in_multi_task_slurm_step(environ: Mapping[str, str]) -> bool:

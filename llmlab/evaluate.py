@@ -28,7 +28,7 @@ def evaluate_run(workdir: str, step: int | None = None,
                         global_batch=cfg.train.batch_size, seed=cfg.train.seed,
                         process_index=jax.process_index(),
                         process_count=jax.process_count())
-  setup = run._setup
+  setup = run.setup
   eval_step = steps_lib.make_eval_step(setup)
   batches = data.eval_batches(eval_tokens or cfg.train.eval_tokens,
                               cfg.train.eval_batch_size or cfg.train.batch_size)

@@ -22,7 +22,8 @@ Everything else is here, once:
 - wall time that survives resumes: DIR/experiment.json adds up every
   invocation (a preempted one too) and each run's training time, because a
   study preempted twice should report what it cost, not its last part;
-- `write_json` with one encoder, `write_text` (both atomic);
+- `write_json` under the package's one JSON policy (`storage.json_safe`:
+  NaN -> null), `write_text` (both atomic);
 - a study-level progress line before and after every run: runs done of
   planned, tokens done of planned, elapsed, and an ETA from the tokens per
   second this invocation has trained (`expect` registers the plan; a run
@@ -46,8 +47,6 @@ import logging
 import os
 import time
 
-import numpy as np
-
 from llmlab import runs
 from llmlab import runtime
 from llmlab import storage
@@ -66,18 +65,7 @@ class Preempted(RuntimeError):
 # ------------------------------------------------------------------ files
 
 
-def json_default(o):
-  """The one JSON encoder of study outputs: numpy scalars and arrays as
-  numbers and lists, anything else (a config, a path) as its str."""
-  if isinstance(o, (np.floating, np.integer, np.bool_)):
-    return o.item()
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  return str(o)
-
-
-def dumps(obj, **kw) -> str:
-  return json.dumps(obj, default=json_default, **kw)
+dumps = storage.dumps  # the one JSON policy (NaN -> null; storage.json_safe)
 
 
 def write_text(path: str, text: str) -> None:

@@ -13,13 +13,14 @@ Everything else a training run does after a step -- logging, the guard
 policy, evaluation, checkpointing, preemption -- is a `Hook` (Levanter's
 `add_hook(fn, every=N)`, nanodo's hook list), so each one is a short
 function that can be tested alone, and the loop itself is these lines.
-`Hook.waits` marks the hooks that read this step's device values: the
-host waits for the device there, so the cheap host-side checks that need
-the same values (the guard policy) are scheduled at those points too.
-A hook raises to leave the loop early (a rollback, a divergence); it sets
+A hook that reads a step's device values makes the host wait for the
+device there; `llmlab/train.py` schedules the cheap host-side checks that
+need the same values (the guard policy) at those points too. A hook raises to leave the loop early (a rollback, a divergence); it sets
 `end.stop` to stop cleanly after the step (preemption).
 
-This module knows no jax and no config: `llmlab/train.py` builds the hooks.
+This module knows no jax and no config: `llmlab/train.py` registers the
+built-in hooks with `Trainer.add_hook(fn, every=N)`, as anyone may add one
+(`train.train(cfg, workdir, hooks=[...])`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def every(n: int, final: bool = True) -> Callable[[StepEnd], bool]:
   return lambda end: bool(n and end.step % n == 0) or (final and end.final)
 
 
+_every = every  # for `hook`, whose argument has the name
+
+
 @dataclasses.dataclass(frozen=True)
 class Hook:
   """`run(end)` after every step where `due(end)`; `finish(end)` once when
@@ -62,8 +66,16 @@ class Hook:
   name: str
   run: Callable[[StepEnd], None]
   due: Callable[[StepEnd], bool] = always
-  waits: bool = False
   finish: Callable[[StepEnd], None] | None = None
+
+
+def hook(fn: Callable[[StepEnd], None], every: int = 1, *,
+         name: str | None = None,
+         finish: Callable[[StepEnd], None] | None = None) -> Hook:
+  """A Hook running `fn(end)` every `every` steps and at the last one
+  (`every(n)`), named after `fn` unless `name` is given."""
+  return Hook(name or getattr(fn, "__name__", "hook"), fn,
+              due=_every(every), finish=finish)
 
 
 def run(step_fn: Callable, state, carry, batches: Iterator, start: int,

@@ -68,8 +68,8 @@ def usage() -> str:
            "flags)", "", "commands:"]
   lines += [f"  {name:<{width}}{desc}" for name, (_, desc) in COMMANDS.items()]
   lines += ["", "Every command takes --debug: a traceback instead of the "
-            "one-line error.", "Exit status: 0 done, 2 bad input, 1 any "
-            "other failure (and plan: does not fit).", "",
+            "one-line error.", "Exit status: 0 done, 2 bad input, 130 Ctrl-C, 1 "
+            "any other failure (and plan: does not fit).", "",
             "e.g. llmlab train --config=configs/tiny.py:smoke "
             "--workdir=/tmp/run --config.train.steps=50"]
   return "\n".join(lines)

@@ -9,24 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
-import math
 import os
 import sys
 import time
 
-import numpy as np
 from etils import epath
 
+from llmlab import errors
 from llmlab import storage
-
-
-def _clean(v):
-  if isinstance(v, (np.floating, np.integer)):
-    v = v.item()
-  if isinstance(v, float) and not math.isfinite(v):
-    return str(v)
-  return v
 
 
 class Writer:
@@ -64,8 +54,8 @@ class Writer:
     """One JSON line; `tb_tags` maps row keys to TensorBoard tags."""
     if not self.enabled:
       return
-    row = {k: _clean(v) for k, v in row.items()}
-    self._jsonl.write(json.dumps(row) + "\n")
+    row = storage.json_safe(row)  # NaN -> null, the one JSON policy
+    self._jsonl.write(storage.dumps(row) + "\n")
     self._jsonl.flush()
     scalars = {tag: row[key] for key, tag in tb_tags.items()
                if key in row and isinstance(row[key], (int, float))}
@@ -133,7 +123,7 @@ def _wandb_run(spec: str, workdir: str, spool: storage.Spool,
   try:
     import wandb  # optional dependency
   except ImportError as e:
-    raise ValueError(f"config.train.wandb={spec!r}: wandb is not installed; "
+    raise errors.ConfigError(f"config.train.wandb={spec!r}: wandb is not installed; "
                      'pip install "llmlab[wandb]"') from e
   project, _, entity = spec.partition("/")
   run_id = hashlib.sha256(str(workdir).encode()).hexdigest()[:16]
@@ -152,7 +142,7 @@ def truncate_after(workdir: str, step: int) -> None:
   if not storage.exists(path):
     return
   keep = [r for r in storage.jsonl_rows(path) if r.get("step", 0) <= step]
-  storage.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+  storage.write_text(path, "".join(storage.dumps(r) + "\n" for r in keep))
 
 
 class Progress:

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from llmlab import config as config_lib
+from llmlab import errors
 from llmlab import storage
 
 KINDS = ("cosine", "constant", "wsd", "file")
@@ -100,7 +101,7 @@ def lr_at(kind: str, p: dict, count):
                      linear(c - p["stable"], p["decay"], p["decay_inv"],
                             p["decay_drop"], p["final"]))
   else:
-    raise ValueError(f"config.optim.schedule={kind!r}: unknown schedule")
+    raise config_lib.ConfigError(f"config.optim.schedule={kind!r}: unknown schedule")
   warmup = linear(count, p["warmup_len"], p["warmup_inv"], p["warmup_drop"],
                   p["lr"])
   return jnp.where(count < p["warmup"], warmup, main)
@@ -127,7 +128,7 @@ def read_schedule_file(path: str, steps: int) -> tuple[np.ndarray, int]:
     raise config_lib.ConfigError("config.optim.schedule='file' needs "
                                  "config.optim.schedule_file=PATH.json")
   if not storage.exists(path):
-    raise FileNotFoundError(f"{where}: no such file")
+    raise errors.NotFound(f"{where}: no such file")
   try:
     obj = json.loads(storage.read_text(path))
   except json.JSONDecodeError as e:

@@ -44,6 +44,7 @@ import jax
 
 from llmlab import attention as attention_lib
 from llmlab import config as config_lib
+from llmlab import errors
 from llmlab import guard
 from llmlab import model as model_lib
 from llmlab import perf
@@ -107,7 +108,7 @@ def device_limit(device: str | None = None, hbm_bytes: float | None = None,
     return float(hbm_bytes), "--hbm_gb"
   if device:
     if device not in DEVICES:
-      raise ValueError(f"--device={device!r}: unknown; known: "
+      raise errors.UsageError(f"--device={device!r}: unknown; known: "
                        f"{sorted(DEVICES)}")
     return float(DEVICES[device][1]), f"table ({device})"
   dev = jax.devices()[0]
@@ -366,7 +367,7 @@ UNCOSTED_CALLS = ("ConcatBitcast", "ZeroCrop")
 def target_devices(target: str, num_slices: int = 1):
   """(Slice, compile-only devices) of `num_slices` slices named `target`."""
   if num_slices < 1:
-    raise ValueError(f"--num_slices={num_slices}: must be >= 1")
+    raise errors.UsageError(f"--num_slices={num_slices}: must be >= 1")
   sl = slices.parse(target)
   return sl, slices.devices(sl, num_slices)
 
@@ -506,7 +507,7 @@ def plan_target(cfg, target: str, num_slices: int = 1, vocab_size: int = 0,
   sl = slices.parse(target)
   check_mesh(cfg, sl, num_slices)
   if not slices.have_libtpu():
-    raise ValueError(f"--target={target}: compiling for a TPU slice needs "
+    raise errors.UsageError(f"--target={target}: compiling for a TPU slice needs "
                      f"libtpu: {slices.INSTALL_HINT}")
   # Compile-only TPU executables cannot be loaded back from JAX's persistent
   # cache: every compile would warn and write big files for nothing.

@@ -23,6 +23,7 @@ import numpy as np
 
 from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
+from llmlab import errors
 from llmlab import model as model_lib
 from llmlab import sharding as shd
 from llmlab import steps as steps_lib
@@ -53,7 +54,7 @@ def read_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
   """(config, config.json dict) of a run directory, with a clear error."""
   path = storage.join(workdir, "config.json")
   if not storage.exists(path):
-    raise FileNotFoundError(f"{path}: not an llmlab run directory "
+    raise errors.NotFound(f"{path}: not an llmlab run directory "
                             "(no config.json)")
   raw = storage.read_json(path)
   return config_from_dict(raw), raw
@@ -69,7 +70,7 @@ def derive(cfg, overrides: dict | None = None) -> ml_collections.ConfigDict:
 def vocab_size(meta: dict, where: str) -> int:
   vocab = meta.get("model_info", {}).get("vocab_size")
   if not vocab:
-    raise ValueError(f"{where}: checkpoint metadata lacks model_info.vocab_size")
+    raise errors.WorkdirError(f"{where}: checkpoint metadata lacks model_info.vocab_size")
   return int(vocab)
 
 
@@ -151,7 +152,7 @@ def _failure(key: str | None, ref: str):
   """Errors about a checkpoint named by a config key are ConfigErrors
   naming the key; plain lookups are FileNotFoundErrors."""
   if key is None:
-    return FileNotFoundError
+    return errors.NotFound
   return lambda msg: config_lib.ConfigError(f"{key}={ref!r}: {msg}")
 
 

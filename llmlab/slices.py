@@ -23,6 +23,8 @@ import os
 
 from jax.experimental.topologies import get_topology_desc
 
+from llmlab import errors
+
 INSTALL_HINT = 'pip install "llmlab[tpu]"'
 
 # The TPU compiler flags of the public MaxText recipes, which launch/tpu.sh
@@ -132,7 +134,7 @@ def parse(name: str) -> Slice:
       chips, rest = divmod(int(count), gen.cores_per_chip)
       if not rest and chips in gen.grids:
         return Slice(f"{gen_name}-{count}", gen_name, gen.grids[chips])
-  raise ValueError(f"--target={name!r}: unknown TPU slice; known: "
+  raise errors.UsageError(f"--target={name!r}: unknown TPU slice; known: "
                    f"{known()} (v5litepod-N = v5e-N)")
 
 
@@ -161,7 +163,7 @@ def devices(sl: Slice, num_slices: int = 1) -> list:
   flags of all the others.
   """
   if not have_libtpu():
-    raise ValueError(f"compiling for a TPU slice needs libtpu: "
+    raise errors.UserError(f"compiling for a TPU slice needs libtpu: "
                      f"{INSTALL_HINT}")
   for key, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
                      ("TPU_SKIP_MDS_QUERY", "1"),

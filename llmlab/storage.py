@@ -42,6 +42,8 @@ from typing import Any, BinaryIO, Iterator
 
 from etils import epath
 
+from llmlab import errors
+
 log = logging.getLogger("llmlab")
 
 
@@ -62,7 +64,7 @@ def _seconds(name: str, default: float) -> float:
   except ValueError:
     out = -1.0
   if not out > 0:
-    raise ValueError(f"{name}={value!r}: must be a number of seconds > 0")
+    raise errors.ConfigError(f"{name}={value!r}: must be a number of seconds > 0")
   return out
 
 
@@ -251,7 +253,10 @@ def _files(d: epath.Path) -> list[epath.Path]:
 
 @_stalls_named
 def read_bytes(path: str) -> bytes:
-  return epath.Path(path).read_bytes()
+  try:
+    return epath.Path(path).read_bytes()
+  except FileNotFoundError as e:  # a path the user gave, or in their run
+    raise errors.NotFound(f"{path}: no such file") from e
 
 
 @_stalls_named
@@ -331,11 +336,18 @@ def local_copy(path: str, chunk: int = 64 << 20) -> str:
 
 @_stalls_named
 def read_text(path: str) -> str:
-  return epath.Path(path).read_text()
+  try:
+    return epath.Path(path).read_text()
+  except FileNotFoundError as e:  # a path the user gave, or in their run
+    raise errors.NotFound(f"{path}: no such file") from e
 
 
 def read_json(path: str) -> Any:
-  return json.loads(read_text(path))
+  """The JSON file at `path`; one that does not parse is a DataError."""
+  try:
+    return json.loads(read_text(path))
+  except json.JSONDecodeError as e:
+    raise errors.DataError(f"{path}: not valid JSON ({e})") from e
 
 
 def write_text(path: str, text: str) -> None:
@@ -344,22 +356,33 @@ def write_text(path: str, text: str) -> None:
 
 
 def json_safe(obj):
-  """JSON-safe copy: numpy scalars and arrays as Python numbers and lists,
-  non-finite floats (NaN, inf) as None (null), dict keys as str."""
+  """The one JSON policy of everything llmlab writes (config.json,
+  metrics.jsonl, study and fit results, summary lines): numpy scalars and
+  arrays as Python numbers and lists; non-finite floats (NaN, inf) as None
+  (null: JSON has no NaN, and a reader in another language must not choke);
+  dict keys as str; anything else that JSON cannot hold (a config, a path)
+  as its str."""
   if isinstance(obj, dict):
     return {str(k): json_safe(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
     return [json_safe(v) for v in obj]
-  if type(obj).__module__ == "numpy":  # arrays and numpy scalars
-    return json_safe(obj.tolist())
+  if type(obj).__module__ == "numpy" or (hasattr(obj, "__array__") and
+                                         hasattr(obj, "tolist")):
+    return json_safe(obj.tolist())  # numpy (and jax) arrays and scalars
   if isinstance(obj, float):
     return obj if math.isfinite(obj) else None
-  return obj
+  if obj is None or isinstance(obj, (str, int)):  # bool is an int
+    return obj
+  return str(obj)
+
+
+def dumps(obj: Any, **kw) -> str:
+  """json.dumps under the one policy (`json_safe`): strict JSON, no NaN."""
+  return json.dumps(json_safe(obj), allow_nan=False, **kw)
 
 
 def write_json(path: str, obj: Any, **kw) -> None:
-  write_text(path, json.dumps(obj, **{"indent": 2, "sort_keys": True,
-                                      "default": str, **kw}))
+  write_text(path, dumps(obj, **{"indent": 2, "sort_keys": True, **kw}))
 
 
 @_stalls_named

@@ -36,6 +36,7 @@ from etils import epath
 
 from llmlab import config as config_lib
 from llmlab import data as data_lib
+from llmlab import errors
 from llmlab import model as model_lib
 from llmlab import runs
 from llmlab import sharding as shd
@@ -125,7 +126,7 @@ def _start_index(out: str, index: dict) -> None:
     same = {k: v for k, v in old.items() if k != "complete"} == json.loads(
         json.dumps({k: v for k, v in index.items() if k != "complete"}))
     if not same:
-      raise FileExistsError(
+      raise errors.AlreadyExists(
           f"{out}: holds a teacher-logits store of another teacher, config or "
           "--top_k/--chunk_steps/--steps; use a new --out")
     return

@@ -20,13 +20,14 @@ eval and save, and applies `guard.policy` (stop, skip, rollback).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
-import json
 import logging
 import os
 import signal
+import sys
 import time
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
@@ -34,6 +35,7 @@ import numpy as np
 from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
 from llmlab import data as data_lib
+from llmlab import distributed
 from llmlab import guard
 from llmlab import loop as loop_lib
 from llmlab import metrics as metrics_lib
@@ -65,10 +67,6 @@ TB_TAGS = {
 }
 
 
-def is_primary() -> bool:
-  return jax.process_index() == 0
-
-
 def model_info(cfg, vocab_size: int) -> dict:
   """Sizes and FLOPs every run logs (and config.json/checkpoints record)."""
   mcfg = model_lib.ModelConfig.from_config(cfg.model, vocab_size)
@@ -82,31 +80,52 @@ def model_info(cfg, vocab_size: int) -> dict:
           "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len}
 
 
-def prepare(cfg, workdir: str | None = None):
-  """Validate, make mesh, data and the sharded setup (no compile, no alloc)."""
+def checked(cfg):
+  """The config with every default filled in, validated (the one merge and
+  validation of a run; raises ConfigError)."""
   cfg = config_lib.merge_defaults(cfg)
   config_lib.validate(cfg, jax.device_count())
+  return cfg
+
+
+def build(cfg):
+  """(data, setup) of a `checked` config: mesh, data and the sharded setup
+  (no compile, no alloc)."""
   mesh = shd.make_mesh(cfg.mesh)
   data = data_lib.build(cfg.data, seq_len=cfg.train.seq_len,
                         global_batch=cfg.train.batch_size, seed=cfg.train.seed,
                         process_index=jax.process_index(),
                         process_count=jax.process_count())
-  setup = steps_lib.build(cfg, data.vocab_size, mesh)
-  return cfg, data, setup
+  return data, steps_lib.build(cfg, data.vocab_size, mesh)
+
+
+def prepare(cfg):
+  """Validate, make mesh, data and the sharded setup (no compile, no alloc):
+  (config, data, setup)."""
+  cfg = checked(cfg)
+  return (cfg, *build(cfg))
+
+
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C stopped the run after saving its step (`train` raises it once
+  the checkpoint is written; the command line exits 130)."""
 
 
 class _Preempted:
-  """SIGTERM: finish the current step, save, exit cleanly.
+  """SIGTERM and Ctrl-C (SIGINT): finish the current step, save, stop.
 
-  One process: a Python SIGTERM handler sets a flag. Several processes:
-  JAX's preemption service (started by `jax.distributed.initialize`) owns
-  SIGTERM; it tells every process the same step to stop after, so all of
-  them join the same (collective) final save instead of deadlocking.
+  One process: Python handlers set a flag (`name` says which signal). A
+  second Ctrl-C aborts at once (KeyboardInterrupt, nothing saved after the
+  last checkpoint). Several processes: JAX's preemption service (started by
+  `jax.distributed.initialize`) owns SIGTERM; it tells every process the
+  same step to stop after, so all of them join the same (collective) final
+  save instead of deadlocking; Ctrl-C keeps Python's default there.
   """
 
   def __init__(self):
     self.flag = False
-    self._old = None
+    self.name = None  # "SIGTERM" or "SIGINT", once received
+    self._old = {}
     self._synced = (jax.process_count() > 1 and
                     bool(getattr(jax.config, "jax_enable_preemption_service",
                                  False)))
@@ -114,14 +133,20 @@ class _Preempted:
   def __enter__(self):
     if self._synced:
       return self
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._set)
-    except ValueError:  # not the main thread
-      self._old = None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._set)
+      except ValueError:  # not the main thread
+        pass
     return self
 
-  def _set(self, *_):
+  def _set(self, signum, _frame):
     self.flag = True
+    self.name = self.name or signal.Signals(signum).name
+    if signum == signal.SIGINT:  # the next Ctrl-C aborts at once
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      print("llmlab: Ctrl-C: finishing this step and saving it (Ctrl-C "
+            "again aborts without saving)", file=sys.stderr, flush=True)
 
   def reached(self, step: int) -> bool:
     """Stop after `step`? Called once per step, with the same steps on all
@@ -132,14 +157,13 @@ class _Preempted:
     return self.flag
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
 
 
 def _resume_command() -> str:
   """The command line to run again (what the scheduler should re-run)."""
   import shlex
-  import sys
   argv = list(sys.argv)
   if argv and os.path.basename(argv[0]) in ("__main__.py", "main.py"):
     argv = ["python", "-m", "llmlab"] + argv[1:]
@@ -178,8 +202,8 @@ def _keep_schedule(workdir: str, cfg, p: dict, start: int) -> dict | None:
   return record
 
 
-def _write_config(workdir: str, cfg, info: dict, data_info: dict, mesh,
-                  schedule_file: dict | None = None) -> None:
+def write_config(workdir: str, cfg, info: dict, data_info: dict, mesh,
+                 schedule_file: dict | None = None) -> None:
   out = config_lib.to_dict(cfg)
   if schedule_file:
     out["schedule_file"] = schedule_file
@@ -267,16 +291,24 @@ def initial_state(setup, cfg):
   return state
 
 
-def train(cfg, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) one training run; returns a summary dict."""
-  cfg = config_lib.merge_defaults(cfg)
-  config_lib.validate(cfg, jax.device_count())  # cheap: before the workdir
+HookLike = loop_lib.Hook | Callable[[loop_lib.StepEnd], None]
+
+
+def train(cfg, workdir: str, hooks: Iterable[HookLike] = ()
+          ) -> dict[str, Any]:
+  """Runs (or resumes) one training run; returns a summary dict.
+
+  `hooks`: more hooks, run after the built-in ones (`Trainer`'s doc) after
+  every step, in the order given: a `loop.Hook`, or a function `fn(end)`
+  of a `loop.StepEnd`, run after every step (`Trainer.add_hook` takes
+  `every=N`; `loop.hook(fn, every=N)` makes such a Hook to pass here)."""
+  cfg = checked(cfg)  # cheap: before the workdir
   _check_schedule(cfg)
   workdir_lock.check_writable(workdir)
   with contextlib.ExitStack() as stack:
-    if cfg.guard.lock and is_primary():  # the job's processes share it
+    if cfg.guard.lock and distributed.is_primary():  # one lock per job
       stack.enter_context(workdir_lock.Lock(workdir))
-    return _train(cfg, workdir)
+    return _train(cfg, workdir, hooks)
 
 
 def _check_schedule(cfg) -> None:
@@ -291,8 +323,25 @@ def _check_schedule(cfg) -> None:
                 "train.learning_rate=%.4g", p["lr"], cfg.train.learning_rate)
 
 
-def _train(cfg, workdir: str) -> dict[str, Any]:
-  cfg, data, setup = prepare(cfg, workdir)
+@dataclasses.dataclass
+class RunContext:
+  """What a `Trainer` runs: the checked config, the run directory, its data,
+  the sharded setup (llmlab/steps.py), the objective's auxiliary inputs,
+  `info` (model_info plus peak_flops_per_device: config.json's record),
+  the checkpoint manager (its owner closes it) and the preemption signal
+  (`.reached(step)`: stop after `step`?)."""
+  cfg: Any
+  workdir: str
+  data: Any
+  setup: Any
+  aux: Any
+  info: dict
+  mgr: ckpt_lib.Manager
+  preempt: Any
+
+
+def _train(cfg, workdir: str, hooks: Iterable[HookLike]) -> dict[str, Any]:
+  data, setup = build(cfg)
   aux = objectives.prepare(cfg, setup, runs.load_teacher)
   info = model_info(cfg, data.vocab_size)
   if aux.info:
@@ -303,13 +352,20 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
            f"{info['params_nonembed']:,}", f"{info['params_total']:,}",
            info["flops_per_token"], dict(setup.mesh.shape))
 
-  with _Preempted() as sig:  # from here on, SIGTERM means "save and stop"
+  with _Preempted() as sig:  # from here on SIGTERM, Ctrl-C: "save and stop"
     mgr = ckpt_lib.Manager(workdir, cfg.checkpoint, cfg.train.steps)
     try:
-      return Trainer(cfg, workdir, data, setup, aux, info, peak, mgr,
-                     sig).run()
+      trainer = Trainer(RunContext(cfg, workdir, data, setup, aux, info, mgr,
+                                   sig))
+      for hook in hooks:
+        trainer.add_hook(hook)
+      summary = trainer.run()
     finally:
       mgr.close()  # also on errors: let the last async save complete
+  if summary["preempted"] and sig.name == "SIGINT":
+    raise Interrupted(f"interrupted by Ctrl-C after saving step "
+                      f"{summary['step']}; re-run the same command to resume")
+  return summary
 
 
 class _RollBack(Exception):
@@ -324,8 +380,10 @@ class Trainer:
   """One run's pieces (data, compiled steps, checkpoint manager, metrics
   writer, guard policy) and the hooks that use them; `run()` is restore ->
   `loop.run` -> final save, with rollbacks. `train` owns the manager and
-  SIGTERM. Hook order (`hooks()`), after every step s:
+  SIGTERM. The built-in hooks are registered with `add_hook`, as any other
+  is, in this order; after every step s they run (when due):
 
+    0. watchdog    a heartbeat for train.hang_timeout_s (llmlab/watchdog.py)
     1. preemption  SIGTERM seen by every process at s: stop after s
     2. metrics     write the row of the previous log step (one step late,
                    so the host never waits), then apply the guard policy to
@@ -340,12 +398,19 @@ class Trainer:
                    exactly one row per logged step
     6. profile     train.profile_steps=A:B: a jax.profiler trace of steps
                    A..B (waits after B; llmlab/profiling.py)
+
+  then the hooks added with `add_hook` (or `train(..., hooks=...)`), in the
+  order added. "(waits)": the hook reads step s's device values, so the
+  host waits for the device there.
   """
 
-  def __init__(self, cfg, workdir, data, setup, aux, info, peak, mgr, sig):
-    self.cfg, self.workdir, self.data, self.setup = cfg, workdir, data, setup
-    self.info, self.mgr, self.sig = info, mgr, sig
-    self.primary = is_primary()
+  def __init__(self, ctx: RunContext):
+    cfg, setup, aux, info = ctx.cfg, ctx.setup, ctx.aux, ctx.info
+    self.cfg, self.workdir, self.data, self.setup = (cfg, ctx.workdir,
+                                                     ctx.data, setup)
+    self.info, self.mgr, self.sig = info, ctx.mgr, ctx.preempt
+    peak = info.get("peak_flops_per_device", 0.0)
+    self.primary = distributed.is_primary()
     self.total = cfg.train.steps
     self.tokens_per_step = info["tokens_per_step"]
     self.flops_per_step = (info["flops_per_token"] +
@@ -365,28 +430,43 @@ class Trainer:
     self.pending = None  # (step, device metrics) of the last log step
     self.last, self.last_eval = {}, {}
     self.t_mark, self.step_mark = time.time(), 0
+    self.preempted = False  # the preemption hook stopped the run
+    self.hooks: list[loop_lib.Hook] = []
+    self.dog = self.watchdog()
+    self._add_builtin_hooks()
 
   # -- the hooks, in order
 
-  def hooks(self) -> list[loop_lib.Hook]:
-    Hook = loop_lib.Hook  # pylint: disable=invalid-name
+  def add_hook(self, fn: HookLike, every: int = 1, *, name: str | None = None,
+               finish: Callable[[loop_lib.StepEnd], None] | None = None
+               ) -> loop_lib.Hook:
+    """Run `fn(end)` after every `every`-th step and after the last one
+    (`loop.every`), after the hooks added before it; `finish(end)` once when
+    the loop ends. A `loop.Hook` is added as it is. Returns the Hook."""
+    hook = fn if isinstance(fn, loop_lib.Hook) else loop_lib.hook(
+        fn, every, name=name, finish=finish)
+    self.hooks.append(hook)
+    return hook
+
+  def _add_builtin_hooks(self) -> None:
+    add, Hook = self.add_hook, loop_lib.Hook  # pylint: disable=invalid-name
     every = loop_lib.every(self.cfg.train.eval_every)
     at = {int(s) for s in self.cfg.train.get("eval_at_steps", ()) or ()}
     eval_due = lambda end: every(end) or end.step in at
     save_due = lambda end: end.stop or self.mgr.should_save(end.step)
     profile = profiling.Profile(self.cfg.train.profile_steps, self.workdir)
-    return [
-        Hook("preemption", self.preemption),
-        Hook("metrics", self.metrics, finish=lambda end: self.flush()),
-        Hook("guard", lambda end: self.check(end.metrics["guard"]),
-             due=lambda end: eval_due(end) or save_due(end), waits=True),
-        Hook("eval", self.eval, due=eval_due, waits=True),
-        Hook("save", self.save_hook, due=save_due, waits=True),
-        Hook("profile", profile.hook, due=profile.due, finish=profile.stop),
-    ]
+    add(lambda end: self.dog.beat(end.step), name="watchdog")
+    add(self.preemption)
+    add(self.metrics, finish=lambda end: self.flush())
+    add(Hook("guard", lambda end: self.check(end.metrics["guard"]),
+             due=lambda end: eval_due(end) or save_due(end)))
+    add(Hook("eval", self.eval, due=eval_due))
+    add(Hook("save", self.save_hook, due=save_due))
+    add(Hook("profile", profile.hook, due=profile.due, finish=profile.stop))
 
   def preemption(self, end) -> None:
-    end.stop = self.sig.reached(end.step)
+    if self.sig.reached(end.step):
+      self.preempted = end.stop = True
 
   def metrics(self, end) -> None:
     self.flush()
@@ -456,7 +536,7 @@ class Trainer:
     """guard_events.jsonl: rollbacks and stops, never truncated."""
     if self.primary:
       storage.append_line(storage.join(self.workdir, "guard_events.jsonl"),
-                          json.dumps(dict(row, time=time.time())))
+                          storage.dumps(dict(row, time=time.time())))
 
   def last_good(self) -> str:
     step = self.mgr.latest_step()
@@ -574,40 +654,37 @@ class Trainer:
       self.info["memory_per_device"] = plan_lib.preflight(
           self.cfg, self.setup, self.train_step, carry, batch)
     if self.primary:  # only now: a refused resume must not overwrite it
-      _write_config(self.workdir, self.cfg, self.info, self.data.info,
+      write_config(self.workdir, self.cfg, self.info, self.data.info,
                     self.setup.mesh, schedule_file)
     self.open_writer(start)
     if start == 0:
       self.writer.text("config", "```\n" + self.cfg.to_json(indent=2) +
                        "\n```")
-      self.writer.text("model_info", "```\n" + json.dumps(
-          self.info, indent=2, default=str) + "\n```")
+      self.writer.text("model_info", "```\n" + storage.dumps(
+          self.info, indent=2) + "\n```")
       self.writer.hparams(hparams(self.cfg, self.info),
                           ["eval/loss", "eval/bpb", "train/loss"])
     batches = itertools.chain([first], batches)
-    dog = self.watchdog()
-    hooks = [loop_lib.Hook("watchdog", lambda end: dog.beat(end.step))]
-    hooks += self.hooks()
-    preempted = False
+    stopped = False
     try:
-      with dog:  # the steps and the final save (llmlab/watchdog.py)
+      with self.dog:  # the steps and the final save (llmlab/watchdog.py)
         while True:
           try:
             end = loop_lib.run(self.train_step, state, carry,
                                self.global_batches(batches), start,
-                               self.total, hooks)
+                               self.total, self.hooks)
             break
           except _RollBack as rb:
             state, carry = self.roll_back(rb.event)
             start = int(state["step"])
             batches = self.batches(start)
-        if end is not None:
-          state, carry, preempted = end.state, end.carry, end.stop
+        if end is not None:  # a hook may have stopped it early
+          state, carry, stopped = end.state, end.carry, end.stop
         final_step = int(state["step"])
-        self.save(final_step, state, carry, force=preempted, wait=True)
+        self.save(final_step, state, carry, force=stopped, wait=True)
     finally:
       self.writer.close()
-    return self.summary(start, final_step, preempted, carry,
+    return self.summary(start, final_step, self.preempted, carry,
                         time.time() - t_start)
 
   def watchdog(self) -> watchdog.Watchdog:
@@ -635,9 +712,10 @@ class Trainer:
            **self.info}
     if preempted and self.primary:
       self.mgr.wait()
-      print(f"llmlab: SIGTERM received; finished step {final_step} and saved "
+      name = getattr(self.sig, "name", None) or "SIGTERM"
+      print(f"llmlab: {name} received; finished step {final_step} and saved "
             f"it to {self.mgr.path(final_step)}. To resume, re-run the same "
-            f"command:\n  {_resume_command()}", flush=True)
+            f"command:\n  {_resume_command()}", file=sys.stderr, flush=True)
     return out
 
 

@@ -31,6 +31,7 @@ import uuid
 
 from etils import epath
 
+from llmlab import errors
 from llmlab import storage
 
 log = logging.getLogger("llmlab")
@@ -39,8 +40,7 @@ LOCK_NAME = "llmlab.lock"
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
-class WorkdirError(RuntimeError):
-  """The workdir cannot be used (missing, not a directory, not writable)."""
+WorkdirError = errors.WorkdirError  # the workdir cannot be used
 
 
 class WorkdirLocked(WorkdirError):

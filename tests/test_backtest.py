@@ -14,7 +14,8 @@ import pytest
 from llmlab import main as main_lib
 from llmlab.scaling import backtest
 from llmlab.scaling import fit as fit_lib
-from llmlab.scaling import fit_cli, forms, records
+from llmlab.commands import fit as fit_cmd
+from llmlab.scaling import forms, records
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE = os.path.join(HERE, "data", "datablations_c4_sample.csv")
@@ -275,7 +276,7 @@ def test_fit_predict_writes_every_row_for_records_forms(tmp_path):
          dict(name="p2", params=3e10, tokens=6e11, note="y")]
   pred_csv = _write(tmp_path / "pred.csv", pts)
   out = tmp_path / "out"
-  assert fit_cli.main([f"--records={fit_csv}", f"--predict={pred_csv}", f"--out={out}",
+  assert fit_cmd.main([f"--records={fit_csv}", f"--predict={pred_csv}", f"--out={out}",
                        "--bootstrap=20"]) == 0
   got = list(csv.DictReader(open(out / "predictions.csv")))
   assert [r["name"] for r in got] == ["p1", "p2"] and got[0]["note"] == "x"
@@ -298,13 +299,13 @@ def test_fit_predict_data_constrained_needs_unique_tokens_in_the_predict_file(tm
               rec["loss"][keep], rec["unique_tokens"][keep])]
   fit_csv = _write(tmp_path / "fit.csv", rows)
   bad = _write(tmp_path / "p.csv", [dict(params=8.7e9, tokens=1e11)])
-  assert fit_cli.main(["--form=data_constrained", f"--records={fit_csv}",
+  assert fit_cmd.main(["--form=data_constrained", f"--records={fit_csv}",
                        f"--predict={bad}", f"--out={tmp_path / 'o'}"]) == 2
   err = capsys.readouterr().err
   assert "p.csv" in err and "unique_tokens" in err
   good = _write(tmp_path / "q.csv", [dict(params=8.7e9, tokens=1e11, unique_tokens=4e9),
                                      dict(params=8.7e9, tokens=1e11, unique_tokens=1e11)])
-  assert fit_cli.main(["--form=data_constrained", f"--records={fit_csv}",
+  assert fit_cmd.main(["--form=data_constrained", f"--records={fit_csv}",
                        f"--predict={good}", f"--out={tmp_path / 'o'}",
                        "--bootstrap=0"]) == 0
   got = list(csv.DictReader(open(tmp_path / "o" / "predictions.csv")))

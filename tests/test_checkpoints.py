@@ -172,9 +172,11 @@ def test_kill9_damage_sigterm_resume_is_exact(ref, tmp_path):
   assert f"resumed from step {previous}" in err
   assert os.path.isdir(os.path.join(ckpts, f"{killed_at + 2}.incomplete"))
   assert not os.path.exists(os.path.join(ckpts, tmp))  # orbax removed it
-  assert "SIGTERM received" in out and "re-run the same command" in out
-  assert f"--workdir={workdir}" in out.split("re-run the same command")[1]
-  stopped = json.loads(out.strip().splitlines()[-1])["step"]
+  # Human messages on stderr; stdout is the one JSON summary line.
+  assert "SIGTERM received" in err and "re-run the same command" in err
+  assert f"--workdir={workdir}" in err.split("re-run the same command")[1]
+  assert len(out.strip().splitlines()) == 1
+  stopped = json.loads(out)["step"]
   assert previous < stopped < STEPS
   assert stopped in _complete(workdir)
 

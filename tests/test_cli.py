@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from llmlab import cli_common
+from llmlab import errors
 from llmlab import experiment
 from llmlab import main as llmlab_main
 
@@ -154,7 +155,10 @@ def test_debug_shows_the_traceback(tmp_path):
     (["convert", "--workdir=W"], "llmlab convert",
      "give one of --from_hf=DIR and --to_hf"),
     (["fit", "--records=/nonexistent.csv"], "llmlab fit", "nonexistent.csv"),
-    (["fit", "--form=nope", "--records=x"], "llmlab fit", "invalid choice"),
+    (["fit", "--form=nope", "--records=x"], "llmlab fit",
+     "unknown scaling-law form 'nope'"),
+    (["fit", "--records=r.csv", "--bootstrap=many"], "llmlab fit",
+     "--bootstrap=many"),
     (["prune", "--from=R", f"--to_config={TINY}", "--workdir=W",
       "--method=nope"], "llmlab prune", "--method"),
 ])
@@ -187,6 +191,49 @@ def test_library_errors_and_preemption():
   assert ends(experiment.Preempted("preempted during /w")) == 0
   with pytest.raises(RuntimeError, match="a bug"):
     ends(RuntimeError("a bug"))
+
+
+@pytest.mark.parametrize("exc", [
+    errors.UserError("x"), errors.ConfigError("x"), errors.DataError("x"),
+    errors.WorkdirError("x"), errors.UsageError("x"), errors.NotFound("x"),
+    errors.AlreadyExists("x")])
+def test_user_errors_are_one_line(exc, capsys):
+  def body(fv):
+    raise exc
+  assert cli_common.run("x", [], lambda fv: None, body) == 2
+  assert capsys.readouterr().err == "llmlab x: error: x\n"
+
+
+@pytest.mark.parametrize("exc", [
+    ValueError("operands could not be broadcast"),
+    FileNotFoundError("/tmp/cache/x"), KeyError("k")])
+def test_other_errors_are_bugs_with_a_traceback(exc, capsys):
+  """A ValueError (numpy's, jax's) or an OSError that is no UserError is not
+  the user's fault: it propagates (exit 1, traceback), after a line that
+  says it is a bug."""
+  def body(fv):
+    raise exc
+  with pytest.raises(type(exc)):
+    cli_common.run("x", [], lambda fv: None, body)
+  err = capsys.readouterr().err
+  assert err.startswith(f"llmlab x: internal error ({type(exc).__name__}): "
+                        "this is a bug")
+
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+  def interrupted(message):
+    def body(fv):
+      raise KeyboardInterrupt(*message)
+    return body
+  assert cli_common.run("x", [], lambda fv: None, interrupted(
+      ["interrupted by Ctrl-C after saving step 3"])) == 130
+  assert capsys.readouterr().err == ("llmlab x: interrupted by Ctrl-C after "
+                                     "saving step 3\n")
+  assert cli_common.run("x", [], lambda fv: None, interrupted([])) == 130
+  err = capsys.readouterr().err
+  assert err.startswith("llmlab x: interrupted (Ctrl-C): aborted")
+  assert len(err.splitlines()) == 1
 
 
 def test_preempted_message_and_summary_line(capsys):

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 import llmlab
-from llmlab import api
 from llmlab import runs
 from llmlab import steps as steps_lib
 from llmlab import sharding as shd

@@ -12,7 +12,9 @@ import pytest
 
 from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
+from llmlab import errors
 from llmlab import experiment
+from llmlab import storage
 
 
 class Clock:
@@ -188,3 +190,30 @@ def test_study_progress_line(tmp_path):
   again.expect(runs_)
   assert again.progress().startswith("study: 1/3 runs")
   assert again.progress().endswith("ETA ?")
+
+
+def test_one_json_policy(tmp_path):
+  """storage.dumps, which every JSON llmlab writes goes through: numpy and
+  jax values as numbers and lists, NaN and inf as null, other objects as
+  their str; strict JSON (no NaN literal) that reads back as written."""
+  obj = {"nan": float("nan"), "inf": np.float32(np.inf), 3: (1, None),
+         "a": np.arange(2), "j": jax.numpy.ones(2), "b": np.bool_(True),
+         "cfg": config_lib.base().guard, "path": tmp_path}
+  text = storage.dumps(obj, sort_keys=True)
+  assert "NaN" not in text and "Infinity" not in text
+  assert json.loads(text) == {"nan": None, "inf": None, "3": [1, None],
+                              "a": [0, 1], "j": [1.0, 1.0], "b": True,
+                              "cfg": str(obj["cfg"]), "path": str(tmp_path)}
+  experiment.write_json(str(tmp_path / "r.json"), {"loss": float("nan")})
+  assert experiment.read_json(str(tmp_path / "r.json")) == {"loss": None}
+
+
+def test_unreadable_json_and_missing_files_are_user_errors(tmp_path):
+  bad = tmp_path / "fit.json"
+  bad.write_text("{oops")
+  with pytest.raises(errors.DataError, match=f"{bad}: not valid JSON"):
+    storage.read_json(str(bad))
+  with pytest.raises(errors.NotFound, match="no such file"):
+    storage.read_text(str(tmp_path / "none.json"))
+  with pytest.raises(FileNotFoundError):  # what callers caught before
+    storage.read_bytes(str(tmp_path / "none.json"))

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from llmlab.scaling import fit as fit_lib
-from llmlab.scaling import fit_cli, forms, records
+from llmlab.commands import fit as fit_cmd
+from llmlab.scaling import fitting, forms, records
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Hoffmann et al. 2022 (Figure 4) as extracted by Besiroglu et al. 2024 (Epoch AI),
@@ -252,12 +253,17 @@ def test_cli_end_to_end(tmp_path, capsys):
   path = str(tmp_path / "runs.csv")
   law = _write_runs_csv(path)
   out = str(tmp_path / "out")
-  assert fit_cli.main([f"--records={path}", "--target=m7", f"--bootstrap={N_BOOT}",
+  assert fit_cmd.main([f"--records={path}", "--target=m7", f"--bootstrap={N_BOOT}",
                        f"--out={out}"]) == 0
-  text = capsys.readouterr().out
-  assert "target m7: ARE" in text and "compute-optimal" in text
+  text = capsys.readouterr()
+  assert "target m7: ARE" in text.err and "compute-optimal" in text.err
   with open(os.path.join(out, "fit.json")) as f:
     res = json.load(f)
+  line = json.loads(text.out)  # stdout: the one JSON summary line
+  assert text.out.count("\n") == 1
+  assert line["form"] == "chinchilla" and line["are"] == res["are"]
+  assert line["params"] == res["params"]
+  assert os.path.join(out, "fit.json") in line["wrote"]
   for key in ("form", "params", "objective", "intervals", "predictions", "are",
               "compute_optimal", "saturation", "n_points", "fit_runs"):
     assert key in res, key
@@ -283,14 +289,14 @@ def test_cli_end_to_end(tmp_path, capsys):
 def test_cli_errors(tmp_path, capsys):
   bad = tmp_path / "bad.csv"
   bad.write_text("params,tokens,loss\n1e6,1e9,2.5\n1e6,oops,2.4\n")
-  assert fit_cli.main([f"--records={bad}", f"--out={tmp_path / 'o'}"]) == 2
+  assert fit_cmd.main([f"--records={bad}", f"--out={tmp_path / 'o'}"]) == 2
   err = capsys.readouterr().err
   assert "bad.csv, line 3: column 'tokens': non-numeric value 'oops'" in err
   rec = records.as_records(dict(run=["a", "b"], params=[1, 2], tokens=[3, 4], loss=[5, 6]))
-  assert fit_cli._parse_target("b", rec) == ("run", "b")
-  assert fit_cli._parse_target("1e9,2e10", rec) == ("point", (1e9, 2e10))
+  assert fitting.parse_target("b", rec) == ("run", "b")
+  assert fitting.parse_target("1e9,2e10", rec) == ("point", (1e9, 2e10))
   with pytest.raises(ValueError, match="neither a run"):
-    fit_cli._parse_target("zz", rec)
+    fitting.parse_target("zz", rec)
 
 
 def test_fit_refuses_too_few_points_and_warns_near(tmp_path, capsys, caplog):
@@ -298,16 +304,17 @@ def test_fit_refuses_too_few_points_and_warns_near(tmp_path, capsys, caplog):
   two = tmp_path / "two.csv"
   two.write_text("params,tokens,loss\n" + "".join(
       f"{n},{d},{l}\n" for n, d, l in rows[:2]))
-  assert fit_cli.main([f"--records={two}", f"--out={tmp_path / 'o'}"]) == 2
-  err = capsys.readouterr().err
-  assert "2 points to fit the 5 parameters of form 'chinchilla'" in err
-  assert not (tmp_path / "o" / "fit.json").exists()
   seven = records.as_records(dict(params=[r[0] for r in rows],
                                   tokens=[r[1] for r in rows],
                                   loss=[r[2] for r in rows]))
   with caplog.at_level("WARNING", logger="llmlab"):
-    fit_cli.check_identifiable(len(seven["loss"]), "chinchilla", "seven")
+    fitting.check_identifiable(len(seven["loss"]), "chinchilla", "seven")
   assert "only 7 points for the 5 parameters" in caplog.text
+  # (The command sets up logging, which removes caplog's handler: last.)
+  assert fit_cmd.main([f"--records={two}", f"--out={tmp_path / 'o'}"]) == 2
+  err = capsys.readouterr().err
+  assert "2 points to fit the 5 parameters of form 'chinchilla'" in err
+  assert not (tmp_path / "o" / "fit.json").exists()
 
 
 def test_target_curve_plot_leaves_gaps_for_points_without_interval(tmp_path):

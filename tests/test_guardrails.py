@@ -159,7 +159,8 @@ def test_nan_stop_names_step_and_metric_and_saves_nothing_after(
   state, _ = _restore(workdir, 4)
   assert _finite(state)
   rows = _rows(workdir)
-  assert rows[NAN_AT - 1]["loss"] == "nan" and rows[-1]["step"] <= NAN_AT + 1
+  assert rows[NAN_AT - 1]["loss"] is None  # NaN -> null
+  assert rows[-1]["step"] <= NAN_AT + 1
   events = [json.loads(x) for x in open(tmp_path / "stop" /
                                         "guard_events.jsonl")]
   assert events[-1]["event"] == "stop"

@@ -4,6 +4,7 @@ no test here compiles a train step or starts a process."""
 
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -63,9 +64,11 @@ class _Recorder(train.Trainer):
   def __init__(self, cfg, workdir, sig, bad_data_step=None):
     cfg, data, setup = train.prepare(cfg)
     aux = objectives.prepare(cfg, setup, runs.load_teacher)
-    info = train.model_info(cfg, data.vocab_size)
+    info = dict(train.model_info(cfg, data.vocab_size),
+                peak_flops_per_device=1e9)
     mgr = ckpt_lib.Manager(workdir, cfg.checkpoint, cfg.train.steps)
-    super().__init__(cfg, workdir, data, setup, aux, info, 1e9, mgr, sig)
+    super().__init__(train.RunContext(cfg, workdir, data, setup, aux, info,
+                                      mgr, sig))
     self.events, self.bad_data_step = [], bad_data_step
     self.train_step = self._stub
 
@@ -148,7 +151,8 @@ def test_preemption_saves_and_stops(tmp_path, capsys):
   assert summary["preempted"] and summary["step"] == 3
   assert [e[1] for e in t.events if e[0] == "step"] == [1, 2, 3]
   assert t.mgr.steps() == [2, 3]
-  assert "SIGTERM received; finished step 3" in capsys.readouterr().out
+  out = capsys.readouterr()
+  assert "SIGTERM received; finished step 3" in out.err and not out.out
 
 
 def test_stop_policy_raises_before_the_save(tmp_path):
@@ -160,6 +164,88 @@ def test_stop_policy_raises_before_the_save(tmp_path):
   finally:
     t.mgr.close()
   assert t.mgr.steps() == [2]  # nothing saved after the bad step
+
+
+def test_hooks_added_from_outside_run_in_order_after_the_builtins(tmp_path):
+  """`add_hook(fn, every=N)`: due every N steps and at the last; after the
+  built-in hooks (the save at step 4 precedes the hook at 4), in the order
+  added; `finish` once at the end; a hook can stop the run cleanly."""
+  t = _Recorder(_config(**{"checkpoint.every_steps": 4}), str(tmp_path),
+                _Signal())
+  assert [h.name for h in t.hooks] == ["watchdog", "preemption", "metrics",
+                                       "guard", "eval", "save", "profile"]
+  t.add_hook(lambda end: t.events.append(("every3", end.step)),
+             every=3, finish=lambda end: t.events.append(("finish", end.step)))
+  t.add_hook(loop.Hook("stop", lambda end: setattr(end, "stop", True),
+                       due=lambda end: end.step == 6))
+  try:
+    summary = t.run()
+  finally:
+    t.mgr.close()
+  ours = [e for e in t.events if e[0] in ("every3", "finish")]
+  assert ours == [("every3", 3), ("every3", 6), ("finish", 6)]
+  at = t.events.index
+  for step in (3, 6):  # after the metrics hook wrote the previous row
+    assert at(("row", step - 1, True)) < at(("every3", step))
+  # Stopped by the hook after step 6: a clean early stop that saves the
+  # step (no preemption).
+  assert summary["step"] == 6 and not summary["preempted"]
+  assert t.mgr.steps() == [4, 6]
+  assert [e[1] for e in t.events if e[0] == "step"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_train_takes_hooks(tmp_path):
+  """`train(cfg, workdir, hooks=...)`, the public way in, on a real run:
+  a plain function sees every step, a `loop.hook(fn, every=2)` every other
+  one and the last, with the step's device metrics."""
+  seen, losses = [], []
+  cfg = _config(**{"train.steps": 3, "checkpoint.every_steps": 0,
+                   "train.eval_every": 0})
+  summary = train.train(cfg, str(tmp_path), hooks=[
+      lambda end: seen.append(end.step),
+      loop.hook(lambda end: losses.append(
+          (end.step, float(end.metrics["loss"]))), every=2)])
+  assert summary["step"] == 3 and seen == [1, 2, 3]
+  assert [s for s, _ in losses] == [2, 3]
+  rows = {r["step"]: r["loss"] for r in _rows(str(tmp_path)) if "loss" in r}
+  assert all(np.isclose(rows[s], loss) for s, loss in losses)
+
+
+def test_ctrl_c_once_stops_cleanly_twice_aborts(capsys):
+  """The first SIGINT only sets the flag (with a note on stderr); the
+  second raises KeyboardInterrupt at once; the old handlers come back."""
+  before = signal.getsignal(signal.SIGINT)
+  with train._Preempted() as sig:  # pylint: disable=protected-access
+    os.kill(os.getpid(), signal.SIGINT)
+    assert sig.reached(1) and sig.name == "SIGINT"
+    assert "Ctrl-C again aborts" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_saves_the_step_and_says_how_to_resume(tmp_path, capsys):
+  """A real run, Ctrl-C'd from a hook after step 2: it finishes step 3,
+  saves it, prints the resume command on stderr and raises Interrupted
+  (the command line's exit 130); a re-run resumes from step 3."""
+  cfg = _config(**{"train.steps": 6, "checkpoint.every_steps": 0,
+                   "train.eval_every": 0})
+  ctrl_c = lambda end: os.kill(os.getpid(), signal.SIGINT)  # noqa: E731
+  with pytest.raises(train.Interrupted, match="after saving step 3"):
+    train.train(cfg, str(tmp_path), hooks=[
+        loop.Hook("ctrl-c", ctrl_c, due=lambda end: end.step == 2)])
+  err = capsys.readouterr().err
+  assert "SIGINT received; finished step 3 and saved it" in err
+  assert "To resume, re-run the same command" in err
+  mgr = ckpt_lib.Manager(str(tmp_path), cfg.checkpoint, 6, read_only=True)
+  try:
+    assert mgr.steps() == [3]
+  finally:
+    mgr.close()
+  summary = train.train(cfg, str(tmp_path))
+  assert summary["step"] == 6 and not summary["preempted"]
+  rows = [r["step"] for r in _rows(str(tmp_path)) if "loss" in r]
+  assert rows == list(range(1, 7))
 
 
 def test_cpu_peak_is_measured_once_per_run_directory(tmp_path):

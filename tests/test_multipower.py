@@ -19,7 +19,8 @@ from ml_collections import ConfigDict
 
 from llmlab import config as config_lib
 from llmlab import optim
-from llmlab.scaling import curves, fit_cli, forms
+from llmlab.commands import fit as fit_cmd
+from llmlab.scaling import curves, fitting, forms
 from llmlab.scaling import fit as fit_lib
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
@@ -183,11 +184,12 @@ def test_cli_fit_and_predict(tmp_path, capsys):
   _write_curves(tmp_path / "other.csv", other)
   _write_curves(tmp_path / "other.csv", late, warmup=200, mode="a")
   out = tmp_path / "out"
-  assert fit_cli.main(["--form=multipower", f"--records={fit_csv}",
+  assert fit_cmd.main(["--form=multipower", f"--records={fit_csv}",
                        f"--predict={tmp_path / 'other.csv'}", f"--out={out}",
                        "--bootstrap=10"]) == 0
   text = capsys.readouterr()
-  assert "predict cosine (" in text.out and "predict wsd_w200 (" in text.out
+  assert "predict cosine (" in text.err and "predict wsd_w200 (" in text.err
+  assert json.loads(text.out)["form"] == "multipower"
   assert "warning: predicting run 'cosine' is extrapolation: 9000 steps" in text.err
   assert "warning: predicting run 'wsd_w200' is extrapolation: warmup 200 steps" in text.err
   with open(out / "fit.json") as f:
@@ -198,7 +200,7 @@ def test_cli_fit_and_predict(tmp_path, capsys):
   assert res["fit_runs"] == ["cosine", "constant", "wsd", "step"]
   with open(out / "predictions.csv") as f:
     rows = list(csv.DictReader(f))
-  assert list(rows[0]) == list(fit_cli.PREDICTION_COLUMNS)
+  assert list(rows[0]) == list(fitting.PREDICTION_COLUMNS)
   assert len(rows) == len(other["run"]) + len(late["run"])
   assert [r["step"] for r in rows[:2]] == ["300", "350"]
   loss = np.array([float(r["loss"]) for r in rows])
@@ -316,7 +318,7 @@ def test_curves_from_runs_use_the_config_schedule(tmp_path):
 def test_bad_curves_fail_before_fitting(tmp_path, capsys, text, message):
   path = tmp_path / "c.csv"
   path.write_text(text)
-  assert fit_cli.main(["--form=multipower", f"--records={path}",
+  assert fit_cmd.main(["--form=multipower", f"--records={path}",
                        f"--out={tmp_path / 'o'}"]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("llmlab fit: error: ") and len(err.splitlines()) == 1
@@ -328,14 +330,14 @@ def test_bad_predict_file_and_flags_fail_before_fitting(tmp_path, capsys):
   good = _write_curves(tmp_path / "fit.csv", synthetic(("constant",), every=500))
   bad = tmp_path / "p.csv"
   bad.write_text("run,step,lr\nx,5,1e-3\nx,5,1e-3\n")
-  assert fit_cli.main(["--form=multipower", f"--records={good}", f"--predict={bad}"]) == 2
+  assert fit_cmd.main(["--form=multipower", f"--records={good}", f"--predict={bad}"]) == 2
   assert "p.csv, line 3, run 'x': step 5 does not increase" in capsys.readouterr().err
-  assert fit_cli.main(["--form=multipower_n", f"--records={good}"]) == 2
+  assert fit_cmd.main(["--form=multipower_n", f"--records={good}"]) == 2
   assert "needs each run's model size: a `params` column" in capsys.readouterr().err
-  assert fit_cli.main(["--form=multipower", f"--records={good}", "--target=a"]) == 2
+  assert fit_cmd.main(["--form=multipower", f"--records={good}", "--target=a"]) == 2
   assert "--target not used by --form=multipower" in capsys.readouterr().err
   # --predict works for every form; a records form needs its own columns.
-  assert fit_cli.main(["--form=chinchilla", f"--records={good}", f"--predict={bad}"]) == 2
+  assert fit_cmd.main(["--form=chinchilla", f"--records={good}", f"--predict={bad}"]) == 2
   assert "missing required column(s) ['params', 'tokens']" in capsys.readouterr().err
-  assert fit_cli.main(["--form=chinchilla", f"--records={good}", "--max_step=5"]) == 2
+  assert fit_cmd.main(["--form=chinchilla", f"--records={good}", "--max_step=5"]) == 2
   assert "--max_step not used by --form=chinchilla" in capsys.readouterr().err

@@ -135,7 +135,7 @@ def test_noise_probe_zero_at_gamma_zero_and_grows_with_gamma(study):
   zero = [r for r in result["sensitivity_runs"] if r["gamma"] == 0.0]
   assert zero and all(r["increase"] == 0.0 for r in zero)
   run = api.load(os.path.join(workdir, "pretrain"))
-  ev = sensitivity.Evaluator(run._setup, run.config.data, seq_len=32,
+  ev = sensitivity.Evaluator(run.setup, run.config.data, seq_len=32,
                              eval_tokens=1024, batch_size=4)
   same = ev.perturb(run.params, np.uint32(3), np.float32(0.0))
   assert all(np.array_equal(a, b) for a, b in zip(

@@ -18,9 +18,8 @@ from ml_collections import ConfigDict
 from llmlab import config as config_lib
 from llmlab import main as main_lib
 from llmlab import optim
-from llmlab.scaling import curves, fit_cli
+from llmlab.scaling import curves, fitting
 from llmlab.scaling import fit as fit_lib
-from llmlab.scaling import schedule as schedule_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRUE = dict(L0=2.0, A=0.4, alpha=0.45, B=300.0, C=2.0, beta=0.6, gamma=0.6)
@@ -53,7 +52,7 @@ def fitted(tmp_path_factory):
       if k != "eta":
         cols[k] += list(v)
   out = tmp_path_factory.mktemp("fit")
-  fit_cli.run_curve_fit(dict(cols, eta=eta), "multipower", str(out), n_bootstrap=0)
+  fitting.run_curve_fit(dict(cols, eta=eta), "multipower", str(out), n_bootstrap=0)
   return str(out / "fit.json")
 
 

@@ -48,7 +48,7 @@ def test_study_end_to_end_and_resume(tmp_path):
   assert "| tokens | predicted loss | 95% interval | actual | error |" in report
   assert "| compute C (FLOPs) | params N* |" in report
   branch = next(r for r in runs if r.startswith("t1_branch"))
-  assert f"| t1@" in report and f"runs/{branch} |" in report
+  assert "| t1@" in report and f"runs/{branch} |" in report
   assert "held-out tokens" in report and "{" not in report
   assert "The law's 95% interval (bootstrap) covers" in report
   # Study-level progress on the console: runs and tokens done of planned.

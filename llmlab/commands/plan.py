@@ -13,7 +13,6 @@ Exit status 0 if the step fits, 1 if not, 2 for bad input.
 
 from __future__ import annotations
 
-import json
 import os
 import math
 
@@ -108,7 +107,8 @@ def body(fv: flags.FlagValues) -> int:
 
 def _show(res: dict, as_json: bool) -> int:
   from llmlab import plan  # noqa: PLC0415
-  print(json.dumps(res, indent=2, default=str) if as_json
+  from llmlab import storage  # noqa: PLC0415
+  print(storage.dumps(res, indent=2) if as_json
         else plan.format_plan(res))
   return 0 if res["fits"] else 1
 

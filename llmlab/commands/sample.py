@@ -15,6 +15,7 @@ from absl import flags
 
 from llmlab import api
 from llmlab import cli_common
+from llmlab import errors
 from llmlab import model as model_lib
 from llmlab.compress import quantize as quantize_lib
 from llmlab.data import tokenizer as tokenizer_lib
@@ -53,7 +54,7 @@ def _check(fv) -> None:
             (fv.num_samples >= 1, "num_samples", "must be >= 1")]
   for ok, name, why in checks:
     if not ok:
-      raise ValueError(f"--{name}={fv[name].value}: {why}")
+      raise errors.UsageError(f"--{name}={fv[name].value}: {why}")
 
 
 def sample_run(workdir: str, prompt: str, *, max_new_tokens: int = 200,
@@ -66,7 +67,7 @@ def sample_run(workdir: str, prompt: str, *, max_new_tokens: int = 200,
   tok = tokenizer_lib.load(str(run.config.data.tokenizer))
   vocab = run.info.get("model_info", {}).get("vocab_size", tok.vocab_size)
   if tok.vocab_size != vocab:
-    raise ValueError(f"{workdir}: tokenizer {run.config.data.tokenizer!r} "
+    raise errors.DataError(f"{workdir}: tokenizer {run.config.data.tokenizer!r} "
                      f"has {tok.vocab_size} ids, the model {vocab}")
   model = model_lib.Transformer(
       model_lib.ModelConfig.from_config(run.config.model, vocab))

@@ -23,6 +23,7 @@ import sys
 from absl import flags
 
 from llmlab import cli_common
+from llmlab import errors
 from llmlab import storage
 
 
@@ -50,7 +51,7 @@ def define(fv: flags.FlagValues) -> None:
 
 def body(fv: flags.FlagValues) -> dict:
   if not storage.exists(fv.fit):
-    raise FileNotFoundError(f"--fit={fv.fit}: no such file")
+    raise errors.NotFound(f"--fit={fv.fit}: no such file")
   fit = storage.read_json(fv.fit)
   from llmlab.scaling import schedule  # noqa: PLC0415 (jax; --help stays fast)
   out = schedule.choose(

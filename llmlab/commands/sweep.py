@@ -15,6 +15,7 @@ import sys
 from absl import flags
 
 from llmlab import cli_common
+from llmlab import errors
 from llmlab import storage
 
 
@@ -30,7 +31,7 @@ def define(fv: flags.FlagValues) -> None:
 def body(fv: flags.FlagValues) -> None:
   for w in fv.workdir:
     if not storage.exists(storage.join(w, "config.json")):
-      raise FileNotFoundError(f"{w}: not a run directory (no config.json)")
+      raise errors.NotFound(f"{w}: not a run directory (no config.json)")
   from llmlab.scaling import sweep  # noqa: PLC0415 (jax; --help stays fast)
   log = lambda s: print(s, file=sys.stderr, flush=True)
   rows = sweep.sweep(fv.workdir, fv.out, fv.eval_tokens, log=log)

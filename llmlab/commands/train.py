@@ -27,9 +27,10 @@ def define(fv: flags.FlagValues) -> None:
 def body(fv: flags.FlagValues) -> dict | None:
   """The summary, printed by process 0 only (one line per job)."""
   cli_common.init_distributed(fv)
-  from llmlab import train  # noqa: PLC0415 (jax; --help stays fast)
+  from llmlab import distributed  # noqa: PLC0415 (jax; --help stays fast)
+  from llmlab import train  # noqa: PLC0415
   summary = train.train(fv.config, fv.workdir)
-  if not train.is_primary():
+  if not distributed.is_primary():
     return None
   return {k: summary[k] for k in SUMMARY_KEYS}
 

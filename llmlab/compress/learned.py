@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from llmlab import errors
 from llmlab import model as model_lib
 from llmlab.compress import hard_concrete as hc
 from llmlab.compress import masked
@@ -77,14 +78,14 @@ class Settings:
   def check(self) -> None:
     for key in ("steps", "log_every"):
       if getattr(self, key) < 1:
-        raise ValueError(f"learned pruning: {key}={getattr(self, key)!r} "
+        raise errors.ConfigError(f"learned pruning: {key}={getattr(self, key)!r} "
                          "must be >= 1")
     for key in ("learning_rate", "mask_lr", "lambda_lr"):
       if getattr(self, key) < 0:
-        raise ValueError(f"learned pruning: {key}={getattr(self, key)!r} "
+        raise errors.ConfigError(f"learned pruning: {key}={getattr(self, key)!r} "
                          "must be >= 0")
     if not 0.0 <= self.target_warmup <= 1.0:
-      raise ValueError(f"learned pruning: target_warmup="
+      raise errors.ConfigError(f"learned pruning: target_warmup="
                        f"{self.target_warmup!r} must be in [0, 1]")
 
 

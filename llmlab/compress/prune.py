@@ -19,7 +19,6 @@ the checkpoint metadata carry a `compress` summary.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -29,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmlab import api
+from llmlab import distributed
+from llmlab import errors
 from llmlab import runs
 from llmlab import storage
 from llmlab import checkpoints as ckpt_lib
@@ -69,16 +70,16 @@ def prune(source: str, target_cfg, workdir: str, method: str = "magnitude", *,
   """Write the pruned run directory `workdir`; return a summary."""
   t0 = time.time()
   if method not in METHODS:
-    raise ValueError(f"--method={method!r}: must be one of {METHODS}")
+    raise errors.UsageError(f"--method={method!r}: must be one of {METHODS}")
   workdir = workdir if storage.is_remote(workdir) else os.path.abspath(workdir)
-  hf._require_no_run(workdir)  # pylint: disable=protected-access
+  hf.require_no_run(workdir)
   src_m, src_cfg, src_step = source_model(source)
   cfg, data, setup = train.prepare(target_cfg)
   shapes.check_target(src_m, setup.model_cfg, where=f"prune {source} -> target")
   if learned is not None:
     learned.check()
   run = api.load(source, step=src_step)
-  model = run._setup.model  # pylint: disable=protected-access
+  model = run.setup.model
   rows = calib_rows or int(src_cfg.train.batch_size)
   info = {"source": os.path.abspath(ckpt_lib.parse_ref(source)[0]),
           "source_step": src_step, "method": method,
@@ -123,25 +124,22 @@ def write_run(workdir: str, cfg, setup, data, params, info: dict,
                           setup.state_shardings["params"])
   state = {"step": jax.device_put(np.int32(0), setup.state_shardings["step"]),
            "params": params,
-           "opt_state": hf._fresh_opt_state(setup, params)}  # pylint: disable=protected-access
+           "opt_state": hf.fresh_opt_state(setup, params)}
   model_info = train.model_info(cfg, data.vocab_size)
   meta = {"config": config_lib.to_dict(cfg), "model_info": model_info,
           "step": 0, "tokens": 0, "data_info": data.info,
-          "compress": _jsonable(info)}
+          "compress": storage.json_safe(info)}
   storage.makedirs(workdir)
   mgr = ckpt_lib.Manager(workdir, cfg.checkpoint, cfg.train.steps)
   mgr.save(0, state, meta, force=True)
   mgr.close()
-  if jax.process_index() == 0:
+  if distributed.is_primary():
     storage.write_text(storage.join(workdir, SELECTION_FILE),
-                       json.dumps(sel.to_json()))
-    train._write_config(workdir, cfg, model_info, data.info, setup.mesh)  # pylint: disable=protected-access
+                       storage.dumps(sel.to_json()))
+    train.write_config(workdir, cfg, model_info, data.info, setup.mesh)
     summary = dict(info)
     if "learned" in info:  # the per-step history stays in the checkpoint meta
       summary["learned"] = {k: v for k, v in info["learned"].items()
                             if k != "history"}
-    hf._add_to_config(workdir, compress=_jsonable(summary))  # pylint: disable=protected-access
+    hf.add_to_config(workdir, compress=storage.json_safe(summary))
 
-
-def _jsonable(obj):
-  return json.loads(json.dumps(obj, default=lambda o: np.asarray(o).tolist()))

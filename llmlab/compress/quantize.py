@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmlab import errors
+
 MODES = ("int8",)
 
 # Leaf name -> input axes, counted from the end (so the layers axis is free).
@@ -52,7 +54,7 @@ def dequantize_leaf(q, scale, dtype):
 def quantize(params, mode: str = "int8"):
   """{path: (q, scale) or float leaf} as a pytree of the same structure."""
   if mode not in MODES:
-    raise ValueError(f"--quantize={mode!r}: must be one of {MODES}")
+    raise errors.UsageError(f"--quantize={mode!r}: must be one of {MODES}")
   def one(path, w):
     axes = INPUT_AXES.get(_leaf_name(path))
     return quantize_leaf(w, axes) if axes and w.ndim >= 2 else w
@@ -90,7 +92,7 @@ def roundtrip(params, mode: str = "int8"):
   """(dequantized params, report): the params a weight-only int8 model
   computes with, and its storage against the float checkpoint's."""
   if mode not in MODES:
-    raise ValueError(f"--quantize={mode!r}: must be one of {MODES}")
+    raise errors.UsageError(f"--quantize={mode!r}: must be one of {MODES}")
   qtree, deq, err = quantize_dequantize(params, mode)
   pairs = [x for x in jax.tree.leaves(qtree, is_leaf=_is_pair) if _is_pair(x)]
   float_bytes, q_bytes = nbytes(params), nbytes(qtree)

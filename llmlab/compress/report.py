@@ -113,7 +113,7 @@ def _prune_tokens(scfg, workdir: str) -> dict:
 
 def _plot(runs: dict, level: float, workdir: str) -> None:
   from llmlab.scaling import plots
-  fig, ax = plots._figure("continued training after pruning: eval loss vs "  # pylint: disable=protected-access
+  fig, ax = plots.figure("continued training after pruning: eval loss vs "
                           "tokens")
   for i, (name, r) in enumerate(runs.items()):
     color = f"C{i}"

@@ -2,7 +2,7 @@
 
 `load(hf_dir, mesh=...)` places an HF checkpoint's params on a mesh;
 `from_hf(hf_dir, workdir)` writes a run directory that every llmlab tool
-takes as its own: `config.json` (written by `train._write_config`, with
+takes as its own: `config.json` (written by `train.write_config`, with
 `model.*` from the HF config and `data.tokenizer` pointing at the copied
 tokenizer) and an orbax checkpoint holding the params and a freshly
 initialised optimizer state. Tensors are read one (slice) at a time from
@@ -28,6 +28,8 @@ import jax
 import numpy as np
 
 from llmlab import api
+from llmlab import distributed
+from llmlab import errors
 from llmlab import runs
 from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
@@ -47,7 +49,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # in preference order
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
-class ConvertError(ValueError):
+class ConvertError(errors.UserError):
   """The checkpoint's tensors do not match its config or llmlab's model."""
 
 
@@ -71,7 +73,7 @@ def load(hf_dir: str, *, dtype: str = "float32",
   from `steps.build`, each device reading only its own slice.
   """
   if dtype not in DTYPES:
-    raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
+    raise errors.UsageError(f"dtype={dtype!r}: must be one of {DTYPES}")
   spec = hf_config.read(hf_dir, ignore_fields)
   ckpt = st.Checkpoint(hf_dir)
   cfg = _run_config(spec, hf_dir, dtype, mesh_axes or {})
@@ -92,7 +94,7 @@ def from_hf(hf_dir: str, workdir: str, *, step: int = 0,
   summary with the model sizes and any warnings (e.g. a tokenizer whose size
   differs from the model's).
   """
-  _require_no_run(workdir)
+  require_no_run(workdir)
   got = load(hf_dir, dtype=dtype, mesh=mesh, ignore_fields=ignore_fields,
              mesh_axes=mesh_axes)
   return write_run(got, workdir, step=step)
@@ -105,13 +107,13 @@ def write_run(got: Loaded, workdir: str, step: int = 0) -> dict:
   midway leaves no run directory behind (just orbax temporaries).
   """
   workdir = _absolute(workdir)
-  _require_no_run(workdir)
+  require_no_run(workdir)
   cfg, setup, spec = got.cfg, got.setup, got.spec
   vocab = setup.model_cfg.vocab_size
   state = {"step": jax.device_put(np.int32(step),
                                   setup.state_shardings["step"]),
            "params": got.params,
-           "opt_state": _fresh_opt_state(setup, got.params)}
+           "opt_state": fresh_opt_state(setup, got.params)}
   storage.makedirs(workdir)
   warnings = []
   data_info = _copy_tokenizer(spec.directory, workdir, cfg, vocab, warnings)
@@ -124,10 +126,10 @@ def write_run(got: Loaded, workdir: str, step: int = 0) -> dict:
   mgr = ckpt_lib.Manager(workdir, cfg.checkpoint, cfg.train.steps)
   mgr.save(step, state, meta, force=True)
   mgr.close()
-  if jax.process_index() == 0:
-    write_config = train._write_config  # pylint: disable=protected-access
+  if distributed.is_primary():
+    write_config = train.write_config
     write_config(workdir, cfg, info, data_info, setup.mesh)
-    _add_to_config(workdir, hf_source=source)
+    add_to_config(workdir, hf_source=source)
   for w in warnings:
     log.warning("%s", w)
   return {"workdir": workdir, "step": step, "architecture": spec.architecture,
@@ -143,11 +145,11 @@ def _absolute(path: str) -> str:
 def _require_empty(path: str, names) -> None:
   clash = [n for n in names if storage.exists(storage.join(path, n))]
   if clash:
-    raise FileExistsError(f"{path}: already holds {clash}; refusing to "
-                          "overwrite (choose an empty directory)")
+    raise errors.AlreadyExists(f"{path}: already holds {clash}; refusing "
+                               "to overwrite (choose an empty directory)")
 
 
-def _require_no_run(workdir: str) -> None:
+def require_no_run(workdir: str) -> None:
   """No config.json and no finished checkpoint (temporaries are fine)."""
   ckpts = ckpt_lib.checkpoint_dir(workdir)
   steps = [n for n in storage.listdir(ckpts) if n.isdigit()]
@@ -274,7 +276,7 @@ def _unflatten(flat: dict) -> dict:
   return tree
 
 
-def _fresh_opt_state(setup, params):
+def fresh_opt_state(setup, params):
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
     return jax.jit(setup.tx.init,
                    out_shardings=setup.state_shardings["opt_state"])(params)
@@ -290,7 +292,7 @@ def _copy_tokenizer(hf_dir, workdir, cfg, vocab: int, warnings: list) -> dict:
                     "model's vocabulary")
     return {"tokenizer": tok_lib.ByteTokenizer().info()}
   src, dst = storage.join(hf_dir, name), storage.join(workdir, name)
-  if jax.process_index() == 0:
+  if distributed.is_primary():
     storage.copy_file(src, dst)
   cfg.data.tokenizer = dst
   try:
@@ -308,7 +310,7 @@ def _copy_tokenizer(hf_dir, workdir, cfg, vocab: int, warnings: list) -> dict:
   return {"tokenizer": dict(tok.info(), path=dst)}
 
 
-def _add_to_config(workdir: str, **keys) -> None:
+def add_to_config(workdir: str, **keys) -> None:
   path = storage.join(workdir, "config.json")
   out = storage.read_json(path)
   out.update(keys)
@@ -328,13 +330,13 @@ def to_hf(workdir: str, out_dir: str, *, step: int | None = None,
   cfg, raw = runs.read_config(workdir)
   dtype = dtype or cfg.model.param_dtype
   if dtype not in DTYPES:
-    raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
+    raise errors.UsageError(f"dtype={dtype!r}: must be one of {DTYPES}")
   source = raw.get("hf_source", {})
   preferred = hf_config.ARCHITECTURES.get(source.get("architecture"))
   family = hf_config.family_for(cfg.model, preferred)
   _require_empty(out_dir, ("config.json", st.SINGLE_NAME, st.INDEX_NAME))
   run = api.load(workdir, step=step)
-  mcfg = run._setup.model_cfg  # pylint: disable=protected-access
+  mcfg = run.setup.model_cfg
   params = _paths(run.params)
   np_dtype = np.dtype(jax.numpy.dtype(dtype))
   tensors = []

@@ -15,9 +15,9 @@ and the 5.x one (`rope_parameters`, `layer_types`) are read.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
+from llmlab import errors
 from llmlab import storage
 
 # HF architecture -> model_type. Qwen2 adds q/k/v biases, Qwen3 QK-norm.
@@ -49,7 +49,7 @@ _SHAPE = {"hidden_size": "d_model", "intermediate_size": "mlp_dim",
           "num_attention_heads": "num_heads", "vocab_size": "vocab_size"}
 
 
-class UnsupportedConfig(ValueError):
+class UnsupportedConfig(errors.UserError):
   """The HF config asks for something llmlab's model does not compute."""
 
 
@@ -67,12 +67,12 @@ class HFModel:
 def read(hf_dir: str, ignore_fields=()) -> HFModel:
   path = storage.join(hf_dir, "config.json")
   if not storage.exists(path):
-    raise FileNotFoundError(f"{hf_dir}: no config.json (not a Hugging Face "
+    raise errors.NotFound(f"{hf_dir}: no config.json (not a Hugging Face "
                             "model directory)")
   try:
     raw = storage.read_json(path)
-  except json.JSONDecodeError as e:
-    raise UnsupportedConfig(f"{path}: not JSON: {e}") from None
+  except errors.DataError as e:  # not JSON
+    raise UnsupportedConfig(f"{path}: not JSON: {e.__cause__}") from None
   return dataclasses.replace(parse(raw, path, ignore_fields), directory=hf_dir)
 
 

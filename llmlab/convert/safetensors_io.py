@@ -32,6 +32,7 @@ from typing import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
+from llmlab import errors
 from llmlab import storage
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -51,7 +52,7 @@ CODES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20  # the reference implementation's limit
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(errors.UserError):
   """A file is not valid safetensors; the message names file and tensor."""
 
 
@@ -138,7 +139,7 @@ class Checkpoint:
       files = sorted(n for n in storage.listdir(directory)
                      if n.endswith(".safetensors"))
       if not files:
-        raise FileNotFoundError(f"{directory}: no *.safetensors files (and no "
+        raise errors.NotFound(f"{directory}: no *.safetensors files (and no "
                                 f"{INDEX_NAME})")
       if len(files) > 1:
         raise SafetensorsError(f"{directory}: {len(files)} .safetensors files "
@@ -151,7 +152,7 @@ class Checkpoint:
     path = storage.join(self.directory, fname)
     if path not in self._files:
       if not storage.exists(path):
-        raise FileNotFoundError(f"{path}: listed in {INDEX_NAME} but missing")
+        raise errors.NotFound(f"{path}: listed in {INDEX_NAME} but missing")
       local = storage.local_copy(path)
       if local != path:
         self._copies.append(os.path.dirname(local))
@@ -185,9 +186,10 @@ def _read_index(path: str) -> dict[str, str]:
   try:
     index = storage.read_json(path)
     weight_map = index["weight_map"]
-  except (json.JSONDecodeError, KeyError, TypeError) as e:
+  except (errors.DataError, KeyError, TypeError) as e:  # DataError: no JSON
     raise SafetensorsError(f"{path}: not a safetensors index "
-                           f"(need a 'weight_map' object): {e}") from None
+                           f"(need a 'weight_map' object): "
+                           f"{e.__cause__ or e}") from None
   if not isinstance(weight_map, dict):
     raise SafetensorsError(f"{path}: 'weight_map' is not an object")
   return weight_map

@@ -37,7 +37,7 @@ from llmlab.data.config import split_paths
 from llmlab.data.documents import Documents
 from llmlab.data.errors import DataError
 
-_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet", ".array_record",
+SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet", ".array_record",
              ".arrayrecord")
 
 
@@ -48,8 +48,8 @@ def read(files_cfg, decode_errors: str = "error") -> Documents:
   patterns = split_paths(files_cfg.paths)
   if not patterns:
     raise DataError("data.files.paths is empty; give paths or globs of "
-                    f"{', '.join(_SUFFIXES)} files")
-  reader = _Reader(files_cfg, decode_errors, patterns)
+                    f"{', '.join(SUFFIXES)} files")
+  reader = Reader(files_cfg, decode_errors, patterns)
   for path, key in expand(patterns):
     reader.read_file(path, key)
   return reader.documents()
@@ -90,7 +90,7 @@ def _expand_one(pattern: str):
   return [(p, os.path.relpath(str(p), base)) for p in matches]
 
 
-class _Reader:
+class Reader:
   """Accumulates documents, the fingerprint and counts over files."""
 
   def __init__(self, files_cfg, decode_errors: str, patterns: list[str]):
@@ -106,9 +106,9 @@ class _Reader:
 
   def read_file(self, path: epath.Path, key: str) -> None:
     name = str(path)
-    if not name.endswith(_SUFFIXES):
+    if not name.endswith(SUFFIXES):
       raise DataError(f"{name}: unknown file type; expected one of "
-                      f"{', '.join(_SUFFIXES)}")
+                      f"{', '.join(SUFFIXES)}")
     data = path.read_bytes()
     if not data:
       raise DataError(f"{name}: empty file")

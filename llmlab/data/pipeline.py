@@ -20,7 +20,6 @@ import hashlib
 import json
 
 import grain
-import numpy as np
 
 from llmlab.data import config as config_lib
 from llmlab.data.batches import StepBatches

@@ -13,6 +13,7 @@ import io
 import numpy as np
 
 from llmlab import config as config_lib
+from llmlab import errors
 from llmlab import storage
 
 FORMAT = "llmlab-teacher-logits-v1"
@@ -113,7 +114,7 @@ class Store:
       i = step % self.chunk
       tokens = arrays["tokens"][i, lo:lo + b]
       if not np.array_equal(tokens, np.asarray(local_batch["tokens"])):
-        raise ValueError(
+        raise errors.DataError(
             f"{self.path}: the stored tokens of step {step} differ from the "
             "training batch: the store was written for another data order "
             "(data config, seed, batch size or sequence length)")

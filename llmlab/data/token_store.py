@@ -284,9 +284,9 @@ def _file_units(data_cfg, shard_bytes: int) -> list[dict]:
     raise DataError("data.files.paths is empty; give paths or globs")
   found = []
   for path, key in files.expand(patterns):
-    if not str(path).endswith(files._SUFFIXES):  # pylint: disable=protected-access
+    if not str(path).endswith(files.SUFFIXES):
       raise DataError(f"{path}: unknown file type; expected one of "
-                      f"{', '.join(files._SUFFIXES)}")  # pylint: disable=protected-access
+                      f"{', '.join(files.SUFFIXES)}")
     stat = path.stat()
     found.append([str(path), key, int(stat.length), int(stat.mtime or 0)])
   return [{"files": found[lo:hi]}
@@ -488,7 +488,7 @@ def _unit_documents(job: dict):
   if "files" not in job:
     return job["keys"], job["texts"], None, {}
   c = job["files_cfg"]
-  reader = files._Reader(  # pylint: disable=protected-access
+  reader = files.Reader(
       types.SimpleNamespace(text_field=c["text_field"], column=c["column"]),
       c["decode_errors"], [])
   for path, key, _, _ in job["files"]:

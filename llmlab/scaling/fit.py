@@ -15,6 +15,7 @@ import numpy as np
 from llmlab.scaling import curves as curves_lib
 from llmlab.scaling import forms as forms_lib
 from llmlab.scaling import records as records_lib
+from llmlab import errors
 # The solver's names, for callers that fit records through this module.
 from llmlab.scaling.solver import (DELTA, POLISH, SCREEN, TINY, Tol, bucket,  # noqa: F401
                                    centring, fixing, huber, minimize, objective,
@@ -183,12 +184,12 @@ def predict(fit: FitResult | BootstrapResult, params=None, tokens=None,
   cols = {"params": params, "tokens": tokens, "unique_tokens": unique_tokens}
   if "compute" in law.inputs and compute is None:
     if params is None or tokens is None:
-      raise ValueError(f"form {law.name!r} needs compute, or params and tokens")
+      raise errors.UserError(f"form {law.name!r} needs compute, or params and tokens")
     compute = 6.0 * np.asarray(params, np.float64) * np.asarray(tokens, np.float64)
   cols["compute"] = compute
   missing = [k for k in law.inputs if cols[k] is None]
   if missing:
-    raise ValueError(f"form {law.name!r} needs inputs {missing}")
+    raise errors.UserError(f"form {law.name!r} needs inputs {missing}")
   x = {k: np.log(np.atleast_1d(np.asarray(cols[k], np.float64))) for k in law.inputs}
   return _evaluate(fit, law, x)
 

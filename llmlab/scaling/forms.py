@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmlab import errors
+
 # Hoffmann et al. (2022) initialisation grid: 6 * 6 * 5 * 5 * 5 = 4,500 starts.
 _COEF_GRID = (0.0, 5.0, 10.0, 15.0, 20.0, 25.0)
 _E_GRID = (-1.0, -0.5, 0.0, 0.5, 1.0)
@@ -83,7 +85,7 @@ def register_form(name: str, params: tuple[str, ...], inputs: tuple[str, ...],
 
 def get_form(name: str) -> Form:
   if name not in FORMS:
-    raise ValueError(f"unknown scaling-law form {name!r}; known: {sorted(FORMS)}")
+    raise errors.UsageError(f"unknown scaling-law form {name!r}; known: {sorted(FORMS)}")
   return FORMS[name]
 
 

@@ -32,7 +32,7 @@ def _log_loss_axis(ax) -> None:
   ax.set_ylabel("loss (nats/token)")
 
 
-def _figure(title: str):
+def figure(title: str):
   fig = Figure(figsize=(6.4, 4.8), dpi=100)
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
@@ -55,7 +55,7 @@ def loss_curves(records, curve, target=None, band=None, xkey: str = "tokens"):
   curve(N, x) -> fitted losses at model size N; target: dict with "x" and maybe
   "loss" of the target; band: dict "x", "mid", "lo", "hi" of its prediction.
   """
-  fig, ax = _figure(f"loss vs {xkey}: data and fit")
+  fig, ax = figure(f"loss vs {xkey}: data and fit")
   xs = records[xkey] if xkey in records else 6.0 * records["params"] * records["tokens"]
   logn = np.log10(records["params"])
   sc = ax.scatter(xs, records["loss"], c=logn, s=10, cmap="viridis", label="fitted records")
@@ -95,7 +95,7 @@ def target_curve(family: dict, target: str, points: list[dict], x: str = "step")
   family: {run: (x values, losses, N)}, coloured by log N (a member's seed
   re-runs share its colour); points: the target's rows (x, loss, loss_hat
   and maybe run_lo/run_hi, obs_lo/obs_hi, loss_lo/loss_hi)."""
-  fig, ax = _figure(f"{target}: predicted along its curve")
+  fig, ax = figure(f"{target}: predicted along its curve")
   cmap = matplotlib.colormaps["viridis"]
   logn = np.log([n for _, _, n in family.values()])
   span = max(float(np.ptp(logn)), 1e-9)
@@ -121,7 +121,7 @@ def target_curve(family: dict, target: str, points: list[dict], x: str = "step")
 
 
 def predicted_vs_actual(actual, predicted, target_actual=None, target_predicted=None):
-  fig, ax = _figure("predicted vs actual loss")
+  fig, ax = figure("predicted vs actual loss")
   ax.scatter(actual, predicted, s=10, label="fitted records")
   if target_actual is not None and len(target_actual):
     ax.scatter(target_actual, target_predicted, s=20, color="tab:red", marker="x",
@@ -137,7 +137,7 @@ def predicted_vs_actual(actual, predicted, target_actual=None, target_predicted=
 
 def compute_frontier(optimal: dict, records=None):
   """N*(C) and D*(C) of the compute-optimal allocation, with the fitted runs."""
-  fig, ax = _figure(f"compute-optimal frontier (N* ~ C^{optimal['a']:.3f})")
+  fig, ax = figure(f"compute-optimal frontier (N* ~ C^{optimal['a']:.3f})")
   ax.plot(optimal["compute"], optimal["params"], label="N* (params)")
   ax.plot(optimal["compute"], optimal["tokens"], label="D* (tokens)")
   if records is not None:
@@ -152,7 +152,7 @@ def compute_frontier(optimal: dict, records=None):
 
 
 def saturation_plot(rows: list[dict], threshold: float):
-  fig, ax = _figure(f"saturation: doubling tokens gains < {threshold:g} nats")
+  fig, ax = figure(f"saturation: doubling tokens gains < {threshold:g} nats")
   n = [r["params"] for r in rows]
   ax.scatter(n, [r["saturation_tokens"] for r in rows], label="saturation tokens")
   ax.scatter(n, [r["final_tokens"] for r in rows], marker="x", label="final tokens")

@@ -21,6 +21,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from llmlab import errors
 from llmlab import storage
 
 REQUIRED = ("params", "tokens", "loss")
@@ -28,7 +29,7 @@ OPTIONAL_NUMERIC = ("step", "flops", "unique_tokens", "epochs")
 POSITIVE = REQUIRED + ("unique_tokens",)  # logged by the forms that read them
 
 
-class RecordsError(ValueError):
+class RecordsError(errors.DataError):
   """Bad records input; the message names the file, line and column."""
 
 

@@ -28,6 +28,7 @@ import optax
 from ml_collections import ConfigDict
 
 from llmlab import config as config_lib
+from llmlab import errors
 from llmlab import optim
 from llmlab.scaling import curves as curves_lib
 from llmlab.scaling import forms as forms_lib
@@ -40,11 +41,11 @@ def curve_law(fit: Mapping, where: str) -> tuple[forms_lib.Form, np.ndarray]:
   law of the whole curve cannot rank schedules."""
   name = fit.get("form")
   if name not in forms_lib.FORMS:
-    raise ValueError(f"{where}: unknown form {name!r} (not a fit.json of llmlab fit?)")
+    raise errors.UserError(f"{where}: unknown form {name!r} (not a fit.json of llmlab fit?)")
   law = forms_lib.get_form(name)
   if not law.curve:
     curve_forms = sorted(k for k, f in forms_lib.FORMS.items() if f.curve)
-    raise ValueError(f"{where}: form {name!r} is not a law of the loss curve; "
+    raise errors.UserError(f"{where}: form {name!r} is not a law of the loss curve; "
                      f"fit one of {curve_forms} (llmlab fit --form=multipower)")
   theta = np.array([fit["log_params"][k] for k in law.params], np.float64)
   return law, theta
@@ -179,10 +180,10 @@ def choose(fit: Mapping, steps: int, peak: float, warmup: int | None = None,
   _check_numbers(steps, peak, warmup)
   warmup = _default_warmup(fit, fit_path) if warmup is None else int(warmup)
   if "params" in law.inputs and params is None:
-    raise ValueError(f"{fit_path}: form {law.name!r} is a law across model sizes: "
+    raise errors.UserError(f"{fit_path}: form {law.name!r} is a law across model sizes: "
                      "give the model's size (--params)")
   if "params" not in law.inputs and params is not None:
-    raise ValueError(f"--params: form {law.name!r} of {fit_path} is one model's law")
+    raise errors.UserError(f"--params: form {law.name!r} of {fit_path} is one model's law")
   log_n = None if params is None else math.log(params)
   base = {k: baseline(k, peak, steps, warmup, final_lr_fraction, decay_fraction)
           for k in ("cosine", "wsd")}
@@ -207,17 +208,17 @@ def choose(fit: Mapping, steps: int, peak: float, warmup: int | None = None,
 
 def _check_numbers(steps, peak, warmup) -> None:
   if not (isinstance(steps, (int, np.integer)) and steps >= 2):
-    raise ValueError(f"--steps={steps!r}: must be an integer >= 2")
+    raise errors.UserError(f"--steps={steps!r}: must be an integer >= 2")
   if not (math.isfinite(peak) and peak > 0):
-    raise ValueError(f"--peak_lr={peak!r}: must be finite and > 0")
+    raise errors.UserError(f"--peak_lr={peak!r}: must be finite and > 0")
   if warmup is not None and not 0 <= warmup < steps:
-    raise ValueError(f"--warmup_steps={warmup!r}: must be in [0, steps)")
+    raise errors.UserError(f"--warmup_steps={warmup!r}: must be in [0, steps)")
 
 
 def _default_warmup(fit: Mapping, where: str) -> int:
   """The fitted curves' warmup, when they share one."""
   warmups = {p["warmup"] for p in (fit.get("fitted_curves") or {}).values()}
   if len(warmups) != 1:
-    raise ValueError(f"{where}: the fitted curves have warmups {sorted(warmups) or '?'}: "
+    raise errors.UserError(f"{where}: the fitted curves have warmups {sorted(warmups) or '?'}: "
                      "give --warmup_steps")
   return int(warmups.pop())

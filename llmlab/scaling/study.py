@@ -45,11 +45,12 @@ import sys
 import numpy as np
 
 from llmlab import checkpoints as ckpt_lib
+from llmlab import errors
 from llmlab import experiment
 from llmlab import runs as runs_lib
 from llmlab import storage
 from llmlab.scaling import curves as curves_lib
-from llmlab.scaling import fit_cli
+from llmlab.scaling import fitting
 from llmlab.scaling import forms as forms_lib
 from llmlab.scaling import records as records_lib
 from llmlab.scaling import sweep as sweep_lib
@@ -68,21 +69,21 @@ def check(scfg) -> None:
   """Bad study settings, named before anything trains."""
   fit_on = scfg.get("fit_on", "branches")
   if fit_on not in FIT_ON:
-    raise ValueError(f"study config: fit_on={fit_on!r}; known: {list(FIT_ON)}")
+    raise errors.ConfigError(f"study config: fit_on={fit_on!r}; known: {list(FIT_ON)}")
   spacing = scfg.get("curve_spacing", "linear")
   if spacing not in SPACINGS:
-    raise ValueError(f"study config: curve_spacing={spacing!r}; known: "
+    raise errors.ConfigError(f"study config: curve_spacing={spacing!r}; known: "
                      f"{list(SPACINGS)}")
   points = int(scfg.get("curve_points", 0))
   if points < 0:
-    raise ValueError(f"study config: curve_points={points}: >= 0")
+    raise errors.ConfigError(f"study config: curve_points={points}: >= 0")
   if fit_on == "curves" or points:
     form = forms_lib.get_form(scfg.curve_fit.form)  # names the known forms
     if not form.curve:
-      raise ValueError(f"study config: curve_fit.form={scfg.curve_fit.form!r} "
+      raise errors.ConfigError(f"study config: curve_fit.form={scfg.curve_fit.form!r} "
                        "is not a law of loss curves (e.g. multipower_n)")
     if points <= len(form.params):
-      raise ValueError(
+      raise errors.ConfigError(
           f"study config: curve_points={points}: fitting "
           f"{scfg.curve_fit.form!r} ({len(form.params)} parameters) needs "
           f"more evals along each run than that"
@@ -90,16 +91,16 @@ def check(scfg) -> None:
              if fit_on == "branches" else ""))
   col = scfg.get("curve_fit", {}).get("params_column", "params")
   if col not in PARAMS_KEYS:
-    raise ValueError(f"study config: curve_fit.params_column={col!r}; known: "
+    raise errors.ConfigError(f"study config: curve_fit.params_column={col!r}; known: "
                      f"{list(PARAMS_KEYS)}")
   if not isinstance(scfg.get("fit_seeds", False), bool):
-    raise ValueError(f"study config: fit_seeds={scfg.fit_seeds!r}: True or False")
+    raise errors.ConfigError(f"study config: fit_seeds={scfg.fit_seeds!r}: True or False")
   if int(scfg.get("noise_seeds", 0)) < 0:
-    raise ValueError(f"study config: noise_seeds={scfg.noise_seeds}: >= 0")
+    raise errors.ConfigError(f"study config: noise_seeds={scfg.noise_seeds}: >= 0")
   member = scfg.get("noise_member", "")
   names = [n for n, _ in scfg.family]
   if member and member not in names:
-    raise ValueError(f"study config: noise_member={member!r} is not a family "
+    raise errors.ConfigError(f"study config: noise_member={member!r} is not a family "
                      f"member ({names})")
 
 
@@ -296,7 +297,7 @@ def _fold_into_endpoints(scfg, result: dict, noise: dict) -> dict:
     return {}
   step = np.array([p["tokens"] for p in rows]) / _tokens_per_step(scfg)
   sigma = np.interp(step, noise["step"], noise["rel_std_smoothed"])
-  lo, hi = fit_cli.fold_noise([p["loss_hat"] for p in rows],
+  lo, hi = fitting.fold_noise([p["loss_hat"] for p in rows],
                               [p["lo"] for p in rows], [p["hi"] for p in rows],
                               sigma)
   for p, a, b in zip(rows, lo, hi):
@@ -334,7 +335,7 @@ def curve_analysis(scfg, workdir: str, planned: list[dict],
   sigma = (np.interp(predict["step"], noise["step"], noise["rel_std_smoothed"])
            if noise else None)
   first = float(scfg.curve_fit.get("min_fraction", 0.0)) * int(scfg.steps)
-  fit = fit_cli.run_curve_fit(
+  fit = fitting.run_curve_fit(
       _from_step(curves, first), scfg.curve_fit.form,
       os.path.join(workdir, "curve_fit"), predict,
       fit_runs=fitted, n_bootstrap=int(scfg.curve_fit.bootstrap), noise=sigma,
@@ -576,7 +577,7 @@ def analyse(scfg, records: list[dict], workdir: str) -> dict:
             "tokens": r["tokens"], "loss": r["loss"], "flops": r["flops"]}
            for r in records]
   target = scfg.target[0]
-  out = fit_cli.run_fit(table, form=scfg.fit.form, target=target,
+  out = fitting.run_fit(table, form=scfg.fit.form, target=target,
                         out_dir=workdir, n_bootstrap=int(scfg.fit.bootstrap),
                         min_fraction=float(scfg.fit.min_fraction) or None,
                         are_min_fraction=float(scfg.are_fraction),

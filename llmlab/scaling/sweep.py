@@ -24,6 +24,7 @@ import time
 
 import jax
 
+from llmlab import errors
 from llmlab import runs
 from llmlab import checkpoints as ckpt_lib
 from llmlab import data as data_lib
@@ -36,7 +37,7 @@ COLUMNS = ("run", "step", "params", "params_nonembed", "tokens", "flops",
            "mlp_dim", "seq_len", "eval_tokens", "workdir")
 
 
-class SweepError(ValueError):
+class SweepError(errors.UserError):
   pass
 
 

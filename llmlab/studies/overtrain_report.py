@@ -31,7 +31,7 @@ def write_outputs(result: dict, workdir: str) -> None:
 
 def _curve_figure(title: str, ylabel: str):
   from llmlab.scaling import plots
-  fig, ax = plots._figure(title)
+  fig, ax = plots.figure(title)
   ax.set_xscale("log")
   ax.set_xlabel("pretraining tokens")
   ax.set_ylabel(ylabel)

@@ -211,8 +211,9 @@ def run_records(r: dict) -> list[dict]:
       continue
     tokens = float(row["tokens"])
     unique = min(limit, tokens)
+    loss = row["eval_loss"]  # null: a NaN loss (storage.json_safe)
     out.append(dict(family=r["family"], run=r["run"], params=params,
-                    tokens=tokens, loss=float(row["eval_loss"]),
+                    tokens=tokens, loss=float("nan" if loss is None else loss),
                     unique_tokens=unique, epochs=tokens / unique,
                     repetitions=r["repetitions"], step=int(row["step"]),
                     role=r["role"]))

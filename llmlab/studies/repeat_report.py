@@ -34,7 +34,7 @@ def ratio_figure(result: dict, records: list[dict]):
   from matplotlib import ticker  # noqa: PLC0415 (matplotlib only here)
   from llmlab.scaling import plots  # noqa: PLC0415
   form = result["holdout"]["form"]
-  fig, ax = plots._figure(  # pylint: disable=protected-access
+  fig, ax = plots.figure(
       f"loss under repetition / fresh data (lines: {form})")
   curves = result["laws"][form]["curves"]
   colors = {}

@@ -1,24 +1,23 @@
-"""`llmlab fit`: fit a scaling law to loss records, predict a target, write fit.json.
+"""Fit a scaling law to loss records, predict a target, write fit.json: the
+library behind `llmlab fit` (llmlab/commands/fit.py) and the studies.
 
-run_fit is the Python entry point (used by `llmlab study`); run_curve_fit fits a
-law of whole loss curves (--form=multipower, multipower_n; see curves.py) and
-predicts other curves into predictions.csv; main(argv) is the CLI (argv excludes
-the subcommand name).
+run_fit fits a law across runs (chinchilla and the other record forms) and
+predicts a held-out run or a point; run_curve_fit fits a law of whole loss
+curves (multipower, multipower_n; see curves.py) and predicts other curves
+into predictions.csv; summary and curve_summary are their readable reports.
 """
 
-import argparse
 import csv
 import io
-import json
 import logging
 import math
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
 
+from llmlab import errors
 from llmlab import storage
 from llmlab.scaling import curves as curves_lib
 from llmlab.scaling import fit as fit_lib
@@ -28,7 +27,7 @@ from llmlab.scaling import records as records_lib
 log = logging.getLogger("llmlab")
 
 
-def _parse_target(target, records):
+def parse_target(target, records):
   """A run name of the records, or "N,D" -> ("run", name) / ("point", (N, D))."""
   if target is None:
     return None
@@ -41,10 +40,10 @@ def _parse_target(target, records):
     n, d = (float(p) for p in parts)
   except ValueError:
     runs = records_lib.run_names(records)
-    raise ValueError(f"--target={target!r} is neither a run of the records "
+    raise errors.UsageError(f"--target={target!r} is neither a run of the records "
                      f"({runs[:10]}{'...' if len(runs) > 10 else ''}) nor 'N,D'") from None
   if not (n > 0 and d > 0 and math.isfinite(n) and math.isfinite(d)):
-    raise ValueError(f"--target={target!r}: N and D must be finite and > 0")
+    raise errors.UsageError(f"--target={target!r}: N and D must be finite and > 0")
   return ("point", (n, d))
 
 
@@ -183,7 +182,7 @@ def run_fit(records, form: str = "chinchilla", target=None, out_dir: str | None 
                       source or "records", f"--form={form}")
   points = (records_lib.read_points(predict, _point_columns(law))
             if predict is not None else None)
-  tgt = _parse_target(target, records)
+  tgt = parse_target(target, records)
   target_run = tgt[1] if tgt and tgt[0] == "run" else None
   fit_records = records_lib.select(
       records, min_tokens=min_tokens, min_fraction=min_fraction, final_only=final_only,
@@ -241,7 +240,7 @@ def run_fit(records, form: str = "chinchilla", target=None, out_dir: str | None 
                     saturation_threshold)
     result["plots"] = [os.path.basename(p) for p in plots.save(figs, out_dir)]
     storage.write_text(storage.join(out_dir, "fit.json"),
-                       json.dumps(storage.json_safe(result), indent=2))
+                       storage.dumps(result, indent=2))
   return storage.json_safe(result)
 
 
@@ -421,7 +420,7 @@ def _prediction_errors(rows) -> dict:
 
 def _write_curve_outputs(out_dir: str, result: dict, rows) -> None:
   storage.write_text(storage.join(out_dir, "fit.json"),
-                     json.dumps(storage.json_safe(result), indent=2))
+                     storage.dumps(result, indent=2))
   if rows is None:
     return
   buf = io.StringIO(newline="")
@@ -498,99 +497,3 @@ def summary(result: dict) -> str:
                  f"{'never' if sat is None else f'{sat:.3g} tokens'}"
                  f"{' (reached)' if s['saturated'] else ''}")
   return "\n".join(lines)
-
-
-_RECORD_FLAGS = ("target", "min_tokens", "min_fraction", "final_only", "are_final_only",
-                 "saturation_threshold")
-_CURVE_FLAGS = ("max_step",)
-
-
-def _parser():
-  p = argparse.ArgumentParser(prog="llmlab fit", description=__doc__.splitlines()[0])
-  p.add_argument("--records", required=True,
-                 help="CSV with params, tokens, loss (curve forms: run, step, lr, loss)")
-  p.add_argument("--form", default="chinchilla", choices=sorted(forms_lib.FORMS),
-                 help="the law (llmlab/scaling/forms.py; default %(default)s)")
-  p.add_argument("--params_column", default="params",
-                 help="the CSV column read as N, e.g. params_nonembed (default "
-                 "%(default)s)")
-  p.add_argument("--min_tokens", type=float,
-                 help="drop checkpoints below this many tokens (default: keep all)")
-  p.add_argument("--min_fraction", type=float,
-                 help="drop checkpoints below this fraction of their run's final tokens")
-  p.add_argument("--fit_runs", help="comma-separated runs to fit on (default all)")
-  p.add_argument("--final_only", action="store_true", help="fit final checkpoints only")
-  p.add_argument("--target", help="a run name (held out) or N,D")
-  p.add_argument("--predict", help="a CSV to predict every row of, written to "
-                 "OUT/predictions.csv with loss_hat (and loss_lo, loss_hi): curve forms "
-                 "a curves CSV; other forms the law's columns (params, tokens; "
-                 "unique_tokens for data_constrained, data_repeat)")
-  p.add_argument("--max_step", type=float,
-                 help="curve forms: fit only rows at steps below this")
-  p.add_argument("--bootstrap", type=int, default=100, help="refits for intervals (0: none)")
-  p.add_argument("--out", default="fit_out", help="output directory")
-  p.add_argument("--delta", type=float, default=fit_lib.DELTA,
-                 help="Huber delta on log-loss residuals (default %(default)s)")
-  p.add_argument("--seed", type=int, default=0,
-                 help="seed of the bootstrap resamples (default %(default)s)")
-  p.add_argument("--saturation_threshold", type=float, default=0.01,
-                 help="nats gained by doubling D below which a run counts as "
-                 "saturated (default %(default)s)")
-  p.add_argument("--are_final_only", action="store_true",
-                 help="ARE on the target's final checkpoint only")
-  return p
-
-
-def _check_flags(parser, args) -> None:
-  """Flags of the other kind of form are mistakes, not options to ignore."""
-  curve = forms_lib.get_form(args.form).curve
-  wrong = [f"--{n}" for n in (_RECORD_FLAGS if curve else _CURVE_FLAGS)
-           if getattr(args, n) != parser.get_default(n)]
-  if wrong:
-    kind = "a curve form" if curve else "not a curve form"
-    raise ValueError(f"{', '.join(wrong)} not used by --form={args.form} ({kind})")
-
-
-def _main_curves(args) -> int:
-  curves = curves_lib.read_curves(args.records, args.params_column)
-  target = (curves_lib.read_curves(args.predict, args.params_column, need_loss=False)
-            if args.predict else None)
-  result = run_curve_fit(
-      curves, args.form, args.out, target,
-      fit_runs=args.fit_runs.split(",") if args.fit_runs else None,
-      max_step=args.max_step, n_bootstrap=args.bootstrap, seed=args.seed,
-      delta=args.delta, source=args.records, predict_source=args.predict)
-  print(curve_summary(result))
-  for run, why in result.get("extrapolation", {}).items():
-    print(f"llmlab fit: warning: predicting run {run!r} is extrapolation: "
-          f"{'; '.join(why)}", file=sys.stderr)
-  wrote = ["fit.json"] + (["predictions.csv"] if target is not None else [])
-  print(f"wrote {' and '.join(os.path.join(args.out, w) for w in wrote)}")
-  return 0
-
-
-def main(argv: list[str]) -> int:
-  parser = _parser()
-  args = parser.parse_args(argv)
-  try:
-    _check_flags(parser, args)
-    if forms_lib.get_form(args.form).curve:
-      return _main_curves(args)
-    records = records_lib.read_records(args.records, args.params_column)
-    result = run_fit(
-        records, args.form, args.target, args.out, min_tokens=args.min_tokens,
-        min_fraction=args.min_fraction,
-        fit_runs=args.fit_runs.split(",") if args.fit_runs else None,
-        final_only=args.final_only, n_bootstrap=args.bootstrap, seed=args.seed,
-        delta=args.delta, saturation_threshold=args.saturation_threshold,
-        are_final_only=args.are_final_only, source=args.records, predict=args.predict)
-  except ValueError as e:  # includes RecordsError
-    print(f"llmlab fit: error: {e}", file=sys.stderr)
-    return 2
-  print(summary(result))
-  if args.predict:
-    print(f"wrote {os.path.join(args.out, 'predictions.csv')} "
-          f"({result['n_predicted']} rows)")
-  print(f"wrote {os.path.join(args.out, 'fit.json')} and {len(result['plots'])} plots "
-        f"(+ TensorBoard images in {os.path.join(args.out, 'tensorboard')})")
-  return 0
