@@ -130,17 +130,33 @@ def inputs(rows: list[dict], domain: str, form) -> dict:
 
 def fit(form_name: str, rows: list[dict], domain: str) -> dict:
   """Best-of-grid fit of one form to one domain's losses of `rows`."""
+  return fit_many(form_name, [(rows, domain)])[0]
+
+
+def fit_many(form_name: str, sets: list[tuple[list[dict], str]]) -> list:
+  """Fits of one form to several (rows, domain) data sets in one vmapped
+  call of the fitter (one compiled program; each set padded with weight-0
+  points to the longest)."""
   law = forms_lib.get_form(form_name)
-  x = inputs(rows, domain, law)
-  y = np.log(_col(rows, f"loss_{domain}"))[None]
+  n = max(len(rows) for rows, _ in sets)
+  pad = lambda a: np.pad(np.asarray(a, np.float64), (0, n - len(a)))
+  xs = [inputs(rows, domain, law) for rows, domain in sets]
+  x = {k: np.stack([pad(xi[k]) for xi in xs]) for k in law.inputs}
+  y = np.stack([pad(np.log(_col(rows, f"loss_{domain}")))
+                for rows, domain in sets])
+  w = np.stack([pad(np.ones(len(rows))) for rows, _ in sets])
   starts = law.grid_starts()
-  theta, f, _, conv = fit_lib.minimize(law, starts[None], np.ones_like(y), x,
-                                       y, keep=min(8, len(starts)))
-  i = int(np.argmin(np.where(np.isnan(f[0]), np.inf, f[0])))
-  return {"form": form_name, "theta": theta[0, i].tolist(),
-          "objective": float(f[0, i]), "converged": bool(conv[0, i]),
-          "params": forms_lib.natural_params(law, theta[0, i]),
-          "n_points": len(rows)}
+  theta, f, _, conv = fit_lib.minimize(
+      law, np.broadcast_to(starts, (len(sets),) + starts.shape), w, x, y,
+      keep=min(8, len(starts)))
+  out = []
+  for g, (rows, _) in enumerate(sets):
+    i = int(np.argmin(np.where(np.isnan(f[g]), np.inf, f[g])))
+    out.append({"form": form_name, "theta": theta[g, i].tolist(),
+                "objective": float(f[g, i]), "converged": bool(conv[g, i]),
+                "params": forms_lib.natural_params(law, theta[g, i]),
+                "n_points": len(rows)})
+  return out
 
 
 def predict(fitted: dict, rows: list[dict], domain: str) -> np.ndarray:
@@ -187,18 +203,28 @@ def _match(rows, r, source: str) -> str:
   return ""
 
 
-def holdout(scfg, records, sources: dict, form_name: str, domain: str) -> dict:
-  """Fit on the smaller sources, predict the largest source's law runs."""
+def _largest(sources: dict) -> tuple[list, str, str]:
   order = sorted(sources, key=lambda s: sources[s]["params"])
-  largest, second = order[-1], order[-2]
-  train_rows = _fit_rows(records, form_name, exclude_source=largest)
+  return order, order[-1], order[-2]
+
+
+def holdout_rows(records, sources: dict, form_name: str):
+  """(fit rows: every source but the largest, test rows: its law runs)."""
+  _, largest, _ = _largest(sources)
   test = [r for r in records if r["role"] == "law" and r["start"] == 1 and
           r["source"] == largest and r["tokens"] > 0]
+  return _fit_rows(records, form_name, exclude_source=largest), test
+
+
+def holdout(scfg, records, sources: dict, fitted: dict, domain: str) -> dict:
+  """`fitted` on the smaller sources predicts the largest source's law runs
+  (ARE, naive ARE, skill)."""
+  order, largest, second = _largest(sources)
+  train_rows, test = holdout_rows(records, sources, fitted["form"])
   out = {"fit_sources": order[:-1], "predicted_source": largest,
          "n_fit": len(train_rows), "n_test": len(test)}
   if not train_rows or not test:
     return dict(out, are=None, naive_are=None, skill=None)
-  fitted = fit(form_name, train_rows, domain)
   pred = predict(fitted, test, domain)
   actual = _col(test, f"loss_{domain}")
   late = _late_mask(test, float(scfg.holdout_min_fraction))
@@ -407,11 +433,16 @@ def measure_replay(result: dict, measured: list[dict], sources) -> None:
 def analyse(scfg, records: list[dict], sources: dict) -> dict:
   forms = {}
   for name in scfg.forms:
+    every = _fit_rows(records, name)
+    held, _ = holdout_rows(records, sources, name)
+    sets = [(every, "B"), (every, "A")] + ([(held, "B"), (held, "A")]
+                                           if held else [])
+    fits = fit_many(name, sets)
     per = {}
-    for domain in ("B", "A"):
-      full = fit(name, _fit_rows(records, name), domain)
-      per[domain] = {"fit": full,
-                     "holdout": holdout(scfg, records, sources, name, domain)}
+    for i, domain in enumerate(("B", "A")):
+      h = (holdout(scfg, records, sources, fits[2 + i], domain) if held
+           else {"are": None, "naive_are": None, "skill": None})
+      per[domain] = {"fit": fits[i], "holdout": h}
     forms[name] = per
 
   def score(name):
