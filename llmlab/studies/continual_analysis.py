@@ -28,6 +28,7 @@ from llmlab import runs
 from llmlab.compress import report as compress_report
 from llmlab.scaling import fit as fit_lib
 from llmlab.scaling import forms as forms_lib
+from llmlab.studies import continual_design as design
 
 COLUMNS = ("run", "role", "source", "target", "method", "distill", "replay",
            "seed", "params", "source_params", "start", "step", "tokens",
@@ -267,7 +268,8 @@ def _tokens_to(records, run: str, level: float) -> float | None:
 
 def _scratch_of(records, r) -> str:
   for o in records:
-    if (o["method"] == "scratch" and o["target"] == r["target"] and
+    if (o["method"] == "scratch" and not o["distill"] and
+        o["target"] == r["target"] and
         o["replay"] == r["replay"] and o["seed"] == r["seed"]):
       return o["run"]
   return ""
@@ -276,22 +278,25 @@ def _scratch_of(records, r) -> str:
 def methods(scfg, records, sources) -> dict:
   """Per start method at each `method_at` cell: tokens to reach the
   scratch run's final L_B, speed-up, final losses and forgetting."""
-  from llmlab.studies import continual  # noqa: PLC0415 (cycle)
   cells, ranking = {}, {}
   for cell in scfg.method_at:
-    src, tgt, _ = continual._parse_cell(scfg, cell, "method_at", False)  # pylint: disable=protected-access
+    src, tgt, _ = design.parse_cell(scfg, cell, "method_at", False)
     names = {}
     for m in list(scfg.methods) + [f"{d}+distill" for d in
                                    scfg.distill_methods]:
       distill = m.endswith("+distill")
       method = m[:-len("+distill")] if distill else m
-      r = continual._cell_run(scfg, src, tgt, float(scfg.replay), method,  # pylint: disable=protected-access
+      r = design.cell_run(scfg, src, tgt, float(scfg.replay), method,
                               int(scfg.continue_seed), "method", distill)
       last = _final(records, r.name)
       if last is None:
         continue
-      scratch = _scratch_of(records, last) if method != "scratch" else r.name
-      ref = _final(records, scratch) if scratch else None
+      # One level per cell: the final L_B of the target shape from scratch
+      # (next-token loss), which `full` (the source's shape) is held to too.
+      scratch = design.cell_run(scfg, src, tgt, float(scfg.replay),
+                                    "scratch", int(scfg.continue_seed),
+                                    "method").name
+      ref = _final(records, scratch)
       level = ref["loss_B"] if ref else None
       reach = _tokens_to(records, r.name, level) if level else None
       names[m.replace("+distill", "_distill")] = {
@@ -315,17 +320,16 @@ def methods(scfg, records, sources) -> dict:
 def seeds(scfg, records) -> dict:
   """Seed spread at the first method cell: final L_B, L_A and tokens to
   match scratch of each method with re-runs."""
-  from llmlab.studies import continual  # noqa: PLC0415
   if not scfg.method_at:
     return {}
-  src, tgt, _ = continual._parse_cell(scfg, scfg.method_at[0], "method_at",  # pylint: disable=protected-access
+  src, tgt, _ = design.parse_cell(scfg, scfg.method_at[0], "method_at",
                                       False)
   out = {}
   all_seeds = [int(scfg.continue_seed)] + [int(s) for s in scfg.extra_seeds]
   for m in scfg.seed_methods:
     finals = []
     for s in all_seeds:
-      r = continual._cell_run(scfg, src, tgt, float(scfg.replay), m, s,  # pylint: disable=protected-access
+      r = design.cell_run(scfg, src, tgt, float(scfg.replay), m, s,
                               "seed")
       last = _final(records, r.name)
       if last is not None:
@@ -381,9 +385,8 @@ def predict_replay(scfg, records, sources, law_a: dict, law_b: dict) -> dict:
   """The smallest replay ratio (0.01 grid) at which the fitted L_A law keeps
   forgetting (L_A - the source's L_A) within the budget after the full
   continued run at `replay_at`; and the L_B the law expects there."""
-  from llmlab.studies import continual  # noqa: PLC0415
-  src, tgt = continual._replay_cell(scfg)  # pylint: disable=protected-access
-  r = continual.replay_check_runs(scfg, float(scfg.replay))[0]
+  src, tgt = design.replay_cell(scfg)
+  r = design.replay_check_runs(scfg, float(scfg.replay))[0]
   like = [x for x in records if x["source"] == src and
           (x["target"] == r.target) and x["method"] == r.method]
   budget = float(scfg.forget_budget)
