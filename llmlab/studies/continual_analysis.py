@@ -299,12 +299,15 @@ def methods(scfg, records, sources) -> dict:
       ref = _final(records, scratch)
       level = ref["loss_B"] if ref else None
       reach = _tokens_to(records, r.name, level) if level else None
+      first = min(x["tokens"] for x in records if x["run"] == r.name)
       names[m.replace("+distill", "_distill")] = {
           "run": r.name, "final_loss_B": last["loss_B"],
           "final_loss_A": last["loss_A"], "tokens": last["tokens"],
           "forgetting": last["loss_A"] - sources[src]["loss_A"],
           "scratch_final_loss_B": level,
           "tokens_to_match_scratch": reach,
+          # reached by the first eval: the true count is at most this
+          "reached_at_first_eval": bool(reach is not None and reach <= first),
           "speedup_vs_scratch": (last["tokens"] / reach) if reach else None}
     cells[cell] = names
     ranking[cell] = sorted(names, key=lambda k: names[k]["final_loss_B"])
@@ -378,6 +381,26 @@ def savings(records, sources) -> list[dict]:
                 "tokens_saved_fraction": (1 - reach / last["tokens"])
                 if reach else None,
                 "crossover_tokens": cross})
+  return out
+
+
+def tradeoff(records, sources) -> list[dict]:
+  """Learning vs forgetting against the replay ratio: every law cell of a
+  source and target measured at more than one ratio."""
+  finals = [_final(records, n) for n in sorted(
+      {r["run"] for r in records if r["role"] == "law" and r["start"] == 1})]
+  cells = {}
+  for f in finals:
+    cells.setdefault((f["source"], f["target"]), []).append(f)
+  out = []
+  for (src, tgt), fs in sorted(cells.items()):
+    if len({f["replay"] for f in fs}) < 2:
+      continue
+    for f in sorted(fs, key=lambda f: f["replay"]):
+      out.append({"source": src, "target": tgt, "replay": f["replay"],
+                  "final_loss_B": f["loss_B"], "final_loss_A": f["loss_A"],
+                  "forgetting": f["loss_A"] - sources[src]["loss_A"],
+                  "learning": sources[src]["loss_B"] - f["loss_B"]})
   return out
 
 
@@ -476,6 +499,7 @@ def analyse(scfg, records: list[dict], sources: dict) -> dict:
       "ranking_holds_across_sources": m["ranking_holds"],
       "seeds": seeds(scfg, records),
       "savings": savings(records, sources),
+      "tradeoff": tradeoff(records, sources),
       "replay": predict_replay(
           scfg, records, sources,
           {"form": chosen, "theta": law["theta"]["A"]},

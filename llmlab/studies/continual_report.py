@@ -68,7 +68,9 @@ def markdown(result: dict) -> str:
         continue
       out.append(f"| {name} | {_f(v['final_loss_B'])} | "
                  f"{_f(v['final_loss_A'])} | {_f(v['forgetting'])} | "
+                 f"{'<= ' if v.get('reached_at_first_eval') else ''}"
                  f"{_f(v['tokens_to_match_scratch'], ',.0f')} | "
+                 f"{'>= ' if v.get('reached_at_first_eval') else ''}"
                  f"{_f(v['speedup_vs_scratch'], '.2f')} |")
     out.append("")
   holds = result["ranking_holds_across_sources"]
@@ -117,14 +119,16 @@ def markdown(result: dict) -> str:
                 + " the budget.")
   else:
     out[-1] += f"No ratio predicted: {rep.get('why_none', '')}."
-  rows = [v for v in result["savings"]]
-  by_r = {}
-  for v in rows:
-    by_r.setdefault(v["replay"], []).append(v["final_loss_B"])
-  if by_r:
-    out += ["", "Law-grid final L_B by replay ratio (mean over cells): " +
-            ", ".join(f"r={r:g}: {sum(v) / len(v):.4f}"
-                      for r, v in sorted(by_r.items()))]
+  if result.get("tradeoff"):
+    out += ["", "Measured trade-off (law cells at several ratios; "
+            "forgetting = L_A - the source's L_A, learning = the source's "
+            "L_B - L_B):", "",
+            "| source | target | r | final L_B | learning | final L_A | "
+            "forgetting |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for v in result["tradeoff"]:
+      out.append(f"| {v['source']} | {v['target']} | {v['replay']:g} | "
+                 f"{_f(v['final_loss_B'])} | {_f(v['learning'])} | "
+                 f"{_f(v['final_loss_A'])} | {_f(v['forgetting'])} |")
   out += ["", "## Time", "",
           f"Wall time {result['wall_time_total_s'] / 60:.1f} min over all "
           f"invocations ({result['wall_time_this_run_s'] / 60:.1f} min this "
