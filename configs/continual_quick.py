@@ -50,13 +50,16 @@ def get_config(arg: str | None = None):
   s.first_eval_fraction = 0.05
   s.replay = 0.1  # r of the method runs and of most of the grid
   # The law grid (source/target/replay; target 'full' = the source itself):
-  # every source x target that is a pruning at r = 0.1, the replay ratios
-  # 0 / 0.1 / 0.3 at t2 of every source, and each source continued whole.
+  # every source x target that is a pruning at r = 0.1, and the replay
+  # ratios 0 / 0.1 / 0.3 at t2 of every source and for every source
+  # continued whole.
   s.grid = ("s1/t1/0.1", "s1/t2/0.1", "s2/t1/0.1", "s2/t2/0.1", "s2/t3/0.1",
             "s3/t1/0.1", "s3/t2/0.1", "s3/t3/0.1",
             "s1/t2/0", "s1/t2/0.3", "s2/t2/0", "s2/t2/0.3", "s3/t2/0",
             "s3/t2/0.3",
-            "s1/full/0.1", "s2/full/0.1", "s3/full/0.1")
+            "s1/full/0", "s1/full/0.1", "s1/full/0.3", "s2/full/0",
+            "s2/full/0.1", "s2/full/0.3", "s3/full/0", "s3/full/0.1",
+            "s3/full/0.3")
   s.law_method = "activation"
   s.methods = ("full", "magnitude", "activation", "learned",
                "activation+shrink_perturb", "activation+reinit_top",
@@ -77,8 +80,12 @@ def get_config(arg: str | None = None):
       log_every=25))
   s.forms = ("cl_transfer", "cl_p2", "cl_dcpt")
   s.holdout_min_fraction = 0.5
-  s.forget_budget = 0.15  # nats of L_A above the source's, after the run
-  s.replay_at = "s3/t2"
+  # The replay check: the smallest r whose predicted forgetting (L_A - the
+  # source's L_A after the continued run) is within the budget, for the
+  # largest source continued whole (a pruned start has lost more of A to
+  # the pruning than any budget of forgetting would allow).
+  s.forget_budget = 0.07
+  s.replay_at = "s3/full"
   if arg == "smoke":
     s.base.train.update(batch_size=4, seq_len=32, eval_tokens=512,
                         log_every=5)
@@ -96,12 +103,13 @@ def get_config(arg: str | None = None):
     s.eval_points = 4
     s.first_eval_fraction = 0.25
     s.grid = ("s1/t1/0.1", "s1/t2/0.1", "s2/t1/0.1", "s2/t2/0.1",
-              "s1/t2/0", "s2/t2/0.3", "s1/full/0.1", "s2/full/0.1")
+              "s1/t2/0", "s2/t2/0.3", "s1/full/0.1", "s1/full/0.3",
+              "s2/full/0", "s2/full/0.1")
     s.method_at = ("s2/t2",)
     s.extra_seeds = (2,)
     s.calib_rows = 4
     s.learned.update(steps=6, batch_size=4, log_every=3)
-    s.replay_at = "s2/t2"
+    s.replay_at = "s2/full"
     s.forget_budget = 0.5
   elif arg:
     raise ValueError(f"configs/continual_quick.py: unknown variant {arg!r} "

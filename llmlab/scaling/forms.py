@@ -357,40 +357,49 @@ def cl_transfer(p, x):
 
 
 @register_form("cl_p2",
-               params=("e", "g", "delta", "a", "alpha", "b", "beta"),
+               params=("e", "log_g", "log_delta", "a", "log_alpha", "b",
+                       "log_beta"),
                inputs=("params", "tokens", "source_params", "share"),
-               grid=dict(e=(0.0, 0.5), g=(0.0, 0.5), delta=(0.0, 0.3),
-                         a=(0.0, 2.0), alpha=(0.3,), b=(2.0, 6.0),
-                         beta=(0.3, 0.6)))
+               grid=dict(e=(0.0, 0.5), log_g=(-3.0, -1.0),
+                         log_delta=(-3.0, -1.0), a=(0.0, 2.0),
+                         log_alpha=(-1.2,), b=(2.0, 6.0),
+                         log_beta=(-1.2, -0.7)))
 def cl_p2(p, x):
   """P^2-like (Chen et al. 2024, arXiv:2411.10272): L = E + (N_s / N_t)^g
   (N_ref / N_s)^delta (A (N_ref / N_s)^alpha + B / D_dom^beta), D_dom =
   share D + 1. P^2's L0 (the uncompressed model's loss, a floor for its
   post-training loss on the same data) is a fitted E here: on a new domain
-  the source's own loss is no floor."""
+  the source's own loss is no floor. Every exponent is positive (fitted as
+  its log), as in the paper: a larger source or more tokens never raise
+  the loss."""
   u_s = x["source_params"] - np.log(CL_N_REF)
   ratio = x["source_params"] - x["params"]
-  bracket = _lse(p["a"] - p["alpha"] * u_s,
-                 p["b"] - p["beta"] * _cl_domain_tokens(x))
-  return _lse(p["e"], p["g"] * ratio - p["delta"] * u_s + bracket)
+  bracket = _lse(p["a"] - jnp.exp(p["log_alpha"]) * u_s,
+                 p["b"] - jnp.exp(p["log_beta"]) * _cl_domain_tokens(x))
+  return _lse(p["e"], jnp.exp(p["log_g"]) * ratio -
+              jnp.exp(p["log_delta"]) * u_s + bracket)
 
 
 @register_form("cl_dcpt",
-               params=("e", "a", "alpha", "q", "kappa", "b", "eta", "beta",
-                       "c", "gamma"),
+               params=("e", "a", "log_alpha", "q", "log_kappa", "b", "eta",
+                       "log_beta", "c", "log_gamma"),
                inputs=("params", "tokens", "source_params", "share"),
-               grid=dict(e=(0.0, 0.5), a=(0.0, 2.0), alpha=(0.3,), q=(-2.0,),
-                         kappa=(0.3,), b=(2.0, 6.0), eta=(0.5,),
-                         beta=(0.3, 0.6), c=(-3.0, -1.0), gamma=(0.3, 1.0)))
+               grid=dict(e=(0.0, 0.5), a=(0.0, 2.0), log_alpha=(-1.2,),
+                         q=(-2.0,), log_kappa=(-1.2,), b=(2.0, 6.0),
+                         eta=(0.5,), log_beta=(-1.2, -0.7), c=(-3.0, -1.0),
+                         log_gamma=(-1.2, 0.0)))
 def cl_dcpt(p, x):
   """D-CPT-like (Que et al. 2024, arXiv:2406.01375): L = E + A / N_t^alpha +
   Q / N_s^kappa + B share^eta / D^beta + C / (share + 0.01)^gamma: the
   paper's law of a domain's loss against size, tokens and the domain's
   mixture ratio, with the source-size term Q (N_ref / N_s)^kappa added (the
-  paper continues one model at a time)."""
+  paper continues one model at a time). Exponents but eta are positive
+  (fitted as logs), as in the paper, so the form cannot make a domain's
+  loss rise with D: it has no forgetting term."""
   u_s = x["source_params"] - np.log(CL_N_REF)
   u_t = x["params"] - np.log(CL_N_REF)
   share = jnp.log(x["share"] + 1e-6)
-  return _lse(p["e"], p["a"] - p["alpha"] * u_t, p["q"] - p["kappa"] * u_s,
-              p["b"] + p["eta"] * share - p["beta"] * x["tokens"],
-              p["c"] - p["gamma"] * jnp.log(x["share"] + 0.01))
+  return _lse(p["e"], p["a"] - jnp.exp(p["log_alpha"]) * u_t,
+              p["q"] - jnp.exp(p["log_kappa"]) * u_s,
+              p["b"] + p["eta"] * share - jnp.exp(p["log_beta"]) * x["tokens"],
+              p["c"] - jnp.exp(p["log_gamma"]) * jnp.log(x["share"] + 0.01))
