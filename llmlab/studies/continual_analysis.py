@@ -447,6 +447,9 @@ def measure_replay(result: dict, measured: list[dict], sources) -> None:
     return
   last = max(measured, key=lambda r: r["tokens"])
   forget = last["loss_A"] - sources[last["source"]]["loss_A"]
+  for v in rep.get("by_form", {}).values():
+    if v.get("predicted_ratio") == rep.get("predicted_ratio"):
+      v["measured_forgetting"] = forget
   rep.update(measured_run=last["run"], measured_forgetting=forget,
              measured_loss_B=last["loss_B"],
              within_budget=bool(forget <= rep["budget"]),
@@ -500,10 +503,16 @@ def analyse(scfg, records: list[dict], sources: dict) -> dict:
       "seeds": seeds(scfg, records),
       "savings": savings(records, sources),
       "tradeoff": tradeoff(records, sources),
-      "replay": predict_replay(
+      "replay": dict(predict_replay(
           scfg, records, sources,
           {"form": chosen, "theta": law["theta"]["A"]},
-          {"form": chosen, "theta": law["theta"]["B"]}),
+          {"form": chosen, "theta": law["theta"]["B"]}), form=chosen,
+          by_form={n: {k: v for k, v in predict_replay(
+              scfg, records, sources,
+              {"form": n, "theta": forms[n]["A"]["fit"]["theta"]},
+              {"form": n, "theta": forms[n]["B"]["fit"]["theta"]}).items()
+                       if k.startswith("predicted")}
+                   for n in forms}),
       "holdout_min_fraction": float(scfg.holdout_min_fraction),
       "replay_default": float(scfg.replay),
   }

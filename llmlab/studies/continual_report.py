@@ -119,6 +119,11 @@ def markdown(result: dict) -> str:
                 + " the budget.")
   else:
     out[-1] += f"No ratio predicted: {rep.get('why_none', '')}."
+  if rep.get("by_form"):
+    out += ["", "Every form's prediction (the chosen one is measured): " +
+            "; ".join(f"{n}: r = {_f(v.get('predicted_ratio'), 'g')} "
+                      f"(forgetting {_f(v.get('predicted_forgetting'))})"
+                      for n, v in rep["by_form"].items())]
   if result.get("tradeoff"):
     out += ["", "Measured trade-off (law cells at several ratios; "
             "forgetting = L_A - the source's L_A, learning = the source's "
