@@ -89,6 +89,12 @@ def markdown(result: dict) -> str:
         out.append(f"Distillation from the source: {plain} final L_B "
                    f"{_f(m[plain]['final_loss_B'])} -> "
                    f"{_f(m[k]['final_loss_B'])} with distillation.")
+  sig = [v["loss_B_std"] for v in result["seeds"].values()
+         if v.get("loss_B_std") is not None]
+  if sig and result["ranking"]:
+    out.append(f"Seed spread of the final L_B: +-{min(sig):.4f} to "
+               f"+-{max(sig):.4f} (below): methods closer than about twice "
+               "that are not ranked by this study.")
   if result["seeds"]:
     out += ["", "Seed re-runs (final L_B mean +- std over seeds):", ""]
     for m, v in result["seeds"].items():
