@@ -310,7 +310,8 @@ def run(scfg, workdir: str, train_fn=None) -> dict:
                     r, run_dir(workdir, r), target_model(scfg, r),
                     sources.get(r.source))]
     continual_analysis.measure_replay(result, measured, sources)
-    records += measured
+    names = {r.name for r in planned}  # a planned run measured again: once
+    records += [row for row in measured if row["run"] not in names]
   result["runs"] = [dict(name=r.name, role=r.role, source=r.source,
                          target=r.target, method=r.method, replay=r.replay,
                          seed=r.seed, distill=r.distill,
