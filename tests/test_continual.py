@@ -222,6 +222,9 @@ def test_smoke_end_to_end_and_resume(tmp_path):
   assert {"eval/loss_A", "eval/loss_B"} <= set(acc.Tags()["scalars"])
   report = open(os.path.join(wd, "report.md")).read()
   assert "Chosen: **" in report
+  # A changed study in the same directory is refused, not mixed in.
+  with pytest.raises(config_lib.ConfigError, match="trained with other"):
+    continual.run(_bad(continue_steps=int(scfg.continue_steps) + 1), wd)
   # A re-run trains nothing and gives the same answers.
   again = continual.run(scfg, wd, train_fn=lambda *a: pytest.fail("trained"))
   assert again["holdout"] == result["holdout"]

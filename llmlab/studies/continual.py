@@ -281,6 +281,13 @@ def train_run(ex, scfg, workdir: str, r: Run) -> None:
 
 def run(scfg, workdir: str, train_fn=None) -> dict:
   planned = check(scfg)  # every check before anything trains
+  # A run directory trained with other settings is refused, not resumed.
+  for s in source_names(scfg):
+    repeat_lib.check_same_run({"cfg": source_config(scfg, s),
+                               "workdir": source_dir(workdir, s)})
+  for r in planned:
+    repeat_lib.check_same_run({"cfg": continued_config(scfg, r, workdir),
+                               "workdir": run_dir(workdir, r)})
   ex = experiment.Experiment(workdir, train_fn)
   ex.start(scfg, "continual_config.json")
   ex.expect([(source_config(scfg, s), source_dir(workdir, s))
