@@ -67,6 +67,12 @@ def data_defaults() -> ConfigDict:
       num_threads=2,
       unique_tokens=0,  # > 0: train on the first U tokens, repeated
       stdlib=dict(max_file_bytes=1_000_000, include="", exclude=""),
+      # 'prose' source: docstrings and comments of those stdlib files
+      # (llmlab/data/prose.py), further sliced by these patterns.
+      prose=dict(include="", exclude=""),
+      # 'A=stdlib,B=prose': also evaluate each named source alone at every
+      # eval (eval_loss_A, eval/loss_A, ...); '' = off (data/config.py).
+      domains="",
       files=dict(paths="", text_field="text", column="text"),
       synthetic=dict(seed=0, order=2, num_symbols=16, branching=3,
                      num_docs=1000, doc_len=256),

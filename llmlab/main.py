@@ -53,6 +53,9 @@ COMMANDS = {
               "a smaller run directory initialised from a trained run"),
     "compress-study": ("llmlab.commands.compress_study",
                        "study: prune then continue vs. train from scratch"),
+    "continual": ("llmlab.commands.continual",
+                  "study: continual learning after compression, its law, "
+                  "replay vs forgetting"),
     "convert": ("llmlab.commands.convert",
                 "Hugging Face checkpoint <-> llmlab run directory"),
     "tokenize": ("llmlab.commands.tokenize",

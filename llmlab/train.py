@@ -67,6 +67,13 @@ TB_TAGS = {
 }
 
 
+def _with_domain_tags(row: dict) -> dict:
+  """TB_TAGS plus eval/loss_A, eval/bpb_A for `data.domains` rows."""
+  extra = {k: "eval/" + k[len("eval_"):] for k in row
+           if k.startswith(("eval_loss_", "eval_bpb_"))}
+  return {**TB_TAGS, **extra}
+
+
 def model_info(cfg, vocab_size: int) -> dict:
   """Sizes and FLOPs every run logs (and config.json/checkpoints record)."""
   mcfg = model_lib.ModelConfig.from_config(cfg.model, vocab_size)
@@ -481,7 +488,7 @@ class Trainer:
                        self.last_eval["eval_bpb"],
                        int(self.last_eval.get("eval_targets", 0)))
     self.writer.row({"tokens": end.step * self.tokens_per_step,
-                     **self.last_eval}, TB_TAGS)
+                     **self.last_eval}, _with_domain_tags(self.last_eval))
     self.writer.flush()  # a flush point (llmlab/metrics.py)
 
   def save_hook(self, end) -> None:
@@ -591,8 +598,23 @@ class Trainer:
       self.eval_batches = self.data.eval_batches(
           self.cfg.train.eval_tokens,
           self.cfg.train.eval_batch_size or self.cfg.train.batch_size)
-    return steps_lib.evaluate(self.setup, self.eval_step, params,
-                              self.eval_batches)
+    out = steps_lib.evaluate(self.setup, self.eval_step, params,
+                             self.eval_batches)
+    return {**out, **self.domain_eval(params)}
+
+  def domain_eval(self, params) -> dict:
+    """`data.domains`: each named source alone (eval_loss_A, eval_bpb_A)."""
+    batches = getattr(self.data, "domain_eval_batches", None)
+    if batches is None:
+      return {}
+    out = {}
+    for label, b in batches(self.cfg.train.eval_tokens,
+                            self.cfg.train.eval_batch_size or
+                            self.cfg.train.batch_size).items():
+      r = steps_lib.evaluate(self.setup, self.eval_step, params, b)
+      out[f"eval_loss_{label}"] = r["eval_loss"]
+      out[f"eval_bpb_{label}"] = r["eval_bpb"]
+    return out
 
   # -- saving
 

@@ -41,6 +41,7 @@ FLAGS = {
               "mask_steps", "mask_lr", "lambda_lr", "mask_batch_size",
               "learning_rate", "target_warmup", "constrain_size", "seed"],
     "compress-study": ["config", "workdir"],
+    "continual": ["config", "workdir"],
     "convert": ["from_hf", "to_hf", "workdir", "out", "step", "dtype", "fsdp",
                 "tensor", "ignore_fields", "max_shard_gb"],
     "tokenizer": ["config", "out", "source", "paths", "text_field", "column",

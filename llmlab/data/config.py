@@ -40,6 +40,14 @@ Keys (all in `default_config()`):
                 in an order seeded by (seed, epoch); order stays a pure
                 function of (seed, step). Evaluation is unchanged. U must
                 cover at least one global batch.
+  prose.include, prose.exclude   source 'prose' (docstrings and comments
+                of the stdlib files, prose.py): patterns as stdlib.*.
+  domains       '' (off) or 'A=stdlib,B=prose': each named source is also
+                evaluated alone at every eval (its whole `eval_tokens`
+                budget from its own validation split), logged as
+                eval_loss_A / eval/loss_A, eval_bpb_A, ...; a domain need
+                not be in the mixture (a continual run on B still measures
+                what it forgets of A).
   tokens.path   source 'tokens': URI (local or gs://) of a token store written
                 by `llmlab tokenize` (token_store.py); rows are read by random
                 access (token_data.py). The store fixes the mixture, split and
@@ -56,7 +64,7 @@ import numpy as np
 from llmlab import config as config_lib
 from llmlab.data.errors import DataError
 
-SOURCES = ("stdlib", "synthetic", "files", "tokens")
+SOURCES = ("stdlib", "synthetic", "files", "tokens", "prose")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -77,6 +85,27 @@ def mixture(data_cfg) -> list[tuple[str, float]]:
     raise DataError(f"data.mixture={spec!r}: a source appears twice")
   total = sum(w for _, w in pairs)
   return [(name, w / total) for name, w in pairs]
+
+
+def domains(data_cfg) -> list[tuple[str, str]]:
+  """[(label, source name)] of `domains` ('A=stdlib,B=prose'): sources also
+  evaluated alone at every eval, whatever the mixture trains on."""
+  spec = str(data_cfg.get("domains", "") or "")
+  out = []
+  for item in (i.strip() for i in spec.split(",") if i.strip()):
+    label, sep, name = item.partition("=")
+    label, name = label.strip(), name.strip()
+    if not sep or not label.isidentifier():
+      raise DataError(f"data.domains={spec!r}: item {item!r} is not "
+                      "label=source (label: letters, digits, _)")
+    if name == "tokens":
+      raise DataError(f"data.domains={spec!r}: a token store cannot be a "
+                      "domain")
+    out.append((label, _check_name(name, "data.domains")))
+  labels = [label for label, _ in out]
+  if len(set(labels)) != len(labels):
+    raise DataError(f"data.domains={spec!r}: a label appears twice")
+  return out
 
 
 def _parse_item(item: Any, spec: Any) -> tuple[str, float]:

@@ -28,6 +28,7 @@ from llmlab.data import corpus
 from llmlab.data import documents
 from llmlab.data import evaluation
 from llmlab.data import files
+from llmlab.data import prose
 from llmlab.data import stdlib
 from llmlab.data import synthetic
 from llmlab.data import token_data
@@ -40,6 +41,7 @@ _READERS = {
     "stdlib": lambda cfg: stdlib.read(cfg.stdlib),
     "synthetic": lambda cfg: synthetic.read(cfg.synthetic),
     "files": lambda cfg: files.read(cfg.files, cfg.decode_errors),
+    "prose": lambda cfg: prose.read(cfg),
 }
 
 
@@ -69,7 +71,8 @@ class Data(StepBatches):
   def __init__(self, tokenizer, parts: list[_Part], *, seq_len: int,
                global_batch: int, seed: int, process_index: int,
                process_count: int, info: dict, read_options,
-               unique_tokens: int = 0):
+               unique_tokens: int = 0, domains=()):
+    self._domains = list(domains)  # [(label, _Part)], evaluated alone
     super().__init__(tokenizer, seq_len=seq_len, global_batch=global_batch,
                      process_index=process_index, process_count=process_count,
                      read_options=read_options)
@@ -109,12 +112,32 @@ class Data(StepBatches):
                               self._process_index, self._process_count)
 
 
+  def domain_eval_batches(self, eval_tokens: int,
+                          batch_size: int) -> dict[str, list[dict]]:
+    """{label: batches} of each `data.domains` source alone: its own
+    `eval_tokens` budget (evaluation.py), the same for every run."""
+    out = {}
+    for label, part in self._domains:
+      key = ("domain", label, eval_tokens, batch_size)
+      if key not in self._eval_memo:
+        rows = evaluation.rows(part.name, part.val, self._seq_len,
+                               eval_tokens, self.tokenizer.pad_id)
+        self._eval_memo[key] = evaluation.batches(
+            rows, batch_size, self.tokenizer.pad_id, self._process_index,
+            self._process_count)
+      out[label] = self._eval_memo[key]
+    return out
+
+
 def build(data_cfg, *, seq_len: int, global_batch: int, seed: int,
           process_index: int = 0, process_count: int = 1) -> Data:
   """Reads, splits and tokenizes the configured data; all checks happen here."""
   _check_shapes(seq_len, global_batch, process_index, process_count)
   unique = config_lib.unique_tokens(data_cfg, seq_len, global_batch)
   if _uses_store(data_cfg):  # rows read from a token store: token_data.py
+    if config_lib.domains(data_cfg):
+      raise DataError(f"data.domains={data_cfg.domains!r}: not supported "
+                      "with a token store (data.source=tokens)")
     return token_data.build(data_cfg, seq_len=seq_len,
                             global_batch=global_batch, seed=seed,
                             process_index=process_index,
@@ -128,11 +151,22 @@ def build(data_cfg, *, seq_len: int, global_batch: int, seed: int,
                        cache_dir, seq_len)
            for name, weight in config_lib.mixture(data_cfg)]
   info = _info(parts, tokenizer, val_fraction, seq_len)
+  by_name = {p.name: p for p in parts}
+  domains = [(label, by_name.get(name) or _build_part(
+      name, 0.0, data_cfg, tokenizer, val_fraction, cache_dir, seq_len))
+             for label, name in config_lib.domains(data_cfg)]
+  if domains:
+    info["domains"] = {label: {"source": p.name,
+                               "fingerprint": p.docs.fingerprint,
+                               "tokens_train": p.train.num_tokens,
+                               "tokens_val": p.val.num_tokens}
+                       for label, p in domains}
   read_options = _read_options(data_cfg)
   return Data(tokenizer, parts, seq_len=seq_len, global_batch=global_batch,
               seed=seed, process_index=process_index,
               process_count=process_count, info=info,
-              read_options=read_options, unique_tokens=unique)
+              read_options=read_options, unique_tokens=unique,
+              domains=domains)
 
 
 def _read_options(data_cfg) -> grain.ReadOptions:

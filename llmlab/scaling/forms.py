@@ -33,7 +33,13 @@ _COEF_GRID = (0.0, 5.0, 10.0, 15.0, 20.0, 25.0)
 _E_GRID = (-1.0, -0.5, 0.0, 0.5, 1.0)
 _EXP_GRID = (0.0, 0.5, 1.0, 1.5, 2.0)
 
-INPUTS = ("params", "tokens", "compute", "unique_tokens", "curve")
+INPUTS = ("params", "tokens", "compute", "unique_tokens", "curve",
+          # Continual learning (llmlab/studies/continual.py, which builds
+          # these inputs itself): "source_params" (log N_s, the model a run
+          # starts from), and, NOT logs, "share" (the domain's share of the
+          # continued data, in [0, 1]) and "start" (1: started from the
+          # source, 0: from scratch).
+          "source_params", "share", "start")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,3 +319,89 @@ def data_repeat(p, x):
   r = jnp.maximum(jnp.exp(x["tokens"] - x["unique_tokens"]) - 1.0, 1e-30)
   overfit = p["c"] + p["kappa"] * (x["params"] - x["unique_tokens"]) + p["gamma"] * jnp.log(r)
   return _lse(p["a"] - p["alpha"] * log_n, p["b"] - p["beta"] * log_d, p["e"], overfit)
+
+
+# ----------------------------------------------------------------------------
+# Continual learning after compression (inputs: params = log N_t of the
+# continued model, tokens = log D continued tokens, source_params = log N_s,
+# share = the domain's share of the continued data (1 - r for the new domain
+# B, the replay ratio r for the old domain A), start = 1 from the source, 0
+# from scratch). Fitted per domain by llmlab/studies/continual_analysis.py.
+
+CL_N_REF = 1e5  # reference size of the continual forms (the quick study's)
+
+
+def _cl_domain_tokens(x):
+  """log(share D + 1): this domain's tokens in the continued data."""
+  return jnp.log1p(x["share"] * jnp.exp(x["tokens"]))
+
+
+@register_form("cl_transfer",
+               params=("e", "a", "alpha", "b", "beta", "k", "eta", "theta",
+                       "gamma"),
+               inputs=("params", "tokens", "source_params", "share", "start"),
+               grid=dict(e=(0.0,), a=(1.0, 4.0), alpha=(0.3,), b=(3.0, 8.0),
+                         beta=(0.3,), k=(8.0, 13.0), eta=(0.0, 1.0),
+                         theta=(0.0,), gamma=(-0.5, 0.5)))
+def cl_transfer(p, x):
+  """Effective transferred data (Hernandez et al. 2021): the loss of the
+  same shape from scratch, L = E + A / N_t^alpha + B / (D_dom + D_T)^beta,
+  with D_dom = share D the domain's continued tokens and, for a start from
+  the source, D_T = K (N_s / N_ref)^eta (N_t / N_ref)^theta (D + 1)^gamma
+  the tokens the start is worth (0 from scratch). gamma < 0 lets D_T decay
+  as training on other data goes on: the form of forgetting."""
+  u_s = x["source_params"] - np.log(CL_N_REF)
+  u_t = x["params"] - np.log(CL_N_REF)
+  log_t = (p["k"] + p["eta"] * u_s + p["theta"] * u_t +
+           p["gamma"] * jnp.log1p(jnp.exp(x["tokens"])))
+  log_d = _lse(_cl_domain_tokens(x), log_t + jnp.log(x["start"] + 1e-30))
+  return _lse(p["e"], p["a"] - p["alpha"] * u_t, p["b"] - p["beta"] * log_d)
+
+
+@register_form("cl_p2",
+               params=("e", "log_g", "log_delta", "a", "log_alpha", "b",
+                       "log_beta"),
+               inputs=("params", "tokens", "source_params", "share"),
+               grid=dict(e=(0.0, 0.5), log_g=(-3.0, -1.0),
+                         log_delta=(-3.0, -1.0), a=(0.0, 2.0),
+                         log_alpha=(-1.2,), b=(2.0, 6.0),
+                         log_beta=(-1.2, -0.7)))
+def cl_p2(p, x):
+  """P^2-like (Chen et al. 2024, arXiv:2411.10272): L = E + (N_s / N_t)^g
+  (N_ref / N_s)^delta (A (N_ref / N_s)^alpha + B / D_dom^beta), D_dom =
+  share D + 1. P^2's L0 (the uncompressed model's loss, a floor for its
+  post-training loss on the same data) is a fitted E here: on a new domain
+  the source's own loss is no floor. Every exponent is positive (fitted as
+  its log), as in the paper: a larger source or more tokens never raise
+  the loss."""
+  u_s = x["source_params"] - np.log(CL_N_REF)
+  ratio = x["source_params"] - x["params"]
+  bracket = _lse(p["a"] - jnp.exp(p["log_alpha"]) * u_s,
+                 p["b"] - jnp.exp(p["log_beta"]) * _cl_domain_tokens(x))
+  return _lse(p["e"], jnp.exp(p["log_g"]) * ratio -
+              jnp.exp(p["log_delta"]) * u_s + bracket)
+
+
+@register_form("cl_dcpt",
+               params=("e", "a", "log_alpha", "q", "log_kappa", "b", "eta",
+                       "log_beta", "c", "log_gamma"),
+               inputs=("params", "tokens", "source_params", "share"),
+               grid=dict(e=(0.0, 0.5), a=(0.0, 2.0), log_alpha=(-1.2,),
+                         q=(-2.0,), log_kappa=(-1.2,), b=(2.0, 6.0),
+                         eta=(0.5,), log_beta=(-1.2, -0.7), c=(-3.0, -1.0),
+                         log_gamma=(-1.2, 0.0)))
+def cl_dcpt(p, x):
+  """D-CPT-like (Que et al. 2024, arXiv:2406.01375): L = E + A / N_t^alpha +
+  Q / N_s^kappa + B share^eta / D^beta + C / (share + 0.01)^gamma: the
+  paper's law of a domain's loss against size, tokens and the domain's
+  mixture ratio, with the source-size term Q (N_ref / N_s)^kappa added (the
+  paper continues one model at a time). Exponents but eta are positive
+  (fitted as logs), as in the paper, so the form cannot make a domain's
+  loss rise with D: it has no forgetting term."""
+  u_s = x["source_params"] - np.log(CL_N_REF)
+  u_t = x["params"] - np.log(CL_N_REF)
+  share = jnp.log(x["share"] + 1e-6)
+  return _lse(p["e"], p["a"] - jnp.exp(p["log_alpha"]) * u_t,
+              p["q"] - jnp.exp(p["log_kappa"]) * u_s,
+              p["b"] + p["eta"] * share - jnp.exp(p["log_beta"]) * x["tokens"],
+              p["c"] - jnp.exp(p["log_gamma"]) * jnp.log(x["share"] + 0.01))

@@ -1,0 +1,158 @@
+"""DIR/study.json, DIR/records.csv and DIR/report.md of the continual study.
+
+Every sentence of report.md that answers a question is computed from the
+result (which method is first, whether the ranking holds, where forgetting
+meets the budget); nothing is written in advance.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+
+from llmlab import experiment
+from llmlab.studies import continual_analysis
+
+
+def _f(x, spec=".4f") -> str:
+  if x is None:
+    return "-"
+  if isinstance(x, float) and x != x:
+    return "nan"
+  return format(x, spec)
+
+
+def _pct(x) -> str:
+  return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def markdown(result: dict) -> str:
+  d = result["domains"]
+  out = ["# Continual learning after compression", "",
+         f"Domain A (old): `{d['A']}`; domain B (new): `{d['B']}`. "
+         "Losses in nats/token on each domain's held-out split.", "",
+         "## Shift (each source: L_B - L_A)", "",
+         "| source | N_s (non-embedding) | L_A | L_B | shift |",
+         "| --- | ---: | ---: | ---: | ---: |"]
+  for s, v in result["sources"].items():
+    out.append(f"| {s} | {v['params']:,.0f} | {_f(v['loss_A'])} | "
+               f"{_f(v['loss_B'])} | {_f(v['shift'])} |")
+  law = result["law"]
+  out += ["", "## Laws (held out: fit on the smaller sources, predict the "
+          f"largest; ARE over evals at >= "
+          f"{result['holdout_min_fraction']:.0%} of each run)", "",
+          "| form | domain | objective | holdout ARE | naive ARE | skill |",
+          "| --- | --- | ---: | ---: | ---: | ---: |"]
+  for name, per in result["forms"].items():
+    for dom in ("B", "A"):
+      h = per[dom]["holdout"]
+      out.append(f"| {name} | L_{dom} | {_f(per[dom]['objective'], '.3g')} | "
+                 f"{_pct(h['are'])} | {_pct(h['naive_are'])} | "
+                 f"{_f(h['skill'], '.3f')} |")
+  out += ["", f"Chosen: **{law['form']}** ({law['chosen_by']}). Parameters "
+          "fitted on every law run:", ""]
+  for dom in ("B", "A"):
+    ps = ", ".join(f"{k}={_f(float(v), '.4g')}"
+                   for k, v in law["params"][dom].items())
+    out.append(f"- L_{dom}: {ps}")
+  out += ["", "## Start methods (tokens to reach scratch's final L_B)", ""]
+  for cell, order in result["ranking"].items():
+    out += [f"At {cell} (replay r = {result['replay_default']:g}):", "",
+            "| method | final L_B | final L_A | forgetting | tokens to "
+            "match scratch | speed-up |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name in order:
+      v = result["methods"].get(name, {}).get("by_cell", {}).get(cell)
+      if v is None:
+        continue
+      out.append(f"| {name} | {_f(v['final_loss_B'])} | "
+                 f"{_f(v['final_loss_A'])} | {_f(v['forgetting'])} | "
+                 f"{'<= ' if v.get('reached_at_first_eval') else ''}"
+                 f"{_f(v['tokens_to_match_scratch'], ',.0f')} | "
+                 f"{'>= ' if v.get('reached_at_first_eval') else ''}"
+                 f"{_f(v['speedup_vs_scratch'], '.2f')} |")
+    out.append("")
+  holds = result["ranking_holds_across_sources"]
+  if result["ranking"]:
+    firsts = {c: o[0] for c, o in result["ranking"].items() if o}
+    out.append("Best start by final L_B: " + ", ".join(
+        f"{m} at {c}" for c, m in firsts.items()) + ". The full ranking "
+        + ("is the same at every source." if holds else
+           "differs between sources." if holds is False else
+           "was measured at one source only."))
+    m = result["methods"]
+    base = [k for k in m if k.endswith("_distill")]
+    for k in base:
+      plain = k[:-len("_distill")]
+      if plain in m:
+        out.append(f"Distillation from the source: {plain} final L_B "
+                   f"{_f(m[plain]['final_loss_B'])} -> "
+                   f"{_f(m[k]['final_loss_B'])} with distillation.")
+  sig = [v["loss_B_std"] for v in result["seeds"].values()
+         if v.get("loss_B_std") is not None]
+  if sig and result["ranking"]:
+    out.append(f"Seed spread of the final L_B: +-{min(sig):.4f} to "
+               f"+-{max(sig):.4f} (below): methods closer than about twice "
+               "that are not ranked by this study.")
+  if result["seeds"]:
+    out += ["", "Seed re-runs (final L_B mean +- std over seeds):", ""]
+    for m, v in result["seeds"].items():
+      out.append(f"- {m}: {_f(v['loss_B_mean'])} +- "
+                 f"{_f(v['loss_B_std'])} ({v['seeds']} seeds); L_A "
+                 f"{_f(v['loss_A_mean'])} +- {_f(v['loss_A_std'])}")
+  out += ["", "## Tokens saved vs scratch (law grid)", "",
+          "| run | N_s/N_t | r | final L_B | scratch final L_B | tokens to "
+          "match | saved | scratch catches up at |",
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for v in result["savings"]:
+    out.append(f"| {v['run']} | {v['compression']:.2f} | {v['replay']:g} | "
+               f"{_f(v['final_loss_B'])} | {_f(v['scratch_final_loss_B'])} | "
+               f"{_f(v['tokens_to_match_scratch'], ',.0f')} | "
+               f"{_pct(v['tokens_saved_fraction'])} | "
+               f"{_f(v['crossover_tokens'], ',.0f')} |")
+  rep = result["replay"]
+  out += ["", "## Replay: learning vs forgetting", "",
+          f"Budget: L_A - the source's L_A <= {rep['budget']:g} nats after "
+          f"the continued run ({rep['source']} -> {rep['target']}). "]
+  if rep.get("predicted_ratio") is not None:
+    out[-1] += (f"The law predicts r = {rep['predicted_ratio']:g} "
+                f"(forgetting {_f(rep.get('predicted_forgetting'))}, L_B "
+                f"{_f(rep.get('predicted_loss_B'))}); measured at that r: "
+                f"forgetting {_f(rep.get('measured_forgetting'))}, L_B "
+                f"{_f(rep.get('measured_loss_B'))}, "
+                + ("within" if rep.get("within_budget") else "outside")
+                + " the budget.")
+  else:
+    out[-1] += f"No ratio predicted: {rep.get('why_none', '')}."
+  if rep.get("by_form"):
+    out += ["", "Every form's prediction (the chosen one is measured): " +
+            "; ".join(f"{n}: r = {_f(v.get('predicted_ratio'), 'g')} "
+                      f"(forgetting {_f(v.get('predicted_forgetting'))})"
+                      for n, v in rep["by_form"].items())]
+  if result.get("tradeoff"):
+    out += ["", "Measured trade-off (law cells at several ratios; "
+            "forgetting = L_A - the source's L_A, learning = the source's "
+            "L_B - L_B):", "",
+            "| source | target | r | final L_B | learning | final L_A | "
+            "forgetting |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for v in result["tradeoff"]:
+      out.append(f"| {v['source']} | {v['target']} | {v['replay']:g} | "
+                 f"{_f(v['final_loss_B'])} | {_f(v['learning'])} | "
+                 f"{_f(v['final_loss_A'])} | {_f(v['forgetting'])} |")
+  out += ["", "## Time", "",
+          f"Wall time {result['wall_time_total_s'] / 60:.1f} min over all "
+          f"invocations ({result['wall_time_this_run_s'] / 60:.1f} min this "
+          "one)."]
+  return "\n".join(out) + "\n"
+
+
+def write_outputs(result: dict, records: list[dict], workdir: str) -> None:
+  experiment.write_json(os.path.join(workdir, "study.json"), result)
+  buf = io.StringIO(newline="")
+  w = csv.DictWriter(buf, fieldnames=continual_analysis.COLUMNS,
+                     extrasaction="ignore")
+  w.writeheader()
+  w.writerows(records)
+  experiment.write_text(os.path.join(workdir, "records.csv"), buf.getvalue())
+  experiment.write_text(os.path.join(workdir, "report.md"), markdown(result))

@@ -1,0 +1,231 @@
+"""Continual learning after compression (llmlab/studies/continual.py): the
+prose domain, per-domain evals, the replay mixture's order, the config
+checks (one line naming the key, nothing trained), the continual forms, and
+(integration) `llmlab continual` end to end on `:smoke`, resumed."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from llmlab import config as config_lib
+from llmlab import data
+from llmlab import main as main_lib
+from llmlab import train as train_lib
+from llmlab.data import prose
+from llmlab.scaling import fit as fit_lib
+from llmlab.scaling import forms as forms_lib
+from llmlab.studies import continual
+from llmlab.studies import continual_analysis
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLICE = "json/*,email/*,logging/*,http/*"  # the smoke config's
+
+
+def _config(arg="smoke"):
+  spec = importlib.util.spec_from_file_location(
+      "continual_quick", os.path.join(ROOT, "configs", "continual_quick.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+# --- the prose domain and per-domain evaluation ----------------------------
+
+
+def test_prose_keeps_docstrings_and_comments_not_code():
+  src = ('"""Module doc."""\nimport os  # trailing note\nx = "not a doc"\n'
+         'def f():\n  """Function\n  doc."""\n  # inner comment\n'
+         '  return "no"\n#!shebang-like\n')
+  assert prose.extract(src) == ("Module doc.\ntrailing note\nFunction\ndoc."
+                                "\ninner comment")
+  assert prose.extract("def broken(:\n  '''x") == ""
+
+
+def _data_cfg(**kw):
+  cfg = data.default_config()
+  cfg.stdlib.include = SLICE
+  cfg.update(kw)
+  return cfg
+
+
+def test_replay_mixture_order_is_a_function_of_seed_and_step():
+  cfg = _data_cfg(mixture="prose:0.7,stdlib:0.3", domains="A=stdlib,B=prose")
+  a = data.build(cfg, seq_len=32, global_batch=4, seed=5)
+  b = data.build(cfg, seq_len=32, global_batch=4, seed=5)
+  c = data.build(cfg, seq_len=32, global_batch=4, seed=6)
+  for step in (0, 3, 17):
+    assert np.array_equal(a.train_batch(step)["tokens"],
+                          b.train_batch(step)["tokens"])
+  assert not np.array_equal(a.train_batch(3)["tokens"],
+                            c.train_batch(3)["tokens"])
+  assert set(a.info["domains"]) == {"A", "B"}
+  assert a.info["domains"]["B"]["source"] == "prose"
+  evals = a.domain_eval_batches(256, 4)
+  assert set(evals) == {"A", "B"}
+  tokens = {k: np.concatenate([x["tokens"] for x in v]) for k, v in
+            evals.items()}
+  assert not np.array_equal(tokens["A"], tokens["B"])  # two distributions
+  # A domain need not be trained on: B alone still evaluates A.
+  only_b = data.build(_data_cfg(mixture="prose:1", domains="A=stdlib,B=prose"),
+                      seq_len=32, global_batch=4, seed=5)
+  assert np.array_equal(
+      np.concatenate([x["tokens"] for x in
+                      only_b.domain_eval_batches(256, 4)["A"]]), tokens["A"])
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("A=stdlib,A=prose", "label appears twice"),
+    ("A:stdlib", "not label=source"),
+    ("A=nope", "unknown source"),
+])
+def test_bad_domains_name_the_key(spec, match):
+  with pytest.raises(data.DataError, match=f"data.domains.*{match}"):
+    data.build(_data_cfg(domains=spec), seq_len=32, global_batch=4, seed=0)
+
+
+# --- config checks -----------------------------------------------------------
+
+
+def _bad(**changes):
+  c = _config()
+  for k, v in changes.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"grid": ("s1/t1/1.5",)}, r"config.grid: 's1/t1/1.5': replay ratio 1.5: "
+                               r"must be in \[0, 1\]"),
+    ({"replay": -0.1}, r"config.replay -0.1: must be in \[0, 1\]"),
+    ({"targets": (("t1", dict(num_layers=1, d_model=8, num_heads=1,
+                              num_kv_heads=1, head_dim=8, mlp_dim=16)),
+                  ("t2", dict(num_layers=3, d_model=16, num_heads=2,
+                              num_kv_heads=1, head_dim=8, mlp_dim=24)))},
+     r"config.grid: target 't2' from source 's1' \(config.targets\['t2'\]\)"
+     r": config.model.num_layers=3"),
+    ({"continue_steps": 10_000},
+     r"config.domain_b='prose': domain B has .* training tokens, fewer than"
+     r" the 1,280,000 a run plans"),
+    ({"base.data.prose.include": "json/tool.py"},
+     r"config.base.data: source 'prose' \(1 documents\): validation split"),
+    ({"methods": ("activation+melt",)}, r"config.methods\[0\]="),
+    ({"grid": ("s9/t1/0.1",)}, r"config.grid: 's9/t1/0.1': unknown source"),
+])
+def test_bad_input_fails_before_training(tmp_path, monkeypatch, changes,
+                                         match):
+  monkeypatch.setattr(train_lib, "train", lambda *a: pytest.fail("trained"))
+  with pytest.raises(config_lib.ConfigError, match=match):
+    continual.run(_bad(**changes), str(tmp_path / "s"))
+  assert not os.path.exists(tmp_path / "s")
+
+
+def test_cli_bad_replay_is_one_line(tmp_path, capsys):
+  argv = ["continual", f"--config={ROOT}/configs/continual_quick.py:smoke",
+          f"--workdir={tmp_path / 's'}", "--config.replay=2.0"]
+  assert main_lib.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "config.replay 2.0" in err[0], err
+  assert not os.path.exists(tmp_path / "s")
+
+
+def test_plan_is_a_design_without_duplicates():
+  scfg = _config()
+  planned = continual.check(scfg)
+  names = [r.name for r in planned]
+  assert len(names) == len(set(names))
+  law = [r for r in planned if r.role == "law"]
+  # >= 2 sources, >= 2 targets and full, >= 3 replay ratios in the law grid
+  assert {r.source for r in law if r.source} == {"s1", "s2"}
+  assert {r.replay for r in law} == {0.0, 0.1, 0.3}
+  assert {r.method for r in law} == {"activation", "full", "scratch"}
+  methods = {r.method + ("-distill" if r.distill else "")
+             for r in planned if r.role == "method"}
+  assert {"magnitude", "learned", "activation+shrink_perturb",
+          "activation+reinit_top", "activation+reinit_bottom",
+          "activation-distill"} <= methods
+  cfg = continual.continued_config(scfg, law[0], "/w")
+  assert cfg.data.mixture == "prose:0.9,stdlib:0.1"
+  assert cfg.data.domains == "A=stdlib,B=prose"
+  assert cfg.init_from == "/w/starts/s1-t1-activation"
+  assert continual.mixture(scfg, 0.0) == "prose:1"
+
+
+# --- forms -------------------------------------------------------------------
+
+
+def test_continual_forms_fit_their_own_curves():
+  """Each continual form, fitted to losses it generated on a small design
+  (plus zero padding), gives them back within 0.5%."""
+  rng = np.random.default_rng(0)
+  rows = []
+  for n_s in (2e4, 5e4, 1e5):
+    for n_t in (3e3, 1e4):
+      for r in (0.0, 0.1, 0.3):
+        for d in (1e3, 4e3, 1.6e4, 6.4e4):
+          rows.append(dict(params=n_t, source_params=n_s, replay=r,
+                           tokens=d, start=1.0))
+  rows += [dict(params=n_t, source_params=n_t, replay=0.1, tokens=d,
+                start=0.0) for n_t in (3e3, 1e4) for d in (1e3, 1.6e4)]
+  for name in ("cl_transfer", "cl_p2", "cl_dcpt"):
+    law = forms_lib.get_form(name)
+    theta = law.grid_starts()[int(rng.integers(len(law.grid_starts())))]
+    x = continual_analysis.inputs(rows, "B", law)
+    loss = np.exp(fit_lib.predict_log(law, theta[None], x)[0])
+    assert np.all(np.isfinite(loss)), name
+    data_rows = [dict(r, loss_B=float(v)) for r, v in zip(rows, loss)]
+    fitted = continual_analysis.fit(name, data_rows, "B")
+    pred = continual_analysis.predict(fitted, data_rows, "B")
+    assert np.max(np.abs(pred - loss) / loss) < 5e-3, name
+
+
+# --- end to end --------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_smoke_end_to_end_and_resume(tmp_path):
+  wd = str(tmp_path / "s")
+  scfg = _config()
+  result = continual.run(scfg, wd)
+  body = json.load(open(os.path.join(wd, "study.json")))
+  for key in ("are", "naive_are", "skill"):
+    assert key in body["holdout"] and key in body["forgetting_holdout"]
+  assert body["law"]["form"] in scfg.forms and body["law"]["params"]["B"]
+  assert set(body["forms"]) == set(scfg.forms)
+  m = body["methods"]
+  assert {"activation", "scratch", "learned", "activation_distill",
+          "activation+shrink_perturb"} <= set(m)
+  assert all("tokens_to_match_scratch" in v for v in m.values())
+  assert m["scratch"]["tokens_to_match_scratch"] == m["scratch"]["tokens"]
+  rep = body["replay"]
+  assert {"predicted_ratio", "measured_forgetting", "budget"} <= set(rep)
+  assert rep["budget"] == scfg.forget_budget
+  if rep["predicted_ratio"] is not None:
+    assert rep["measured_forgetting"] is not None
+  for key in ("wall_time_total_s", "wall_time_this_run_s", "timing_s"):
+    assert key in body
+  assert set(body["shift"]) == {"s1", "s2"}
+  run = os.path.join(wd, "runs", "s1-t1-activation-r0.1-seed1")
+  rows = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
+  evals = [r for r in rows if "eval_loss_A" in r]
+  assert len(evals) == len(continual.eval_at(scfg))
+  assert all("eval_loss_B" in r for r in evals)
+  from tensorboard.backend.event_processing import event_accumulator  # noqa
+  acc = event_accumulator.EventAccumulator(os.path.join(run, "tensorboard"))
+  acc.Reload()
+  assert {"eval/loss_A", "eval/loss_B"} <= set(acc.Tags()["scalars"])
+  report = open(os.path.join(wd, "report.md")).read()
+  assert "Chosen: **" in report
+  # A changed study in the same directory is refused, not mixed in.
+  with pytest.raises(config_lib.ConfigError, match="trained with other"):
+    continual.run(_bad(continue_steps=int(scfg.continue_steps) + 1), wd)
+  # A re-run trains nothing and gives the same answers.
+  again = continual.run(scfg, wd, train_fn=lambda *a: pytest.fail("trained"))
+  assert again["holdout"] == result["holdout"]
+  assert again["law"]["form"] == result["law"]["form"]
