@@ -160,6 +160,13 @@ def with_overrides(cfg: ConfigDict, overrides: dict) -> ConfigDict:
   return full
 
 
+def merge(schema: ConfigDict, cfg: ConfigDict) -> ConfigDict:
+  """`cfg`'s values over `schema` (every key with its default; a study's
+  own schema, e.g. llmlab/scaling/study.py); unknown keys are an error."""
+  _merge(schema, cfg, prefix="")
+  return schema
+
+
 def _merge(dst: ConfigDict, src: ConfigDict, prefix: str) -> None:
   for key, value in src.items():
     path = f"{prefix}{key}"
@@ -184,6 +191,9 @@ def _merge(dst: ConfigDict, src: ConfigDict, prefix: str) -> None:
 def _require(cond: bool, key: str, value: Any, why: str) -> None:
   if not cond:
     raise ConfigError(f"config.{key}={value!r}: {why}")
+
+
+require = _require  # the studies' schemas check their keys the same way
 
 
 def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
