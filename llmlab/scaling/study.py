@@ -307,7 +307,6 @@ def run_study(scfg, workdir: str, train_fn=None) -> dict:
   result["design"] = (report.DESIGN_NOTE if scfg.fit_on == "branches" else
                       report.CURVE_NOTE).format(f=scfg.decay_fraction)
   experiment.write_json(ex.path("study.json"), result)
-  experiment.write_json(ex.path(f"study_{scfg.fit_on}.json"), result)
   report.write_report(result, workdir, planned, int(scfg.eval_tokens))
   return result
 
