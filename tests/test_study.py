@@ -154,11 +154,10 @@ def test_study_schema_defaults_and_errors():
   or unknown one is a ConfigError naming it, in process."""
   import pytest  # noqa: PLC0415
 
-  from llmlab import errors  # noqa: PLC0415
-  from llmlab.scaling import study  # noqa: PLC0415
+  from llmlab import config, errors  # noqa: PLC0415
   s = _checked(drop=("fit_on", "curve_spacing", "noise_member", "fit_seeds",
                      "run_branches"))
-  d = study.defaults()
+  d = config.study_defaults()
   assert (s.fit_on, s.curve_spacing, s.fit_seeds) == ("branches", "linear", False)
   assert s.noise_member == d.noise_member == "" and s.steps == 20
   assert s.fit.params_column == s.curve_fit.params_column == "params"

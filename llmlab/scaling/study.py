@@ -33,8 +33,8 @@ extrapolation, and one run of it is ~1% off its mean: README).
 
 Re-running resumes: finished runs and evaluated checkpoints are skipped.
 
-The study's keys and their defaults are `defaults()`; `checked()` merges a
-config file's values over them and validates them before anything trains.
+The study's keys and their defaults are `llmlab.config.study_defaults()`;
+`checked()` merges a config file's values over them and validates them before anything trains.
 study_analysis.py makes the numbers, study_report.py writes report.md.
 """
 
@@ -66,42 +66,10 @@ SPACINGS = ("log", "linear")
 # ------------------------------------------------------------------ config
 
 
-def _fit_group(form: str, bootstrap: int) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      form=form,            # a law of llmlab/scaling/forms.py
-      bootstrap=bootstrap,  # resamples for the 95% intervals
-      min_fraction=0.0,     # fit points from this share of a run on
-      params_column="params"))  # N: "params" or "params_nonembed"
-
-
-def defaults() -> ml_collections.ConfigDict:
-  """Every key of a scaling study, with its default (configs/study_*.py
-  override them; `base`, `family` and `target` have none)."""
-  return ml_collections.ConfigDict(dict(
-      base=None,            # the train config every run derives from
-      family=[],            # (name, model overrides) pairs, smallest first
-      target=None,          # (name, model overrides): held out, predicted
-      steps=0,              # per main run
-      decay_fraction=0.2,   # WSD decay share of each (branch) run
-      points=4,             # branch points per size
-      min_fraction=0.3,     # earliest branch end, as share of tokens
-      are_fraction=0.7,     # ARE over target points >= this share of final
-      eval_tokens=65_536,   # held-out tokens of every fitted point
-      fit=_fit_group("chinchilla", 200),  # the law of the branch design
-      fit_on="branches",    # what the law is fitted on: branches | curves
-      run_branches=False,   # curves: also train branches, as held-out
-      curve_points=0,       # evals along each main run (0: none)
-      curve_spacing="linear",  # of those evals, from warmup's end: linear | log
-      curve_fit=_fit_group("multipower_e", 100),  # the law of whole curves
-      noise_seeds=0,        # re-runs of the noise member with other seeds
-      noise_member="",      # which member ("": the largest)
-      fit_seeds=False))     # fit the seed re-runs too
-
-
 def checked(scfg) -> ml_collections.ConfigDict:
-  """`scfg` over `defaults()`, validated: an unknown key or a bad value is a
+  """`scfg` over `config.study_defaults()`, validated: an unknown key or a bad value is a
   ConfigError naming it, before anything trains."""
-  s = config_lib.merge(defaults(), scfg)
+  s = config_lib.merge(config_lib.study_defaults(), scfg)
   req = config_lib.require
   req(s.base is not None, "base", s.base, "a train config (llmlab.config.base())")
   pairs = list(s.family) + [s.target]
