@@ -28,7 +28,7 @@ RULES = [
     (CORE, ("llmlab.objectives", "llmlab.steps", "llmlab.runs",
             "llmlab.train", "llmlab.checkpoints"), "the core is below the step"),
     (("llmlab.objectives",), ("llmlab.steps", "llmlab.checkpoints",
-                              "llmlab.api", "llmlab.runs", "llmlab.sample",
+                              "llmlab.api", "llmlab.runs",
                               "llmlab.commands", "llmlab.teacher_logits"),
      "objectives are pure losses"),
     (("llmlab.steps",), ("llmlab.runs", "llmlab.train"),

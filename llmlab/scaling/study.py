@@ -67,8 +67,8 @@ SPACINGS = ("log", "linear")
 
 
 def checked(scfg) -> ml_collections.ConfigDict:
-  """`scfg` over `config.study_defaults()`, validated: an unknown key or a bad value is a
-  ConfigError naming it, before anything trains."""
+  """`scfg` over `config.study_defaults()`, validated: an unknown key or a
+  bad value is a ConfigError naming it, before anything trains."""
   s = config_lib.merge(config_lib.study_defaults(), scfg)
   req = config_lib.require
   req(s.base is not None, "base", s.base, "a train config (llmlab.config.base())")

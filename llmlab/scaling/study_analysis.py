@@ -74,7 +74,6 @@ def known_entropy(run_dir: str, result: dict) -> dict | None:
   return out
 
 
-
 def fold_into_endpoints(scfg, result: dict, noise: dict) -> dict:
   """The law's bootstrap intervals at the target's points widened by the
   seed spread at the same step (noise_lo/hi), and how often each covers."""
@@ -168,10 +167,7 @@ def _from_step(curves: dict, first: float) -> dict:
   """The rows at steps >= first (curve_fit.min_fraction of the run): the
   warmup's end is where the law, fitted on log loss, is least like the
   late curve a prediction is scored on."""
-  out = records_lib.take({k: v for k, v in curves.items() if k != "eta"},
-                         curves["step"] >= first)
-  out["eta"] = curves["eta"]
-  return out
+  return _take(curves, curves["step"] >= first)
 
 
 def _last_rows(curves: dict) -> dict:
@@ -179,6 +175,11 @@ def _last_rows(curves: dict) -> dict:
   keep = np.zeros(len(curves["run"]), bool)
   for n in records_lib.run_names(curves):
     keep[np.flatnonzero(curves["run"] == n)[-1]] = True
+  return _take(curves, keep)
+
+
+def _take(curves: dict, keep) -> dict:
+  """The rows `keep` of a curves table, every run's exact rates kept."""
   out = records_lib.take({k: v for k, v in curves.items() if k != "eta"}, keep)
   out["eta"] = curves["eta"]
   return out

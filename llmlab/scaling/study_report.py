@@ -25,7 +25,6 @@ DESIGN_NOTE = ("warmup-stable-decay: one long run per size with a constant "
                "loss of a run that ends there).")
 
 
-
 def write_report(result: dict, workdir: str, planned=(),
                  eval_tokens: int | None = None) -> None:
   """DIR/report.md from study.json's `result` and the planned runs
