@@ -43,15 +43,15 @@ def main():
   a, rest = p.parse_known_args()
   scfg = cli_common.load_config(a.config, *rest)
   result = storage.read_json(storage.join(a.workdir, "study.json"))
-  target = next(r for r in study_lib.plan(scfg, a.workdir)
-                if r["role"] == "target" and r["kind"] == "main")
+  target = next(r for r in study_lib.plan(study_lib.checked(scfg), a.workdir)
+                if r.role == "target" and r.kind == "main")
   # Its own harness file: the study's experiment.json (wall time) is left alone.
   ex = experiment.Experiment(storage.join(a.workdir, "target_seeds"))
-  runs = {f"seed {scfg.base.train.seed}": _evals(target["workdir"])}
+  runs = {f"seed {scfg.base.train.seed}": _evals(target.workdir)}
   for seed in (int(s) for s in a.seeds.split(",")):
-    cfg = copy.deepcopy(target["cfg"])
+    cfg = copy.deepcopy(target.cfg)
     cfg.train.seed = seed
-    wd = f"{target['workdir']}_seed{seed}"
+    wd = f"{target.workdir}_seed{seed}"
     ex.train(cfg, wd)
     runs[f"seed {seed}"] = _evals(wd)
   steps = sorted(set.intersection(*[set(r) for r in runs.values()]))
@@ -60,7 +60,7 @@ def main():
   late = [s for s in steps if s >= float(scfg.are_fraction) * final]
   seeds_TxK = np.array([[r[s] for k, r in runs.items() if k != "mean"] for s in late])
   rel = seeds_TxK.std(axis=1, ddof=1) / seeds_TxK.mean(axis=1)
-  print(f"target {target['name']}: final loss per seed "
+  print(f"target {target.member}: final loss per seed "
         + ", ".join(f"{k} {r[final]:.4f}" for k, r in runs.items())
         + f"; relative std {100 * np.sqrt(np.mean(rel ** 2)):.2f}% "
         f"(RMS over the {len(late)} evals >= {scfg.are_fraction:g} of the final step)")

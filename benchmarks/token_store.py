@@ -133,8 +133,7 @@ def _child(args) -> None:
       "batches": args.batches, "batch": args.batch, "seq_len": args.seq_len,
       "max_rss_mb": round(_peak_rss_mb(), 1),
       "ru_maxrss_mb": round(resource.getrusage(
-          resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-      "reads": token_store.READS.counts}))
+          resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 
 
 def read_in_child(store: str, args, batches: int, env=None) -> dict:
@@ -258,7 +257,7 @@ def _speed(result: dict) -> dict:
           "goal": GOAL_TOKENS_PER_S,
           "of_goal": round(result["tokens_per_s"] / GOAL_TOKENS_PER_S, 3),
           "batch": result["batch"], "seq_len": result["seq_len"],
-          "batches": result["batches"], "reads": result["reads"]}
+          "batches": result["batches"]}
 
 
 def _gcs(work: str, args) -> dict:

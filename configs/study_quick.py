@@ -15,9 +15,8 @@ Variants:
     llmlab study --config=configs/study_quick.py --workdir=/tmp/llmlab/study
 """
 
-import ml_collections
-
 from llmlab.config import base as train_base
+from llmlab.config import study_defaults
 
 
 def _model(d, layers, heads, kv=None):
@@ -26,7 +25,7 @@ def _model(d, layers, heads, kv=None):
 
 
 def get_config(arg: str | None = None):
-  s = ml_collections.ConfigDict()
+  s = study_defaults()  # the other keys, their defaults and what they mean
   b = train_base()
   b.train.update(batch_size=16, seq_len=128, learning_rate=3e-3, log_every=100,
                  eval_every=0, eval_tokens=65_536, seed=0)
@@ -46,32 +45,12 @@ def get_config(arg: str | None = None):
   ]
   s.target = ("n328k", _model(64, 5, 4))
   s.steps = 1464                  # per main run (batch 16 x 128 = 2048 tokens)
-  s.decay_fraction = 0.2          # WSD decay share of each (branch) run
-  s.points = 4                    # branch points per size
-  s.min_fraction = 0.3            # earliest branch end, as share of tokens
-  s.are_fraction = 0.7            # ARE over target points >= 70% of final
-  s.eval_tokens = 65_536
-  s.fit = ml_collections.ConfigDict(dict(form="chinchilla", bootstrap=200,
-                                         min_fraction=0.0,
-                                         params_column="params"))
-  # What the law is fitted on: "branches" (annealed endpoints, above) or
-  # "curves" (every eval along the main runs; no branch runs).
-  s.fit_on = "branches"
-  s.run_branches = False          # curves: also train branches as held-out
-  s.curve_points = 24             # evals along each main run (0: none)
-  s.curve_spacing = "linear"      # "linear" or "log", from warmup's end
-  s.curve_fit = ml_collections.ConfigDict(dict(form="multipower_e",
-                                               bootstrap=100,
-                                               min_fraction=0.0,
-                                               params_column="params"))
-  # Run-to-run noise: the noise member (default the largest) re-trained
-  # with this many more seeds; their spread widens the target's intervals.
+  s.curve_points = 24             # the curve law's analysis beside the default
+  # The largest member re-trained with two more seeds, and those runs are
+  # fitted too: it decides the extrapolation and one run of it is ~1% noisy;
+  # three pin it (README: ARE 2.24% -> 1.18% with branches, 3.05% -> 1.11%
+  # with curves).
   s.noise_seeds = 2
-  s.noise_member = ""
-  # The seed re-runs are fitted too (branches: their final evals; curves:
-  # their whole curves). The largest member decides the extrapolation and
-  # one run of it is ~1% noisy; three pin it (README: ARE 2.24% -> 1.18%
-  # with branches, 3.05% -> 1.11% with curves).
   s.fit_seeds = True
   if arg == "smoke":
     s.family = [

@@ -166,6 +166,13 @@ def with_overrides(cfg: ConfigDict, overrides: dict) -> ConfigDict:
   return full
 
 
+def merge(schema: ConfigDict, cfg: ConfigDict) -> ConfigDict:
+  """`cfg`'s values over `schema` (every key with its default; a study's
+  own schema, e.g. llmlab/scaling/study.py); unknown keys are an error."""
+  _merge(schema, cfg, prefix="")
+  return schema
+
+
 def _merge(dst: ConfigDict, src: ConfigDict, prefix: str) -> None:
   for key, value in src.items():
     path = f"{prefix}{key}"
@@ -190,6 +197,9 @@ def _merge(dst: ConfigDict, src: ConfigDict, prefix: str) -> None:
 def _require(cond: bool, key: str, value: Any, why: str) -> None:
   if not cond:
     raise ConfigError(f"config.{key}={value!r}: {why}")
+
+
+require = _require  # the studies' schemas check their keys the same way
 
 
 def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
@@ -360,3 +370,40 @@ def model_shape_keys(cfg: ConfigDict) -> dict:
   return {f"model.{k}": m[k] for k in (
       "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
       "mlp_dim", "tie_embeddings", "qk_norm", "attn_bias")}
+
+
+def _law(form: str, bootstrap: int) -> ConfigDict:
+  return ConfigDict(dict(
+      form=form,                # a law of llmlab/scaling/forms.py
+      bootstrap=bootstrap,      # resamples for its 95% intervals
+      min_fraction=0.0,         # fit points from this share of a run on
+      params_column="params"))  # its N: params | params_nonembed
+
+
+def study_defaults() -> ConfigDict:
+  """Every key of `llmlab study` (llmlab/scaling/study.py, which checks
+  them), with its default; `base`, `family`, `target` and `steps` have
+  none. A study config file starts from this and overrides what it needs."""
+  return ConfigDict(dict(
+      base=None,             # the train config every run derives from
+      family=[],             # (name, model overrides) pairs, smallest first
+      target=None,           # (name, model overrides): held out, predicted
+      steps=0,               # per main run
+      decay_fraction=0.2,    # WSD decay share of each (branch) run
+      points=4,              # branch points per size
+      min_fraction=0.3,      # earliest branch end, as share of tokens
+      are_fraction=0.7,      # ARE over target points >= this share of final
+      eval_tokens=65_536,    # held-out tokens of every fitted point
+      fit=_law("chinchilla", 200),  # the law of (N, D) on the branch ends
+      # What the law is fitted on: "branches" (annealed endpoints) or
+      # "curves" (every eval along the main runs; no branch runs).
+      fit_on="branches",
+      run_branches=False,    # curves: also train branches, as held-out
+      curve_points=0,        # evals along each main run (0: none)
+      curve_spacing="linear",  # "linear" or "log", from warmup's end
+      curve_fit=_law("multipower_e", 100),  # the law of whole loss curves
+      # Run-to-run noise: the noise member ("": the largest) re-trained with
+      # this many more seeds; their spread widens the target's intervals.
+      noise_seeds=0,
+      noise_member="",
+      fit_seeds=False))      # the seed re-runs are fitted too

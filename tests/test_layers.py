@@ -14,7 +14,8 @@ CORE = ("llmlab.model", "llmlab.sharding", "llmlab.optim", "llmlab.data",
         "llmlab.workdir_lock", "llmlab.decode", "llmlab.runtime",
         "llmlab.loop", "llmlab.attention", "llmlab.storage", "llmlab.slices",
         "llmlab.profiling")
-STUDIES = ("llmlab.scaling.study", "llmlab.studies", "llmlab.compress.experiment",
+STUDIES = ("llmlab.scaling.study", "llmlab.scaling.study_analysis",
+           "llmlab.scaling.study_report", "llmlab.studies", "llmlab.compress.experiment",
            "llmlab.experiment")
 CLI = ("llmlab.main", "llmlab.__main__", "llmlab.cli_common", "llmlab.commands")
 
@@ -27,7 +28,7 @@ RULES = [
     (CORE, ("llmlab.objectives", "llmlab.steps", "llmlab.runs",
             "llmlab.train", "llmlab.checkpoints"), "the core is below the step"),
     (("llmlab.objectives",), ("llmlab.steps", "llmlab.checkpoints",
-                              "llmlab.api", "llmlab.runs", "llmlab.sample",
+                              "llmlab.api", "llmlab.runs",
                               "llmlab.commands", "llmlab.teacher_logits"),
      "objectives are pure losses"),
     (("llmlab.steps",), ("llmlab.runs", "llmlab.train"),

@@ -132,3 +132,66 @@ def test_study_bad_fit_on(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert msg in out.stderr and "Traceback" not in out.stderr
     assert not (workdir / "runs").exists()
+
+
+def _checked(*overrides, drop=(), **values):
+  from llmlab import cli_common  # noqa: PLC0415
+  from llmlab.scaling import study  # noqa: PLC0415
+  scfg = cli_common.load_config(f"{ROOT}/configs/study_quick.py:test",
+                                *overrides)
+  scfg.unlock()
+  for key in drop:
+    del scfg[key]
+  for key, value in values.items():  # as a config file may set them
+    if key in scfg:
+      del scfg[key]
+    scfg[key] = value
+  return study.checked(scfg)
+
+
+def test_study_schema_defaults_and_errors():
+  """Every study key has one default (a config may leave any out) and a bad
+  or unknown one is a ConfigError naming it, in process."""
+  import pytest  # noqa: PLC0415
+
+  from llmlab import config, errors  # noqa: PLC0415
+  s = _checked(drop=("fit_on", "curve_spacing", "noise_member", "fit_seeds",
+                     "run_branches"))
+  d = config.study_defaults()
+  assert (s.fit_on, s.curve_spacing, s.fit_seeds) == ("branches", "linear", False)
+  assert s.noise_member == d.noise_member == "" and s.steps == 20
+  assert s.fit.params_column == s.curve_fit.params_column == "params"
+  for flag, msg in (("--config.decay_fraction=1.0", "decay_fraction=1.0"),
+                    ("--config.steps=0", "steps=0"),
+                    ("--config.noise_member=t_target", "noise_member='t_target'"),
+                    ("--config.fit.form=multipower_e", "fit.form='multipower_e'"),
+                    ("--config.curve_fit.form=chinchilla",
+                     "curve_fit.form='chinchilla'"),
+                    ("--config.fit.form=nope", "fit.form='nope'")):
+    with pytest.raises(errors.ConfigError, match=msg.replace(".", r"\.")):
+      _checked(flag)
+  with pytest.raises(errors.ConfigError, match="fit_seeds=1"):
+    _checked(fit_seeds=1)
+  with pytest.raises(errors.ConfigError, match="family="):
+    _checked(family=[("t1", {})])
+  with pytest.raises(errors.ConfigError, match="unknown config key 'unknown_key'"):
+    _checked(unknown_key=1)
+
+
+def test_study_plan_records():
+  """The plan is one Run record per run, its kind from its role and start."""
+  from llmlab.scaling import study  # noqa: PLC0415
+  s = _checked("--config.fit_on=branches")
+  planned = study.plan(s, "/w")
+  kinds = [r.kind for r in planned]
+  assert kinds == ["main"] * 4 + ["seed"] + ["branch"] * (len(kinds) - 5)
+  seed = planned[4]
+  assert (seed.member, seed.run, seed.role) == ("t3", "t3_seed1", "seed")
+  assert seed.workdir == "/w/runs/t3_seed1" and seed.cfg.train.seed == 1
+  branch = planned[5]
+  assert branch.main == f"/w/runs/{branch.member}" and branch.start >= 1
+  assert branch.workdir == f"/w/runs/{branch.member}_branch{branch.start}"
+  assert branch.final == branch.cfg.train.steps > branch.start
+  curves = study.plan(_checked("--config.fit_on=curves"), "/w")
+  assert "branch" not in [r.kind for r in curves]
+  assert curves[0].cfg.train.eval_at_steps[-1] == 20

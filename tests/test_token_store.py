@@ -4,12 +4,14 @@ random access (llmlab/data/token_store.py, token_data.py).
 Local tests run by default; the GCS ones (a real fake-gcs-server, 1 and 2
 training processes) are `integration`."""
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -28,6 +30,28 @@ from llmlab.data.errors import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L = 32
+
+
+@contextlib.contextmanager
+def counted_reads():
+  """Every row the token store's readers read in this process while inside:
+  {"rows": [(source, split, row), ...], "tokens": n}. Wraps
+  `Split.read_rows` from outside; the reader itself counts nothing."""
+  reads = {"rows": [], "tokens": 0}
+  real, lock = token_store.Split.read_rows, threading.Lock()
+
+  def read_rows(self, rows, seq_len):
+    batch = real(self, rows, seq_len)
+    with lock:  # the loader's threads read concurrently
+      reads["rows"] += [(self.source, self.split, int(r)) for r in rows]
+      reads["tokens"] += len(rows) * seq_len
+    return batch
+
+  token_store.Split.read_rows = read_rows
+  try:
+    yield reads
+  finally:
+    token_store.Split.read_rows = real
 
 
 def _synthetic_cfg(num_docs=600, doc_len=200, val_fraction=0.1):
@@ -161,16 +185,10 @@ def test_batches_are_a_pure_function_of_seed_and_step(store):
 def test_a_process_reads_only_its_rows(store):
   path, _ = store
   d = _build(path, 1, 2)
-  token_store.READS.reset()
-  token_store.READS.trace = True
-  try:
+  with counted_reads() as reads:
     d.train_batch(9)
-  finally:
-    token_store.READS.trace = False
-  reads = token_store.READS
-  assert [(s, r) for s, _, r in reads.rows] == d.batch_rows(9)
-  assert reads.counts["rows"] == 4 and reads.counts["tokens"] == 4 * L
-  assert reads.counts["bytes"] == 4 * L * 4  # uint16 tokens + uint16 bytes
+  assert [(s, r) for s, _, r in reads["rows"]] == d.batch_rows(9)
+  assert reads["tokens"] == 4 * L
 
 
 def test_eval_rows_are_held_out_and_shared(store):
@@ -192,19 +210,15 @@ def test_train_from_store_in_process(store, tmp_path):
   from llmlab import train  # pylint: disable=g-import-not-at-top
   path, _ = store
   workdir = str(tmp_path / "run")
-  token_store.READS.reset()
-  token_store.READS.trace = True
-  try:
+  with counted_reads() as reads:
     summary = train.train(_train_cfg(path), workdir)
-  finally:
-    token_store.READS.trace = False
   assert summary["step"] == 3 and np.isfinite(summary["loss"])
   saved = json.load(open(os.path.join(workdir, "config.json")))
   assert saved["data_info"]["fingerprint"] == token_store.TokenStore(
       str(path)).fingerprint
   assert saved["data_info"]["source"] == "tokens"
   d = _build(path, batch=4)
-  train_rows = {(s, r) for s, split, r in token_store.READS.rows
+  train_rows = {(s, r) for s, split, r in reads["rows"]
                 if split == "train"}
   wanted = {x for step in range(3) for x in d.batch_rows(step)}
   ahead = {x for step in range(3 + 8) for x in d.batch_rows(step)}
@@ -432,15 +446,11 @@ def test_gcs_store_objects_and_rows(gcs_store, store):
 def test_gcs_train_one_process(gcs_store, tmp_path):
   from llmlab import train  # pylint: disable=g-import-not-at-top
   _, uri, _ = gcs_store
-  token_store.READS.reset()
-  token_store.READS.trace = True
-  try:
+  with counted_reads() as reads:
     summary = train.train(_train_cfg(uri), str(tmp_path / "run"))
-  finally:
-    token_store.READS.trace = False
   assert summary["step"] == 3
   d = _build(uri, batch=4)
-  read = {(s, r) for s, split, r in token_store.READS.rows if split == "train"}
+  read = {(s, r) for s, split, r in reads["rows"] if split == "train"}
   wanted = {x for step in range(3) for x in d.batch_rows(step)}
   assert wanted <= read <= {x for s in range(11) for x in d.batch_rows(s)}
 
@@ -467,8 +477,7 @@ def test_gcs_train_two_processes_read_only_their_rows(gcs_store, tmp_path):
     mine = {x for step in range(steps) for x in d.batch_rows(step)}
     ahead = {x for step in range(steps + 8) for x in d.batch_rows(step)}
     assert mine <= got[p] <= ahead
-    counts = reads[p]["counts"]
-    assert counts["tokens"] == counts["rows"] * L == len(reads[p]["rows"]) * L
+    assert reads[p]["tokens"] == len(reads[p]["rows"]) * L
     assert reads[p]["summary"]["step"] == steps
 
 

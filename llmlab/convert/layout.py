@@ -98,9 +98,3 @@ def entries(cfg: model_lib.ModelConfig) -> list[Entry]:
     out.append(Entry(("unembed",), "lm_head.weight", *swap(v, d),
                      stacked=False))
   return out
-
-
-def hf_names(cfg: model_lib.ModelConfig) -> list[str]:
-  """Every HF tensor name `entries(cfg)` reads or writes."""
-  return [e.hf_name(i) for e in entries(cfg)
-          for i in (range(cfg.num_layers) if e.stacked else [None])]

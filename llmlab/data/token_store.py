@@ -596,39 +596,11 @@ def _summary(out, manifest, written: int, units: int, start: float,
 
 # -------------------------------------------------------------------- reader
 
-class Reads:
-  """Per-process counters of what readers fetched (tests, benchmarks):
-  rows, tokens, bytes (logical, both arrays) and tensorstore reads; with
-  `trace` on, every (source, split, row) read."""
-
-  def __init__(self):
-    self._lock = threading.Lock()
-    self.trace = False
-    self.reset()
-
-  def reset(self) -> None:
-    with self._lock:
-      self.counts = {"rows": 0, "tokens": 0, "bytes": 0, "requests": 0}
-      self.rows = []
-
-  def add(self, source, split, rows, tokens, nbytes, requests) -> None:
-    with self._lock:
-      for k, v in (("rows", len(rows)), ("tokens", tokens),
-                   ("bytes", nbytes), ("requests", requests)):
-        self.counts[k] += v
-      if self.trace:
-        self.rows += [(source, split, int(r)) for r in rows]
-
-
-READS = Reads()
-
-
 @dataclasses.dataclass
 class _Opened:
   tokens: ts.TensorStore
   marks: ts.TensorStore
-  mark: int      # the document-start marker of `marks`
-  itemsize: int  # bytes per token position, both arrays
+  mark: int  # the document-start marker of `marks`
 
 
 class Split:
@@ -670,9 +642,7 @@ class Split:
               f"token store {self.store.uri}: shard {shard['path']} has "
               f"{arr.shape[0]} tokens, the manifest says {shard['tokens']} "
               "(truncated or replaced); write the store again")
-      opened = _Opened(tokens, marks, mark_value(marks.dtype.numpy_dtype),
-                       tokens.dtype.numpy_dtype.itemsize +
-                       marks.dtype.numpy_dtype.itemsize)
+      opened = _Opened(tokens, marks, mark_value(marks.dtype.numpy_dtype))
       self._opened[i] = opened
       return opened
 
@@ -711,7 +681,7 @@ class Split:
     tokens = np.empty((n, seq_len), np.int32)
     nbytes = np.empty((n, seq_len), np.int32)
     starts = np.empty((n, seq_len), bool)
-    pending, fetched = [], 0
+    pending = []
     for i, r in enumerate(rows):
       lo = int(r) * seq_len
       for s, a, c0, c1 in self._pieces(lo, lo + seq_len):
@@ -719,7 +689,6 @@ class Split:
         pending.append((i, s, c0, c1, arr.mark,
                         arr.tokens[a:a + c1 - c0].read(),
                         arr.marks[a:a + c1 - c0].read()))
-        fetched += (c1 - c0) * arr.itemsize
     end = time.monotonic() + storage.DEADLINE_S  # one deadline per batch
     for i, s, c0, c1, mark, ft, fm in pending:
       try:
@@ -730,8 +699,6 @@ class Split:
       tokens[i, c0:c1] = t
       starts[i, c0:c1] = m == mark
       nbytes[i, c0:c1] = np.where(m == mark, 0, m)
-    READS.add(self.source, self.split, rows, n * seq_len, fetched,
-              2 * len(pending))
     segment_ids, positions = segments(starts)
     return {"tokens": tokens, "segment_ids": segment_ids,
             "positions": positions, "bytes": nbytes}
