@@ -141,8 +141,9 @@ def dense(eq: str, x: Array, w: Array, cfg: ModelConfig,
     # `steps.build`) replaces with its quantised product and VJP; it finds
     # the weight operand by identity, so `w` is passed as the module's
     # param. Outside an intercepted model (decode, a teacher) this is the
-    # float product.
-    y = jnp.einsum(eq, x.astype(_dtype(cfg.product_dtype)), w,
+    # float product. The activation joins the weight's dtype: qwix scales
+    # both operands in one dtype, and they are rounded to int8/fp8 anyway.
+    y = jnp.einsum(eq, x.astype(w.dtype), w,
                    preferred_element_type=jnp.float32)
   else:
     y = _product(eq, x, w, _dtype(cfg.product_dtype), x.dtype, w.dtype)

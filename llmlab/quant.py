@@ -25,11 +25,17 @@ anything compiles.
 
 from __future__ import annotations
 
+import warnings
+
 import jax.numpy as jnp
 
 from llmlab import config as config_lib
 
 MODES = config_lib.QUANTS
+# qwix 0.1.8 checks isinstance(x, nnx.VariableState) on every product it
+# traces; flax 0.12 warns for each (thousands per compile).
+warnings.filterwarnings("ignore", message=".*'VariableState' was removed",
+                        category=DeprecationWarning)
 # Module paths of the quantised products (regex on qwix's '/'-joined linen
 # path): the scanned decoder layers, not embedding / final projection.
 LAYERS = r"layers/.*"
