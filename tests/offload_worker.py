@@ -70,9 +70,11 @@ def run(mesh, offload, remat, steps):
   mem = compiled.memory_analysis()
   text = compiled.as_text()
   losses = []
-  for b in batches(steps):
-    state, met = step(state, shd.global_batch(b, setup.batch_sharding))
-    losses.append(float(met["loss"]))
+  with jax.set_mesh(m):  # the step as compiled above (one compile)
+    for b in batches(steps):
+      state, met = compiled(state, shd.global_batch(b, setup.batch_sharding),
+                            None, setup.hparams)
+      losses.append(float(met["loss"]))
   kinds = sorted({x.sharding.memory_kind
                   for x in jax.tree.leaves(state["opt_state"])})
   return {"losses": losses, "opt_memory_kinds": kinds,
