@@ -179,3 +179,23 @@ def test_int8_training_loss_within_2_percent_of_bf16():
   assert not np.array_equal(bf16, int8)  # quantisation is on
   ratio = int8[-10:].mean() / bf16[-10:].mean()
   assert abs(ratio - 1) <= 0.02, (ratio, bf16[-10:], int8[-10:])
+
+
+@pytest.mark.integration
+def test_tpu_int8_step_compiles_with_int8_products():
+  """A v5p-8 compile (libtpu): the int8 step compiles for the TPU with s8
+  products in it, and fp8 is refused there (v5p has no fp8 units)."""
+  pytest.importorskip("libtpu")
+  from llmlab import plan
+  c = _cfg("int8")
+  c.model.update(d_model=256, num_heads=4, num_kv_heads=4, mlp_dim=1024,
+                 scan_unroll=1, dtype="bfloat16")
+  c.train.seq_len = 128
+  c.mesh.update(data=1, fsdp=4)
+  _, devices = plan.target_devices("v5p-8")
+  compiled, _ = plan.compile_abstract(c, 1024, devices)
+  text = compiled.as_text()
+  assert "s8[" in text and "convolution(" in text or "dot(" in text
+  c.model.quant = "fp8"
+  with pytest.raises(config_lib.ConfigError, match="TPU v5 has no fp8"):
+    plan.compile_abstract(c, 1024, devices)
