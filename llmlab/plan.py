@@ -279,7 +279,9 @@ def _abstract_carry(carry, mesh):
 def _state_bytes(cfg, vocab_size: int, devices) -> int:
   mesh = shd.make_mesh(cfg.mesh, devices)
   setup = steps_lib.build(cfg, vocab_size, mesh)
-  return shd.bytes_per_device(setup.abstract_state)
+  on_device = [x for x in jax.tree.leaves(setup.abstract_state)
+               if getattr(x.sharding, "memory_kind", None) != "pinned_host"]
+  return shd.bytes_per_device(on_device)  # optim.offload=host: not in HBM
 
 
 def candidates(cfg, n: int) -> list[dict]:

@@ -98,6 +98,20 @@ def test_offload_without_pinned_host_is_refused(kw, key):
                           "pinned_host memory space to offload to")
 
 
+def test_plan_compares_against_the_step_without_offload():
+  from llmlab import plan
+  assert plan.offload_baseline(_cfg()) == {}
+  assert plan.offload_baseline(_cfg(optim__offload="host")) == {
+      "optim.offload": "none"}
+  assert plan.offload_baseline(_cfg(optim__offload="host",
+                                    model__remat="minimal_offloaded")) == {
+      "optim.offload": "none", "model.remat": "dots"}
+  # An offloading remat searches on from dots: full remat is next.
+  c = _cfg(model__remat="offload_dots")
+  c.mesh.data = 8
+  assert {"model.remat": "full"} in plan.candidates(c, 8)
+
+
 def test_cpu_has_pinned_host():
   import jax
   assert steps_lib.has_pinned_host(jax.devices()[0])
