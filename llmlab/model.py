@@ -433,8 +433,6 @@ def _offload_dots_policy(prim, *_, **params):
   return pe.Recompute
 
 
-OFFLOAD_REMATS = ("offload_dots", "minimal_offloaded")
-
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     # Weight products (`dense`) are custom-VJP calls the dots policy cannot

@@ -107,7 +107,7 @@ def check_offload(cfg, device) -> None:
   keys = []
   if offload == "host":
     keys.append(("optim.offload", offload))
-  if cfg.model.remat in model_lib.OFFLOAD_REMATS:
+  if cfg.model.remat in config_lib.OFFLOAD_REMATS:
     keys.append(("model.remat", cfg.model.remat))
   if keys and not has_pinned_host(device):
     key, value = keys[0]

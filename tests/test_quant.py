@@ -145,6 +145,17 @@ def test_fp8_refused_on_cpu_before_tracing(monkeypatch):
                                             "has no fp8 matmul units")
 
 
+def test_an_fp8_run_loads_in_float_where_there_is_no_fp8():
+  """Checkpoints are float: `runs.setup_for` (eval, sample, api.load)
+  builds an fp8 run's model without quantisation on a CPU."""
+  from llmlab import runs
+  setup = runs.setup_for(_cfg("fp8"), {"model_info": {"vocab_size": VOCAB}})
+  assert setup.model_cfg.quant == "none" and not quant.is_quantized(
+      setup.model)
+  assert quant.is_quantized(runs.setup_for(
+      _cfg("int8"), {"model_info": {"vocab_size": VOCAB}}).model)
+
+
 def test_fp8_on_cpu_is_one_line_from_the_cli(tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "llmlab", "train",
