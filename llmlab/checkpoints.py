@@ -132,13 +132,24 @@ def _leaf_hash(x):
   return jnp.sum(_fmix32(u * jnp.uint32(0x9E3779B1) + i), dtype=jnp.uint32)
 
 
+def _on_device(x):
+  sharding = getattr(x, "sharding", None)
+  kind = getattr(sharding, "memory_kind", None)
+  if kind in (None, "device"):
+    return x
+  return jax.device_put(x, sharding.with_memory_kind("device"))
+
+
 @jax.jit
 def _tree_hash(tree):
   return jax.tree.map(_leaf_hash, tree)
 
 
 def checksums(tree) -> dict[str, int]:
-  """{path: uint32} for every array leaf; computed on device, mesh-agnostic."""
+  """{path: uint32} for every array leaf; computed on device, mesh-agnostic.
+  Leaves in host memory (optim.offload=host) are hashed from a device copy:
+  jit does not mix memory spaces in one op."""
+  tree = jax.tree.map(_on_device, tree)
   hashes = jax.device_get(_tree_hash(tree))
   flat, _ = jax.tree_util.tree_flatten_with_path(hashes)
   return {jax.tree_util.keystr(path): int(h) for path, h in flat}

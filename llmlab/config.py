@@ -53,6 +53,13 @@ OBJECTIVE_DEFAULTS = dict(
 
 ConfigError = errors.ConfigError  # a config key has a bad value
 
+# model.remat: none | full | dots, and MaxText's host-offloading names
+# (llmlab/model.py `_REMAT`): what dots keeps, moved to pinned host memory.
+REMATS = ("none", "full", "dots", "offload_dots", "minimal_offloaded")
+OFFLOAD_REMATS = ("offload_dots", "minimal_offloaded")
+QUANTS = ("none", "int8", "fp8")  # model.quant (llmlab/quant.py)
+OFFLOADS = ("none", "host")  # optim.offload
+
 
 def data_defaults() -> ConfigDict:
   """The `config.data` group (keys documented in llmlab/data/config.py)."""
@@ -92,7 +99,10 @@ def base() -> ConfigDict:
       attn_bias=False, dropout=0.0, norm_eps=1e-6, remat="none", scan_unroll=0,
       dtype="float32", param_dtype="float32", matmul_dtype="", init_std=0.02,
       attention="auto", attention_block_q=0, attention_block_kv=0,
-      logits_chunk=0))  # >0: the loss projects this many positions at a time
+      logits_chunk=0,  # >0: the loss projects this many positions at a time
+      # Quantised training (qwix, llmlab/quant.py): the layers' weight
+      # matmuls in int8 or fp8, forward and backward; params stay float.
+      quant="none"))
 
   # context: devices that split each sequence (context parallelism,
   # llmlab/attention.py); must divide train.seq_len into 2*context chunks.
@@ -115,7 +125,10 @@ def base() -> ConfigDict:
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
       schedule="cosine", warmup_steps=10, decay_fraction=0.2,
       final_lr_fraction=0.1,
-      schedule_file=""))  # schedule="file": JSON of every update's rate
+      schedule_file="",  # schedule="file": JSON of every update's rate
+      # host: optimizer state lives in pinned host memory, moved to the
+      # device for the update each step (llmlab/steps.py).
+      offload="none"))
 
   c.checkpoint = ConfigDict(dict(
       every_steps=0, keep=2, sweep_points=0, sweep_min_fraction=0.1,
@@ -215,8 +228,12 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
            m.num_kv_heads, f"must divide model.num_heads={m.num_heads}")
   _require((m.head_dim or m.d_model // m.num_heads) % 2 == 0, "model.head_dim",
            m.head_dim, "head size must be even for RoPE")
-  _require(m.remat in ("none", "full", "dots"), "model.remat", m.remat,
-           "must be one of none, full, dots")
+  _require(m.remat in REMATS, "model.remat", m.remat,
+           f"must be one of {', '.join(REMATS)}")
+  _require(m.get("quant", "none") in QUANTS, "model.quant",
+           m.get("quant", "none"), f"must be one of {', '.join(QUANTS)}")
+  _require(o.get("offload", "none") in OFFLOADS, "optim.offload",
+           o.get("offload", "none"), f"must be one of {', '.join(OFFLOADS)}")
   _require(m.matmul_dtype in ("", "float32", "bfloat16"), "model.matmul_dtype",
            m.matmul_dtype, 'must be "" (= model.dtype), "float32" or "bfloat16"')
   _require(m.attention in ("auto", "xla", "splash", "cudnn"), "model.attention",

@@ -50,7 +50,7 @@ class ModelConfig:
   attn_bias: bool = False  # q/k/v projection biases (Qwen2-style)
   dropout: float = 0.0
   norm_eps: float = 1e-6
-  remat: str = "none"  # none | full | dots
+  remat: str = "none"  # none | full | dots | offload_dots | minimal_offloaded
   scan_unroll: int = 0  # 0 = auto: all layers unrolled on CPU, 1 elsewhere
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -59,6 +59,7 @@ class ModelConfig:
   attention: str = "auto"  # auto | xla | splash | cudnn (llmlab/attention.py)
   attention_block_q: int = 0  # splash tiles; 0 = default
   attention_block_kv: int = 0
+  quant: str = "none"  # none | int8 | fp8: qwix quantised training (quant.py)
 
   @property
   def head_size(self) -> int:
@@ -134,7 +135,18 @@ def dense(eq: str, x: Array, w: Array, cfg: ModelConfig,
   Only the products' operands are rounded: params, activations, gradients
   and optimizer state keep their dtypes.
   """
-  y = _product(eq, x, w, _dtype(cfg.product_dtype), x.dtype, w.dtype)
+  if cfg.quant != "none":
+    # Quantised training (llmlab/quant.py): a plain einsum of the activation
+    # and the parameter itself, which qwix's interception (installed by
+    # `steps.build`) replaces with its quantised product and VJP; it finds
+    # the weight operand by identity, so `w` is passed as the module's
+    # param. Outside an intercepted model (decode, a teacher) this is the
+    # float product. The activation joins the weight's dtype: qwix scales
+    # both operands in one dtype, and they are rounded to int8/fp8 anyway.
+    y = jnp.einsum(eq, x.astype(w.dtype), w,
+                   preferred_element_type=jnp.float32)
+  else:
+    y = _product(eq, x, w, _dtype(cfg.product_dtype), x.dtype, w.dtype)
   return checkpoint_name(y.astype(out_dtype or _dtype(cfg.dtype)), "dense")
 
 
@@ -403,6 +415,24 @@ class Block(nn.Module):
     return x_BxLxD, None
 
 
+def _offload_dots_policy(prim, *_, **params):
+  """What `dots` saves, offloaded to pinned host memory instead of kept in
+  device memory (MaxText's `minimal_offloaded`: checkpoint_dots with
+  offload): the named weight products and any dot without batch dims are
+  copied to the host in the forward pass and back for the backward; the
+  rest is recomputed."""
+  from jax._src.interpreters import partial_eval as pe  # noqa: PLC0415
+  from jax._src import ad_checkpoint  # noqa: PLC0415
+  offload = pe.Offloadable(src="device", dst="pinned_host")
+  if prim is ad_checkpoint.name_p and params["name"] == "dense":
+    return offload
+  if prim is jax.lax.dot_general_p:
+    (_, _), (lhs_b, rhs_b) = params["dimension_numbers"]
+    if not lhs_b and not rhs_b:
+      return offload
+  return pe.Recompute
+
+
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     # Weight products (`dense`) are custom-VJP calls the dots policy cannot
@@ -410,6 +440,8 @@ _REMAT = {
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
         jax.checkpoint_policies.save_only_these_names("dense")),
+    "offload_dots": _offload_dots_policy,
+    "minimal_offloaded": _offload_dots_policy,  # MaxText's name for it
 }
 
 

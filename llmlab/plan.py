@@ -172,10 +172,20 @@ def memory_report(compiled, setup) -> dict:
   out = int(mem.output_size_in_bytes) - int(mem.alias_size_in_bytes)
   temp = int(mem.temp_size_in_bytes)
   peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0) or args + out + temp
-  return {"params": params, "opt_state": opt,
-          "other_inputs": max(args - params - opt, 0),
+  # Host memory (optim.offload=host, offloading remat): TPU/GPU compilers
+  # count it apart from device memory; XLA:CPU does not (one memory).
+  host_args = int(getattr(mem, "host_argument_size_in_bytes", 0) or 0)
+  host = host_args + int(getattr(mem, "host_temp_size_in_bytes", 0) or 0) + (
+      int(getattr(mem, "host_output_size_in_bytes", 0) or 0) -
+      int(getattr(mem, "host_alias_size_in_bytes", 0) or 0))
+  opt_host = opt if (getattr(setup, "opt_device_shardings", None) is not None
+                     and host_args >= opt) else 0
+  opt_dev = opt - opt_host
+  return {"params": params, "opt_state": opt_dev,
+          "other_inputs": max(args - params - opt_dev, 0),
           "activations_and_temps": temp, "outputs": max(out, 0),
-          "peak": max(peak, args + temp)}
+          "peak": max(peak, args + temp),
+          "host": max(host, 0), "opt_state_host": opt_host}
 
 
 def format_report(rep: dict, limit: float | None, source: str) -> str:
@@ -184,6 +194,10 @@ def format_report(rep: dict, limit: float | None, source: str) -> str:
            ("activations_and_temps", "activations + temporaries"),
            ("outputs", "outputs (not in place)"), ("peak", "peak"))
   lines = [f"  {label:<28}{fmt_bytes(rep[k]):>12}" for k, label in names]
+  if rep.get("host"):
+    lines.append(f"  {'host memory (pinned_host)':<28}"
+                 f"{fmt_bytes(rep['host']):>12}  (not in the peak; optimizer "
+                 f"state {fmt_bytes(rep.get('opt_state_host', 0))})")
   if limit:
     lines.append(f"  {'device memory':<28}{fmt_bytes(limit):>12}  "
                  f"[{source}]  {100 * rep['peak'] / limit:.0f}% used")
@@ -266,7 +280,9 @@ def _abstract_carry(carry, mesh):
 def _state_bytes(cfg, vocab_size: int, devices) -> int:
   mesh = shd.make_mesh(cfg.mesh, devices)
   setup = steps_lib.build(cfg, vocab_size, mesh)
-  return shd.bytes_per_device(setup.abstract_state)
+  on_device = [x for x in jax.tree.leaves(setup.abstract_state)
+               if getattr(x.sharding, "memory_kind", None) != "pinned_host"]
+  return shd.bytes_per_device(on_device)  # optim.offload=host: not in HBM
 
 
 def candidates(cfg, n: int) -> list[dict]:
@@ -283,7 +299,8 @@ def candidates(cfg, n: int) -> list[dict]:
       cfg.train.batch_size // m) % (data * fsdp) == 0:
     micros.append(m)
     m *= 2
-  remats = REMATS[REMATS.index(cfg.model.remat):]
+  remat = cfg.model.remat if cfg.model.remat in REMATS else "dots"
+  remats = REMATS[REMATS.index(remat):]
   out = []
   for mesh in meshes:
     out += [mesh] if mesh else []
@@ -527,7 +544,38 @@ def plan_target(cfg, target: str, num_slices: int = 1, vocab_size: int = 0,
              temp_bytes=rep.get("activations_and_temps"),
              hints=hints(cfg, vocab, len(devices), res["compile_error"]))
   res.update(_step_figures(cfg, vocab, devices, with_estimate and bool(rep)))
+  res["offload"] = offload_saving(cfg, vocab, devices, rep)
   return res
+
+
+def offload_baseline(cfg) -> dict:
+  """The overrides that keep in device memory what `cfg` offloads to the
+  host ({} if it offloads nothing): optim.offload=none, and remat dots
+  for a host-offloading remat (the same saved values, kept on device)."""
+  out = {}
+  if cfg.optim.get("offload", "none") != "none":
+    out["optim.offload"] = "none"
+  if cfg.model.remat in config_lib.OFFLOAD_REMATS:
+    out["model.remat"] = "dots"
+  return out
+
+
+def offload_saving(cfg, vocab_size: int, devices, rep: dict) -> dict | None:
+  """Device memory that offloading saves: the peak of `cfg`'s step against
+  the same step with everything kept on the device (one more compile);
+  None if `cfg` offloads nothing."""
+  base = offload_baseline(cfg)
+  if not base or not rep:
+    return None
+  base_rep, error = _measure_or_error(config_lib.with_overrides(cfg, base),
+                                      vocab_size, devices)
+  out = {"baseline_overrides": base, "baseline_peak": None,
+         "hbm_saved": None, "host_bytes": rep.get("host", 0),
+         "baseline_error": error}
+  if base_rep:
+    out.update(baseline_peak=base_rep["peak"],
+               hbm_saved=base_rep["peak"] - rep["peak"])
+  return out
 
 
 def _step_figures(cfg, vocab_size: int, devices, run: bool) -> dict:
@@ -615,6 +663,16 @@ def format_plan(res: dict) -> str:
   else:
     lines.append(f"the train step does not compile: {res['compile_error']}")
   lines += _format_estimate(res)
+  off = res.get("offload")
+  if off and off.get("hbm_saved") is not None:
+    flags = " ".join(f"--config.{k}={v}" for k, v in
+                     off["baseline_overrides"].items())
+    lines.append(f"offload: {fmt_bytes(off['hbm_saved'])} of device memory "
+                 f"saved per device (peak {fmt_bytes(off['baseline_peak'])} "
+                 f"with {flags}); {fmt_bytes(off['host_bytes'])} in host "
+                 "memory")
+  elif off:
+    lines.append(f"offload: baseline did not compile: {off['baseline_error']}")
   if res["limit_bytes"] is None and res["per_device"]:
     lines.append("fits: unknown (pass --device=NAME or --hbm_gb=N)")
   elif res["fits"]:

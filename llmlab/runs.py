@@ -25,6 +25,7 @@ from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
 from llmlab import errors
 from llmlab import model as model_lib
+from llmlab import quant as quant_lib
 from llmlab import sharding as shd
 from llmlab import steps as steps_lib
 from llmlab import storage
@@ -82,6 +83,16 @@ def setup_for(cfg, raw: dict, mesh=None):
   # The kernel is this machine's choice, not the run's: a run trained with
   # splash on a TPU loads on a laptop (params do not depend on it).
   cfg.model.attention = "auto"
+  if mesh is None:
+    mesh_devices = jax.devices()[:1]
+  else:
+    mesh_devices = list(mesh.devices.flat)
+  # Likewise quantised training's fp8 products: checkpoints hold float
+  # params, so a run trained in fp8 evaluates in float where the devices
+  # have no fp8 units (int8 runs everywhere).
+  if cfg.model.get("quant", "none") == "fp8" and not quant_lib.fp8_support(
+      mesh_devices[0])[0]:
+    cfg.model.quant = "none"
   if mesh is None:
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data = 1, 1, 1, 1
     cfg.mesh.context = 1

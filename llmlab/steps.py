@@ -19,10 +19,12 @@ import numpy as np
 import optax
 
 from llmlab import attention as attention_lib
+from llmlab import config as config_lib
 from llmlab import guard
 from llmlab import model as model_lib
 from llmlab import objectives
 from llmlab import optim
+from llmlab import quant as quant_lib
 from llmlab import sharding as shd
 from llmlab.objectives.next_token import (chunked_token_nll, target_mask,
                                           token_nll)
@@ -44,28 +46,88 @@ class Setup:
   state_shardings: Any
   batch_sharding: jax.sharding.NamedSharding
   abstract_state: Any  # unboxed ShapeDtypeStructs with shardings
+  # optim.offload=host: the optimizer state's shardings in device memory,
+  # where the step moves it for the update (state_shardings hold it in
+  # pinned host memory between steps); None without offload.
+  opt_device_shardings: Any = None
 
 
 def build(cfg, vocab_size: int, mesh: jax.sharding.Mesh) -> Setup:
   # Before anything traces: a kernel the mesh's devices cannot run is a
   # config error, not a compile failure minutes later.
   shd.check_context(mesh)
-  attention_lib.check(cfg.model, mesh.devices.flat[0].platform,
+  device = mesh.devices.flat[0]
+  attention_lib.check(cfg.model, device.platform,
                       cfg.train.seq_len,
                       int(mesh.shape.get("context", 1)))
+  quant_lib.check(cfg.model, device)
+  offload = cfg.optim.get("offload", "none")
+  check_offload(cfg, device)
   mcfg = model_lib.ModelConfig.from_config(cfg.model, vocab_size)
-  model = model_lib.Transformer(mcfg)
+  # model.quant: qwix intercepts the layers' weight products (quant.py);
+  # the params it creates are the float model's.
+  model = quant_lib.wrap(model_lib.Transformer(mcfg), mcfg.quant)
   tx, _ = optim.make(cfg.optim, cfg.train.learning_rate, cfg.train.steps)
   rules = shd.rules(cfg.mesh)
   boxed = jax.eval_shape(functools.partial(_init_boxed, model, tx,
                                            cfg.train.seq_len),
                          jax.random.key(0))
   shardings = shd.tree_shardings(mesh, rules, boxed)
+  opt_device = None
+  if offload == "host":
+    opt_device = shardings["opt_state"]
+    shardings = dict(shardings, opt_state=jax.tree.map(
+        lambda s: s.with_memory_kind("pinned_host"), opt_device))
   abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       nn.unbox(boxed), shardings)
   return Setup(cfg, mcfg, model, tx, step_hparams(cfg), mesh, rules,
-               shardings, shd.batch_sharding(mesh, rules), abstract)
+               shardings, shd.batch_sharding(mesh, rules), abstract,
+               opt_device)
+
+
+def has_pinned_host(device) -> bool:
+  """Whether `device` (a runtime or compile-only device) has a pinned host
+  memory space that jit can place arrays in."""
+  try:
+    kinds = {m.kind for m in device.addressable_memories()}
+  except Exception:  # noqa: BLE001 - a device without memory spaces
+    return False
+  return "pinned_host" in kinds
+
+
+def check_offload(cfg, device) -> None:
+  """ConfigError (one line, naming the key) if optim.offload=host or a
+  host-offloading remat policy is asked of a device without pinned host
+  memory; called before anything traces."""
+  offload = cfg.optim.get("offload", "none")
+  if offload not in ("none", "host"):
+    raise _config_error("optim.offload", offload,
+                        "must be one of none, host")
+  keys = []
+  if offload == "host":
+    keys.append(("optim.offload", offload))
+  if cfg.model.remat in config_lib.OFFLOAD_REMATS:
+    keys.append(("model.remat", cfg.model.remat))
+  if keys and not has_pinned_host(device):
+    key, value = keys[0]
+    raise _config_error(
+        key, value, f"{device.platform} device {device.device_kind!r} has "
+        "no pinned_host memory space to offload to")
+
+
+def _config_error(key, value, why):
+  return config_lib.ConfigError(f"config.{key}={value!r}: {why}")
+
+
+def to_device(setup: Setup, state):
+  """`state` with an offloaded optimizer state moved into device memory
+  (inside jit; the identity without offload). The step's out_shardings
+  put the updated state back in pinned host memory."""
+  if setup.opt_device_shardings is None:
+    return state
+  return dict(state, opt_state=jax.device_put(state["opt_state"],
+                                              setup.opt_device_shardings))
 
 
 def step_hparams(cfg) -> dict:
@@ -197,7 +259,7 @@ def make_train_step(setup: Setup, aux=None, aux_shardings=None):
   repl = shd.replicated(setup.mesh)
   jitted = jax.jit(
       lambda state, batch, aux_params, hparams: step_fn(
-          state, batch, aux_params, hparams),
+          to_device(setup, state), batch, aux_params, hparams),
       in_shardings=(setup.state_shardings, setup.batch_sharding,
                     aux_shardings, repl),
       out_shardings=(setup.state_shardings, repl),
@@ -223,6 +285,7 @@ def make_guarded_train_step(setup: Setup, aux=None, aux_shardings=None):
   drop = setup.cfg.guard.policy == "skip"
 
   def guarded(state, carry, batch, aux_params, hparams):
+    state = to_device(setup, state)
     scale = guard.loss_scale(carry, state["step"] + carry["data_offset"])
     new, metrics = step_fn(state, batch, aux_params, hparams, scale)
     ok, carry = guard.update(carry, new["step"], metrics["loss"],
