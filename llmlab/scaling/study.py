@@ -47,6 +47,7 @@ import numpy as np
 from llmlab import checkpoints as ckpt_lib
 from llmlab import errors
 from llmlab import experiment
+from llmlab import report_notes
 from llmlab import runs as runs_lib
 from llmlab import storage
 from llmlab.scaling import curves as curves_lib
@@ -240,6 +241,7 @@ def run_study(scfg, workdir: str, train_fn=None) -> dict:
   result["wall_time_s"] = wall["wall_time_this_run_s"]  # as it always was
   result.update(wall)
   result["fit_on"] = fit_on
+  result["variant"] = report_notes.variant(scfg)  # a plumbing check?
   result["design"] = (DESIGN_NOTE if fit_on == "branches" else
                       CURVE_NOTE).format(f=scfg.decay_fraction)
   experiment.write_json(ex.path("study.json"), result)
@@ -625,10 +627,29 @@ def write_report(result: dict, workdir: str, planned: list[dict] = (),
                  eval_tokens: int | None = None) -> None:
   """report.md: the numbers a researcher reads first, and the plots. Every
   label comes from the settings that produced its number."""
+  thin = report_notes.too_few_points(result)
+  lines = ["# Scaling study", "", *report_notes.note(result),
+           f"Design: {result['design']}", ""]
+  lines += [thin, ""] if thin else _law_section(result)
+  curve = result.get("curve_fit") or result
+  thin_curve = report_notes.too_few_points(curve)
+  if not thin_curve:
+    lines += _curve_lines(curve)
+  elif curve is not result:  # the other design's law
+    lines += [thin_curve, ""]
+  lines += _timing_table(result.get("timing"))
+  lines += [] if thin else _optimal_table(result.get("compute_optimal"))
+  lines += _runs_table(planned, eval_tokens, result.get("fit_on") == "curves")
+  for png in [f for f in storage.listdir(workdir) if f.endswith(".png")]:
+    lines.append(f"![{png}]({png})")
+  experiment.write_text(os.path.join(workdir, "report.md"),
+                        "\n".join(lines) + "\n")
+
+
+def _law_section(result: dict) -> list[str]:
+  """The fitted law, the target's prediction and its score."""
   rule = result.get("are_rule", {})
   lines = [
-      "# Scaling study", "",
-      f"Design: {result['design']}", "",
       "| quantity | value |", "| --- | --- |",
       f"| fitted law | {_law(result)} |",
       f"| target | {result['target']['name']} "
@@ -655,14 +676,7 @@ def write_report(result: dict, workdir: str, planned: list[dict] = (),
               f") covers {100 * c['all']:.0f}% of the target's points."
               for name, c in (result.get("coverage_95") or {}).items()]
     lines += [""] if result.get("coverage_95") else []
-  lines += _curve_lines(result.get("curve_fit") or result)
-  lines += _timing_table(result.get("timing"))
-  lines += _optimal_table(result.get("compute_optimal"))
-  lines += _runs_table(planned, eval_tokens, result.get("fit_on") == "curves")
-  for png in [f for f in storage.listdir(workdir) if f.endswith(".png")]:
-    lines.append(f"![{png}]({png})")
-  experiment.write_text(os.path.join(workdir, "report.md"),
-                        "\n".join(lines) + "\n")
+  return lines
 
 
 def _law(result: dict) -> str:

@@ -1,0 +1,153 @@
+"""Issue 31, items 10-12: plumbing variants say what they are in every
+report (and leave out a law fewer points than parameters cannot support),
+resume hints that lead somewhere, failed starts that leave nothing behind,
+and a study that is quiet by default."""
+
+import importlib.util
+import os
+
+import pytest
+
+from llmlab import report_notes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLAIM = "makes no scientific claim"
+
+
+def _config(spec: str):
+  name, _, arg = spec.partition(":")
+  path = os.path.join(ROOT, "configs", name + ".py")
+  s = importlib.util.spec_from_file_location("cfg_" + name, path)
+  module = importlib.util.module_from_spec(s)
+  s.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+# ---------------------------------------------------------------- item 11
+
+
+@pytest.mark.parametrize("spec,variant", [
+    ("study_quick", ""), ("study_quick:smoke", "smoke"),
+    ("study_quick:test", "test"), ("study_synthetic:test", "test"),
+    ("study_synthetic", ""), ("study_repeat:smoke", "smoke"),
+    ("overtrain_quick", ""), ("overtrain_quick:smoke", "smoke"),
+    ("overtrain_quick:test", "test"), ("compress_quick", ""),
+    ("compress_quick:smoke", "smoke"), ("distill_quick", ""),
+    ("distill_quick:smoke", "smoke")])
+def test_study_configs_name_their_variant(spec, variant):
+  cfg = _config(spec)
+  assert cfg.variant == variant
+  assert report_notes.variant(cfg) == variant
+  assert bool(report_notes.note(cfg)) == bool(variant)
+
+
+def test_note_and_point_count():
+  assert report_notes.note("") == [] and report_notes.note({}) == []
+  (line, blank) = report_notes.note({"variant": "test"})
+  assert "`:test` variant" in line and CLAIM in line and blank == ""
+  five = dict(A=1, B=1, E=1, alpha=1, beta=1)
+  assert report_notes.too_few_points(dict(n_points=5, params=five)) is None
+  why = report_notes.too_few_points(dict(n_points=4, params=five,
+                                         form="chinchilla"))
+  assert "chinchilla fit has 4 points for 5 parameters" in why
+  assert report_notes.too_few_points(None) is None
+  assert report_notes.too_few_points({"params": five}) is None
+
+
+def _study_result(variant: str, n_points: int) -> dict:
+  """A branches-design study.json as llmlab/scaling/study.py writes it."""
+  return {
+      "variant": variant, "fit_on": "branches", "design": "WSD branches.",
+      "form": "chinchilla", "n_points": n_points,
+      "params": dict(E=2.4, A=300.0, alpha=0.55, B=2e4, beta=1.46),
+      "target": {"name": "t_target", "params": 135792.0,
+                 "ratio_to_largest_fitted": 4.1},
+      "are": 0.084, "naive_are": 0.077, "skill": -0.099,
+      "are_rule": {"min_fraction": 0.5, "final_only": False},
+      "wall_time_total_s": 150.0, "wall_time_s": 150.0,
+      "predictions": [{"params": 135792.0, "tokens": 2560.0,
+                       "loss_hat": 3.146, "lo": 3.05, "hi": 3.18,
+                       "loss": 3.436}],
+      "coverage_95": {"curve": {"all": 0.0, "late": 0.0}},
+      "compute_optimal": {"a": 0.73, "b": 0.27, "G": 0.074,
+                          "compute": [1e11], "params": [2e6],
+                          "tokens": [8.3e3], "tokens_per_param": [0.0041]},
+      "timing": {"main_wall_s": 75.0, "main_cpu_s": 35.0}}
+
+
+def test_study_report_note_first_and_thin_fit_left_out(tmp_path):
+  from llmlab.scaling import study  # noqa: PLC0415
+  study.write_report(_study_result("test", 7), str(tmp_path))
+  report = (tmp_path / "report.md").read_text().splitlines()
+  assert report[0] == "# Scaling study" and CLAIM in report[2]
+  text = "\n".join(report)
+  assert "| skill = 1 - ARE/naive | -0.099 |" in text
+  assert "| compute C (FLOPs) | params N* |" in text
+
+  study.write_report(_study_result("", 4), str(tmp_path))
+  text = (tmp_path / "report.md").read_text()
+  assert CLAIM not in text
+  assert "fit has 4 points for 5 parameters" in text
+  for left_out in ("| skill", "compute C (FLOPs)", "95% interval", "L(N,D)",
+                   "-0.099"):
+    assert left_out not in text, left_out
+  assert "## Time" in text  # what does not rest on the law stays
+
+
+def test_repeat_report_note_and_thin_law():
+  from llmlab.studies import repeat_report  # noqa: PLC0415
+  hold = {"are": 0.01, "naive_are": 0.02, "skill": 0.5,
+          "by_repetitions": {"1": {"are": 0.01, "naive_are": 0.02}}}
+  law = lambda n, p: {"objective": 0.1, "n_points": n, "holdout": hold,  # noqa: E731
+                      "params": {f"p{i}": 1.0 for i in range(p)}}
+  result = {"variant": "smoke", "tokens": 16384.0,
+            "n_records": {"family": 24, "target": 8},
+            "target": {"name": "s_target", "params": 3e4,
+                       "ratio_to_largest_fitted": 3.0},
+            "are_fraction": 0.5, "threshold": 0.01,
+            "laws": {"chinchilla": law(24, 5), "data_repeat": law(6, 7)},
+            "repetitions_at_1pct": {"chinchilla": None, "data_repeat": 3.0},
+            "measured_repetitions_at_1pct": {},
+            "holdout": dict(hold, form="data_repeat"),
+            "wall_time_total_s": 60.0, "wall_time_this_run_s": 60.0}
+  text = repeat_report.markdown(result)
+  lines = text.splitlines()
+  assert lines[0].startswith("# Repetition study") and CLAIM in lines[2]
+  assert "| chinchilla |" in text and "- chinchilla: p0=1" in text
+  assert "data_repeat fit has 6 points for 7 parameters" in text
+  assert "| data_repeat |" not in text and "- data_repeat:" not in text
+  assert "Best law" not in text
+  result["variant"] = ""
+  assert CLAIM not in repeat_report.markdown(result)
+
+
+def test_compress_overtrain_distill_reports_start_with_the_note(tmp_path):
+  from llmlab.compress import report as compress_report  # noqa: PLC0415
+  from llmlab.studies import distill  # noqa: PLC0415
+  from llmlab.studies import overtrain_report  # noqa: PLC0415
+  compress_report.write_report(
+      {"variant": "smoke", "source_model": {}, "target_model": {},
+       "wall_time_total_s": 60.0, "wall_time_s": 60.0, "timings": {}},
+      "| run |", str(tmp_path))
+  lines = (tmp_path / "report.md").read_text().splitlines()
+  assert lines[0] == "# Compression and continual training"
+  assert CLAIM in lines[2]
+
+  ck = {"step": 10, "tokens": 100, "tokens_per_param": 0.01,
+        "pretrain_loss": 3.0, "target_loss_zero_shot": 3.5,
+        "best_learning_rate": 1e-3, "best_target_loss": 3.2,
+        "best_target_loss_90": [3.1, 3.3], "change_vs_previous": None,
+        "forgetting_at_best_lr": 0.1, "sensitivity": {"0.1": {"mean": 3.0}}}
+  result = {"variant": "test", "checkpoints": [ck],
+            "inflection": {"estimate": None}}
+  assert CLAIM in overtrain_report.table(result).splitlines()[0]
+  result["variant"] = ""
+  assert CLAIM not in overtrain_report.table(result)
+
+  scfg = _config("distill_quick:smoke")
+  r = {"step": 8, "tokens_per_step": 1024, "params_nonembed": 1000,
+       "eval_loss": 3.0, "eval_bpb": 4.0, "wall_s": 1.0}
+  results = dict({n: r for n in ["teacher", *scfg.students]},
+                 wall_time_total_s=10.0, wall_s=10.0)
+  assert CLAIM in distill.markdown_table(results, scfg).splitlines()[0]
+  assert CLAIM not in distill.markdown_table(results, _config("distill_quick"))
