@@ -151,3 +151,87 @@ def test_compress_overtrain_distill_reports_start_with_the_note(tmp_path):
                  wall_time_total_s=10.0, wall_s=10.0)
   assert CLAIM in distill.markdown_table(results, scfg).splitlines()[0]
   assert CLAIM not in distill.markdown_table(results, _config("distill_quick"))
+
+
+# ---------------------------------------------------------------- item 12
+
+SMALL = {"model.num_layers": 1, "model.d_model": 32, "model.num_heads": 4,
+         "model.num_kv_heads": 2, "model.mlp_dim": 64, "train.steps": 2,
+         "train.batch_size": 2, "train.seq_len": 16, "train.log_every": 1,
+         "train.eval_every": 0, "train.eval_tokens": 256,
+         "checkpoint.every_steps": 0, "guard.preflight": False}
+
+
+def _tiny(**extra):
+  from llmlab import config as config_lib  # noqa: PLC0415
+  return config_lib.with_overrides(_config("tiny:smoke"), {**SMALL, **extra})
+
+
+def test_failed_start_leaves_no_lock_or_empty_checkpoints(tmp_path):
+  from llmlab import errors  # noqa: PLC0415
+  from llmlab import train as train_lib  # noqa: PLC0415
+  from llmlab import workdir_lock  # noqa: PLC0415
+  bad = _tiny(init_from=str(tmp_path / "no_such_run"))
+  fresh = tmp_path / "fresh"  # made by the start: removed with it
+  with pytest.raises(errors.ConfigError, match="init_from"):
+    train_lib.train(bad, str(fresh))
+  assert not fresh.exists()
+  there = tmp_path / "there"  # existed before: stays, empty as it was
+  there.mkdir()
+  with pytest.raises(errors.ConfigError, match="init_from"):
+    train_lib.train(bad, str(there))
+  assert sorted(os.listdir(there)) == []
+  # The same start with nothing wrong leaves the (emptied) lock file and
+  # the checkpoints, as before.
+  train_lib.train(_tiny(), str(there))
+  assert (there / workdir_lock.LOCK_NAME).read_text() == ""
+  assert os.listdir(there / "checkpoints")
+
+
+def test_lock_file_removed_by_its_holder_is_not_shared(tmp_path):
+  from llmlab import workdir_lock  # noqa: PLC0415
+  a = workdir_lock.Lock(str(tmp_path))
+  a.acquire()
+  # b opened the file before a removed it; it must not lock the orphan.
+  fd = os.open(a.path, os.O_RDWR)
+  a.discard()
+  a.release()
+  b = workdir_lock.Lock(str(tmp_path))
+  b.acquire()
+  assert os.path.exists(b.path)
+  with pytest.raises(workdir_lock.WorkdirLocked):
+    workdir_lock.Lock(str(tmp_path)).acquire()
+  b.release()
+  os.close(fd)
+
+
+def test_resume_hint_for_another_shape_works(tmp_path):
+  """The refused resume names `llmlab prune`, and following the hint
+  trains the smaller model from the old run's params."""
+  from llmlab import errors  # noqa: PLC0415
+  from llmlab import train as train_lib  # noqa: PLC0415
+  from llmlab import workdir_lock  # noqa: PLC0415
+  from llmlab.compress import prune as prune_lib  # noqa: PLC0415
+  old, pruned, new = (str(tmp_path / n) for n in ("old", "pruned", "new"))
+  train_lib.train(_tiny(), old)
+  small = {"model.mlp_dim": 32}
+  with pytest.raises(errors.ConfigError) as e:
+    train_lib.train(_tiny(**small), old)
+  msg = str(e.value)
+  assert "model.mlp_dim: checkpoint 64 != config 32" in msg
+  assert "llmlab prune --from=OLD_WORKDIR" in msg
+  assert "--config.init_from=PRUNED" in msg
+  assert (tmp_path / "old" / workdir_lock.LOCK_NAME).read_text() == ""
+  with pytest.raises(errors.ConfigError, match="llmlab prune --from="):
+    train_lib.train(_tiny(init_from=old, **small), new)
+  assert not os.path.exists(new)
+  # Following the hint works.
+  prune_lib.prune(old, _tiny(**small), pruned)
+  out = train_lib.train(_tiny(init_from=pruned, **small), new)
+  assert out["step"] == 2
+  # Only the objective differs: init_from (same shape) is the hint.
+  with pytest.raises(errors.ConfigError) as e:
+    train_lib.train(_tiny(**{"objective.name": "distill",
+                             "objective.teacher": old}), old)
+  assert "--config.init_from=OLD_WORKDIR" in str(e.value)
+  assert "prune" not in str(e.value)
