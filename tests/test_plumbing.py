@@ -235,3 +235,81 @@ def test_resume_hint_for_another_shape_works(tmp_path):
                              "objective.teacher": old}), old)
   assert "--config.init_from=OLD_WORKDIR" in str(e.value)
   assert "prune" not in str(e.value)
+
+
+# ---------------------------------------------------------------- item 10
+
+
+@pytest.fixture
+def quiet_state():
+  from llmlab import runtime  # noqa: PLC0415
+  yield runtime
+  runtime.set_verbose(False)
+
+
+def test_study_runs_are_quiet_unless_verbose(tmp_path, capsys, caplog,
+                                             quiet_state):
+  """Inside a study a run's INFO and progress lines are left out (its
+  warnings are not); the study's own progress stays; --verbose shows all."""
+  import logging  # noqa: PLC0415
+  from llmlab import config as config_lib  # noqa: PLC0415
+  from llmlab import experiment  # noqa: PLC0415
+  from llmlab import metrics  # noqa: PLC0415
+  log = logging.getLogger("llmlab")
+
+  def chatty(cfg, workdir):
+    log.info("model: N=4,144 (run detail)")
+    log.warning("resuming with different data (a warning)")
+    metrics.Progress(20).eval(20, 4.43, 6.39, 1983)
+    os.makedirs(workdir, exist_ok=True)
+    return {"preempted": False, "step": 20, "eval_loss": 4.43}
+
+  cfg = experiment.derive(config_lib.base(), {"train": {"steps": 20}})
+  caplog.set_level(logging.INFO, logger="llmlab")
+  for verbose in (False, True):
+    quiet_state.set_verbose(verbose)
+    caplog.clear()
+    ex = experiment.Experiment(str(tmp_path / str(verbose)), chatty)
+    ex.start(config_lib.base(), "study_config.json")
+    ex.train(cfg, str(tmp_path / str(verbose) / "runs" / "a"))
+    text, err = caplog.text, capsys.readouterr().err
+    assert "study: 0/1 runs" in text and "finished runs/a" in text
+    assert "a warning" in text
+    assert ("run detail" in text) == verbose
+    assert ("eval loss 4.4300" in err) == verbose
+  # Outside a study (llmlab train) nothing changes.
+  quiet_state.set_verbose(False)
+  caplog.clear()
+  chatty(cfg, str(tmp_path / "plain"))
+  assert "run detail" in caplog.text
+  assert "eval loss 4.4300" in capsys.readouterr().err
+
+
+def test_read_only_checkpoints_and_diverged_refits_say_nothing(tmp_path,
+                                                               caplog):
+  """orbax's read-only notice, and numpy's overflow warnings from a
+  bootstrap refit gone to inf, were 24 of the :test study's lines."""
+  import logging  # noqa: PLC0415
+  import warnings  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from llmlab import checkpoints as ckpt_lib  # noqa: PLC0415
+  from llmlab import config as config_lib  # noqa: PLC0415
+  from llmlab.scaling import fit as fit_lib  # noqa: PLC0415
+  from llmlab.scaling import fitting  # noqa: PLC0415
+  from llmlab.scaling import forms  # noqa: PLC0415
+  ck = config_lib.base().checkpoint
+  ckpt_lib.Manager(str(tmp_path), ck, 10).close()
+  caplog.set_level(logging.INFO)
+  ckpt_lib.Manager(str(tmp_path), ck, 10, read_only=True).close()
+  assert "setting save_interval_steps=0" not in caplog.text
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    form = forms.get_form("chinchilla")
+    theta = np.full((4, len(form.params)), 800.0)  # exp overflows
+    params = forms.natural_params(form, theta)
+    assert np.isinf(params["A"]).all()
+    boot = fit_lib.BootstrapResult("chinchilla", theta, np.zeros(4), params,
+                                   "runs", np.ones(4, bool))
+    assert len(boot.intervals()["A"]) == 2
+    samples = np.array([[1.0, np.inf], [2.0, np.inf], [np.inf, 3.0]])
+    assert fitting._interval(samples).shape == (2, 2)  # pylint: disable=protected-access
