@@ -51,7 +51,9 @@ def get_config(arg: str | None = None):
   s.eval_tokens = 32_768
   s.fit_min_points = 4
   s.reach_loss = 0.0  # 0 = the scratch run's final loss
+  s.variant = ""  # a plumbing variant's name (llmlab/report_notes.py)
   if arg == "smoke":
+    s.variant = "smoke"
     s.base.train.update(batch_size=4, seq_len=32, eval_tokens=1024,
                         log_every=5)
     s.base.optim.warmup_steps = 2

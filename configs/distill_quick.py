@@ -42,7 +42,9 @@ def get_config(arg: str | None = None):
                                              kl="forward"))
   s.offline_top_k = 16
   s.students = ("next_token", "distill", "offline")
+  s.variant = ""  # a plumbing variant's name (llmlab/report_notes.py)
   if arg == "smoke":
+    s.variant = "smoke"
     s.student.train.update(steps=8, eval_every=4, log_every=2,
                            eval_tokens=2048)
     s.student.optim.warmup_steps = 2

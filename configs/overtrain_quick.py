@@ -52,7 +52,9 @@ def get_config(arg: str | None = None):
   s.eval_batch_size = 8        # 32 batches each, resampled by the bootstrap
   s.inflection = ml_collections.ConfigDict(dict(tolerance=0.0,
                                                 bootstrap=1000, seed=0))
+  s.variant = ""  # a plumbing variant's name (llmlab/report_notes.py)
   if arg == "smoke":
+    s.variant = "smoke"
     s.pretrain.train.update(steps=300, eval_every=0, log_every=50)
     s.pretrain.checkpoint.sweep_points = 4
     s.pretrain.checkpoint.sweep_min_fraction = 0.1
@@ -61,6 +63,7 @@ def get_config(arg: str | None = None):
     s.sensitivity.seeds = (0, 1)
     s.eval_tokens = 8192
   elif arg == "test":
+    s.variant = "test"
     s.pretrain.model.update(num_layers=1, d_model=16, num_heads=2,
                             num_kv_heads=2, mlp_dim=64)
     s.pretrain.train.update(steps=30, batch_size=4, seq_len=32, eval_every=0,

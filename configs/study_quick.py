@@ -53,6 +53,7 @@ def get_config(arg: str | None = None):
   s.noise_seeds = 2
   s.fit_seeds = True
   if arg == "smoke":
+    s.variant = "smoke"
     s.family = [
         ("s1", _model(16, 1, 2)),
         ("s2", _model(24, 1, 2)),
@@ -71,6 +72,7 @@ def get_config(arg: str | None = None):
     s.curve_points = 12
     s.curve_fit.bootstrap = 10
   elif arg == "test":  # the pipeline in ~1-2 minutes, for tests/test_study.py
+    s.variant = "test"
     s.family = [("t1", _model(16, 1, 2)), ("t2", _model(24, 1, 2)),
                 ("t3", _model(32, 1, 2))]
     s.target = ("t_target", _model(48, 3, 2))

@@ -243,6 +243,8 @@ class Manager:
                                     and not read_only),
         create=not read_only,
         read_only=read_only,
+        # What orbax sets itself for a read-only manager (and logs each time).
+        save_interval_steps=0 if read_only else 1,
         cleanup_tmp_directories=not read_only,
     )
     self.mgr = ocp.CheckpointManager(self.directory, options=options)

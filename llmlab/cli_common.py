@@ -50,11 +50,13 @@ from llmlab import errors
 from llmlab import experiment
 from llmlab import storage
 from llmlab import watchdog
-from llmlab.runtime import setup_compile_cache, setup_logging
+from llmlab.runtime import set_verbose, setup_compile_cache, setup_logging
 
 HELP_ARGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
 DEBUG_HELP = ("On bad input, raise with the full traceback (default: one "
               "line).")
+VERBOSE_HELP = ("Also show each run's progress and INFO lines inside studies "
+                "(default: the study's own progress, and warnings).")
 PREEMPTED = ("preempted (SIGTERM); the current run saved its checkpoint. "
              "Re-run the same command to resume.")
 INTERRUPTED = ("interrupted (Ctrl-C): aborted; steps after the last "
@@ -175,6 +177,7 @@ def _parse_and_call(fv, argv, body, config, required, absl_level):
   if missing:
     raise UsageError("missing " + ", ".join(f"--{n}" for n in missing))
   setup(absl_level)
+  set_verbose(fv.verbose)
   return body(fv)
 
 
@@ -182,6 +185,7 @@ def _flag_values(argv, define, config) -> flags.FlagValues:
   """The command's own flags (plus --debug and its config flag)."""
   fv = flags.FlagValues()
   flags.DEFINE_bool("debug", False, DEBUG_HELP, flag_values=fv)
+  flags.DEFINE_bool("verbose", False, VERBOSE_HELP, flag_values=fv)
   if config:
     # sys_argv: the config flag finds its --config.KEY overrides in this
     # command line, not in sys.argv (in-process callers, tests).

@@ -423,4 +423,7 @@ def study_defaults() -> ConfigDict:
       # this many more seeds; their spread widens the target's intervals.
       noise_seeds=0,
       noise_member="",
-      fit_seeds=False))      # the seed re-runs are fitted too
+      fit_seeds=False,       # the seed re-runs are fitted too
+      # A plumbing variant's name ("smoke", "test"): its report says it makes
+      # no scientific claim (llmlab/report_notes.py); "" for the study.
+      variant=""))

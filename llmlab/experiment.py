@@ -228,7 +228,8 @@ class Experiment:
       seconds[key] = cpu[key] = 0.0  # a fresh start, not a resume
     t, c = self.clock(), time.process_time()
     try:
-      summary = self.train_fn(cfg, workdir)
+      with runtime.quiet_runs():  # the study's progress, not the run's
+        summary = self.train_fn(cfg, workdir)
     finally:
       seconds[key] = seconds.get(key, 0.0) + self.clock() - t
       cpu[key] = cpu.get(key, 0.0) + time.process_time() - c

@@ -16,6 +16,7 @@ import time
 from etils import epath
 
 from llmlab import errors
+from llmlab import runtime
 from llmlab import storage
 
 
@@ -154,7 +155,7 @@ class Progress:
 
   def update(self, step: int, loss: float, tokens_per_s: float, mfu: float,
              eta_s: float, extra: str = "") -> None:
-    if not self.enabled:
+    if not self.enabled or runtime.quiet():
       return
     eta = time.strftime("%H:%M:%S", time.gmtime(max(eta_s, 0)))
     print(f"step {step}/{self.total}  loss {loss:.4f}  "
@@ -163,6 +164,6 @@ class Progress:
 
   def eval(self, step: int, loss: float, bpb: float, tokens: int) -> None:
     """An eval row as it happens (held-out `tokens`: the budget it used)."""
-    if self.enabled:
+    if self.enabled and not runtime.quiet():
       print(f"step {step}/{self.total}  eval loss {loss:.4f}  bpb {bpb:.4f}  "
             f"({tokens:,} held-out targets)", file=sys.stderr, flush=True)

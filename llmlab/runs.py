@@ -179,12 +179,16 @@ def restore_params(ref: str, setup, key: str = "config.init_from"):
     diffs = [f"{k}: {have[k]!r} (in {ref}) != {want[k]!r}"
              for k in want if have[k] != want[k]]
     vocab = vocab_size(ck.meta, ref)
+    hint = ("; params load only into the same shape: `llmlab prune "
+            f"--from={ref} --to_config=CONFIG --workdir=PRUNED` writes them "
+            f"in a smaller one, then {key}=PRUNED")
     if vocab != setup.model_cfg.vocab_size:
       diffs.append(f"vocab_size: {vocab} (in {ref}) != "
                    f"{setup.model_cfg.vocab_size}")
+      hint = "; no params carry over to another vocabulary"
     if diffs:
-      raise config_lib.ConfigError(f"{key}={ref!r}: model shape differs: "
-                                   + "; ".join(diffs))
+      raise config_lib.ConfigError(
+          f"{key}={ref!r}: model shape differs: " + "; ".join(diffs) + hint)
     return ck.params(setup.abstract_state["params"])
 
 

@@ -4,8 +4,44 @@ use the same one; nothing here parses a command line)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+
+_STATE = {"verbose": False, "quiet": 0}
+
+
+def set_verbose(on: bool) -> None:
+  """`--verbose`: show every run's detail inside studies too."""
+  _STATE["verbose"] = bool(on)
+
+
+@contextlib.contextmanager
+def quiet_runs():
+  """Inside: one run's detail -- llmlab's INFO lines (model, attention
+  pick, memory pre-flight, resume) and its step and eval progress lines --
+  is left out unless `--verbose`; warnings and errors always show. The
+  studies train each run in it (llmlab/experiment.py) and the sweep loads
+  each run in it, so a study's console shows the study's progress, not
+  every run's."""
+  _STATE["quiet"] += 1
+  try:
+    yield
+  finally:
+    _STATE["quiet"] -= 1
+
+
+def quiet() -> bool:
+  """Inside `quiet_runs`, without --verbose?"""
+  return _STATE["quiet"] > 0 and not _STATE["verbose"]
+
+
+def _run_detail(record: logging.LogRecord) -> bool:
+  return record.levelno >= logging.WARNING or not quiet()
+
+
+# On the logger itself (not a handler): in-process callers and tests get it.
+logging.getLogger("llmlab").addFilter(_run_detail)
 
 
 def setup_logging(absl_level: int = logging.WARNING) -> None:

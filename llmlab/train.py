@@ -229,23 +229,42 @@ def _check_resume_compatible(saved: dict, cfg, vocab_size: int) -> None:
   saved_cfg = saved.get("config", {})
   want = dict(config_lib.model_shape_keys(cfg),
               **{"objective.name": cfg.objective.name})
-  diffs = []
+  diffs, shape = [], False
   for key, value in want.items():
     group, name = key.split(".")
     # Keys added after a checkpoint was written take their default then.
     old = saved_cfg.get(group, {}).get(name, config_lib.base()[group][name])
     if old != value:
       diffs.append(f"{key}: checkpoint {old!r} != config {value!r}")
+      shape = shape or group == "model"
   old_vocab = saved.get("model_info", {}).get("vocab_size")
-  if old_vocab is not None and old_vocab != vocab_size:
+  vocab = old_vocab is not None and old_vocab != vocab_size
+  if vocab:
     diffs.append(f"vocab_size (data.tokenizer): checkpoint {old_vocab!r} != "
                  f"config {vocab_size!r}")
   if diffs:
     raise config_lib.ConfigError(
         f"cannot resume from step {saved.get('step')}: the workdir's "
         "checkpoint was made with a different model or objective (" +
-        "; ".join(diffs) + "). Use a new --workdir, or "
-        "--config.init_from=OLD_WORKDIR to start from its params.")
+        "; ".join(diffs) + "). " + _resume_hint(shape, vocab))
+
+
+def _resume_hint(shape: bool, vocab: bool) -> str:
+  """What to do instead of resuming: `init_from` only restores params of
+  the same shape and vocabulary, so a new shape goes through `llmlab
+  prune` (which writes a smaller model's params) first."""
+  if vocab:
+    return ("Train it in a new --workdir: no params carry over to another "
+            "vocabulary.")
+  if shape:
+    return ("Train it in a new --workdir. To start a smaller model from this "
+            "run's params, prune them to its shape first: `llmlab prune "
+            "--from=OLD_WORKDIR --to_config=CONFIG --workdir=PRUNED`, then "
+            "`llmlab train --config=CONFIG --workdir=NEW "
+            "--config.init_from=PRUNED` (init_from alone needs the same "
+            "shape).")
+  return ("Use a new --workdir, with --config.init_from=OLD_WORKDIR to start "
+          "from its params (same shape, fresh optimizer).")
 
 
 def _warn_if_data_changed(saved: dict, data_info: dict) -> None:
@@ -311,11 +330,18 @@ def train(cfg, workdir: str, hooks: Iterable[HookLike] = ()
   `every=N`; `loop.hook(fn, every=N)` makes such a Hook to pass here)."""
   cfg = checked(cfg)  # cheap: before the workdir
   _check_schedule(cfg)
+  start = workdir_lock.Start(workdir)  # what a failed start must not leave
   workdir_lock.check_writable(workdir)
   with contextlib.ExitStack() as stack:
+    lock = None
     if cfg.guard.lock and distributed.is_primary():  # one lock per job
-      stack.enter_context(workdir_lock.Lock(workdir))
-    return _train(cfg, workdir, hooks)
+      lock = stack.enter_context(workdir_lock.Lock(workdir))
+    try:
+      return _train(cfg, workdir, hooks)
+    except BaseException:
+      if distributed.is_primary():
+        start.undo(lock)  # no lock file, no empty checkpoints/ left
+      raise
 
 
 def _check_schedule(cfg) -> None:

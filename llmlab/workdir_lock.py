@@ -111,6 +111,15 @@ def _probe_remote(workdir: str) -> None:
 # ------------------------------------------------------------------ the lock
 
 
+def _same_file(fd: int, path: str) -> bool:
+  """Whether the open file `fd` is still the file at `path`."""
+  try:
+    a, b = os.fstat(fd), os.stat(path)
+  except FileNotFoundError:
+    return False
+  return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def _holder_info(token: str) -> dict:
   return {"pid": os.getpid(), "host": socket.gethostname(),
           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -195,12 +204,26 @@ class Lock:
     except OSError:
       os.close(fd)
       raise
+    if not _same_file(fd, self.path):  # its holder removed it (`discard`)
+      os.close(fd)
+      return self._acquire_flock()
     previous = _parse(os.pread(fd, 65536, 0).decode(errors="replace"))
     if previous:
       log.warning("workdir %s: taking over a stale lock of %s (that process "
                   "is gone)", self.workdir, describe(previous))
     self._fd = fd
     self._write_fd(_holder_info(self.token))
+
+  def discard(self) -> None:
+    """Remove the lock file while still holding the lock (a start that
+    failed leaves none behind). Safe against a racing locker: whoever
+    locks the removed file sees it is no longer at the path and locks the
+    new one (`_same_file`). A heartbeat lock file goes in `release`."""
+    if self._fd is not None:
+      try:
+        os.unlink(self.path)
+      except FileNotFoundError:
+        pass
 
   def _write_fd(self, info: dict) -> None:
     data = json.dumps(info).encode()
@@ -283,3 +306,43 @@ class Lock:
       except Exception as e:  # noqa: BLE001
         log.warning("workdir %s: could not remove lock file: %s",
                     self.workdir, e)
+
+
+class Start:
+  """What a run's start adds to a local workdir before it writes
+  config.json: the directory itself, its lock file and an empty
+  checkpoints/. Made before `check_writable`; `undo(lock)` after a start
+  that failed (config.json not written) removes what it added, so the
+  workdir looks as it did (gs:// workdirs are left as they are)."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.local = not _is_remote(workdir)
+    self.had = {name: os.path.exists(os.path.join(workdir, name))
+                for name in ("", LOCK_NAME, "checkpoints")
+                } if self.local else {}
+    self.config = self._config_stamp()
+
+  def _config_stamp(self):
+    try:
+      st = os.stat(os.path.join(self.workdir, "config.json"))
+    except OSError:
+      return None
+    return (st.st_ino, st.st_mtime_ns)
+
+  def failed(self) -> bool:
+    """Did the run stop before it wrote config.json (so wrote nothing)?"""
+    return self.local and self._config_stamp() == self.config
+
+  def undo(self, lock: Lock | None) -> None:
+    """Remove what this failed start added (call while holding `lock`)."""
+    if not self.failed():
+      return
+    if lock is not None and not self.had[LOCK_NAME]:
+      lock.discard()
+    for name in ("checkpoints", ""):
+      if not self.had[name]:
+        try:  # only if empty: a failed start saved nothing
+          os.rmdir(os.path.join(self.workdir, name))
+        except OSError:
+          pass

@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from llmlab import experiment
+from llmlab import report_notes
 from llmlab import storage
 from llmlab.scaling import fit as fit_lib
 
@@ -97,7 +98,8 @@ def analyse(scfg, rows: list[dict], runs: list[dict], workdir: str) -> dict:
                      "tokens": float(source[-1]["tokens"]) if source else None},
           "target_model": dict(scfg.target_model),
           "source_model": dict(scfg.source_model),
-          "runs": out_runs, "design": DESIGN_NOTE}
+          "runs": out_runs, "design": DESIGN_NOTE,
+          "variant": report_notes.variant(scfg)}
 
 
 def prune_info(workdir: str, method: str) -> dict:
@@ -160,6 +162,7 @@ def markdown_table(result: dict) -> str:
 
 def write_report(result: dict, table: str, workdir: str) -> None:
   lines = ["# Compression and continual training", "",
+           *report_notes.note(result),
            f"Source {result['source_model']} -> target "
            f"{result['target_model']}.", "", table, "",
            f"Wall time {result['wall_time_total_s'] / 60:.1f} min over all "

@@ -126,7 +126,8 @@ class BootstrapResult:
   def intervals(self, level: float = 0.95) -> dict[str, list[float]]:
     """Percentile intervals of every natural parameter."""
     q = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
-    return {k: np.percentile(v, q).tolist() for k, v in self.params.items()}
+    with np.errstate(invalid="ignore"):  # inf (a diverged refit): inf - inf
+      return {k: np.percentile(v, q).tolist() for k, v in self.params.items()}
 
 
 def resample_weights(records: Mapping, n: int, seed: int = 0) -> np.ndarray:

@@ -58,9 +58,9 @@ def _interval(samples_BxM, level=0.95, skip_nan=False):
   """Percentiles over refits; skip_nan: a refit whose law is undefined at a
   point (a curve law gone negative: NaN) is left out there."""
   q = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
-  if not skip_nan:
-    return np.percentile(samples_BxM, q, axis=0)
-  with np.errstate(all="ignore"):
+  with np.errstate(all="ignore"):  # inf samples (diverged refits): inf - inf
+    if not skip_nan:
+      return np.percentile(samples_BxM, q, axis=0)
     return np.nanpercentile(samples_BxM, q, axis=0)
 
 

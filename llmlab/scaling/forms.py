@@ -198,7 +198,8 @@ def natural_params(form: Form, theta_P) -> dict[str, float]:
   out = {}
   for i, k in enumerate(form.params):
     nat = natural_name(k)
-    out[nat or k] = np.exp(theta_P[..., i]) if nat else theta_P[..., i]
+    with np.errstate(over="ignore"):  # a diverged refit's exp is inf, as it is
+      out[nat or k] = np.exp(theta_P[..., i]) if nat else theta_P[..., i]
   return {k: (float(v) if np.ndim(v) == 0 else v) for k, v in out.items()}
 
 

@@ -52,6 +52,7 @@ import numpy as np
 from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
 from llmlab import experiment
+from llmlab import report_notes
 from llmlab import runs as runs_lib
 from llmlab import storage
 from llmlab.scaling import forms as forms_lib
@@ -272,6 +273,7 @@ def run_study(scfg, workdir: str, train_fn=None) -> dict:
   result["wall_time_s"] = wall["wall_time_this_run_s"]  # as it always was
   result.update(wall)
   result["fit_on"] = scfg.fit_on
+  result["variant"] = report_notes.variant(scfg)  # a plumbing check?
   result["design"] = (report.DESIGN_NOTE if scfg.fit_on == "branches" else
                       report.CURVE_NOTE).format(f=scfg.decay_fraction)
   experiment.write_json(ex.path("study.json"), result)

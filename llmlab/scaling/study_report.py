@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 from llmlab import experiment
+from llmlab import report_notes
 from llmlab import storage
 
 CURVE_NOTE = ("loss curves: one run per size with a warmup-stable-decay "
@@ -29,10 +30,29 @@ def write_report(result: dict, workdir: str, planned=(),
                  eval_tokens: int | None = None) -> None:
   """DIR/report.md from study.json's `result` and the planned runs
   (`study.Run` records)."""
+  thin = report_notes.too_few_points(result)
+  lines = ["# Scaling study", "", *report_notes.note(result),
+           f"Design: {result['design']}", ""]
+  lines += [thin, ""] if thin else _law_section(result)
+  curve = result.get("curve_fit") or result
+  thin_curve = report_notes.too_few_points(curve)
+  if not thin_curve:
+    lines += _curve_lines(curve)
+  elif curve is not result:  # the other design's law
+    lines += [thin_curve, ""]
+  lines += _timing_table(result.get("timing"))
+  lines += [] if thin else _optimal_table(result.get("compute_optimal"))
+  lines += _runs_table(planned, eval_tokens, result.get("fit_on") == "curves")
+  for png in [f for f in storage.listdir(workdir) if f.endswith(".png")]:
+    lines.append(f"![{png}]({png})")
+  experiment.write_text(os.path.join(workdir, "report.md"),
+                        "\n".join(lines) + "\n")
+
+
+def _law_section(result: dict) -> list[str]:
+  """The fitted law, the target's prediction and its score."""
   rule = result.get("are_rule", {})
   lines = [
-      "# Scaling study", "",
-      f"Design: {result['design']}", "",
       "| quantity | value |", "| --- | --- |",
       f"| fitted law | {_law(result)} |",
       f"| target | {result['target']['name']} "
@@ -59,14 +79,7 @@ def write_report(result: dict, workdir: str, planned=(),
               f") covers {100 * c['all']:.0f}% of the target's points."
               for name, c in (result.get("coverage_95") or {}).items()]
     lines += [""] if result.get("coverage_95") else []
-  lines += _curve_lines(result.get("curve_fit") or result)
-  lines += _timing_table(result.get("timing"))
-  lines += _optimal_table(result.get("compute_optimal"))
-  lines += _runs_table(planned, eval_tokens, result.get("fit_on") == "curves")
-  for png in [f for f in storage.listdir(workdir) if f.endswith(".png")]:
-    lines.append(f"![{png}]({png})")
-  experiment.write_text(os.path.join(workdir, "report.md"),
-                        "\n".join(lines) + "\n")
+  return lines
 
 
 def _law(result: dict) -> str:

@@ -26,6 +26,7 @@ import jax
 
 from llmlab import errors
 from llmlab import runs
+from llmlab import runtime
 from llmlab import checkpoints as ckpt_lib
 from llmlab import data as data_lib
 from llmlab import metrics as metrics_lib
@@ -145,7 +146,8 @@ def sweep(workdirs: list[str], out: str, eval_tokens: int | None = None,
   todo = []
   evaluators = {}
   for w, name in zip(workdirs, names):
-    ev = RunEvaluator(w, eval_tokens or _default_eval_tokens(w))
+    with runtime.quiet_runs():  # its INFO lines (attention pick) are detail
+      ev = RunEvaluator(w, eval_tokens or _default_eval_tokens(w))
     eval_tokens = eval_tokens or ev.eval_tokens
     if fingerprint is None:
       fingerprint = ev.fingerprint()

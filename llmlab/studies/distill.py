@@ -28,6 +28,7 @@ import os
 
 from llmlab import config as config_lib
 from llmlab import experiment
+from llmlab import report_notes
 from llmlab import teacher_logits
 
 log = logging.getLogger("llmlab")
@@ -103,7 +104,8 @@ def _seconds(x) -> str:
 
 
 def markdown_table(results: dict, scfg) -> str:
-  rows = ["| run | objective | N (non-emb.) | train tokens | eval loss "
+  rows = [*report_notes.note(scfg),
+          "| run | objective | N (non-emb.) | train tokens | eval loss "
           "(nats/token) | eval bpb | wall (s) |",
           "|---|---|---:|---:|---:|---:|---:|"]
   what = {"teacher": "next_token (teacher)", "next_token": "next_token",

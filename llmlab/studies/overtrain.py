@@ -58,6 +58,7 @@ from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
 from llmlab import data as data_lib
 from llmlab import experiment
+from llmlab import report_notes
 from llmlab import runs
 from llmlab import storage
 from llmlab.studies import overtrain_analysis
@@ -334,6 +335,7 @@ def run(scfg, workdir: str, train_fn=None) -> dict:
   wall = ex.wall_time()
   result["timing_this_invocation"] = _timing(ex, wall, pre_dir, finetunes)
   result["pretrain_run"] = pre_dir
+  result["variant"] = report_notes.variant(scfg)
   result.update(wall)
   overtrain_report.write_outputs(result, workdir)
   return result

@@ -8,6 +8,7 @@ Figures use matplotlib's object API on the Agg canvas, rendered once
 from __future__ import annotations
 
 from llmlab import experiment
+from llmlab import report_notes
 from llmlab import storage
 from llmlab.scaling import sweep as sweep_lib
 
@@ -125,7 +126,8 @@ def table(result: dict) -> str:
           "| best lr | best fine-tuned target [90%] | change vs previous "
           "[90%] | forgetting | " +
           " | ".join(f"sens. g={g}" for g in gammas) + " |")
-  lines = [head, "|" + "---:|" * (9 + len(gammas))]
+  lines = [*report_notes.note(result), head,
+           "|" + "---:|" * (9 + len(gammas))]
   for c in ck:
     lo, hi = c["best_target_loss_90"]
     lines.append(

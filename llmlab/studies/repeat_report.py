@@ -5,13 +5,12 @@ local or gs:// (llmlab/storage.py)."""
 from __future__ import annotations
 
 from llmlab import experiment
+from llmlab import report_notes
 from llmlab import storage
 from llmlab.scaling import sweep as sweep_lib
 
 COLUMNS = ("family", "run", "params", "tokens", "loss", "unique_tokens",
            "epochs", "repetitions", "step", "role")
-SMOKE_NOTE = ("**This is the `:{v}` variant: it checks the pipeline end to "
-              "end with tiny budgets and makes no scientific claim.**")
 
 
 def write_outputs(result: dict, records: list[dict], workdir: str) -> None:
@@ -69,9 +68,11 @@ def _num(v, fmt: str = ".3g") -> str:
 
 
 def markdown(result: dict) -> str:
-  lines = ["# Repetition study (data-constrained scaling)", ""]
-  if result.get("variant"):
-    lines += [SMOKE_NOTE.format(v=result["variant"]), ""]
+  lines = ["# Repetition study (data-constrained scaling)", "",
+           *report_notes.note(result)]
+  thin = {f: report_notes.too_few_points(dict(law, form=f))
+          for f, law in result["laws"].items()}
+  laws = {f: law for f, law in result["laws"].items() if not thin[f]}
   t = result["target"]
   lines += [
       "What was measured: each family size trained on fresh data and on U = "
@@ -88,25 +89,26 @@ def markdown(result: dict) -> str:
       "| form | objective | holdout ARE | naive ARE | skill | "
       f"epochs at +{100 * result['threshold']:g}% (target N, D) |",
       "| --- | ---: | ---: | ---: | ---: | ---: |"]
-  for form, law in result["laws"].items():
+  for form, law in laws.items():
     h = law["holdout"]
     lines.append(
         f"| {form} | {law['objective']:.3g} | {100 * h['are']:.2f}% | "
         f"{100 * h['naive_are']:.2f}% | {_num(h['skill'], '.3f')} | "
         f"{_num(result['repetitions_at_1pct'][form], '.1f')} |")
+  lines += [""] + [why for why in thin.values() if why]
   lines += ["", "A law blind to repetition (chinchilla) predicts no "
             "crossing (-); its ARE shows what ignoring repetition costs.", "",
             "Holdout ARE by the target's repetition budget (naive in "
             "brackets):", "", "| form | " + " | ".join(
                 f"R={r}" for r in _budgets(result)) + " |",
             "| --- |" + " ---: |" * len(_budgets(result))]
-  for form, law in result["laws"].items():
+  for form, law in laws.items():
     by = law["holdout"]["by_repetitions"]
     lines.append(f"| {form} | " + " | ".join(
         f"{100 * by[r]['are']:.2f}% ({100 * by[r]['naive_are']:.2f}%)"
         for r in _budgets(result)) + " |")
   lines += ["", "Fitted parameters:", ""]
-  for form, law in result["laws"].items():
+  for form, law in laws.items():
     p = ", ".join(f"{k}={v:.4g}" for k, v in law["params"].items())
     lines.append(f"- {form}: {p}")
   lines += ["", f"## Epochs at +{100 * result['threshold']:g}% loss, "
@@ -125,7 +127,9 @@ def markdown(result: dict) -> str:
             "threshold, so small-R ratios are noise.",
             "", f"Best law on the held-out size: **{result['holdout']['form']}"
             f"** (ARE {100 * result['holdout']['are']:.2f}%, skill "
-            f"{_num(result['holdout']['skill'], '.3f')}).",
+            f"{_num(result['holdout']['skill'], '.3f')})."
+            if result["holdout"]["form"] in laws else
+            "No law has enough points to pick the best on the held-out size.",
             "", "![ratio](repeat_ratio.png)", "",
             f"Wall time: {result['wall_time_total_s'] / 60:.1f} min over all "
             f"invocations ({result['wall_time_this_run_s'] / 60:.1f} this one)."]
