@@ -76,7 +76,7 @@ def _study_result(variant: str, n_points: int) -> dict:
 
 
 def test_study_report_note_first_and_thin_fit_left_out(tmp_path):
-  from llmlab.scaling import study  # noqa: PLC0415
+  from llmlab.scaling import study_report as study  # noqa: PLC0415
   study.write_report(_study_result("test", 7), str(tmp_path))
   report = (tmp_path / "report.md").read_text().splitlines()
   assert report[0] == "# Scaling study" and CLAIM in report[2]
