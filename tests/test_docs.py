@@ -24,7 +24,7 @@ import pytest
 
 from llmlab import main as llmlab_main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 README = os.path.join(ROOT, "README.md")
 DOCS = sorted([README, *glob.glob(os.path.join(ROOT, "docs", "*.md"))])
 MAIN_JOB = ("pip install -e . && llmlab study --config=configs/study_quick.py "
