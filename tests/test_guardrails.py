@@ -32,8 +32,8 @@ from llmlab import train as train_lib
 from llmlab import workdir_lock
 from llmlab.commands import plan as plan_cmd
 from llmlab.data import DataError
-
 from tests.helpers import ROOT, rows as _rows
+
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import tiny  # noqa: E402
 

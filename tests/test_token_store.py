@@ -25,9 +25,9 @@ from llmlab.data import tokenizer as tokenizer_lib
 from llmlab.commands import tokenizer as tokenizer_cmd
 from llmlab.data import tokenizer_cli
 from llmlab.data.errors import DataError
-
 from tests import helpers
 from tests.helpers import ROOT
+
 L = 32
 
 
