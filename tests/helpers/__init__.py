@@ -44,7 +44,9 @@ class Result:
 
 
 def llmlab(*argv: str, check: bool = True) -> Result:
-  """`llmlab ARGV...` in this process -> Result. `check`: assert exit 0."""
+  """`llmlab ARGV...` in this process -> Result. `check`: assert exit 0.
+  Not for a run that meets a storage stall: llmlab ends that process at
+  once (os._exit(75), cli_common.exit_now), so those tests use `command`."""
   from llmlab import main as main_lib
   out, err = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
