@@ -47,3 +47,16 @@ def gcs(tmp_path_factory):
   server.start()
   yield server
   server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """A finished run, trained once per session in process: `llmlab train
+  --config=configs/tiny.py:smoke` for 30 steps, evals at 15 and 30 ->
+  (workdir, helpers.Result). Read-only: a test that changes a run copies it."""
+  from tests import helpers
+  workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
+  out = helpers.llmlab("train", helpers.TINY, f"--workdir={workdir}",
+                       *helpers.TINY_RUN)
+  return workdir, out
+

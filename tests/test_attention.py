@@ -4,10 +4,8 @@ device and on an 8-device mesh with heads sharded); the cuDNN wrapper's
 layout and masks; config checks before compile; decoding on every setting."""
 
 import dataclasses
-import json
 import logging
 import os
-import subprocess
 import sys
 
 import jax
@@ -21,6 +19,7 @@ from llmlab import model as model_lib
 from llmlab import decode as sample
 from llmlab import sharding as shd
 from llmlab import steps as steps_lib
+from tests import helpers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -55,13 +54,7 @@ def test_splash_equals_xla_on_one_device(xla_one_device, caplog):
 
 def test_splash_equals_xla_on_8_devices_heads_sharded():
   spec = {"meshes": [[2, 2, 2]], "attention": ["splash"]}
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, os.path.join(HERE,
-                                                     "attention_worker.py"),
-                        json.dumps(spec)], capture_output=True, text=True,
-                       env=env, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  res = json.loads(out.stdout.strip().splitlines()[-1])
+  res = helpers.worker("attention_worker.py", spec, timeout=300)  # 8 devices
   run = res["(2, 2, 2) splash"]
   assert run["loss"] == pytest.approx(res["ref_loss"], rel=1e-6)
   assert run["grad_rel"] < 1e-5

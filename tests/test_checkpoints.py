@@ -29,8 +29,9 @@ from llmlab import runs
 from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
 from llmlab import train as train_lib
+from tests import helpers
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import tiny  # noqa: E402
 
@@ -42,7 +43,6 @@ OVERRIDES = {
     "checkpoint.every_steps": 4, "checkpoint.keep": 3,
 }
 TIMING = {"step_time_s", "tokens_per_s", "mfu", "eval_time_s"}
-ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
 
 def _config(**extra):
@@ -56,9 +56,8 @@ def _flags(**extra):
 
 
 def _rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-            for line in f]
+  return [{k: v for k, v in r.items() if k not in TIMING}
+          for r in helpers.rows(workdir)]
 
 
 def _complete(workdir):
@@ -109,7 +108,7 @@ def _start(workdir, sleep):
          "train", f"--workdir={workdir}", *_flags()]
   return subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE,
-                          env=dict(ENV, CKPT_WORKER_SLEEP=str(sleep)))
+                          env=helpers.env(CKPT_WORKER_SLEEP=str(sleep)))
 
 
 def _wait_for(proc, cond, timeout=300):
@@ -125,11 +124,10 @@ def _wait_for(proc, cond, timeout=300):
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
-  """An uninterrupted run: checkpoints 12, 16, 20 (keep=3) and 24 (final)."""
+  """An uninterrupted run, in process: checkpoints 12, 16, 20 (keep=3) and
+  24 (final)."""
   workdir = str(tmp_path_factory.mktemp("ref"))
-  proc = _start(workdir, sleep=0.0)
-  _, err = proc.communicate(timeout=600)
-  assert proc.returncode == 0, err[-3000:]
+  helpers.llmlab("train", f"--workdir={workdir}", *_flags())
   return workdir
 
 
@@ -302,10 +300,8 @@ def test_cross_mesh_restore(tmp_path):
   spec = {"workdir": str(tmp_path / "mesh"), "vocab": 64, "seq_len": 32,
           "model": {"d_model": 32, "num_heads": 4, "num_kv_heads": 2,
                     "mlp_dim": 64}}
-  out = subprocess.run([sys.executable, "tests/ckpt_worker.py", "mesh",
-                        json.dumps(spec)], cwd=ROOT, env=ENV, text=True,
-                       capture_output=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
+  out = helpers.command([sys.executable, "tests/ckpt_worker.py", "mesh",
+                         json.dumps(spec)])  # 8 devices
   res = json.loads(out.stdout.split("RESULT ", 1)[1])
   assert res["saved_devices"] == 8
   for name, devices in (("mesh222", 8), ("one_device", 1), ("fsdp8", 8)):
@@ -352,10 +348,7 @@ def test_load_api(ref):
 
 
 def test_eval_cli_prints_json(ref):
-  out = subprocess.run([sys.executable, "-m", "llmlab", "eval",
-                        f"--workdir={ref}", "--step=16"], cwd=ROOT, env=ENV,
-                       text=True, capture_output=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
+  out = helpers.llmlab("eval", f"--workdir={ref}", "--step=16")
   res = json.loads(out.stdout)
   assert res["step"] == 16 and res["tokens"] == 16 * 8 * 32
   assert 0 < res["eval_loss"] < 10 and res["eval_bpb"] > 0

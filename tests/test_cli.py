@@ -6,7 +6,7 @@ with the library call a command makes replaced: nothing trains."""
 
 import os
 import re
-import subprocess
+import runpy
 import sys
 
 import pytest
@@ -16,7 +16,8 @@ from llmlab import errors
 from llmlab import experiment
 from llmlab import main as llmlab_main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 TINY = f"{ROOT}/configs/tiny.py:smoke"
 
 # command -> flags its --help must list (README's and the tests' flags).
@@ -120,15 +121,17 @@ def test_misspelt_config_key_is_one_line(override, want, tmp_path, capsys):
   assert not os.path.exists(tmp_path / "run")
 
 
-def test_the_console_entry_point(tmp_path):
-  """`python -m llmlab` end to end: exactly one stderr line, exit 2."""
-  env = dict(os.environ, PYTHONPATH=ROOT)  # this tree's llmlab
-  out = subprocess.run([sys.executable, "-m", "llmlab", "train",
-                        f"--config={TINY}", f"--workdir={tmp_path}/run",
-                        "--config.trian.steps=5"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
-  assert out.returncode == 2 and out.stdout == ""
-  assert out.stderr.splitlines() == [
+def test_the_console_entry_point(tmp_path, monkeypatch, capsys):
+  """`python -m llmlab` (llmlab/__main__.py) end to end, in process: exactly
+  one stderr line, exit 2 through SystemExit."""
+  monkeypatch.setattr(sys, "argv", [
+      "llmlab", "train", f"--config={TINY}", f"--workdir={tmp_path}/run",
+      "--config.trian.steps=5"])
+  with pytest.raises(SystemExit) as e:
+    runpy.run_module("llmlab", run_name="__main__", alter_sys=True)
+  out = capsys.readouterr()
+  assert e.value.code == 2 and out.out == ""
+  assert out.err.splitlines() == [
       "llmlab train: error: --config.trian.steps=5: no key 'trian' in the "
       "config (did you mean 'train'?)"]
 

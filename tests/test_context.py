@@ -2,10 +2,6 @@
 4 give the losses and gradients of one device, with packed documents and
 GQA; the sequence is load balanced; bad settings fail before compiling."""
 
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -13,18 +9,13 @@ import pytest
 
 from llmlab import attention as attention_lib
 from llmlab import config as config_lib
+from tests import helpers
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 MESHES = [[1, 1, 1, 1], [2, 1, 2, 2], [1, 2, 4, 1]]  # data, fsdp, context, tensor
 
 
 def _worker(spec: dict) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, os.path.join(HERE, "context_worker.py"),
-                        json.dumps(spec)], capture_output=True, text=True,
-                       env=env, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return helpers.worker("context_worker.py", spec)  # 8 devices
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,6 @@ without torch.
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import ml_dtypes
@@ -26,8 +24,8 @@ from llmlab.commands import convert as convert_cmd
 from llmlab.convert import hf as hf_lib
 from llmlab.convert import hf_config
 from llmlab.convert import safetensors_io as st
+from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 96
 
 # ----------------------------------------------------------------------------
@@ -337,12 +335,7 @@ print(json.dumps(report))
 def test_converts_directly_onto_a_sharded_mesh(tmp_path):
   src, run = tmp_path / "hf", tmp_path / "run"
   tokens, ref = _make_hf(src, "llama", num_key_value_heads=2)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  out = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, str(src), str(run)],
-                       env=env, capture_output=True, text=True, timeout=120)
-  assert out.returncode == 0, out.stderr[-3000:]
-  report = json.loads(out.stdout.strip().splitlines()[-1])
+  report = helpers.worker("-c", _MESH_SCRIPT, src, run, devices=4, timeout=120)
   # [layers, embed, heads, head_dim]: embed over fsdp, heads over tensor.
   assert report["wq"] == [[None, "fsdp", "tensor", None], [2, 16, 2, 8]]
   assert report["wo"] == [[None, "tensor", None, "fsdp"], [2, 2, 8, 16]]

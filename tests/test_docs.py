@@ -23,8 +23,8 @@ import shlex
 import pytest
 
 from llmlab import main as llmlab_main
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 DOCS = sorted([README, *glob.glob(os.path.join(ROOT, "docs", "*.md"))])
 MAIN_JOB = ("pip install -e . && llmlab study --config=configs/study_quick.py "

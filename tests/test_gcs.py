@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from llmlab import storage
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.integration
 
 STEPS = ["--config.train.steps=300", "--config.checkpoint.every_steps=50",

@@ -32,8 +32,8 @@ from llmlab import train as train_lib
 from llmlab import workdir_lock
 from llmlab.commands import plan as plan_cmd
 from llmlab.data import DataError
+from tests.helpers import ROOT, rows as _rows
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import tiny  # noqa: E402
 
@@ -50,11 +50,6 @@ OVERRIDES = {
 def _config(**extra):
   return config_lib.with_overrides(tiny.get_config("smoke"),
                                    {**OVERRIDES, **extra})
-
-
-def _rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 def _complete(workdir):

@@ -15,8 +15,9 @@ import time
 import pytest
 
 from llmlab import distributed
+from tests import helpers
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(helpers.ROOT)
 HELPERS = ROOT / "tests" / "helpers"
 LOCAL = [sys.executable, str(ROOT / "launch" / "local.py")]
 

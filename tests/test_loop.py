@@ -16,6 +16,7 @@ from llmlab import loop
 from llmlab import objectives
 from llmlab import runs
 from llmlab import train
+from tests.helpers import rows as _rows
 
 
 def test_core_runs_due_hooks_in_order_and_stops():
@@ -93,11 +94,6 @@ class _Recorder(train.Trainer):
 
   def run_eval(self, params):
     return {"eval_loss": 1.0, "eval_bpb": 1.0}
-
-
-def _rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 def test_metrics_are_read_one_step_late(tmp_path, capsys):

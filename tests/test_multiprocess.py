@@ -10,7 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
+from tests.helpers import ROOT
+
 SMOKE = [f"--config={ROOT}/configs/tiny.py:smoke", "--config.mesh.data=1",
          "--config.mesh.fsdp=4", "--config.model.d_model=64",
          "--config.train.log_every=1", "--config.train.eval_every=0",
@@ -20,9 +22,7 @@ SMOKE = [f"--config={ROOT}/configs/tiny.py:smoke", "--config.mesh.data=1",
 
 
 def _env(devices):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  return env
+  return helpers.env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
 def _one(workdir, *extra):
@@ -43,8 +43,7 @@ def _two(workdir, *extra):
 
 
 def _losses(workdir):
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+  return {r["step"]: r["loss"] for r in helpers.rows(workdir) if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +71,8 @@ def test_checkpoints_move_between_layouts(runs, tmp_path):
   one, got = _losses(runs / "one"), _losses(mixed)
   for s in range(9, 17):
     assert got[s] == pytest.approx(one[s], rel=1e-4), s
-  # A 2-process checkpoint evaluates in 1 process.
-  out = subprocess.run([sys.executable, "-m", "llmlab", "eval",
-                        f"--workdir={runs / 'two'}"], capture_output=True,
-                       text=True, timeout=600, cwd=ROOT, env=_env(1))
-  assert out.returncode == 0, out.stderr[-3000:]
+  # A 2-process checkpoint evaluates in 1 process (this one: 1 device).
+  out = helpers.llmlab("eval", f"--workdir={runs / 'two'}")
   assert json.loads(out.stdout)["step"] == 16
 
 

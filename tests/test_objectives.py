@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import flax.linen as nn
@@ -27,8 +26,8 @@ from llmlab import sharding as shd
 from llmlab import steps as steps_lib
 from llmlab.data import teacher_store
 from llmlab.objectives import distill as distill_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
+from tests.helpers import ROOT
 
 
 def _cfg(**objective):
@@ -459,13 +458,7 @@ def test_distill_on_8_devices_matches_1_device():
   spec = {"meshes": [[1, 1, 1], [2, 2, 2]],
           "objective": dict(alpha=0.5, temperature=2.0, top_k=8,
                             kl="reverse")}
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  out = subprocess.run([sys.executable, os.path.abspath(__file__),
-                        json.dumps(spec)], capture_output=True, text=True,
-                       timeout=600, env=env, cwd=ROOT)
-  assert out.returncode == 0, out.stderr[-3000:]
-  res = json.loads(out.stdout.strip().splitlines()[-1])
+  res = helpers.worker(os.path.abspath(__file__), spec, devices=8)
   one, eight = res["[1, 1, 1]"], res["[2, 2, 2]"]
   np.testing.assert_allclose(eight["losses"], one["losses"], rtol=2e-4)
   assert one["losses"][-1] < one["losses"][0]

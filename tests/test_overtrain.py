@@ -20,8 +20,8 @@ from llmlab.data import stdlib
 from llmlab.studies import overtrain
 from llmlab.studies import overtrain_analysis
 from llmlab.studies import sensitivity
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUESTED = (9, 30)  # of the test pretraining's sweep steps 3, 9, 30
 
 

@@ -6,8 +6,6 @@ backend and no persistent cache there); the presets' compiles are slow
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -16,8 +14,9 @@ from llmlab import config as config_lib
 from llmlab import plan as plan_lib
 from llmlab import slices
 from llmlab.commands import plan as plan_cmd
+from tests import helpers
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 1024 ** 3
 CONTRACT = ("target", "devices", "fits", "hbm_bytes", "bytes_per_device",
             "temp_bytes", "flops_per_step", "estimated_step_s",
@@ -79,11 +78,10 @@ def test_bad_input_is_one_line(capsys, monkeypatch):
 
 
 def _plan(*args, timeout=900):
-  """`llmlab plan --json ...` in a subprocess -> (exit status, JSON)."""
-  out = subprocess.run([sys.executable, "-m", "llmlab", "plan", "--json",
-                        *args], capture_output=True, text=True, cwd=ROOT,
-                       timeout=timeout, env=dict(os.environ,
-                                                 JAX_PLATFORMS="cpu"))
+  """`llmlab plan --json ...` in a fresh process (a compile-only TPU
+  backend) -> (exit status, JSON)."""
+  out = helpers.llmlab_process("plan", "--json", *args, check=False,
+                               timeout=timeout)
   assert out.returncode in (0, 1), out.stderr[-3000:]
   return out.returncode, json.loads(out.stdout)
 

@@ -2,22 +2,14 @@
 shardings on simulated meshes, bytes per device, and an AOT compile of the
 smallest one's train step."""
 
-import json
-import os
-import subprocess
-import sys
+from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GB = 1024 ** 3
 
 
 def _run(n, *variants, mode=""):
-  out = subprocess.run([sys.executable, f"{ROOT}/tests/presets_worker.py",
-                        str(n), *variants], capture_output=True, text=True,
-                       timeout=600, cwd=ROOT,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu", PRESET_MODE=mode))
-  assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  """presets_worker.py on `n` simulated devices (it sets XLA_FLAGS)."""
+  return helpers.worker("presets_worker.py", n, *variants, PRESET_MODE=mode)
 
 
 def test_presets_fit_their_devices():

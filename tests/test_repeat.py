@@ -19,8 +19,8 @@ from llmlab.checkpoints import checkpoint_dir
 from llmlab.studies import repeat
 from llmlab.studies import repeat_analysis
 from llmlab.scaling import fit as fit_lib
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L, G = 64, 8
 
 

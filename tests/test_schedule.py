@@ -7,8 +7,6 @@ under changed ones."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -20,8 +18,8 @@ from llmlab import main as main_lib
 from llmlab import optim
 from llmlab.scaling import curves, fitting
 from llmlab.scaling import fit as fit_lib
+from tests.helpers import TINY, llmlab
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRUE = dict(L0=2.0, A=0.4, alpha=0.45, B=300.0, C=2.0, beta=0.6, gamma=0.6)
 STEPS, WARM, PEAK = 800, 40, 1e-3
 
@@ -122,10 +120,8 @@ def test_bad_schedule_files_name_file_and_entry(tmp_path, content, message):
 
 
 def _train(workdir, *overrides):
-  cmd = [sys.executable, "-m", "llmlab", "train", f"--config={ROOT}/configs/tiny.py:smoke",
-         f"--workdir={workdir}", "--config.optim.schedule=file", *overrides]
-  return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  return llmlab("train", TINY, f"--workdir={workdir}", "--config.optim.schedule=file",
+                *overrides, check=False)
 
 
 def test_train_with_a_schedule_file(tmp_path):

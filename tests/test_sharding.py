@@ -1,9 +1,7 @@
 """Sharded training: mesh equivalence on 8 simulated devices, FSDP memory,
 gradient accumulation, config errors raised before compilation."""
 
-import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -13,6 +11,7 @@ import pytest
 from llmlab import config as config_lib
 from llmlab import sharding as shd
 from llmlab import steps as steps_lib
+from tests import helpers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -21,12 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def mesh_runs():
   spec = {"steps": 20, "meshes": [[1, 1, 1], [8, 1, 1], [1, 8, 1],
                                   [2, 2, 2], [1, 4, 2]]}
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, os.path.join(HERE, "mesh_worker.py"),
-                        json.dumps(spec)], capture_output=True, text=True,
-                       env=env, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return helpers.worker("mesh_worker.py", spec)  # 8 devices
 
 
 def test_losses_match_single_device(mesh_runs):

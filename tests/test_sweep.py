@@ -3,22 +3,10 @@ held-out set; rows carry sizes, tokens and FLOPs."""
 
 import csv
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, JAX_PLATFORMS="cpu")
-
-
-def _llmlab(*args, check=True):
-  out = subprocess.run([sys.executable, "-m", "llmlab", *args],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT,
-                       env=ENV)
-  if check:
-    assert out.returncode == 0, out.stderr[-4000:]
-  return out
+from tests.helpers import TINY, llmlab as _llmlab
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +15,7 @@ def runs(tmp_path_factory):
   dirs = []
   for name, d in (("small", 32), ("big", 64)):
     w = str(base / name)
-    _llmlab("train", f"--config={ROOT}/configs/tiny.py:smoke", f"--workdir={w}",
+    _llmlab("train", TINY, f"--workdir={w}",
             f"--config.model.d_model={d}", "--config.train.eval_every=0",
             "--config.checkpoint.keep=5")
     dirs.append(w)

@@ -27,8 +27,9 @@ from llmlab.data import tokenizer as tokenizer_lib
 from llmlab.commands import tokenizer as tokenizer_cmd
 from llmlab.data import tokenizer_cli
 from llmlab.data.errors import DataError
+from tests import helpers
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L = 32
 
 
@@ -317,7 +318,7 @@ def test_killed_tokenize_command_resumes(tmp_path):
          "--config.data.synthetic.num_docs=8000",
          "--config.data.synthetic.doc_len=64"]
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE)
+                          stderr=subprocess.PIPE, env=helpers.env())
   deadline = time.time() + 120
   markers = []
   while time.time() < deadline and proc.poll() is None:
@@ -330,9 +331,7 @@ def test_killed_tokenize_command_resumes(tmp_path):
   markers = list(out.glob("shards/synthetic/*/done.json"))
   assert len(markers) >= 2
   assert not (out / "manifest.json").exists(), "finished before the kill"
-  rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  rerun = helpers.llmlab(*cmd[3:])  # the same command, in process
   summary = json.loads(rerun.stdout.strip().splitlines()[-1])
   assert summary["units_skipped"] >= len(markers)
   assert summary["units_written"] == summary["units"] - summary[
