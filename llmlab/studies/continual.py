@@ -52,21 +52,6 @@ from llmlab.studies import repeat as repeat_lib
 
 log = logging.getLogger("llmlab")
 
-PRUNE = design.PRUNE
-REINIT = design.REINIT
-STARTS = design.STARTS
-
-
-source_names = design.source_names
-target_model = design.target_model
-plan = design.plan
-replay_check_runs = design.replay_check_runs
-Run = design.Run
-_models = design.models
-_parse_cell = design.parse_cell
-_check_ratio = design.check_ratio
-_replay_cell = design.replay_cell
-
 
 def mixture(scfg, replay: float) -> str:
   """B with a replay ratio r of A (weights must be > 0: r = 0 is B alone)."""
@@ -87,7 +72,7 @@ def domains(scfg) -> str:
 
 def source_config(scfg, name: str):
   return experiment.derive(scfg.base, {
-      "name": f"source-{name}", "model": _models(scfg, "sources")[name],
+      "name": f"source-{name}", "model": design.models(scfg, "sources")[name],
       "train": dict(steps=int(scfg.source_steps),
                     seed=int(scfg.base.train.seed),
                     eval_at_steps=()),
@@ -100,7 +85,7 @@ def eval_at(scfg) -> tuple:
                                float(scfg.first_eval_fraction))
 
 
-def continued_config(scfg, r: Run, workdir: str):
+def continued_config(scfg, r: design.Run, workdir: str):
   init_from = ""
   if r.method == "full":
     init_from = source_dir(workdir, r.source)
@@ -111,7 +96,7 @@ def continued_config(scfg, r: Run, workdir: str):
     objective = dict(scfg.distill, name="distill",
                      teacher=source_dir(workdir, r.source))
   return experiment.derive(scfg.base, {
-      "name": r.name, "init_from": init_from, "model": target_model(scfg, r),
+      "name": r.name, "init_from": init_from, "model": design.target_model(scfg, r),
       "train": dict(steps=int(scfg.continue_steps), seed=int(r.seed),
                     eval_at_steps=eval_at(scfg)),
       "optim": {"schedule": "constant"},
@@ -124,19 +109,19 @@ def source_dir(workdir: str, name: str) -> str:
   return os.path.join(workdir, "sources", name)
 
 
-def run_dir(workdir: str, r: Run) -> str:
+def run_dir(workdir: str, r: design.Run) -> str:
   return os.path.join(workdir, "runs", r.name)
 
 
 # ----------------------------------------------------------------- checks
 
 
-def check(scfg) -> list[Run]:
+def check(scfg) -> list[design.Run]:
   """Every check before anything trains; returns the plan."""
   for key in ("source_steps", "continue_steps", "eval_points"):
     if int(scfg[key]) < 1:
       raise config_lib.ConfigError(f"config.{key}={scfg[key]!r}: must be >= 1")
-  _check_ratio(float(scfg.replay), "config.replay")
+  design.check_ratio(float(scfg.replay), "config.replay")
   budget = float(scfg.forget_budget)
   if not budget > 0:
     raise config_lib.ConfigError(f"config.forget_budget={budget!r}: must be "
@@ -147,19 +132,19 @@ def check(scfg) -> list[Run]:
     for i, m in enumerate(names):
       _check_method(m, f"config.{key}" + ("" if key == "law_method"
                                           else f"[{i}]"))
-  if len(source_names(scfg)) < 2:
+  if len(design.source_names(scfg)) < 2:
     raise config_lib.ConfigError(
-        f"config.sources: {len(source_names(scfg))} source(s); the held-out "
+        f"config.sources: {len(design.source_names(scfg))} source(s); the held-out "
         "check fits on the smaller sources and predicts the largest: need "
         ">= 2")
   for form in scfg.forms:
     from llmlab.scaling import forms as forms_lib  # noqa: PLC0415
     if form not in forms_lib.FORMS:
       raise config_lib.ConfigError(f"config.forms: unknown form {form!r}")
-  planned = plan(scfg)
-  _replay_cell(scfg)
+  planned = design.plan(scfg)
+  design.replay_cell(scfg)
   _check_shapes(scfg, planned)
-  for name in source_names(scfg):
+  for name in design.source_names(scfg):
     config_lib.validate(config_lib.merge_defaults(source_config(scfg, name)))
   for r in planned[:1]:
     config_lib.validate(config_lib.merge_defaults(
@@ -170,11 +155,11 @@ def check(scfg) -> list[Run]:
 
 def _check_method(m: str, key: str) -> None:
   base, _, reinit = str(m).partition("+")
-  if base not in STARTS + ("scratch",) or (reinit and reinit not in REINIT) \
+  if base not in design.STARTS + ("scratch",) or (reinit and reinit not in design.REINIT) \
       or (reinit and base == "scratch"):
     raise config_lib.ConfigError(
-        f"{key}={m!r}: unknown start method; known: {STARTS + ('scratch',)}, "
-        f"optionally +{'|+'.join(REINIT)} (not on scratch)")
+        f"{key}={m!r}: unknown start method; known: {design.STARTS + ('scratch',)}, "
+        f"optionally +{'|+'.join(design.REINIT)} (not on scratch)")
 
 
 def _model_cfg(scfg, model: dict):
@@ -184,12 +169,12 @@ def _model_cfg(scfg, model: dict):
   return model_lib.ModelConfig.from_config(cfg.model, 259)
 
 
-def _check_shapes(scfg, planned: list[Run]) -> None:
+def _check_shapes(scfg, planned: list[design.Run]) -> None:
   """A target must be a pruning of each source it is cut from."""
   from llmlab.compress import shapes  # noqa: PLC0415
-  sources, targets = _models(scfg, "sources"), _models(scfg, "targets")
+  sources, targets = design.models(scfg, "sources"), design.models(scfg, "targets")
   for r in planned:
-    if r.prune not in PRUNE:
+    if r.prune not in design.PRUNE:
       continue
     key = "grid" if r.role == "law" else "method_at"
     shapes.check_target(
@@ -199,14 +184,14 @@ def _check_shapes(scfg, planned: list[Run]) -> None:
   layers = int(scfg.reinit_layers)
   for r in planned:
     if r.reinit in ("reinit_top", "reinit_bottom"):
-      n = target_model(scfg, r)["num_layers"]
+      n = design.target_model(scfg, r)["num_layers"]
       if not 1 <= layers < n:
         raise config_lib.ConfigError(
             f"config.reinit_layers={layers}: must be in [1, {n - 1}] for "
             f"{r.name} ({n} layers): re-initialising every layer is scratch")
 
 
-def _check_text(scfg, planned: list[Run]) -> None:
+def _check_text(scfg, planned: list[design.Run]) -> None:
   """Each domain must hold the tokens a run plans to read from it, once."""
   from llmlab import data as data_lib  # noqa: PLC0415
   base = config_lib.merge_defaults(scfg.base)
@@ -244,7 +229,7 @@ def _train_source(ex, scfg, workdir: str, name: str) -> None:
     ex.train(source_config(scfg, name), source_dir(workdir, name))
 
 
-def _make_start(scfg, workdir: str, r: Run, cfg) -> None:
+def _make_start(scfg, workdir: str, r: design.Run, cfg) -> None:
   out = os.path.join(workdir, "starts", r.start)
   if storage.exists(storage.join(out, "config.json")):
     return
@@ -257,7 +242,7 @@ def _make_start(scfg, workdir: str, r: Run, cfg) -> None:
                               else None)
     log.info("pruned %s by %s in %.0fs", r.source, r.prune, summary["wall_s"])
     return
-  base = Run(r.source, r.target, r.prune, r.replay, r.seed)
+  base = design.Run(r.source, r.target, r.prune, r.replay, r.seed)
   if r.prune == "full":
     frm = source_dir(workdir, r.source)
   else:
@@ -270,7 +255,7 @@ def _make_start(scfg, workdir: str, r: Run, cfg) -> None:
                             seed=int(scfg.continue_seed))
 
 
-def train_run(ex, scfg, workdir: str, r: Run) -> None:
+def train_run(ex, scfg, workdir: str, r: design.Run) -> None:
   cfg = continued_config(scfg, r, workdir)
   wd = run_dir(workdir, r)
   before = (lambda: _make_start(scfg, workdir, r, cfg)) if r.start else None
@@ -281,7 +266,7 @@ def train_run(ex, scfg, workdir: str, r: Run) -> None:
 def run(scfg, workdir: str, train_fn=None) -> dict:
   planned = check(scfg)  # every check before anything trains
   # A run directory trained with other settings is refused, not resumed.
-  for s in source_names(scfg):
+  for s in design.source_names(scfg):
     repeat_lib.check_same_run({"cfg": source_config(scfg, s),
                                "workdir": source_dir(workdir, s)})
   for r in planned:
@@ -290,30 +275,30 @@ def run(scfg, workdir: str, train_fn=None) -> dict:
   ex = experiment.Experiment(workdir, train_fn)
   ex.start(scfg, "continual_config.json")
   ex.expect([(source_config(scfg, s), source_dir(workdir, s))
-             for s in source_names(scfg)] +
+             for s in design.source_names(scfg)] +
             [(continued_config(scfg, r, workdir), run_dir(workdir, r))
              for r in planned])
-  for s in source_names(scfg):
+  for s in design.source_names(scfg):
     _train_source(ex, scfg, workdir, s)
   for r in planned:
     train_run(ex, scfg, workdir, r)
   sources = {s: continual_analysis.source_record(source_dir(workdir, s))
-             for s in source_names(scfg)}
+             for s in design.source_names(scfg)}
   records = [row for r in planned
              for row in continual_analysis.run_records(
-                 r, run_dir(workdir, r), target_model(scfg, r),
+                 r, run_dir(workdir, r), design.target_model(scfg, r),
                  sources.get(r.source))]
   with ex.timed("fit_s"):
     result = continual_analysis.analyse(scfg, records, sources)
   # The held-out replay check: predicted by the law, then measured.
   ratio = result["replay"]["predicted_ratio"]
   if ratio is not None:
-    check_runs = replay_check_runs(scfg, ratio)
+    check_runs = design.replay_check_runs(scfg, ratio)
     for r in check_runs:
       train_run(ex, scfg, workdir, r)
     measured = [row for r in check_runs
                 for row in continual_analysis.run_records(
-                    r, run_dir(workdir, r), target_model(scfg, r),
+                    r, run_dir(workdir, r), design.target_model(scfg, r),
                     sources.get(r.source))]
     continual_analysis.measure_replay(result, measured, sources)
     names = {r.name for r in planned}  # a planned run measured again: once
