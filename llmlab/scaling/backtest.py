@@ -211,7 +211,7 @@ def starts(form: forms_lib.Form, n: int, seed: int = 0) -> np.ndarray:
 # linear part (residuals > delta) makes L-BFGS crawl, holding every cell's
 # lanes for thousands of evaluations that move the objective by < 1e-10.
 POLISH = fit_lib.Tol(gtol=1e-8, ftol=1e-11, max_evals=400)
-# The float32 screen costs ~1/8 of fit.SCREEN's float64 evaluations, so it
+# The float32 screen is cheaper per evaluation than the float64 polish, so it
 # runs longer: starts that need more than 60 steps to leave a poor basin
 # still reach their own.
 SCREEN = fit_lib.Tol(gtol=1e-5, ftol=1e-8, max_evals=150)
