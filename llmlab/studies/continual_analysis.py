@@ -5,7 +5,9 @@ eval_loss_A and eval_loss_B), with the run's design (source, target,
 method, replay ratio r, seed) and sizes (N_t: the run's non-embedding
 params, N_s: its source's).
 
-Laws (llmlab/scaling/forms.py: cl_transfer, cl_p2, cl_dcpt) are fitted per
+Laws (llmlab/scaling/forms.py: cl_transfer, cl_p2, cl_dcpt, cl_anchor_static,
+cl_anchor; the anchored forms also take the source's own final loss on the
+domain, `source_loss_{A,B}` of each record) are fitted per
 domain -- L_B (learning the new domain, share = 1 - r) and L_A (forgetting
 the old one, share = r) -- by the project's fitter (`fit.minimize`: Huber
 on log loss, L-BFGS from the form's grid of starts, vmapped in one call) on
@@ -32,7 +34,7 @@ from llmlab.studies import continual_design as design
 
 COLUMNS = ("run", "role", "source", "target", "method", "distill", "replay",
            "seed", "params", "source_params", "start", "step", "tokens",
-           "loss_A", "loss_B", "loss")
+           "loss_A", "loss_B", "loss", "source_loss_A", "source_loss_B")
 
 
 # ---------------------------------------------------------------- records
@@ -68,7 +70,11 @@ def run_records(r, workdir: str, model: dict, source: dict | None) -> list:
         source_params=float(source["params"]) if source else n_t,
         start=0 if r.method == "scratch" else 1, step=int(row["step"]),
         tokens=float(row["tokens"]), loss_A=float(row["eval_loss_A"]),
-        loss_B=float(row["eval_loss_B"]), loss=float(row["eval_loss"])))
+        loss_B=float(row["eval_loss_B"]), loss=float(row["eval_loss"]),
+        # the source's own final losses (what a start knows before it
+        # continues; a scratch run's are its own size's: unused)
+        source_loss_A=float(source["loss_A"]) if source else math.nan,
+        source_loss_B=float(source["loss_B"]) if source else math.nan))
   return out
 
 
@@ -123,6 +129,10 @@ def inputs(rows: list[dict], domain: str, form) -> dict:
   """The form's inputs (see forms.py's continual section) for `rows`."""
   share = 1.0 - _col(rows, "replay") if domain == "B" else _col(rows, "replay")
   cols = {"params": np.log(_col(rows, "params")),
+          # a scratch run has no source: 0 (its start = 0 input, or its
+          # absence from the fit, keeps the value out of any prediction)
+          "source_loss": (np.nan_to_num(np.log(_col(rows, f"source_loss_{domain}")))
+                          if "source_loss" in form.inputs else None),
           "tokens": np.log(_col(rows, "tokens")),
           "source_params": np.log(_col(rows, "source_params")),
           "share": share, "start": _col(rows, "start")}
