@@ -441,7 +441,8 @@ def _cl_anchor(p, x, decay: bool):
   if decay:
     log_d0 = log_d0 - jnp.exp(p["log_gamma"]) * jnp.log1p(
         other * jnp.exp(-p["f"]))
-  own = jnp.log1p(x["share"] * d + jnp.exp(p["log_tau"]) * other)
+  # (no + 1 token, so that at D = 0 the whole source is exactly at L_s)
+  own = jnp.log(x["share"] * d + jnp.exp(p["log_tau"]) * other + 1e-30)
   return _lse(p["e"], p["a"] - alpha * u_t,
               p["b"] - beta * _lse(own, log_d0))
 
