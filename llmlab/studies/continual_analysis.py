@@ -219,20 +219,38 @@ def _largest(sources: dict) -> tuple[list, str, str]:
   return order, order[-1], order[-2]
 
 
-def holdout_rows(records, sources: dict, form_name: str):
-  """(fit rows: every source but the largest, test rows: its law runs)."""
-  _, largest, _ = _largest(sources)
+def _nearest(sources: dict, held: str) -> str:
+  """The source nearest `held` in log N_s (the naive forecast's source when
+  `held` is left out; the larger on a tie)."""
+  others = [s for s in sources if s != held]
+  gap = lambda s: (abs(math.log(sources[s]["params"] /
+                                sources[held]["params"])),
+                   -sources[s]["params"])
+  return min(others, key=gap)
+
+
+def holdout_rows(records, sources: dict, form_name: str, held_out: str = ""):
+  """(fit rows: every source but `held_out` (default: the largest), test
+  rows: its law runs)."""
+  held_out = held_out or _largest(sources)[1]
   test = [r for r in records if r["role"] == "law" and r["start"] == 1 and
-          r["source"] == largest and r["tokens"] > 0]
-  return _fit_rows(records, form_name, exclude_source=largest), test
+          r["source"] == held_out and r["tokens"] > 0]
+  return _fit_rows(records, form_name, exclude_source=held_out), test
 
 
-def holdout(scfg, records, sources: dict, fitted: dict, domain: str) -> dict:
-  """`fitted` on the smaller sources predicts the largest source's law runs
-  (ARE, naive ARE, skill)."""
+def holdout(scfg, records, sources: dict, fitted: dict, domain: str,
+            held_out: str = "") -> dict:
+  """`fitted` on the other sources predicts `held_out`'s law runs (default:
+  the largest source's, from the smaller ones; ARE, naive ARE, skill). The
+  naive forecast is the nearest fitted source's run (the largest fitted
+  one when the largest is held out)."""
   order, largest, second = _largest(sources)
-  train_rows, test = holdout_rows(records, sources, fitted["form"])
-  out = {"fit_sources": order[:-1], "predicted_source": largest,
+  held_out = held_out or largest
+  if held_out != largest:
+    second = _nearest(sources, held_out)
+  train_rows, test = holdout_rows(records, sources, fitted["form"], held_out)
+  out = {"fit_sources": [s for s in order if s != held_out],
+         "predicted_source": held_out, "naive_source": second,
          "n_fit": len(train_rows), "n_test": len(test)}
   if not train_rows or not test:
     return dict(out, are=None, naive_are=None, skill=None)
@@ -471,17 +489,31 @@ def measure_replay(result: dict, measured: list[dict], sources) -> None:
 
 def analyse(scfg, records: list[dict], sources: dict) -> dict:
   forms = {}
+  order, largest, _ = _largest(sources)
+  # Every other source left out in turn too (`holdout_each`): the chosen
+  # law is judged on the largest, but a form that only predicts one source
+  # is fitted to it, not identified.
+  others = [s for s in order if s != largest] if len(order) > 2 else []
   for name in scfg.forms:
     every = _fit_rows(records, name)
     held, _ = holdout_rows(records, sources, name)
     sets = [(every, "B"), (every, "A")] + ([(held, "B"), (held, "A")]
                                            if held else [])
+    each = {s: holdout_rows(records, sources, name, s)[0] for s in others}
+    each = {s: rows for s, rows in each.items() if rows}
+    for rows in each.values():
+      sets += [(rows, "B"), (rows, "A")]
     fits = fit_many(name, sets)
     per = {}
     for i, domain in enumerate(("B", "A")):
       h = (holdout(scfg, records, sources, fits[2 + i], domain) if held
            else {"are": None, "naive_are": None, "skill": None})
-      per[domain] = {"fit": fits[i], "holdout": h}
+      k = 4 if held else 2
+      by = {largest: _short(h)} if held else {}
+      for j, s in enumerate(each):
+        by[s] = _short(holdout(scfg, records, sources, fits[k + 2 * j + i],
+                               domain, s))
+      per[domain] = {"fit": fits[i], "holdout": h, "holdout_each": by}
     forms[name] = per
 
   def score(name):
@@ -503,7 +535,8 @@ def analyse(scfg, records: list[dict], sources: dict) -> dict:
                         "objective": forms[n][d]["fit"]["objective"],
                         "converged": forms[n][d]["fit"]["converged"],
                         "n_points": forms[n][d]["fit"]["n_points"],
-                        "holdout": forms[n][d]["holdout"]}
+                        "holdout": forms[n][d]["holdout"],
+                        "holdout_each": forms[n][d]["holdout_each"]}
                     for d in ("B", "A")} for n in forms},
       "law": law,
       "holdout": _short(forms[chosen]["B"]["holdout"]),
@@ -531,4 +564,4 @@ def analyse(scfg, records: list[dict], sources: dict) -> dict:
 def _short(h: dict) -> dict:
   return {k: h.get(k) for k in ("are", "naive_are", "skill", "n_fit",
                                 "n_test", "fit_sources", "predicted_source",
-                                "per_run")}
+                                "naive_source", "per_run")}
