@@ -245,6 +245,40 @@ def test_anchored_form_predicts_a_held_out_source():
     assert np.max(np.abs(pred - actual) / actual) < 5e-3, domain
 
 
+def test_each_source_held_out_against_its_nearest():
+  """holdout(held_out=s): fitted without s, scored on s's law runs against
+  the nearest other source's runs (the naive forecast)."""
+  law = forms_lib.get_form("cl_anchor")
+  p = dict(e=0.3, a=-0.2, log_alpha=-1.5, b=2.5, log_beta=-1.3, theta=1.5,
+           log_tau=-1.0, f=9.0, log_gamma=-1.5)
+  rows = _anchor_design()
+  x = continual_analysis.inputs(rows, "B", law)
+  loss = np.exp(fit_lib.predict_log(
+      law, np.asarray([p[k] for k in law.params])[None], x)[0])
+  names = {2e4: "s1", 5e4: "s2", 1e5: "s3"}
+  records = []
+  for r, v in zip(rows, loss):
+    full = r["params"] == r["source_params"]
+    target = names[r["source_params"]] if full else f"t{r['params']:g}"
+    src = names[r["source_params"]]
+    records.append(dict(
+        r, loss_B=float(v), source=src, target=target, role="law",
+        method="full" if full else "activation", distill=False, seed=1,
+        run=f"{src}-{target}-r{r['replay']:g}"))
+  sources = {names[n]: {"params": n} for n in names}
+  scfg = _config()
+  held = {s: continual_analysis.holdout_rows(records, sources, "cl_anchor",
+                                             s)[0] for s in sources}
+  fits = continual_analysis.fit_many("cl_anchor",
+                                     [(held[s], "B") for s in sources])
+  for (s, nearest), fitted in zip((("s1", "s2"), ("s2", "s3"), ("s3", "s2")),
+                                  fits):
+    h = continual_analysis.holdout(scfg, records, sources, fitted, "B", s)
+    assert h["predicted_source"] == s and h["naive_source"] == nearest
+    assert s not in h["fit_sources"] and h["n_test"] == len(rows) // 3
+    assert h["are"] < 5e-3 < h["naive_are"], (s, h["are"], h["naive_are"])
+
+
 # --- end to end --------------------------------------------------------------
 
 
