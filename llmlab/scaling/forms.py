@@ -461,9 +461,10 @@ def cl_anchor(p, x):
   L_s = E + A / N_s^alpha + B / D_s^beta (so a source that knows the domain
   better starts further along the same curve), and a pruned start keeps
   D_0 = D_s (N_t / N_s)^theta of it. Forgetting: D_0 decays as the other
-  domain's tokens go by, D_0 / (1 + (1 - share) D / F)^gamma. Every
-  parameter is shared by all sources (no N_s term to extrapolate), which
-  is what two fitted sources can identify."""
+  domain's tokens go by, D_0 / (1 + (1 - share) D / F)^gamma. N_s enters
+  only through the same law (the source's floor) and the compression
+  ratio: no amplitude of N_s of its own to extrapolate from two fitted
+  sources."""
   return _cl_anchor(p, x, decay=True)
 
 
