@@ -12,7 +12,7 @@ domain -- L_B (learning the new domain, share = 1 - r) and L_A (forgetting
 the old one, share = r) -- by the project's fitter (`fit.minimize`: Huber
 on log loss, L-BFGS from the form's grid of starts, vmapped in one call) on
 the law grid's runs (`law_method` starts and `full` continues; cl_transfer
-also sees the scratch runs, its D_T = 0 anchor). Held out: fit on every
+also sees the scratch runs, its D_T = 0 anchor) and their seed re-runs. Held out: fit on every
 source but the largest, predict the largest source's runs; ARE over each
 run's evals at >= `holdout_min_fraction` of its tokens (Choshen et al.),
 naive = the largest fitted source's run of the same target, method and r
@@ -178,8 +178,15 @@ def predict(fitted: dict, rows: list[dict], domain: str) -> np.ndarray:
 
 
 def _fit_rows(records, form_name: str, exclude_source: str = "") -> list:
+  """The law grid's rows, and the seed re-runs of its cells (the same
+  start method, more measurements of the same curve: they average out
+  some of one run's noise)."""
   law = forms_lib.get_form(form_name)
-  return [r for r in records if r["role"] == "law" and r["tokens"] > 0
+  cells = {(r["method"], r["distill"]) for r in records if r["role"] == "law"}
+  return [r for r in records
+          if (r["role"] == "law" or (r["role"] == "seed" and
+                                     (r["method"], r["distill"]) in cells))
+          and r["tokens"] > 0
           and (r["start"] == 1 or "start" in law.inputs)
           and (not exclude_source or r["source"] != exclude_source)]
 
