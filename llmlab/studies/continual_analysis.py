@@ -12,12 +12,14 @@ domain -- L_B (learning the new domain, share = 1 - r) and L_A (forgetting
 the old one, share = r) -- by the project's fitter (`fit.minimize`: Huber
 on log loss, L-BFGS from the form's grid of starts, vmapped in one call) on
 the law grid's runs (`law_method` starts and `full` continues; cl_transfer
-also sees the scratch runs, its D_T = 0 anchor) and their seed re-runs. Held out: fit on every
-source but the largest, predict the largest source's runs; ARE over each
-run's evals at >= `holdout_min_fraction` of its tokens (Choshen et al.),
-naive = the largest fitted source's run of the same target, method and r
-at the same tokens (log-interpolated), skill = 1 - ARE / naive ARE. The law
-is the form with the smallest held-out ARE summed over both domains.
+also sees the scratch runs, its D_T = 0 anchor) and their seed re-runs.
+Held out: fit on every source but the largest, predict the largest
+source's runs; ARE over each run's evals at >= `holdout_min_fraction` of
+its tokens (Choshen et al.), naive = the largest fitted source's run of
+the same target, method and r at the same tokens (log-interpolated),
+skill = 1 - ARE / naive ARE. The law is the form with the smallest
+held-out ARE summed over both domains. Each other source is held out in
+turn too (`holdout_each`; naive = the nearest source's run).
 """
 
 from __future__ import annotations
