@@ -185,6 +185,100 @@ def test_continual_forms_fit_their_own_curves():
     assert np.max(np.abs(pred - loss) / loss) < 5e-3, name
 
 
+def _anchor_design(sources=(2e4, 5e4, 1e5)):
+  """Rows of a small continual design: each source whole and pruned to two
+  shapes, three replay ratios, four token counts; the source's own losses
+  fall with its size."""
+  rows = []
+  for n_s in sources:
+    l_s = {"A": 2.6 * (n_s / 1e4) ** -0.05, "B": 3.0 * (n_s / 1e4) ** -0.04}
+    for n_t in (3e3, 1e4, n_s):
+      for r in (0.0, 0.1, 0.3):
+        for d in (2e3, 8e3, 3.2e4, 1.28e5):
+          rows.append(dict(params=n_t, source_params=n_s, replay=r, tokens=d,
+                           start=1.0, source_loss_A=l_s["A"],
+                           source_loss_B=l_s["B"], source=f"{n_s:g}"))
+  return rows
+
+
+@pytest.mark.parametrize("name", ["cl_anchor", "cl_anchor_static"])
+def test_anchored_form_starts_at_the_source_loss(name):
+  """A whole source (N_t = N_s) continued for ~0 tokens is at its own loss,
+  on either domain: the anchor is the law's own curve through it."""
+  law = forms_lib.get_form(name)
+  rows = [r for r in _anchor_design() if r["params"] == r["source_params"]]
+  rows = [dict(r, tokens=1e-9) for r in rows]
+  for theta in law.grid_starts()[:: 37]:
+    for domain in ("A", "B"):
+      x = continual_analysis.inputs(rows, domain, law)
+      loss = np.exp(fit_lib.predict_log(law, theta[None], x)[0])
+      want = np.asarray([r[f"source_loss_{domain}"] for r in rows])
+      floor = np.exp(forms_lib._lse(theta[0], theta[1] - np.exp(theta[2]) *
+                                    (x["source_params"] -
+                                     np.log(forms_lib.CL_N_REF))))
+      ok = want > floor + 1e-6  # a source above the law's floor
+      np.testing.assert_allclose(loss[ok], want[ok], rtol=1e-4)
+
+
+def test_anchored_form_predicts_a_held_out_source():
+  """cl_anchor fitted to the two smaller sources of losses it generated
+  predicts the largest source's runs (whole and pruned, every replay
+  ratio) within 0.5% on both domains: no parameter is the source's own."""
+  law = forms_lib.get_form("cl_anchor")
+  truth = {"B": dict(e=0.3, a=-0.2, log_alpha=-1.5, b=2.5, log_beta=-1.3,
+                     theta=1.5, log_tau=-1.0, f=9.0, log_gamma=-1.5),
+           "A": dict(e=0.2, a=-0.3, log_alpha=-1.7, b=2.2, log_beta=-1.5,
+                     theta=2.5, log_tau=-2.5, f=7.0, log_gamma=-1.0)}
+  rows = _anchor_design()
+  for domain, p in truth.items():
+    theta = np.asarray([p[k] for k in law.params])
+    x = continual_analysis.inputs(rows, domain, law)
+    loss = np.exp(fit_lib.predict_log(law, theta[None], x)[0])
+    assert np.all(np.isfinite(loss)) and np.ptp(loss) > 0.3, domain
+    data_rows = [dict(r, **{f"loss_{domain}": float(v)})
+                 for r, v in zip(rows, loss)]
+    fit_rows = [r for r in data_rows if r["source_params"] < 1e5]
+    test = [r for r in data_rows if r["source_params"] == 1e5]
+    fitted = continual_analysis.fit("cl_anchor", fit_rows, domain)
+    pred = continual_analysis.predict(fitted, test, domain)
+    actual = np.asarray([r[f"loss_{domain}"] for r in test])
+    assert np.max(np.abs(pred - actual) / actual) < 5e-3, domain
+
+
+def test_each_source_held_out_against_its_nearest():
+  """holdout(held_out=s): fitted without s, scored on s's law runs against
+  the nearest other source's runs (the naive forecast)."""
+  law = forms_lib.get_form("cl_anchor")
+  p = dict(e=0.3, a=-0.2, log_alpha=-1.5, b=2.5, log_beta=-1.3, theta=1.5,
+           log_tau=-1.0, f=9.0, log_gamma=-1.5)
+  rows = _anchor_design()
+  x = continual_analysis.inputs(rows, "B", law)
+  loss = np.exp(fit_lib.predict_log(
+      law, np.asarray([p[k] for k in law.params])[None], x)[0])
+  names = {2e4: "s1", 5e4: "s2", 1e5: "s3"}
+  records = []
+  for r, v in zip(rows, loss):
+    full = r["params"] == r["source_params"]
+    target = names[r["source_params"]] if full else f"t{r['params']:g}"
+    src = names[r["source_params"]]
+    records.append(dict(
+        r, loss_B=float(v), source=src, target=target, role="law",
+        method="full" if full else "activation", distill=False, seed=1,
+        run=f"{src}-{target}-r{r['replay']:g}"))
+  sources = {names[n]: {"params": n} for n in names}
+  scfg = _config()
+  held = {s: continual_analysis.holdout_rows(records, sources, "cl_anchor",
+                                             s)[0] for s in sources}
+  fits = continual_analysis.fit_many("cl_anchor",
+                                     [(held[s], "B") for s in sources])
+  for (s, nearest), fitted in zip((("s1", "s2"), ("s2", "s3"), ("s3", "s2")),
+                                  fits):
+    h = continual_analysis.holdout(scfg, records, sources, fitted, "B", s)
+    assert h["predicted_source"] == s and h["naive_source"] == nearest
+    assert s not in h["fit_sources"] and h["n_test"] == len(rows) // 3
+    assert h["are"] < 5e-3 < h["naive_are"], (s, h["are"], h["naive_are"])
+
+
 # --- end to end --------------------------------------------------------------
 
 

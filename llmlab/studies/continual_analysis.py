@@ -5,17 +5,21 @@ eval_loss_A and eval_loss_B), with the run's design (source, target,
 method, replay ratio r, seed) and sizes (N_t: the run's non-embedding
 params, N_s: its source's).
 
-Laws (llmlab/scaling/forms.py: cl_transfer, cl_p2, cl_dcpt) are fitted per
+Laws (llmlab/scaling/forms.py: cl_transfer, cl_p2, cl_dcpt, cl_anchor_static,
+cl_anchor; the anchored forms also take the source's own final loss on the
+domain, `source_loss_{A,B}` of each record) are fitted per
 domain -- L_B (learning the new domain, share = 1 - r) and L_A (forgetting
 the old one, share = r) -- by the project's fitter (`fit.minimize`: Huber
 on log loss, L-BFGS from the form's grid of starts, vmapped in one call) on
 the law grid's runs (`law_method` starts and `full` continues; cl_transfer
-also sees the scratch runs, its D_T = 0 anchor). Held out: fit on every
-source but the largest, predict the largest source's runs; ARE over each
-run's evals at >= `holdout_min_fraction` of its tokens (Choshen et al.),
-naive = the largest fitted source's run of the same target, method and r
-at the same tokens (log-interpolated), skill = 1 - ARE / naive ARE. The law
-is the form with the smallest held-out ARE summed over both domains.
+also sees the scratch runs, its D_T = 0 anchor) and their seed re-runs.
+Held out: fit on every source but the largest, predict the largest
+source's runs; ARE over each run's evals at >= `holdout_min_fraction` of
+its tokens (Choshen et al.), naive = the largest fitted source's run of
+the same target, method and r at the same tokens (log-interpolated),
+skill = 1 - ARE / naive ARE. The law is the form with the smallest
+held-out ARE summed over both domains. Each other source is held out in
+turn too (`holdout_each`; naive = the nearest source's run).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from llmlab.studies import continual_design as design
 
 COLUMNS = ("run", "role", "source", "target", "method", "distill", "replay",
            "seed", "params", "source_params", "start", "step", "tokens",
-           "loss_A", "loss_B", "loss")
+           "loss_A", "loss_B", "loss", "source_loss_A", "source_loss_B")
 
 
 # ---------------------------------------------------------------- records
@@ -68,7 +72,11 @@ def run_records(r, workdir: str, model: dict, source: dict | None) -> list:
         source_params=float(source["params"]) if source else n_t,
         start=0 if r.method == "scratch" else 1, step=int(row["step"]),
         tokens=float(row["tokens"]), loss_A=float(row["eval_loss_A"]),
-        loss_B=float(row["eval_loss_B"]), loss=float(row["eval_loss"])))
+        loss_B=float(row["eval_loss_B"]), loss=float(row["eval_loss"]),
+        # the source's own final losses (what a start knows before it
+        # continues; a scratch run's are its own size's: unused)
+        source_loss_A=float(source["loss_A"]) if source else math.nan,
+        source_loss_B=float(source["loss_B"]) if source else math.nan))
   return out
 
 
@@ -123,6 +131,10 @@ def inputs(rows: list[dict], domain: str, form) -> dict:
   """The form's inputs (see forms.py's continual section) for `rows`."""
   share = 1.0 - _col(rows, "replay") if domain == "B" else _col(rows, "replay")
   cols = {"params": np.log(_col(rows, "params")),
+          # a scratch run has no source: 0 (its start = 0 input, or its
+          # absence from the fit, keeps the value out of any prediction)
+          "source_loss": (np.nan_to_num(np.log(_col(rows, f"source_loss_{domain}")))
+                          if "source_loss" in form.inputs else None),
           "tokens": np.log(_col(rows, "tokens")),
           "source_params": np.log(_col(rows, "source_params")),
           "share": share, "start": _col(rows, "start")}
@@ -168,8 +180,15 @@ def predict(fitted: dict, rows: list[dict], domain: str) -> np.ndarray:
 
 
 def _fit_rows(records, form_name: str, exclude_source: str = "") -> list:
+  """The law grid's rows, and the seed re-runs of its cells (the same
+  start method, more measurements of the same curve: they average out
+  some of one run's noise)."""
   law = forms_lib.get_form(form_name)
-  return [r for r in records if r["role"] == "law" and r["tokens"] > 0
+  cells = {(r["method"], r["distill"]) for r in records if r["role"] == "law"}
+  return [r for r in records
+          if (r["role"] == "law" or (r["role"] == "seed" and
+                                     (r["method"], r["distill"]) in cells))
+          and r["tokens"] > 0
           and (r["start"] == 1 or "start" in law.inputs)
           and (not exclude_source or r["source"] != exclude_source)]
 
@@ -209,20 +228,38 @@ def _largest(sources: dict) -> tuple[list, str, str]:
   return order, order[-1], order[-2]
 
 
-def holdout_rows(records, sources: dict, form_name: str):
-  """(fit rows: every source but the largest, test rows: its law runs)."""
-  _, largest, _ = _largest(sources)
+def _nearest(sources: dict, held: str) -> str:
+  """The source nearest `held` in log N_s (the naive forecast's source when
+  `held` is left out; the larger on a tie)."""
+  others = [s for s in sources if s != held]
+  gap = lambda s: (abs(math.log(sources[s]["params"] /
+                                sources[held]["params"])),
+                   -sources[s]["params"])
+  return min(others, key=gap)
+
+
+def holdout_rows(records, sources: dict, form_name: str, held_out: str = ""):
+  """(fit rows: every source but `held_out` (default: the largest), test
+  rows: its law runs)."""
+  held_out = held_out or _largest(sources)[1]
   test = [r for r in records if r["role"] == "law" and r["start"] == 1 and
-          r["source"] == largest and r["tokens"] > 0]
-  return _fit_rows(records, form_name, exclude_source=largest), test
+          r["source"] == held_out and r["tokens"] > 0]
+  return _fit_rows(records, form_name, exclude_source=held_out), test
 
 
-def holdout(scfg, records, sources: dict, fitted: dict, domain: str) -> dict:
-  """`fitted` on the smaller sources predicts the largest source's law runs
-  (ARE, naive ARE, skill)."""
+def holdout(scfg, records, sources: dict, fitted: dict, domain: str,
+            held_out: str = "") -> dict:
+  """`fitted` on the other sources predicts `held_out`'s law runs (default:
+  the largest source's, from the smaller ones; ARE, naive ARE, skill). The
+  naive forecast is the nearest fitted source's run (the largest fitted
+  one when the largest is held out)."""
   order, largest, second = _largest(sources)
-  train_rows, test = holdout_rows(records, sources, fitted["form"])
-  out = {"fit_sources": order[:-1], "predicted_source": largest,
+  held_out = held_out or largest
+  if held_out != largest:
+    second = _nearest(sources, held_out)
+  train_rows, test = holdout_rows(records, sources, fitted["form"], held_out)
+  out = {"fit_sources": [s for s in order if s != held_out],
+         "predicted_source": held_out, "naive_source": second,
          "n_fit": len(train_rows), "n_test": len(test)}
   if not train_rows or not test:
     return dict(out, are=None, naive_are=None, skill=None)
@@ -461,17 +498,31 @@ def measure_replay(result: dict, measured: list[dict], sources) -> None:
 
 def analyse(scfg, records: list[dict], sources: dict) -> dict:
   forms = {}
+  order, largest, _ = _largest(sources)
+  # Every other source left out in turn too (`holdout_each`): the chosen
+  # law is judged on the largest, but a form that only predicts one source
+  # is fitted to it, not identified.
+  others = [s for s in order if s != largest] if len(order) > 2 else []
   for name in scfg.forms:
     every = _fit_rows(records, name)
     held, _ = holdout_rows(records, sources, name)
     sets = [(every, "B"), (every, "A")] + ([(held, "B"), (held, "A")]
                                            if held else [])
+    each = {s: holdout_rows(records, sources, name, s)[0] for s in others}
+    each = {s: rows for s, rows in each.items() if rows}
+    for rows in each.values():
+      sets += [(rows, "B"), (rows, "A")]
     fits = fit_many(name, sets)
     per = {}
     for i, domain in enumerate(("B", "A")):
       h = (holdout(scfg, records, sources, fits[2 + i], domain) if held
            else {"are": None, "naive_are": None, "skill": None})
-      per[domain] = {"fit": fits[i], "holdout": h}
+      k = 4 if held else 2
+      by = {largest: _short(h)} if held else {}
+      for j, s in enumerate(each):
+        by[s] = _short(holdout(scfg, records, sources, fits[k + 2 * j + i],
+                               domain, s))
+      per[domain] = {"fit": fits[i], "holdout": h, "holdout_each": by}
     forms[name] = per
 
   def score(name):
@@ -493,7 +544,8 @@ def analyse(scfg, records: list[dict], sources: dict) -> dict:
                         "objective": forms[n][d]["fit"]["objective"],
                         "converged": forms[n][d]["fit"]["converged"],
                         "n_points": forms[n][d]["fit"]["n_points"],
-                        "holdout": forms[n][d]["holdout"]}
+                        "holdout": forms[n][d]["holdout"],
+                        "holdout_each": forms[n][d]["holdout_each"]}
                     for d in ("B", "A")} for n in forms},
       "law": law,
       "holdout": _short(forms[chosen]["B"]["holdout"]),
@@ -521,4 +573,4 @@ def analyse(scfg, records: list[dict], sources: dict) -> dict:
 def _short(h: dict) -> dict:
   return {k: h.get(k) for k in ("are", "naive_are", "skill", "n_fit",
                                 "n_test", "fit_sources", "predicted_source",
-                                "per_run")}
+                                "naive_source", "per_run")}

@@ -50,6 +50,22 @@ def markdown(result: dict) -> str:
       out.append(f"| {name} | L_{dom} | {_f(per[dom]['objective'], '.3g')} | "
                  f"{_pct(h['are'])} | {_pct(h['naive_are'])} | "
                  f"{_f(h['skill'], '.3f')} |")
+  each = sorted(next(iter(result["forms"].values()))["B"].get(
+      "holdout_each", {}), key=lambda s: result["sources"][s]["params"])
+  cap = lambda x: "> 1000%" if x is not None and x > 10 else _pct(x)
+  if any(len(per["B"].get("holdout_each", {})) > 1
+         for per in result["forms"].values()):
+    out += ["", "Each source held out in turn (fit on the others; naive = "
+            "the nearest fitted source's run), held-out ARE (naive ARE):", "",
+            "| form | domain | " + " | ".join(
+                f"{s} held out" for s in each) + " |",
+            "| --- | --- |" + " ---: |" * len(each)]
+    for name, per in result["forms"].items():
+      for dom in ("B", "A"):
+        by = per[dom].get("holdout_each", {})
+        out.append(f"| {name} | L_{dom} | " + " | ".join(
+            f"{cap(by[s]['are'])} ({_pct(by[s]['naive_are'])})"
+            if s in by else "-" for s in each) + " |")
   out += ["", f"Chosen: **{law['form']}** ({law['chosen_by']}). Parameters "
           "fitted on every law run:", ""]
   for dom in ("B", "A"):
