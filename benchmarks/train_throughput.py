@@ -12,7 +12,14 @@ on CPUs with bf16 units). `--torch_precision` overrides that.
 
     python benchmarks/train_throughput.py [--steps=30] [--matmul_dtype=bfloat16]
         [--baseline [--torch_precision=highest|medium]] [--remat=none]
-        [--unroll=1]
+        [--unroll=1] [--both] [--rounds=3]
+
+`--both` measures float32 and bf16-operand products in one run (each against
+PyTorch at its matched precision with `--baseline`). `--rounds=N` repeats
+the llmlab and PyTorch measurements N times, interleaved (llmlab, torch,
+llmlab, torch, ...), and reports the median of the per-round ratios: on a
+machine shared with other jobs the load drifts within minutes, and only
+measurements taken side by side compare.
 
 `--matmul_dtype=bfloat16` rounds the operands of every product to bf16 and
 sums in float32 (`model.matmul_dtype`; what TPUs do with float32 matmuls by
@@ -58,61 +65,100 @@ def main():
                  help="feed real batches from the default corpus pipeline")
   p.add_argument("--matmul_dtype", default="",
                  help='"" = float32 products; "bfloat16" = bf16 operands, f32 sums')
+  p.add_argument("--both", action="store_true",
+                 help="measure float32 and bfloat16 products (ignores --matmul_dtype)")
   p.add_argument("--dtype", default="float32",
                  help="compute dtype of activations (params stay float32)")
   p.add_argument("--baseline", action="store_true",
                  help="then run the PyTorch reference and print the ratio")
   p.add_argument("--torch_precision", default="",
                  help='torch float32 matmul precision; "" = match llmlab')
+  p.add_argument("--rounds", type=int, default=1,
+                 help="interleaved llmlab/torch measurements; ratio = median")
   a = p.parse_args()
-  cfg = reference_config(a.remat, a.unroll, a.matmul_dtype, a.dtype)
-  mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
-  setup = steps_lib.build(cfg, 259, mesh)
-  state = steps_lib.init_state(setup, 0)
-  step = steps_lib.make_train_step(setup)
-  b, l = cfg.train.batch_size, cfg.train.seq_len
-  if a.data:
-    from llmlab import data as data_lib
-    data = data_lib.build(cfg.data, seq_len=l, global_batch=b, seed=0)
-    it = data.train_iter(0)
-    next_batch = lambda: shd.global_batch(next(it), setup.batch_sharding)
-  else:
-    rng = np.random.default_rng(0)
-    fixed = shd.global_batch({
-        "tokens": rng.integers(0, 256, (b, l)).astype(np.int32),
-        "segment_ids": np.ones((b, l), np.int32),
-        "positions": np.broadcast_to(np.arange(l), (b, l)).astype(np.int32),
-        "bytes": np.ones((b, l), np.int32)}, setup.batch_sharding)
-    next_batch = lambda: fixed
-  for _ in range(a.warmup):
-    state, m = step(state, next_batch())
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(a.steps):  # per-step times: the median shrugs off noise
-    t = time.perf_counter()
-    state, m = step(state, next_batch())
+  products = ["", "bfloat16"] if a.both else [a.matmul_dtype]
+  runs = [_Run(a, mm) for mm in products]
+  torch_tps = {run: [] for run in runs}
+  for _ in range(a.rounds):
+    for run in runs:
+      run.measure(a.steps)
+      if a.baseline:
+        torch_tps[run].append(_torch_baseline(run.torch_precision))
+  for run in runs:
+    run.report()
+    if a.baseline:
+      t = np.array(torch_tps[run])
+      mine = np.array([run.b * run.l / np.median(r) for r in run.rounds])
+      print(f"torch.compile  {np.median(t):,.0f} tokens/s (fp32 params, "
+            f'float32_matmul_precision="{run.torch_precision}"'
+            + (f"; rounds {', '.join(f'{v:,.0f}' for v in t)})" if a.rounds > 1
+               else ")"))
+      ratios = mine / t
+      print(f"ratio          {np.median(ratios):.2f}x"
+            + (f" (median of {a.rounds} rounds: "
+               f"{', '.join(f'{r:.2f}' for r in ratios)})" if a.rounds > 1
+               else ""))
+
+
+class _Run:
+  """One llmlab configuration of the reference shape, compiled and warm;
+  `measure` appends one round of per-step times."""
+
+  def __init__(self, a, matmul_dtype):
+    cfg = reference_config(a.remat, a.unroll, matmul_dtype, a.dtype)
+    self.cfg = cfg
+    mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
+    setup = steps_lib.build(cfg, 259, mesh)
+    self.state = steps_lib.init_state(setup, 0)
+    self.step = steps_lib.make_train_step(setup)
+    self.mm = setup.model_cfg.product_dtype
+    self.torch_precision = a.torch_precision or (
+        "highest" if self.mm == "float32" else "medium")
+    self.b, self.l = b, l = cfg.train.batch_size, cfg.train.seq_len
+    if a.data:
+      from llmlab import data as data_lib
+      data = data_lib.build(cfg.data, seq_len=l, global_batch=b, seed=0)
+      it = data.train_iter(0)
+      self.next_batch = lambda: shd.global_batch(next(it),
+                                                 setup.batch_sharding)
+    else:
+      rng = np.random.default_rng(0)
+      fixed = shd.global_batch({
+          "tokens": rng.integers(0, 256, (b, l)).astype(np.int32),
+          "segment_ids": np.ones((b, l), np.int32),
+          "positions": np.broadcast_to(np.arange(l), (b, l)).astype(np.int32),
+          "bytes": np.ones((b, l), np.int32)}, setup.batch_sharding)
+      self.next_batch = lambda: fixed
+    for _ in range(a.warmup):
+      self.state, m = self.step(self.state, self.next_batch())
     jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-  dt = float(np.median(times))
-  info = train_lib.model_info(cfg, 259)
-  mm = setup.model_cfg.product_dtype
-  peak = perf.matmul_probe(dtype=mm)
-  tps = b * l / dt
-  achieved = info["flops_per_token"] * tps
-  print(f"reference shape: N(non-embedding)={info['params_nonembed']:,} "
-        f"FLOPs/token={info['flops_per_token']:.4g}")
-  print(f"step time      {dt * 1e3:.1f} ms (median of {a.steps}; "
-        f"min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})")
-  print(f"tokens/s       {tps:,.0f}")
-  print(f"model FLOP/s   {achieved / 1e9:.1f} GFLOP/s")
-  print(f"{mm} matmul peak (measured, f32 sums) {peak / 1e9:.1f} GFLOP/s")
-  print(f"MFU            {100 * achieved / peak:.1f}%")
-  if a.baseline:
-    prec = a.torch_precision or ("highest" if mm == "float32" else "medium")
-    torch_tps = _torch_baseline(prec)
-    print(f"torch.compile  {torch_tps:,.0f} tokens/s (fp32 params, "
-          f'float32_matmul_precision="{prec}")')
-    print(f"ratio          {tps / torch_tps:.2f}x")
+    self.rounds = []
+
+  def measure(self, steps):
+    times = []
+    for _ in range(steps):  # per-step times: the median shrugs off noise
+      t = time.perf_counter()
+      self.state, m = self.step(self.state, self.next_batch())
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t)
+    self.rounds.append(times)
+
+  def report(self):
+    times = [t for r in self.rounds for t in r]
+    dt = float(np.median(times))
+    info = train_lib.model_info(self.cfg, 259)
+    peak = perf.matmul_probe(dtype=self.mm)
+    tps = self.b * self.l / dt
+    achieved = info["flops_per_token"] * tps
+    print(f"== products: {self.mm}")
+    print(f"reference shape: N(non-embedding)={info['params_nonembed']:,} "
+          f"FLOPs/token={info['flops_per_token']:.4g}")
+    print(f"step time      {dt * 1e3:.1f} ms (median of {len(times)}; "
+          f"min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})")
+    print(f"tokens/s       {tps:,.0f}")
+    print(f"model FLOP/s   {achieved / 1e9:.1f} GFLOP/s")
+    print(f"{self.mm} matmul peak (measured, f32 sums) {peak / 1e9:.1f} GFLOP/s")
+    print(f"MFU            {100 * achieved / peak:.1f}%")
 
 
 def _torch_baseline(precision: str) -> float:

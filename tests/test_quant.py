@@ -95,7 +95,9 @@ def test_int8_quantises_exactly_the_layer_weight_products():
   f = _forward_dots(_setup(_cfg("none")))
   assert q.get(("int8", "int8")) == 7, q  # the scanned layer body
   assert sum(v for k, v in q.items() if "int8" not in k) == 3, q
-  assert not any("int8" in k for k in f) and sum(f.values()) == 10, f
+  # The float model on CPU runs q, k and v as one product (model.Attention).
+  n_float = 8 if jax.default_backend() == "cpu" else 10
+  assert not any("int8" in k for k in f) and sum(f.values()) == n_float, f
 
 
 def test_params_and_checkpointed_state_stay_float():
