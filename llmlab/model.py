@@ -190,7 +190,7 @@ def rope_tables(positions_BxL: Array, head_size: int, theta: float):
                       head_size)
   ang_BxLxE2 = positions_BxL[..., None].astype(jnp.float32) * freq_E2
   tables = lambda: (jnp.sin(ang_BxLxE2), jnp.cos(ang_BxLxE2))
-  if jax.default_backend() != "cpu":
+  if attention_lib.platform() != "cpu":  # the target's, also for `plan --target`
     return tables()
   return _materialized(tables, jnp.min(positions_BxL) >= 0)
 
@@ -303,7 +303,7 @@ class Attention(nn.Module):
     # Heads-major layout: the score and value products are then plain
     # batched matmuls over (batch, kv head) with no transposes around them
     # (2x faster fwd+bwd on XLA:CPU than length-major).
-    if cfg.quant == "none" and jax.default_backend() == "cpu":
+    if cfg.quant == "none" and attention_lib.platform() == "cpu":
       # One product for q, k and v: on XLA:CPU the step of the reference
       # shape ran 7-17% faster (A/B in one process, float32) than with three
       # products. Elsewhere three: concatenating weights sharded by
