@@ -223,9 +223,10 @@ def _match(rows, r, source: str) -> str:
   return ""
 
 
-def _largest(sources: dict) -> tuple[list, str, str]:
+def _largest(sources: dict) -> tuple[list, str]:
+  """(sources from smallest to largest, the largest)."""
   order = sorted(sources, key=lambda s: sources[s]["params"])
-  return order, order[-1], order[-2]
+  return order, order[-1]
 
 
 def _nearest(sources: dict, held: str) -> str:
@@ -253,10 +254,9 @@ def holdout(scfg, records, sources: dict, fitted: dict, domain: str,
   the largest source's, from the smaller ones; ARE, naive ARE, skill). The
   naive forecast is the nearest fitted source's run (the largest fitted
   one when the largest is held out)."""
-  order, largest, second = _largest(sources)
+  order, largest = _largest(sources)
   held_out = held_out or largest
-  if held_out != largest:
-    second = _nearest(sources, held_out)
+  second = _nearest(sources, held_out)  # for the largest: the largest fitted
   train_rows, test = holdout_rows(records, sources, fitted["form"], held_out)
   out = {"fit_sources": [s for s in order if s != held_out],
          "predicted_source": held_out, "naive_source": second,
@@ -498,31 +498,27 @@ def measure_replay(result: dict, measured: list[dict], sources) -> None:
 
 def analyse(scfg, records: list[dict], sources: dict) -> dict:
   forms = {}
-  order, largest, _ = _largest(sources)
+  order, largest = _largest(sources)
   # Every other source left out in turn too (`holdout_each`): the chosen
   # law is judged on the largest, but a form that only predicts one source
   # is fitted to it, not identified.
   others = [s for s in order if s != largest] if len(order) > 2 else []
   for name in scfg.forms:
-    every = _fit_rows(records, name)
-    held, _ = holdout_rows(records, sources, name)
-    sets = [(every, "B"), (every, "A")] + ([(held, "B"), (held, "A")]
-                                           if held else [])
-    each = {s: holdout_rows(records, sources, name, s)[0] for s in others}
-    each = {s: rows for s, rows in each.items() if rows}
-    for rows in each.values():
-      sets += [(rows, "B"), (rows, "A")]
-    fits = fit_many(name, sets)
+    # The fitted row sets, keyed: "" = every source, else the source left out.
+    groups = {"": _fit_rows(records, name)}
+    for s in [largest] + others:
+      rows = holdout_rows(records, sources, name, s)[0]
+      if rows:
+        groups[s] = rows
+    keys = [(g, d) for g in groups for d in ("B", "A")]
+    fits = dict(zip(keys, fit_many(name, [(groups[g], d) for g, d in keys])))
     per = {}
-    for i, domain in enumerate(("B", "A")):
-      h = (holdout(scfg, records, sources, fits[2 + i], domain) if held
-           else {"are": None, "naive_are": None, "skill": None})
-      k = 4 if held else 2
-      by = {largest: _short(h)} if held else {}
-      for j, s in enumerate(each):
-        by[s] = _short(holdout(scfg, records, sources, fits[k + 2 * j + i],
-                               domain, s))
-      per[domain] = {"fit": fits[i], "holdout": h, "holdout_each": by}
+    for domain in ("B", "A"):
+      by = {s: holdout(scfg, records, sources, fits[s, domain], domain, s)
+            for s in groups if s}
+      h = by.get(largest, {"are": None, "naive_are": None, "skill": None})
+      per[domain] = {"fit": fits["", domain], "holdout": h,
+                     "holdout_each": {s: _short(v) for s, v in by.items()}}
     forms[name] = per
 
   def score(name):
