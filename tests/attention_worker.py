@@ -1,6 +1,6 @@
-"""Subprocess body for the attention-kernel mesh test (8 simulated CPUs).
+"""The attention-kernel checks of tests/test_attention.py; `main(spec)` runs
+on 8 simulated CPU devices in the session's `devices(8)` process.
 
-Usage: python tests/attention_worker.py JSON_SPEC -> prints one JSON line.
 For each mesh (data, fsdp, tensor) and each `model.attention`, computes the
 loss and gradients of the whole model (next-token objective, GQA, packed
 documents and padding) with the state laid out by the config's rules, and
@@ -8,25 +8,15 @@ reports each run's loss and its gradients' largest relative difference from
 the xla kernel on one device.
 """
 
-import json
-import os
-import sys
+import flax.linen as nn
+import jax
+import jax.extend.core
+import numpy as np
 
-if __name__ == "__main__":  # as a subprocess only: never leak into pytest
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8")
-  os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.extend.core  # noqa: E402
-import numpy as np  # noqa: E402
-
-from llmlab import config as config_lib  # noqa: E402
-from llmlab import objectives  # noqa: E402
-from llmlab import sharding as shd  # noqa: E402
-from llmlab import steps as steps_lib  # noqa: E402
+from llmlab import config as config_lib
+from llmlab import objectives
+from llmlab import sharding as shd
+from llmlab import steps as steps_lib
 
 VOCAB, BATCH, SEQ = 64, 8, 128
 
@@ -100,8 +90,7 @@ def max_rel(a_tree, b_tree):
              for a, b in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree)))
 
 
-if __name__ == "__main__":
-  spec = json.loads(sys.argv[1])
+def main(spec):
   ref_loss, ref_grads, _ = loss_and_grads((1, 1, 1), "xla")
   out = {"ref_loss": ref_loss}
   for mesh in spec["meshes"]:
@@ -110,4 +99,4 @@ if __name__ == "__main__":
       out[f"{tuple(mesh)} {attention}"] = {
           "loss": loss, "grad_rel": max_rel(grads, ref_grads),
           "shard_map_shapes": local}
-  print(json.dumps(out))
+  return out

@@ -1,16 +1,15 @@
-"""Subprocess bodies for tests/test_checkpoints.py.
+"""Bodies for tests/test_checkpoints.py.
 
   ckpt_worker.py train FLAGS...   `llmlab train FLAGS...`, but each batch is
                                   delayed by $CKPT_WORKER_SLEEP seconds so a
                                   test can kill the run mid-way reliably (the
                                   delay changes no number).
-  ckpt_worker.py mesh JSON_SPEC   on 8 simulated devices: save a state
-                                  sharded over mesh (2,2,2), restore it on 1
-                                  device and on fsdp=8, `llmlab.load` it;
-                                  prints one JSON line.
+  mesh_check(spec)                on 8 simulated devices (the session's
+                                  `devices(8)` process): save a state sharded
+                                  over mesh (2,2,2), restore it on 1 device
+                                  and on fsdp=8, `llmlab.load` it.
 """
 
-import json
 import os
 import sys
 import time
@@ -114,10 +113,5 @@ if __name__ == "__main__":
   mode = sys.argv[1]
   if mode == "train":
     slow_train(sys.argv[2:])
-  elif mode == "mesh":
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_force_host_platform_device_count=8")
-    result = mesh_check(json.loads(sys.argv[2]))
-    print("RESULT " + json.dumps(result), flush=True)
   else:
     sys.exit(f"unknown mode {mode!r}")

@@ -1,5 +1,6 @@
-"""Shared test fixtures. Tests run on CPU; multi-device tests start their
-own subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8."""
+"""Shared test fixtures. Tests run on CPU; multi-device checks run in the
+session's `devices` processes (XLA_FLAGS=--xla_force_host_platform_device_count
+set there before jax starts)."""
 
 import atexit
 import os
@@ -60,3 +61,21 @@ def tiny_run(tmp_path_factory):
                        *helpers.TINY_RUN)
   return workdir, out
 
+
+
+@pytest.fixture(scope="session")
+def devices(tmp_path_factory):
+  """devices(N): the session's process with N simulated CPU devices
+  (helpers.Devices), started on its first check; `devices(8).call(
+  "tests.module:function", *args)` runs a check there."""
+  from tests import helpers
+  pool = {}
+  log_dir = str(tmp_path_factory.mktemp("devices"))
+
+  def get(n: int) -> helpers.Devices:
+    if n not in pool:
+      pool[n] = helpers.Devices(n, log_dir)
+    return pool[n]
+  yield get
+  for d in pool.values():
+    d.close()

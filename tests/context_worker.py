@@ -1,34 +1,24 @@
-"""Subprocess body for context-parallel tests (8 simulated CPU devices).
+"""Context-parallel checks of tests/test_context.py; `main(spec)` runs on 8
+simulated CPU devices in the session's `devices(8)` process.
 
-Usage: python tests/context_worker.py JSON_SPEC -> prints one JSON line.
 For each mesh (data, fsdp, context, tensor): the loss and gradients of one
 batch of packed documents (GQA model), the losses of a few train steps,
 and the load-balanced slot order the model used.
 """
 
-import json
-import os
-import sys
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-if __name__ == "__main__":  # as a subprocess only: never leak into pytest
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8")
-  os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from llmlab import attention as attention_lib  # noqa: E402
-from llmlab import config as config_lib  # noqa: E402
-from llmlab import sharding as shd  # noqa: E402
-from llmlab import steps as steps_lib  # noqa: E402
-from llmlab.objectives.next_token import target_mask, token_nll  # noqa: E402
+from llmlab import attention as attention_lib
+from llmlab import config as config_lib
+from llmlab import sharding as shd
+from llmlab import steps as steps_lib
+from llmlab.objectives.next_token import target_mask, token_nll
 
 VOCAB = 64
-BATCH, SEQ = 4, 64
+BATCH, SEQ = 4, 64  # SEQ: spec["seq"] (main sets it)
 
 
 def tiny_cfg(mesh, steps=3, attention="xla"):
@@ -95,11 +85,11 @@ def run(mesh, steps, attention):
           "batch_spec": str(setup.batch_sharding.spec)}
 
 
-if __name__ == "__main__":
-  spec = json.loads(sys.argv[1])
-  SEQ = spec.get("seq", SEQ)
-  print(json.dumps({
+def main(spec):
+  global SEQ
+  SEQ = spec.get("seq", 64)
+  return {
       f"{tuple(m)} {a}": run(tuple(m), spec.get("steps", 3), a)
       for m, a in zip(spec["meshes"], spec.get("attention",
                                                 ["xla"] * len(spec["meshes"])))
-  }))
+  }

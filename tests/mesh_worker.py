@@ -1,26 +1,15 @@
-"""Subprocess body for multi-device tests (8 simulated CPU devices).
-
-Usage: python tests/mesh_worker.py JSON_SPEC -> prints one JSON line.
+"""Multi-device checks for tests/test_sharding.py, run on 8 simulated CPU
+devices by the session's `devices(8)` process (`main(spec)`).
 Trains the same tiny model on the same random batches under several meshes
 and reports per-step losses and per-device parameter bytes.
 """
 
-import json
-import os
-import sys
+import jax
+import numpy as np
 
-if __name__ == "__main__":  # as a subprocess only: never leak into pytest
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8")
-  os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from llmlab import config as config_lib  # noqa: E402
-from llmlab import sharding as shd  # noqa: E402
-from llmlab import steps as steps_lib  # noqa: E402
+from llmlab import config as config_lib
+from llmlab import sharding as shd
+from llmlab import steps as steps_lib
 
 VOCAB = 64
 
@@ -64,7 +53,5 @@ def run(mesh, steps):
   return {"losses": losses, "param_bytes": param_bytes}
 
 
-if __name__ == "__main__":
-  spec = json.loads(sys.argv[1])
-  out = {str(tuple(m)): run(tuple(m), spec["steps"]) for m in spec["meshes"]}
-  print(json.dumps(out))
+def main(spec):
+  return {str(tuple(m)): run(tuple(m), spec["steps"]) for m in spec["meshes"]}

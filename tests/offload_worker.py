@@ -1,30 +1,17 @@
-"""Subprocess body for tests/test_offload.py (simulated CPU devices).
-
-Usage: python tests/offload_worker.py JSON_SPEC -> prints one JSON line:
+"""Offload checks of tests/test_offload.py; `main(spec)` runs in the
+session's `devices(8)` process (8 simulated CPU devices) and returns,
 for each run (mesh, optim.offload, model.remat) the losses of a few train
 steps, the memory kind the optimizer state lives in between steps, and the
 optimizer state's bytes per device in each memory space of the compiled
 step.
 """
 
-import json
-import os
-import sys
+import jax
+import numpy as np
 
-if __name__ == "__main__":  # as a subprocess only: never leak into pytest
-  spec = json.loads(sys.argv[1])
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count="
-                             f"{spec.get('devices', 8)}")
-  os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from llmlab import config as config_lib  # noqa: E402
-from llmlab import sharding as shd  # noqa: E402
-from llmlab import steps as steps_lib  # noqa: E402
+from llmlab import config as config_lib
+from llmlab import sharding as shd
+from llmlab import steps as steps_lib
 
 VOCAB, BATCH, SEQ = 64, 8, 32
 
@@ -89,8 +76,8 @@ def run(mesh, offload, remat, steps):
                                         jax.tree.leaves(state["params"])})}
 
 
-if __name__ == "__main__":
-  print(json.dumps({
+def main(spec):
+  return {
       f"{tuple(r['mesh'])} {r['offload']} {r['remat']}":
           run(tuple(r["mesh"]), r["offload"], r["remat"], spec.get("steps", 3))
-      for r in spec["runs"]}))
+      for r in spec["runs"]}

@@ -5,8 +5,6 @@ layout and masks; config checks before compile; decoding on every setting."""
 
 import dataclasses
 import logging
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +17,7 @@ from llmlab import model as model_lib
 from llmlab import decode as sample
 from llmlab import sharding as shd
 from llmlab import steps as steps_lib
-from tests import helpers
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import attention_worker  # noqa: E402
+from tests import attention_worker
 
 F32 = jnp.float32
 
@@ -52,9 +46,9 @@ def test_splash_equals_xla_on_one_device(xla_one_device, caplog):
   assert len(warned) == 1 and "testing" in warned[0].getMessage()
 
 
-def test_splash_equals_xla_on_8_devices_heads_sharded():
+def test_splash_equals_xla_on_8_devices_heads_sharded(devices):
   spec = {"meshes": [[2, 2, 2]], "attention": ["splash"]}
-  res = helpers.worker("attention_worker.py", spec, timeout=300)  # 8 devices
+  res = devices(8).call("tests.attention_worker:main", spec, timeout=300)
   run = res["(2, 2, 2) splash"]
   assert run["loss"] == pytest.approx(res["ref_loss"], rel=1e-6)
   assert run["grad_rel"] < 1e-5

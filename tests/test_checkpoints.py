@@ -294,15 +294,13 @@ def test_sweep_steps_are_log_spaced():
   assert len(steps) == 8 and np.allclose(ratios, ratios[0], rtol=0.01)
 
 
-def test_cross_mesh_restore(tmp_path):
+def test_cross_mesh_restore(tmp_path, devices):
   """Saved from mesh (data, fsdp, tensor) = (2,2,2) on 8 simulated devices;
   restored bitwise, in the target layout, on 1 device and on fsdp=8."""
   spec = {"workdir": str(tmp_path / "mesh"), "vocab": 64, "seq_len": 32,
           "model": {"d_model": 32, "num_heads": 4, "num_kv_heads": 2,
                     "mlp_dim": 64}}
-  out = helpers.command([sys.executable, "tests/ckpt_worker.py", "mesh",
-                         json.dumps(spec)])  # 8 devices
-  res = json.loads(out.stdout.split("RESULT ", 1)[1])
+  res = devices(8).call("tests.ckpt_worker:mesh_check", spec)
   assert res["saved_devices"] == 8
   for name, devices in (("mesh222", 8), ("one_device", 1), ("fsdp8", 8)):
     assert res["restores"][name] == {"placed": True, "devices": devices,

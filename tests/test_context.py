@@ -9,19 +9,19 @@ import pytest
 
 from llmlab import attention as attention_lib
 from llmlab import config as config_lib
-from tests import helpers
 
 MESHES = [[1, 1, 1, 1], [2, 1, 2, 2], [1, 2, 4, 1]]  # data, fsdp, context, tensor
 
 
-def _worker(spec: dict) -> dict:
-  return helpers.worker("context_worker.py", spec)  # 8 devices
+def _worker(devices, spec: dict) -> dict:
+  return devices(8).call("tests.context_worker:main", spec)
 
 
 @pytest.fixture(scope="module")
-def runs():
+def runs(devices):
   """xla kernel: losses and gradients of one batch, and 3 train steps."""
-  return {k.rsplit(" ", 1)[0]: v for k, v in _worker({"meshes": MESHES}).items()}
+  return {k.rsplit(" ", 1)[0]: v
+          for k, v in _worker(devices, {"meshes": MESHES}).items()}
 
 
 def _rel(got, ref):
@@ -49,11 +49,11 @@ def _assert_same(got, ref, what):
     assert _rel(other, g) <= 1e-5, (what, jax.tree_util.keystr(path))
 
 
-def test_splash_context_matches_xla_on_one_device():
+def test_splash_context_matches_xla_on_one_device(devices):
   """The splash kernel (Pallas interpret mode) under context 2 with heads
   over tensor: one kernel over the whole mask, block tables and query
   positions sharded per device. 512 positions: 4 chunks of 128."""
-  res = _worker({"meshes": [[1, 1, 1, 1], [2, 1, 2, 2]], "seq": 512,
+  res = _worker(devices, {"meshes": [[1, 1, 1, 1], [2, 1, 2, 2]], "seq": 512,
                  "attention": ["xla", "splash"], "steps": 0})
   _assert_same(res["(2, 1, 2, 2) splash"], res["(1, 1, 1, 1) xla"], "splash")
 

@@ -24,7 +24,6 @@ from llmlab.commands import convert as convert_cmd
 from llmlab.convert import hf as hf_lib
 from llmlab.convert import hf_config
 from llmlab.convert import safetensors_io as st
-from tests import helpers
 
 VOCAB = 96
 
@@ -316,26 +315,26 @@ def test_converted_run_feeds_init_from_and_copies_tokenizer(tmp_path):
                                 bias.reshape(4, 8))
 
 
-_MESH_SCRIPT = r"""
-import json, os, sys
-import jax, numpy as np
-from llmlab.convert import hf
-src, run = sys.argv[1], sys.argv[2]
-got = hf.load(src, mesh_axes={"fsdp": 2, "tensor": 2})
-attn = got.params["layers"]["attn"]
-report = {k: [list(v.sharding.spec), list(v.sharding.shard_shape(v.shape))]
-          for k, v in attn.items()}
-np.savez(run + ".npz", wq=np.asarray(attn["wq"]), wo=np.asarray(attn["wo"]),
-         emb=np.asarray(got.params["embedding"]))
-hf.write_run(got, run)
-print(json.dumps(report))
-"""
+def _load_sharded(src, run):
+  """In the `devices(8)` process: load HF dir `src` onto every device
+  (data 2 x fsdp 2 x tensor 2), write run `run` (and the arrays to
+  run.npz) -> each attention param's (spec, per-device shape)."""
+  got = hf_lib.load(src, mesh_axes={"fsdp": 2, "tensor": 2})
+  assert got.setup.mesh.devices.size == 8
+  attn = got.params["layers"]["attn"]
+  report = {k: [list(v.sharding.spec), list(v.sharding.shard_shape(v.shape))]
+            for k, v in attn.items()}
+  np.savez(run + ".npz", wq=np.asarray(attn["wq"]), wo=np.asarray(attn["wo"]),
+           emb=np.asarray(got.params["embedding"]))
+  hf_lib.write_run(got, run)
+  return report
 
 
-def test_converts_directly_onto_a_sharded_mesh(tmp_path):
+def test_converts_directly_onto_a_sharded_mesh(tmp_path, devices):
   src, run = tmp_path / "hf", tmp_path / "run"
   tokens, ref = _make_hf(src, "llama", num_key_value_heads=2)
-  report = helpers.worker("-c", _MESH_SCRIPT, src, run, devices=4, timeout=120)
+  report = devices(8).call("tests.test_convert:_load_sharded", str(src),
+                           str(run), timeout=120)
   # [layers, embed, heads, head_dim]: embed over fsdp, heads over tensor.
   assert report["wq"] == [[None, "fsdp", "tensor", None], [2, 16, 2, 8]]
   assert report["wo"] == [[None, "tensor", None, "fsdp"], [2, 2, 8, 16]]
@@ -346,7 +345,7 @@ def test_converts_directly_onto_a_sharded_mesh(tmp_path):
                                 q0.reshape(4, 8, 32).transpose(2, 0, 1))
   np.testing.assert_array_equal(arrays["emb"],
                                 hf_w["model.embed_tokens.weight"].numpy())
-  # Written from 4 devices, restored onto 1.
+  # Written from 8 devices, restored onto 1.
   np.testing.assert_allclose(np.asarray(llmlab.load(str(run)).logits(tokens)),
                              ref, atol=1e-4, rtol=0)
 

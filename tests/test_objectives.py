@@ -3,15 +3,14 @@ offline top-k store, on-policy distillation, errors before training, the
 same loss on an 8-device mesh as on one device, and `llmlab sample` on the
 trained teacher run.
 
-Run as a script (`python tests/test_objectives.py JSON`), this file is the
-body of the 8-device subprocess (XLA_FLAGS set by the test).
+`_mesh_losses` runs in the session's `devices(8)` process (8 simulated CPU
+devices).
 """
 
 import dataclasses
 import json
 import os
 import shutil
-import sys
 
 import flax.linen as nn
 import jax
@@ -26,7 +25,6 @@ from llmlab import sharding as shd
 from llmlab import steps as steps_lib
 from llmlab.data import teacher_store
 from llmlab.objectives import distill as distill_lib
-from tests import helpers
 from tests.helpers import ROOT
 
 
@@ -454,23 +452,16 @@ def _mesh_losses(meshes, objective: dict, steps=3) -> dict:
   return out
 
 
-def test_distill_on_8_devices_matches_1_device():
-  spec = {"meshes": [[1, 1, 1], [2, 2, 2]],
-          "objective": dict(alpha=0.5, temperature=2.0, top_k=8,
-                            kl="reverse")}
-  res = helpers.worker(os.path.abspath(__file__), spec, devices=8)
+def test_distill_on_8_devices_matches_1_device(devices):
+  res = devices(8).call("tests.test_objectives:_mesh_losses",
+                        [[1, 1, 1], [2, 2, 2]],
+                        dict(alpha=0.5, temperature=2.0, top_k=8, kl="reverse"))
   one, eight = res["[1, 1, 1]"], res["[2, 2, 2]"]
   np.testing.assert_allclose(eight["losses"], one["losses"], rtol=2e-4)
   assert one["losses"][-1] < one["losses"][0]
   # The teacher is sharded too: w_up [layers, embed, mlp] over fsdp, tensor.
   assert one["teacher_w_up_shard"] == [2, 64, 128]
   assert eight["teacher_w_up_shard"] == [2, 32, 64]
-
-
-if __name__ == "__main__":
-  _spec = json.loads(sys.argv[1])
-  print(json.dumps(_mesh_losses([tuple(m) for m in _spec["meshes"]],
-                                _spec["objective"])))
 
 
 def test_label_smoothing_and_z_loss_by_hand():

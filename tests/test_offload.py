@@ -12,10 +12,6 @@ arrays live between steps; the integration tests compile for a TPU slice
 (libtpu), where XLA's memory analysis shows the bytes leave device memory.
 """
 
-import json
-import os
-import subprocess
-import sys
 import types
 
 import pytest
@@ -23,8 +19,6 @@ import pytest
 from llmlab import config as config_lib
 from llmlab import steps as steps_lib
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 RUNS = [  # mesh (data, fsdp, context, tensor), optim.offload, model.remat
     ([1, 1, 1, 1], "none", "dots"),
     ([1, 1, 1, 1], "host", "offload_dots"),
@@ -34,15 +28,10 @@ RUNS = [  # mesh (data, fsdp, context, tensor), optim.offload, model.remat
 
 
 @pytest.fixture(scope="module")
-def runs():
-  spec = {"devices": 8, "steps": 3,
+def runs(devices):
+  spec = {"steps": 3,
           "runs": [{"mesh": m, "offload": o, "remat": r} for m, o, r in RUNS]}
-  out = subprocess.run(
-      [sys.executable, os.path.join(HERE, "offload_worker.py"),
-       json.dumps(spec)], capture_output=True, text=True, timeout=600,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return devices(8).call("tests.offload_worker:main", spec)
 
 
 @pytest.mark.parametrize("mesh", ["(1, 1, 1, 1)", "(2, 2, 1, 2)"])

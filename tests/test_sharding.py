@@ -1,9 +1,6 @@
 """Sharded training: mesh equivalence on 8 simulated devices, FSDP memory,
 gradient accumulation, config errors raised before compilation."""
 
-import os
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -11,16 +8,14 @@ import pytest
 from llmlab import config as config_lib
 from llmlab import sharding as shd
 from llmlab import steps as steps_lib
-from tests import helpers
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from tests.mesh_worker import VOCAB, batches, tiny_cfg
 
 
 @pytest.fixture(scope="module")
-def mesh_runs():
+def mesh_runs(devices):
   spec = {"steps": 20, "meshes": [[1, 1, 1], [8, 1, 1], [1, 8, 1],
                                   [2, 2, 2], [1, 4, 2]]}
-  return helpers.worker("mesh_worker.py", spec)  # 8 devices
+  return devices(8).call("tests.mesh_worker:main", spec)
 
 
 def test_losses_match_single_device(mesh_runs):
@@ -42,13 +37,10 @@ def test_param_bytes_shrink_with_fsdp_and_tensor(mesh_runs):
 
 
 def _tiny(**train):
-  sys.path.insert(0, HERE)
-  from mesh_worker import tiny_cfg
   return tiny_cfg((1, 1, 1), **train)
 
 
 def test_grad_accumulation_equals_full_batch():
-  from mesh_worker import VOCAB, batches
   outs = []
   for micro in (1, 4):
     cfg = _tiny(steps=3, micro=micro)

@@ -4,10 +4,11 @@ ARGV...` in process, and the few kinds of fresh process a test needs.
 In process (`llmlab`) is the default: the same entry as the console script
 (llmlab.main.main), stdout and stderr captured, the exit status as the
 console would give it (a bug's exception: status 1, its traceback appended
-to stderr). A fresh process (`command`, `worker`) only where the process is
-the point: kill -9, signals, several processes, a device count (XLA_FLAGS
-must be set before jax is imported), a compile-only backend, or a cold
-compilation cache.
+to stderr). A fresh process (`command`) only where the process is the
+point: kill -9, signals, several processes, a compile-only backend, or a
+cold compilation cache. Checks on simulated devices (XLA_FLAGS must be set
+before jax is imported) run in `Devices`: one process per device count for
+the whole session (conftest's `devices` fixture), called like a function.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import io
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 import traceback
@@ -95,14 +97,55 @@ def llmlab_process(*argv: str, **kw) -> subprocess.CompletedProcess:
   return command([sys.executable, "-m", "llmlab", *argv], **kw)
 
 
-def worker(script: str, *args, devices: int | None = None,
-           timeout: float = 600, **extra_env: str) -> dict:
-  """tests/SCRIPT ARGS... (or `-c CODE ARGS...`; a dict arg is passed as
-  JSON) on `devices` simulated CPU devices -> its last stdout line's JSON."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  if devices:
-    flags += f" --xla_force_host_platform_device_count={devices}"
-  argv = [sys.executable, script if script == "-c" else os.path.join(TESTS, script)]
-  argv += [json.dumps(a) if isinstance(a, dict) else str(a) for a in args]
-  out = command(argv, timeout=timeout, XLA_FLAGS=flags.strip(), **extra_env)
-  return json.loads(out.stdout.strip().splitlines()[-1])
+class Devices:
+  """A fresh process with `n` simulated CPU devices that runs checks on
+  request: `call("tests.module:function", *args)` -> its JSON-able result,
+  computed there. Started on the first call; a check's exception is an
+  AssertionError here with its traceback; a process that dies or runs past
+  `timeout` is killed and the next call starts a new one."""
+
+  def __init__(self, n: int, log_dir: str):
+    self.n, self.log = n, os.path.join(log_dir, f"devices{n}.log")
+    self.proc = None
+
+  def _start(self):
+    self._log = open(self.log, "a")
+    self.proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "tests", "helpers",
+                                      "device_server.py"), str(self.n)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+        text=True, cwd=ROOT, env=env())
+
+  def _tail(self) -> str:
+    self._log.flush()
+    with open(self.log) as f:
+      return f.read()[-4000:]
+
+  def call(self, fn: str, *args, timeout: float = 600, **kwargs):
+    if self.proc is None or self.proc.poll() is not None:
+      self.close()  # one that died since the last call
+      self._start()
+    self.proc.stdin.write(json.dumps({"fn": fn, "args": args,
+                                      "kwargs": kwargs}) + "\n")
+    self.proc.stdin.flush()
+    ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+    line = self.proc.stdout.readline() if ready else ""
+    if not line:
+      why = "the process died" if ready else f"no reply in {timeout} s"
+      log = self._tail()
+      self.close()
+      raise AssertionError(f"{fn} on {self.n} devices: {why}\n{log}")
+    reply = json.loads(line)
+    if "error" in reply:
+      raise AssertionError(f"{fn} on {self.n} devices raised:\n{reply['error']}")
+    return reply["ok"]
+
+  def close(self):
+    if self.proc is not None:
+      if self.proc.poll() is None:
+        self.proc.kill()
+      self.proc.wait()
+      self.proc.stdin.close()
+      self.proc.stdout.close()
+      self._log.close()
+      self.proc = None
