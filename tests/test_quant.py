@@ -2,10 +2,7 @@
 products are quantised, float params, fp8 refused where there are no fp8
 units, and int8 training within 2% of bf16 on a learnable stream."""
 
-import os
 import re
-import subprocess
-import sys
 import types
 
 import flax.linen as nn
@@ -18,11 +15,11 @@ from llmlab import config as config_lib
 from llmlab import quant
 from llmlab import sharding as shd
 from llmlab import steps as steps_lib
+from tests import helpers
 
 # qwix 0.1.8 on flax 0.12: a DeprecationWarning per traced product.
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*'VariableState' was removed:DeprecationWarning")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, BATCH, SEQ = 32, 8, 32
 
 
@@ -159,11 +156,8 @@ def test_an_fp8_run_loads_in_float_where_there_is_no_fp8():
 
 
 def test_fp8_on_cpu_is_one_line_from_the_cli(tmp_path):
-  out = subprocess.run(
-      [sys.executable, "-m", "llmlab", "train",
-       f"--config={ROOT}/configs/tiny.py:smoke", f"--workdir={tmp_path}/w",
-       "--config.model.quant=fp8"], capture_output=True, text=True,
-      timeout=300, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  out = helpers.llmlab("train", helpers.TINY, f"--workdir={tmp_path}/w",
+                       "--config.model.quant=fp8", check=False)
   assert out.returncode == 2, out.stderr[-2000:]
   errors = [l for l in out.stderr.splitlines() if "error" in l.lower()]
   assert errors == ["llmlab train: error: config.model.quant='fp8': CPU has "
