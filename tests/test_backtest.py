@@ -16,9 +16,9 @@ from llmlab.scaling import backtest
 from llmlab.scaling import fit as fit_lib
 from llmlab.commands import fit as fit_cmd
 from llmlab.scaling import forms, records
+from tests.helpers import TESTS
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SAMPLE = os.path.join(HERE, "data", "datablations_c4_sample.csv")
+SAMPLE = os.path.join(TESTS, "data", "datablations_c4_sample.csv")
 LAWS = {"fam_a": dict(A=406.4, B=410.7, E=1.69, alpha=0.34, beta=0.28),
         "fam_b": dict(A=600.0, B=900.0, E=2.1, alpha=0.36, beta=0.31)}
 

@@ -30,6 +30,7 @@ from llmlab.compress import prune as prune_lib
 from llmlab.compress import quantize
 from llmlab.compress import shapes
 from llmlab.compress import slicing
+from tests.helpers import ROOT
 
 SRC = model_lib.ModelConfig(vocab_size=259, num_layers=3, d_model=32,
                             num_heads=4, num_kv_heads=2, mlp_dim=48)
@@ -329,8 +330,7 @@ def test_experiment_reach_tokens_and_config_checks():
   assert report.law_tokens(law, 3.0) == pytest.approx(64.0)
   assert report.law_tokens(law, 0.9) is None
   scfg = cli_common.load_config(os.path.join(
-      os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-      "configs", "compress_quick.py"))
+      ROOT, "configs", "compress_quick.py"))
   names = [r["name"] for r in experiment.plan(scfg, "/tmp/x")]
   assert names == ["magnitude", "activation", "learned", "learned_distill",
                    "scratch"]
@@ -348,8 +348,7 @@ def test_compress_study_rerun_skips_every_run(tmp_path, monkeypatch):
   from llmlab import train
   from llmlab.compress import experiment
   scfg = cli_common.load_config(os.path.join(
-      os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-      "configs", "compress_quick.py:smoke"))
+      ROOT, "configs", "compress_quick.py:smoke"))
   scfg.methods, scfg.distill_methods = ("magnitude",), ()
   scfg.continue_steps, scfg.sweep_points = 8, 4
   workdir = str(tmp_path / "study")

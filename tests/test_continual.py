@@ -19,8 +19,8 @@ from llmlab.scaling import fit as fit_lib
 from llmlab.scaling import forms as forms_lib
 from llmlab.studies import continual
 from llmlab.studies import continual_analysis
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLICE = "json/*,email/*,logging/*,http/*"  # the smoke config's
 
 

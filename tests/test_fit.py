@@ -17,11 +17,11 @@ import pytest
 from llmlab.scaling import fit as fit_lib
 from llmlab.commands import fit as fit_cmd
 from llmlab.scaling import fitting, forms, records
+from tests.helpers import TESTS
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # Hoffmann et al. 2022 (Figure 4) as extracted by Besiroglu et al. 2024 (Epoch AI),
 # see tests/data/README.md.
-CHINCHILLA = os.path.join(HERE, "data", "chinchilla_hoffmann2022.csv")
+CHINCHILLA = os.path.join(TESTS, "data", "chinchilla_hoffmann2022.csv")
 HOFFMANN = dict(a=6.0073404, b=6.0179186, e=0.5267228, alpha=0.33917084, beta=0.2849083)
 N_BOOT = 100
 

@@ -9,8 +9,8 @@ import os
 import pytest
 
 from llmlab import report_notes
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLAIM = "makes no scientific claim"
 
 
