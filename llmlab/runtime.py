@@ -9,8 +9,10 @@ import logging
 import os
 import threading
 
-_STATE = {"verbose": False, "quiet": 0}
-_QUIET_LOCK = threading.Lock()
+_STATE = {"verbose": False}
+# Per thread: a study training runs side by side (experiment.train_all)
+# quiets each run in its own thread and still shows its own progress.
+_QUIET = threading.local()
 
 
 def set_verbose(on: bool) -> None:
@@ -26,18 +28,16 @@ def quiet_runs():
   studies train each run in it (llmlab/experiment.py) and the sweep loads
   each run in it, so a study's console shows the study's progress, not
   every run's."""
-  with _QUIET_LOCK:  # studies train runs side by side in threads
-    _STATE["quiet"] += 1
+  _QUIET.depth = getattr(_QUIET, "depth", 0) + 1
   try:
     yield
   finally:
-    with _QUIET_LOCK:
-      _STATE["quiet"] -= 1
+    _QUIET.depth -= 1
 
 
 def quiet() -> bool:
-  """Inside `quiet_runs`, without --verbose?"""
-  return _STATE["quiet"] > 0 and not _STATE["verbose"]
+  """Inside `quiet_runs` (in this thread), without --verbose?"""
+  return getattr(_QUIET, "depth", 0) > 0 and not _STATE["verbose"]
 
 
 def _run_detail(record: logging.LogRecord) -> bool:
