@@ -335,7 +335,9 @@ class Experiment:
     def worker(devs):
       while True:
         with cond:
-          cond.wait_for(lambda: errors or not pending or ready() is not None)
+          # Nothing ready and nothing running: nothing ever will be.
+          cond.wait_for(lambda: errors or not pending or not running
+                        or ready() is not None)
           job = None if errors or not pending else ready()
           if job is None:
             return

@@ -295,3 +295,12 @@ def test_device_groups_split_every_process_evenly():
   with pytest.raises(ValueError, match="3 equal parts"):
     sharding.split_devices(devs, 3)
   assert experiment.device_groups(1) is None
+
+
+def test_train_all_names_jobs_whose_needs_are_not_planned(tmp_path):
+  ex = experiment.Experiment(str(tmp_path), _stub([]))
+  ex.start(config_lib.base(), "c.json")
+  d = jax.devices()[0]
+  job = experiment.Job(_cfg(), str(tmp_path / "b"), needs=(str(tmp_path / "x"),))
+  with pytest.raises(RuntimeError, match="not planned"):
+    ex.train_all([experiment.Job(_cfg(), str(tmp_path / "a")), job], [[d], [d]])
