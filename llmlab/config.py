@@ -424,6 +424,10 @@ def study_defaults() -> ConfigDict:
       noise_seeds=0,
       noise_member="",
       fit_seeds=False,       # the seed re-runs are fitted too
+      # Runs trained side by side: the devices split into this many equal
+      # groups, each training one run at a time, largest first (on a CPU,
+      # `llmlab study` simulates this many devices; 1: one after another).
+      parallel=1,
       # A plumbing variant's name ("smoke", "test"): its report says it makes
       # no scientific claim (llmlab/report_notes.py); "" for the study.
       variant=""))

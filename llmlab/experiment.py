@@ -42,9 +42,11 @@ had no cache, `off` included; such directories are no longer read.)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 
 from llmlab import runs
@@ -108,6 +110,25 @@ def compile_cache() -> str | None:
   return jax.config.jax_compilation_cache_dir or runtime.setup_compile_cache()
 
 
+def device_groups(n: int) -> list[list] | None:
+  """The devices cut into `n` equal groups for `Experiment.train_all`
+  (`sharding.split_devices`); None for n = 1. Devices that cannot be cut
+  so (one GPU; a CPU process whose jax started before the command could
+  ask for simulated devices): a warning and None, the runs train one after
+  another, as a config written for a laptop should still run anywhere."""
+  if n <= 1:
+    return None
+  import jax  # noqa: PLC0415
+  from llmlab import sharding  # noqa: PLC0415
+  devs = jax.devices()
+  try:
+    return sharding.split_devices(devs, n)
+  except ValueError as e:
+    log.warning("parallel=%d: %s (%d %s devices); the runs train one after "
+                "another", n, e, len(devs), devs[0].platform)
+    return None
+
+
 # ------------------------------------------------------------------ cache
 
 
@@ -154,6 +175,17 @@ def _human(n: float) -> str:
   return f"{n:.0f}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One run for `Experiment.train_all`: its config and directory,
+  `before()` to call just before it trains (a branch copying its start
+  checkpoint), and the run directories it needs finished first."""
+  cfg: object
+  workdir: str
+  before: object = None
+  needs: tuple = ()
+
+
 class Experiment:
   """One study directory: trains its planned runs, keeps its wall time.
 
@@ -182,19 +214,24 @@ class Experiment:
     self.planned = {}  # workdir -> tokens, in plan order
     self.done = set()
     self.trained_tokens, self.trained_s = 0, 0.0
+    self._lock = threading.RLock()  # runs trained side by side (train_all)
+    self._active, self._busy_from = 0, 0.0
 
   def expect(self, planned) -> None:
     """Register (cfg, workdir) pairs the study will train, for progress."""
-    for cfg, workdir in planned:
-      self.planned.setdefault(workdir, _tokens(cfg))
-      if runs.finished(workdir, cfg.train.steps):
-        self.done.add(workdir)
+    with self._lock:
+      for cfg, workdir in planned:
+        self.planned.setdefault(workdir, _tokens(cfg))
+        if runs.finished(workdir, cfg.train.steps):
+          self.done.add(workdir)
 
   def progress(self, note: str = "") -> str:
     """'study: 3/30 runs, 1.2M/4.6M tokens, 2.1 min elapsed, ETA 7.9 min'."""
     total = sum(self.planned.values())
     done = sum(t for w, t in self.planned.items() if w in self.done)
-    rate = self.trained_tokens / self.trained_s if self.trained_s else 0.0
+    busy = self.trained_s + (self.clock() - self._busy_from
+                             if self._active else 0.0)
+    rate = self.trained_tokens / busy if busy else 0.0
     eta = f"{(total - done) / rate / 60:.1f} min" if rate else "?"
     line = (f"study: {len(self.done)}/{len(self.planned)} runs, "
             f"{_human(done)}/{_human(total)} tokens, "
@@ -219,26 +256,14 @@ class Experiment:
     self.expect([(cfg, workdir)])
     if runs.finished(workdir, cfg.train.steps):
       return None
-    self.progress(f"training {os.path.relpath(workdir, self.workdir)}")
-    if before is not None:
-      before()
-    key = os.path.relpath(workdir, self.workdir)
-    seconds, cpu = self.state["run_seconds"], self.state["run_cpu_seconds"]
-    if not storage.exists(storage.join(workdir, "config.json")):
-      seconds[key] = cpu[key] = 0.0  # a fresh start, not a resume
+    key = self._begin(workdir, before)
     t, c = self.clock(), time.process_time()
+    summary = None
     try:
       with runtime.quiet_runs():  # the study's progress, not the run's
         summary = self.train_fn(cfg, workdir)
     finally:
-      seconds[key] = seconds.get(key, 0.0) + self.clock() - t
-      cpu[key] = cpu.get(key, 0.0) + time.process_time() - c
-      self._save()
-    if not summary["preempted"]:
-      self.done.add(workdir)
-      self.trained_tokens += self.planned[workdir]
-      self.trained_s += self.clock() - t
-      self.progress(f"finished {key}")
+      self._end(workdir, key, t, c, summary)
     if summary["preempted"]:
       raise Preempted(f"preempted (SIGTERM) during {workdir}; it saved its "
                       "checkpoint. Re-run the same command to resume.")
@@ -246,6 +271,105 @@ class Experiment:
              summary["step"], summary.get("eval_loss") or float("nan"),
              self.clock() - t)
     return summary
+
+  def _begin(self, workdir: str, before) -> str:
+    with self._lock:
+      key = os.path.relpath(workdir, self.workdir)
+      self.progress(f"training {key}")
+      if before is not None:
+        before()
+      seconds, cpu = self.state["run_seconds"], self.state["run_cpu_seconds"]
+      if not storage.exists(storage.join(workdir, "config.json")):
+        seconds[key] = cpu[key] = 0.0  # a fresh start, not a resume
+      if not self._active:
+        self._busy_from = self.clock()
+      self._active += 1
+      return key
+
+  def _end(self, workdir: str, key: str, t: float, c: float, summary) -> None:
+    with self._lock:
+      now = self.clock()
+      seconds, cpu = self.state["run_seconds"], self.state["run_cpu_seconds"]
+      seconds[key] = seconds.get(key, 0.0) + now - t
+      cpu[key] = cpu.get(key, 0.0) + time.process_time() - c
+      self._active -= 1
+      if not self._active:  # the time any run trained, overlaps once
+        self.trained_s += now - self._busy_from
+      self._save()
+      if summary is not None and not summary["preempted"]:
+        self.done.add(workdir)
+        self.trained_tokens += self.planned[workdir]
+        self.progress(f"finished {key}")
+
+  def train_all(self, jobs, groups=None) -> None:
+    """Trains `jobs` (`Job`s, in the order to start them), on `groups`:
+    disjoint device lists (`sharding.split_devices`), one run at a time on
+    each, started in its own thread as soon as a group is free and the
+    job's `needs` have finished. None or one group: one after another, in
+    the calling thread. Why: a small model cannot fill a machine or slice,
+    so a study packs its small members side by side; a run's losses do not
+    depend on what trains beside it (tests/test_experiment.py).
+
+    A failure stops new starts; the runs already going finish (a SIGTERM
+    or Ctrl-C reaches all of them: each saves its step), then the first
+    error is raised."""
+    from llmlab import sharding  # noqa: PLC0415 (imports jax)
+    if not groups or len(groups) == 1:
+      with (sharding.device_scope(groups[0]) if groups
+            else contextlib.nullcontext()):
+        for job in jobs:
+          self.train(job.cfg, job.workdir, before=job.before)
+      return
+    from llmlab import train as train_lib  # noqa: PLC0415
+    self.expect([(j.cfg, j.workdir) for j in jobs])
+    pending, running, errors = list(jobs), set(), []
+    cond = threading.Condition()
+    done = {j.workdir for j in jobs if runs.finished(j.workdir, j.cfg.train.steps)}
+
+    def ready():
+      for j in pending:
+        if all(n in done for n in j.needs):
+          return j
+      return None
+
+    def worker(devs):
+      while True:
+        with cond:
+          # Nothing ready and nothing running: nothing ever will be.
+          cond.wait_for(lambda: errors or not pending or not running
+                        or ready() is not None)
+          job = None if errors or not pending else ready()
+          if job is None:
+            return
+          pending.remove(job)
+          running.add(job.workdir)
+        try:
+          with sharding.device_scope(devs):
+            self.train(job.cfg, job.workdir, before=job.before)
+        except BaseException as e:  # pylint: disable=broad-except
+          with cond:
+            errors.append(e)
+            cond.notify_all()
+          return
+        with cond:
+          running.discard(job.workdir)
+          done.add(job.workdir)
+          cond.notify_all()
+
+    with train_lib.preemption():  # signals land here, every run reads them
+      threads = [threading.Thread(target=worker, args=(list(g),), daemon=True,
+                                  name=f"llmlab-study-{i}")
+                 for i, g in enumerate(groups)]
+      for t in threads:
+        t.start()
+      for t in threads:
+        while t.is_alive():  # a timeout keeps the main thread answering
+          t.join(0.5)        # signals (Python runs handlers only there)
+    if errors:
+      raise next((e for e in errors if isinstance(e, Preempted)), errors[0])
+    if pending:  # needs that no job provides
+      raise RuntimeError("jobs wait on runs that are not planned: "
+                         f"{[(j.workdir, j.needs) for j in pending]}")
 
   def run_seconds(self, workdir: str, cpu: bool = False) -> float | None:
     """Seconds this study spent training run `workdir`, over all its

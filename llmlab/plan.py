@@ -212,8 +212,8 @@ _REPORTED: set[str] = set()  # pre-flight blocks this process has logged
 def preflight(cfg, setup, train_step, carry, batch) -> dict:
   """`llmlab train`'s pre-flight: compile ahead of time, log bytes per
   device before step 1, and refuse a step that cannot fit an accelerator.
-  The compiled executable lands in JAX's compilation cache, so the first
-  real step does not compile again."""
+  The run then steps with the executable compiled here (`adopt`): the
+  step is traced, lowered and compiled once."""
   compiled = compile_step(train_step, setup, carry, batch)
   rep = memory_report(compiled, setup)
   limit, source = device_limit(config_name="")
@@ -234,6 +234,8 @@ def preflight(cfg, setup, train_step, carry, batch) -> dict:
     if not on_cpu:
       raise DoesNotFit(msg)
     log.warning("memory pre-flight: %s", msg)
+  if hasattr(train_step, "adopt"):
+    train_step.adopt(compiled)
   return dict(rep, limit=limit, limit_source=source)
 
 

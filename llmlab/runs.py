@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -84,7 +83,7 @@ def setup_for(cfg, raw: dict, mesh=None):
   # splash on a TPU loads on a laptop (params do not depend on it).
   cfg.model.attention = "auto"
   if mesh is None:
-    mesh_devices = jax.devices()[:1]
+    mesh_devices = shd.devices()[:1]
   else:
     mesh_devices = list(mesh.devices.flat)
   # Likewise quantised training's fp8 products: checkpoints hold float
@@ -96,7 +95,7 @@ def setup_for(cfg, raw: dict, mesh=None):
   if mesh is None:
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data = 1, 1, 1, 1
     cfg.mesh.context = 1
-    mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
+    mesh = shd.make_mesh(cfg.mesh, mesh_devices)
   return steps_lib.build(cfg, vocab_size(raw, "run"), mesh)
 
 

@@ -7,8 +7,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 
-_STATE = {"verbose": False, "quiet": 0}
+_STATE = {"verbose": False}
+# Per thread: a study training runs side by side (experiment.train_all)
+# quiets each run in its own thread and still shows its own progress.
+_QUIET = threading.local()
 
 
 def set_verbose(on: bool) -> None:
@@ -24,16 +28,16 @@ def quiet_runs():
   studies train each run in it (llmlab/experiment.py) and the sweep loads
   each run in it, so a study's console shows the study's progress, not
   every run's."""
-  _STATE["quiet"] += 1
+  _QUIET.depth = getattr(_QUIET, "depth", 0) + 1
   try:
     yield
   finally:
-    _STATE["quiet"] -= 1
+    _QUIET.depth -= 1
 
 
 def quiet() -> bool:
-  """Inside `quiet_runs`, without --verbose?"""
-  return _STATE["quiet"] > 0 and not _STATE["verbose"]
+  """Inside `quiet_runs` (in this thread), without --verbose?"""
+  return getattr(_QUIET, "depth", 0) > 0 and not _STATE["verbose"]
 
 
 def _run_detail(record: logging.LogRecord) -> bool:
@@ -70,6 +74,19 @@ def _harmless_gcsfs(record: logging.LogRecord) -> bool:
   account cannot inspect); it then uses the plain API, which works. Not a
   problem a researcher can act on: filtered by name, not silenced."""
   return "Could not determine bucket type" not in record.getMessage()
+
+
+def simulate_cpu_devices(n: int) -> None:
+  """Have jax's CPU backend show `n` devices (XLA's
+  --xla_force_host_platform_device_count) unless XLA_FLAGS sets a count
+  already. Only works before jax starts its backends; accelerators are not
+  affected. Why: a study on a CPU packs runs side by side on devices
+  (`parallel`), and each simulated device computes on the machine's
+  cores, the one a lone run uses as fast as before (docs/studies.md)."""
+  flag = "--xla_force_host_platform_device_count"
+  flags = os.environ.get("XLA_FLAGS", "")
+  if n > 1 and flag not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {flag}={int(n)}".strip()
 
 
 def setup_compile_cache() -> str | None:

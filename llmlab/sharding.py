@@ -12,6 +12,8 @@ annotated inputs/outputs and the activation constraints.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import flax.linen as nn
@@ -23,9 +25,55 @@ from llmlab.config import mesh_shape  # noqa: F401  (sharding's API too)
 
 AXES = ("data", "fsdp", "context", "tensor")
 
+# The devices runs made in this context use (None: all of them). A context
+# variable, so threads packing several runs onto one machine or slice each
+# see their own (`device_scope`).
+_SCOPE: contextvars.ContextVar = contextvars.ContextVar("llmlab_devices",
+                                                        default=None)
+
+
+def devices() -> list:
+  """The devices a run started here gets: its `device_scope`'s, else all."""
+  scoped = _SCOPE.get()
+  return list(scoped) if scoped is not None else jax.devices()
+
+
+@contextlib.contextmanager
+def device_scope(devs):
+  """Runs started inside train on `devs` only (their mesh's `-1` axis fills
+  `devs`, not the machine), and arrays placed without a sharding land on
+  `devs[0]`. Why: a study packs small members onto disjoint parts of one
+  machine or slice (`split_devices`), each trained in its own thread."""
+  devs = tuple(devs)
+  token = _SCOPE.set(devs)
+  try:
+    with jax.default_device(devs[0]):
+      yield
+  finally:
+    _SCOPE.reset(token)
+
+
+def split_devices(devs, groups: int) -> list[list]:
+  """`devs` cut into `groups` disjoint, equal parts. On several processes
+  each part holds the same number of every process's devices, so a run on
+  one part still spans every host: each process loads its share of the
+  batch as it would on the whole mesh, and collectives stay SPMD."""
+  devs = list(devs)
+  procs = sorted({d.process_index for d in devs})
+  local = {p: sorted((d for d in devs if d.process_index == p),
+                     key=lambda d: d.id) for p in procs}
+  counts = {len(v) for v in local.values()}
+  if len(counts) != 1 or next(iter(counts)) % groups:
+    raise ValueError(f"cannot split {len(devs)} devices ({sorted(counts)} per "
+                     f"process) into {groups} equal parts spanning every "
+                     "process")
+  m = next(iter(counts)) // groups
+  return [[d for p in procs for d in local[p][i * m:(i + 1) * m]]
+          for i in range(groups)]
+
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
-  devices = list(devices if devices is not None else jax.devices())
+  devices = list(devices if devices is not None else _scoped_devices())
   shape = mesh_shape(mesh_cfg, len(devices))
   dcn = int(mesh_cfg.get("dcn_data", 1) or 1)
   auto = (jax.sharding.AxisType.Auto,) * len(AXES)
@@ -36,6 +84,9 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
     return jax.make_mesh(shape, AXES, axis_types=auto)
   return jax.sharding.Mesh(np.array(devices).reshape(shape), AXES,
                            axis_types=auto)
+
+
+_scoped_devices = devices  # make_mesh's `devices` argument shadows it
 
 
 def _hybrid_devices(ici: tuple, dcn: int, devices: list) -> np.ndarray:

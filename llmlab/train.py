@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterable
 
@@ -91,7 +92,7 @@ def checked(cfg):
   """The config with every default filled in, validated (the one merge and
   validation of a run; raises ConfigError)."""
   cfg = config_lib.merge_defaults(cfg)
-  config_lib.validate(cfg, jax.device_count())
+  config_lib.validate(cfg, len(shd.devices()))
   return cfg
 
 
@@ -129,27 +130,42 @@ class _Preempted:
   save instead of deadlocking; Ctrl-C keeps Python's default there.
   """
 
+  # The handlers installed in the main thread, innermost last: a run trained
+  # in another thread (a study packing runs, experiment.py) cannot install
+  # its own and reads the innermost one's.
+  _installed: list = []
+
   def __init__(self):
-    self.flag = False
-    self.name = None  # "SIGTERM" or "SIGINT", once received
+    self._flag = False
+    self._name = None  # "SIGTERM" or "SIGINT", once received
     self._old = {}
+    self._outer = None
     self._synced = (jax.process_count() > 1 and
                     bool(getattr(jax.config, "jax_enable_preemption_service",
                                  False)))
 
+  @property
+  def flag(self) -> bool:
+    return self._flag or bool(self._outer and self._outer.flag)
+
+  @property
+  def name(self) -> str | None:
+    return self._name or (self._outer.name if self._outer else None)
+
   def __enter__(self):
     if self._synced:
       return self
+    if threading.current_thread() is not threading.main_thread():
+      self._outer = (self._installed or [None])[-1]
+      return self
     for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._old[sig] = signal.signal(sig, self._set)
-      except ValueError:  # not the main thread
-        pass
+      self._old[sig] = signal.signal(sig, self._set)
+    self._installed.append(self)
     return self
 
   def _set(self, signum, _frame):
-    self.flag = True
-    self.name = self.name or signal.Signals(signum).name
+    self._flag = True
+    self._name = self._name or signal.Signals(signum).name
     if signum == signal.SIGINT:  # the next Ctrl-C aborts at once
       signal.signal(signal.SIGINT, signal.default_int_handler)
       print("llmlab: Ctrl-C: finishing this step and saving it (Ctrl-C "
@@ -164,8 +180,17 @@ class _Preempted:
     return self.flag
 
   def __exit__(self, *exc):
+    if self in self._installed:
+      self._installed.remove(self)
     for sig, old in self._old.items():
       signal.signal(sig, old)
+
+
+def preemption():
+  """SIGTERM / Ctrl-C handling for runs trained in other threads: entered
+  in the main thread around them, it is what their `reached` reads (each
+  stops after its current step and saves it)."""
+  return _Preempted()
 
 
 def _resume_command() -> str:
@@ -217,8 +242,8 @@ def write_config(workdir: str, cfg, info: dict, data_info: dict, mesh,
   out["model_info"] = info
   out["data_info"] = data_info
   out["mesh_shape"] = dict(mesh.shape)
-  out["devices"] = {"count": jax.device_count(),
-                    "kind": jax.devices()[0].device_kind,
+  out["devices"] = {"count": int(mesh.size),
+                    "kind": mesh.devices.flat[0].device_kind,
                     "processes": jax.process_count()}
   out["versions"] = {"jax": jax.__version__}
   storage.write_json(storage.join(workdir, "config.json"), out)
@@ -449,7 +474,7 @@ class Trainer:
     self.flops_per_step = (info["flops_per_token"] +
                            aux.info.get("flops_per_token", 0.0)
                            ) * self.tokens_per_step
-    self.peak_total = peak * jax.device_count()
+    self.peak_total = peak * int(setup.mesh.size)
     self.policy = guard.Policy(cfg.guard)
     self.offset = 0  # data step - train step (grows with each rollback)
     self.train_step = steps_lib.make_guarded_train_step(setup, aux.params,

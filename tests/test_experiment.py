@@ -217,3 +217,90 @@ def test_unreadable_json_and_missing_files_are_user_errors(tmp_path):
     storage.read_text(str(tmp_path / "none.json"))
   with pytest.raises(FileNotFoundError):  # what callers caught before
     storage.read_bytes(str(tmp_path / "none.json"))
+
+
+def test_train_all_packs_runs_respecting_needs_and_groups(tmp_path):
+  """Two groups train side by side: a job starts only after the runs it
+  needs finished, each run sees its own group's devices, and a study's
+  bookkeeping (done, run seconds) is the same as one after another."""
+  import threading
+  import time
+  from llmlab import sharding
+  seen, lock, starts = {}, threading.Lock(), []
+  inner = _stub([])
+
+  def run(cfg, workdir):
+    with lock:
+      starts.append(os.path.basename(workdir))
+      seen[os.path.basename(workdir)] = tuple(sharding.devices())
+    time.sleep(0.05)
+    return inner(cfg, workdir)
+  ex = experiment.Experiment(str(tmp_path), run)
+  ex.start(config_lib.base(), "c.json")
+  d = jax.devices()[0]
+  groups = [[d], [d]]  # one CPU device here: the groups are what is checked
+  w = lambda n: str(tmp_path / n)  # noqa: E731
+  jobs = [experiment.Job(_cfg(), w("big")),
+          experiment.Job(_cfg(), w("big_branch"), needs=(w("big"),)),
+          experiment.Job(_cfg(), w("small")),
+          experiment.Job(_cfg(), w("small2"))]
+  ex.train_all(jobs, groups)
+  assert starts.index("big_branch") > starts.index("big")
+  assert set(starts) == {"big", "big_branch", "small", "small2"}
+  assert all(v == (d,) for v in seen.values())
+  assert len(ex.done) == 4 and set(ex.state["run_seconds"]) == {
+      "big", "big_branch", "small", "small2"}
+  # Finished: nothing trains again.
+  starts.clear()
+  ex.train_all(jobs, groups)
+  assert starts == []
+
+
+def test_train_all_raises_the_first_error_after_the_others_finish(tmp_path):
+  inner = _stub([])
+  finished = []
+
+  def run(cfg, workdir):
+    if workdir.endswith("bad"):
+      raise ValueError("boom")
+    out = inner(cfg, workdir)
+    finished.append(os.path.basename(workdir))
+    return out
+  ex = experiment.Experiment(str(tmp_path), run)
+  ex.start(config_lib.base(), "c.json")
+  d = jax.devices()[0]
+  w = lambda n: str(tmp_path / n)  # noqa: E731
+  jobs = [experiment.Job(_cfg(), w("bad")),
+          experiment.Job(_cfg(), w("ok"), needs=(w("bad"),))]
+  with pytest.raises(ValueError, match="boom"):
+    ex.train_all(jobs, [[d], [d]])
+  assert finished == []  # its need failed: never started
+  # A preempted run surfaces as Preempted, as when trained alone.
+  ex2 = experiment.Experiment(str(tmp_path / "p"), _stub([], preempt=True))
+  ex2.start(config_lib.base(), "c.json")
+  with pytest.raises(experiment.Preempted):
+    ex2.train_all([experiment.Job(_cfg(), w("p/a")),
+                   experiment.Job(_cfg(), w("p/b"))], [[d], [d]])
+
+
+def test_device_groups_split_every_process_evenly():
+  from llmlab import sharding
+
+  class Dev:
+    def __init__(self, i, p):
+      self.id, self.process_index = i, p
+  devs = [Dev(i, i // 4) for i in range(8)]  # 2 processes x 4 devices
+  a, b = sharding.split_devices(devs, 2)
+  assert [d.id for d in a] == [0, 1, 4, 5] and [d.id for d in b] == [2, 3, 6, 7]
+  with pytest.raises(ValueError, match="3 equal parts"):
+    sharding.split_devices(devs, 3)
+  assert experiment.device_groups(1) is None
+
+
+def test_train_all_names_jobs_whose_needs_are_not_planned(tmp_path):
+  ex = experiment.Experiment(str(tmp_path), _stub([]))
+  ex.start(config_lib.base(), "c.json")
+  d = jax.devices()[0]
+  job = experiment.Job(_cfg(), str(tmp_path / "b"), needs=(str(tmp_path / "x"),))
+  with pytest.raises(RuntimeError, match="not planned"):
+    ex.train_all([experiment.Job(_cfg(), str(tmp_path / "a")), job], [[d], [d]])

@@ -27,6 +27,18 @@ def test_losses_match_single_device(mesh_runs):
     assert rel <= 1e-4, (mesh, rel)
 
 
+def test_runs_packed_on_sub_meshes_match_running_alone(devices, tmp_path):
+  """A study packing runs side by side (two groups of 4 of 8 devices, as
+  on a slice): every run's losses bit-identical to the same run alone on
+  its group, each on a 4-device data mesh."""
+  out = devices(8).call("tests.pack_worker:main", str(tmp_path))
+  assert out["device_count"] == 8
+  assert out["groups"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert out["packed"] == out["alone"] and len(out["packed"]["a"]) == 6
+  assert out["packed_mesh"] == out["alone_mesh"] == [
+      {"context": 1, "data": 4, "fsdp": 1, "tensor": 1}, 4]
+
+
 def test_param_bytes_shrink_with_fsdp_and_tensor(mesh_runs):
   full = mesh_runs["(1, 1, 1)"]["param_bytes"]
   assert mesh_runs["(8, 1, 1)"]["param_bytes"] == full  # pure data parallel

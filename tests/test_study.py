@@ -4,6 +4,8 @@ fits, predicts, writes study.json and report.md; re-running resumes."""
 import json
 import os
 
+import pytest
+
 from tests import helpers
 from tests.helpers import ROOT
 
@@ -123,7 +125,8 @@ def test_study_bad_fit_on(tmp_path):
                     ("--config.curve_spacing=cubic", "curve_spacing='cubic'"),
                     ("--config.curve_points=5", "curve_points=5"),
                     ("--config.curve_fit.params_column=width",
-                     "curve_fit.params_column='width'")):
+                     "curve_fit.params_column='width'"),
+                    ("--config.parallel=0", "parallel=0")):
     out = _study(str(workdir), "--config.fit_on=curves", flag, ok=False)
     assert out.returncode == 2, out.stderr[-2000:]
     assert msg in out.stderr and "Traceback" not in out.stderr
@@ -191,3 +194,23 @@ def test_study_plan_records():
   curves = study.plan(_checked("--config.fit_on=curves"), "/w")
   assert "branch" not in [r.kind for r in curves]
   assert curves[0].cfg.train.eval_at_steps[-1] == 20
+
+
+@pytest.mark.integration  # two whole studies: the slower tier
+def test_study_packed_side_by_side_matches_one_after_another(tmp_path):
+  """`parallel=2`: the command simulates 2 CPU devices and trains runs two
+  at a time, biggest first; every record is the same as one after another."""
+  loss = {}
+  for p in (1, 2):  # a fresh process: jax starts with the devices asked for
+    workdir = str(tmp_path / f"p{p}")
+    out = helpers.llmlab_process(
+        "study", f"--config={ROOT}/configs/study_quick.py:test",
+        f"--workdir={workdir}", f"--config.parallel={p}")
+    assert "train one after another" not in out.stderr
+    rows = open(os.path.join(workdir, "records.csv")).read().splitlines()
+    head = rows[0].split(",")
+    loss[p] = sorted((r.split(",")[head.index("run")],
+                      r.split(",")[head.index("tokens")],
+                      r.split(",")[head.index("loss")]) for r in rows[1:])
+    assert len(loss[p]) == 8
+  assert loss[1] == loss[2]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from absl import flags
 
 from llmlab import cli_common
+from llmlab import runtime
 
 CONFIG = cli_common.Config(lock=True, example="fit.bootstrap=50")
 SUMMARY_KEYS = ("are", "naive_are", "skill", "wall_time_s")
@@ -23,6 +24,7 @@ def define(fv: flags.FlagValues) -> None:
 
 
 def body(fv: flags.FlagValues) -> dict:
+  runtime.simulate_cpu_devices(int(fv.config.get("parallel", 1) or 1))
   cli_common.init_distributed(fv)
   from llmlab.scaling import study  # noqa: PLC0415 (jax; --help stays fast)
   result = study.run_study(fv.config, fv.workdir)

@@ -52,6 +52,7 @@ import numpy as np
 from llmlab import checkpoints as ckpt_lib
 from llmlab import config as config_lib
 from llmlab import experiment
+from llmlab import model as model_lib
 from llmlab import report_notes
 from llmlab import runs as runs_lib
 from llmlab import storage
@@ -109,6 +110,8 @@ def checked(scfg) -> ml_collections.ConfigDict:
       f"fitting {s.curve_fit.form!r} ({n_params} parameters) needs more evals "
       "along each run than that" + (" (0 turns them off with fit_on='branches')"
                                     if s.fit_on == "branches" else ""))
+  req(isinstance(s.parallel, int) and s.parallel >= 1, "parallel",
+      s.parallel, "must be an integer >= 1")
   for key in ("fit_seeds", "run_branches"):
     req(isinstance(s[key], bool), key, s[key], "True or False")
   req(isinstance(s.noise_seeds, int) and s.noise_seeds >= 0, "noise_seeds",
@@ -242,6 +245,29 @@ def _seed_branch(r: Run) -> None:
     storage.copytree(src, dst)
 
 
+def jobs(planned: list[Run], packed: bool) -> list[experiment.Job]:
+  """The plan as `Experiment.train_all` jobs; a branch needs its main run.
+  `packed` (runs side by side): biggest first (steps trained x tokens per
+  step x non-embedding parameters; plan order among equals), so the
+  longest run starts at once and the small ones fill the other groups
+  around it. Otherwise the plan's own order."""
+  def cost(r: Run) -> float:
+    n = model_lib.param_counts(model_lib.ModelConfig.from_config(
+        r.cfg.model, 1))["non_embedding"]
+    return (r.final - (r.start or 0)) * _tokens_per_step(r.cfg) * n
+  order = range(len(planned))
+  if packed:
+    order = sorted(order, key=lambda i: (-cost(planned[i]), i))
+  return [experiment.Job(
+      r.cfg, r.workdir,
+      before=functools.partial(_seed_branch, r) if r.kind == "branch" else None,
+      needs=(r.main,) if r.main else ()) for r in (planned[i] for i in order)]
+
+
+def _tokens_per_step(cfg) -> int:
+  return int(cfg.train.batch_size) * int(cfg.train.seq_len)
+
+
 # --------------------------------------------------------------------- run
 
 
@@ -251,9 +277,8 @@ def run_study(scfg, workdir: str, train_fn=None) -> dict:
   planned = plan(scfg, workdir)
   ex.start(scfg, "study_config.json")
   ex.expect([(r.cfg, r.workdir) for r in planned])
-  for r in planned:
-    seed = functools.partial(_seed_branch, r) if r.kind == "branch" else None
-    ex.train(r.cfg, r.workdir, before=seed)
+  groups = experiment.device_groups(scfg.parallel)
+  ex.train_all(jobs(planned, packed=bool(groups)), groups)
   noise = analysis.seed_noise(scfg, planned)  # both designs' intervals use it
   result = (_branch_design(scfg, workdir, planned, ex, noise)
             if scfg.fit_on == "branches" else {})
