@@ -52,6 +52,9 @@ def get_config(arg: str | None = None):
   # with curves).
   s.noise_seeds = 2
   s.fit_seeds = True
+  # Two runs side by side (the command simulates 2 CPU devices): on 2 cores
+  # the study takes 7.9 instead of 10.1 min, every number the same (README).
+  s.parallel = 2
   if arg == "smoke":
     s.variant = "smoke"
     s.family = [
@@ -87,6 +90,7 @@ def get_config(arg: str | None = None):
     s.curve_points = 12
     s.curve_fit.bootstrap = 4
     s.noise_seeds = 1
+    s.parallel = 1  # in-process tests have one device
   elif arg:
     raise ValueError(f"configs/study_quick.py: unknown variant {arg!r} "
                      "(known: smoke, test)")

@@ -76,17 +76,27 @@ def _harmless_gcsfs(record: logging.LogRecord) -> bool:
   return "Could not determine bucket type" not in record.getMessage()
 
 
-def simulate_cpu_devices(n: int) -> None:
-  """Have jax's CPU backend show `n` devices (XLA's
-  --xla_force_host_platform_device_count) unless XLA_FLAGS sets a count
-  already. Only works before jax starts its backends; accelerators are not
-  affected. Why: a study on a CPU packs runs side by side on devices
-  (`parallel`), and each simulated device computes on the machine's
-  cores, the one a lone run uses as fast as before (docs/studies.md)."""
+@contextlib.contextmanager
+def simulated_cpu_devices(n: int):
+  """Inside, jax's CPU backend is asked for `n` devices (XLA's
+  --xla_force_host_platform_device_count, unless XLA_FLAGS sets a count
+  already); XLA_FLAGS is restored on the way out, so processes started
+  later do not inherit it. Takes effect only if jax starts its backends
+  inside (a command does: `jax.devices()`); accelerators are not affected.
+  Why: a study on a CPU packs runs side by side on devices (`parallel`),
+  and every simulated device computes on all the machine's cores, so a
+  lone run is as fast as before (docs/studies.md)."""
   flag = "--xla_force_host_platform_device_count"
-  flags = os.environ.get("XLA_FLAGS", "")
-  if n > 1 and flag not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} {flag}={int(n)}".strip()
+  old = os.environ.get("XLA_FLAGS")
+  if n > 1 and flag not in (old or ""):
+    os.environ["XLA_FLAGS"] = f"{old or ''} {flag}={int(n)}".strip()
+  try:
+    yield
+  finally:
+    if old is None:
+      os.environ.pop("XLA_FLAGS", None)
+    else:
+      os.environ["XLA_FLAGS"] = old
 
 
 def setup_compile_cache() -> str | None:

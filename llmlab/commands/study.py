@@ -24,8 +24,10 @@ def define(fv: flags.FlagValues) -> None:
 
 
 def body(fv: flags.FlagValues) -> dict:
-  runtime.simulate_cpu_devices(int(fv.config.get("parallel", 1) or 1))
-  cli_common.init_distributed(fv)
+  with runtime.simulated_cpu_devices(int(fv.config.get("parallel", 1) or 1)):
+    cli_common.init_distributed(fv)
+    import jax  # noqa: PLC0415
+    jax.devices()  # the backends start here, with the devices asked for
   from llmlab.scaling import study  # noqa: PLC0415 (jax; --help stays fast)
   result = study.run_study(fv.config, fv.workdir)
   return {k: result.get(k) for k in SUMMARY_KEYS}
