@@ -308,7 +308,7 @@ class Experiment:
     job's `needs` have finished. None or one group: one after another, in
     the calling thread. Why: a small model cannot fill a machine or slice,
     so a study packs its small members side by side; a run's losses do not
-    depend on what trains beside it (tests/test_experiment.py).
+    depend on what trains beside it (tests/test_sharding.py).
 
     A failure stops new starts; the runs already going finish (a SIGTERM
     or Ctrl-C reaches all of them: each saves its step), then the first
