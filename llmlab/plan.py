@@ -234,8 +234,7 @@ def preflight(cfg, setup, train_step, carry, batch) -> dict:
     if not on_cpu:
       raise DoesNotFit(msg)
     log.warning("memory pre-flight: %s", msg)
-  if hasattr(train_step, "adopt"):
-    train_step.adopt(compiled)
+  train_step.adopt(compiled)
   return dict(rep, limit=limit, limit_source=source)
 
 

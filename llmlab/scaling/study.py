@@ -254,7 +254,8 @@ def jobs(planned: list[Run], packed: bool) -> list[experiment.Job]:
   def cost(r: Run) -> float:
     n = model_lib.param_counts(model_lib.ModelConfig.from_config(
         r.cfg.model, 1))["non_embedding"]
-    return (r.final - (r.start or 0)) * _tokens_per_step(r.cfg) * n
+    return (r.final - (r.start or 0)) * r.cfg.train.batch_size * \
+        r.cfg.train.seq_len * n
   order = range(len(planned))
   if packed:
     order = sorted(order, key=lambda i: (-cost(planned[i]), i))
@@ -262,10 +263,6 @@ def jobs(planned: list[Run], packed: bool) -> list[experiment.Job]:
       r.cfg, r.workdir,
       before=functools.partial(_seed_branch, r) if r.kind == "branch" else None,
       needs=(r.main,) if r.main else ()) for r in (planned[i] for i in order)]
-
-
-def _tokens_per_step(cfg) -> int:
-  return int(cfg.train.batch_size) * int(cfg.train.seq_len)
 
 
 # --------------------------------------------------------------------- run
