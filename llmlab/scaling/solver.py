@@ -9,15 +9,15 @@ Why this shape:
 - Every start of every data set (group) is a lane: lanes advance in lockstep
   in one `lax.while_loop`, all in a single jitted call. Bootstrap replicates
   differ only by per-point weights, so they share one program.
-- Directions come from optax.lbfgs (`linesearch=None`: its L-BFGS transform);
-  the linesearch is flattened into the lane's loop, one objective evaluation per
-  loop step, and the lane carries its value and gradient (the job
-  optax.value_and_grad_from_state does in the unflattened loop). optax.lbfgs's
-  own zoom linesearch is a `while_loop` nested in each update: in lockstep every
-  lane waits for the slowest lane's linesearch at every iteration (on the
-  Chinchilla grid 11% of iterations hit its 30-step cap) and batched `lax.cond`
-  evaluates both branches of each step, so an iteration costs up to 60
-  evaluations of the whole batch instead of ~2 here.
+- Directions come from dense BFGS (`bfgs`, an optax.GradientTransformation
+  like optax.lbfgs with `linesearch=None`); the linesearch is flattened into
+  the lane's loop, one objective evaluation per loop step, and the lane carries
+  its value and gradient (the job optax.value_and_grad_from_state does in the
+  unflattened loop). optax.lbfgs's own zoom linesearch is a `while_loop` nested
+  in each update: in lockstep every lane waits for the slowest lane's
+  linesearch at every iteration (on the Chinchilla grid 11% of iterations hit
+  its 30-step cap) and batched `lax.cond` evaluates both branches of each step,
+  so an iteration costs up to 60 evaluations of the whole batch instead of ~2.
 - The objective of all lanes is one batched function of their parameters
   (`_dense` or `_blocks`). Dense: every group sees all N points (weight 0 =
   left out). Blocks (`ragged=True`): each group's points are packed into
@@ -41,15 +41,22 @@ from llmlab.scaling import forms as forms_lib
 
 DELTA = 1e-3
 TINY = 1e-12  # floor of the objective scale, so an exact (zero-loss) fit still stops
-BLOCK = 16  # points per block of the ragged layout (padding <= 15 per group)
-# Shares of the screen's evaluations in its three successive-halving rounds
-# (64 -> 32 -> 16 -> keep lanes). Equal shares: the schedule of Jamieson &
-# Talwalkar, (1, 2, 4) (equal lanes x evaluations per round), cost 25% less
-# CPU on benchmarks/backtest_speed.py's cells at the same objectives, but its
-# first cut after 1/7 of the evaluations dropped the right basin of a
-# borrowed-parameter fit in tests/test_backtest.py.
-SPLIT = (1, 1, 1)
-CHUNK = 1024  # (block, lane) items evaluated together (see `_blocks`)
+# Points per block of the ragged layout (padding <= 63 per group), and
+# (block, lane) items evaluated together (see `_blocks`). Larger blocks and
+# chunks spread the per-item gather and scatter over more points: on
+# benchmarks/backtest_speed.py's grid 64 x 4096 took 6 s where 16 x 1024 took
+# 10-11 s; 96 or 128 points per block gained nothing more.
+BLOCK = 64
+# Shares of the screen's evaluations in successive-halving rounds, each
+# keeping the better half of a group's lanes (one round: no halving). Three
+# equal rounds (64 -> 32 -> 16 -> keep) cost ~15% less on the benchmark's grid
+# at the same objectives, but dropped the best basin of the full cells of a
+# 10-parameter law (`data_repeat` on datablations_c4: objective 0.0317 vs
+# 0.0247, ARE 4.6% vs 1-1.5%); the geometric (1, 2, 4) of Jamieson &
+# Talwalkar dropped a borrowed-parameter fit's in tests/test_backtest.py. One
+# round also compiles faster (one screen loop, not three).
+SPLIT = (1,)
+CHUNK = 4096
 
 
 class Tol(NamedTuple):
@@ -78,6 +85,47 @@ def objective(form: forms_lib.Form, theta_P, x, log_loss_N, weight_N, delta):
 # Lanes: one start each, advanced one objective evaluation per loop step.
 
 
+class BFGSState(NamedTuple):
+  count: jax.Array  # directions given since the last (re)start
+  params: jax.Array  # where the last direction was asked for
+  grad: jax.Array  # and the gradient there
+  h: jax.Array  # P x P inverse-Hessian estimate
+
+
+def bfgs() -> optax.GradientTransformation:
+  """Dense BFGS directions (Nocedal & Wright 2006, eq. 6.17; the first pair
+  scales the identity, eq. 6.20), with optax.lbfgs's interface and first step
+  (-g, capped at unit length). Hand-written because optax has only the
+  limited-memory form: a law has 3-8 parameters, so the whole inverse Hessian
+  is a few dozen numbers, and updating it is a handful of fused ops per lane,
+  where optax.lbfgs's ring buffer of 10 pairs cost ~1.6 CPU-us per lane and
+  step, a third of a backtest's screen. Curvature pairs with s.y <= 0 are the
+  caller's to handle (`_lane_advance` restarts the lane)."""
+
+  def init(params):
+    p = params.shape[-1]
+    zeros = jnp.zeros_like(params)
+    return BFGSState(jnp.asarray(0, jnp.int32), zeros, zeros, jnp.eye(p, dtype=params.dtype))
+
+  def update(g, state, params):
+    s, y = params - state.params, g - state.grad
+    sy, yy = jnp.vdot(s, y), jnp.vdot(y, y)
+    pair = (state.count > 0) & (sy > 0)
+    eye = jnp.eye(g.shape[-1], dtype=g.dtype)
+    h = jnp.where((state.count == 1) & pair & (yy > 0), (sy / jnp.where(yy > 0, yy, 1.0)) * eye,
+                  state.h)
+    rho = 1.0 / jnp.where(pair, sy, 1.0)
+    hy = h @ y
+    h_new = (h - rho * (jnp.outer(s, hy) + jnp.outer(hy, s))
+             + (rho * rho * jnp.vdot(y, hy) + rho) * jnp.outer(s, s))
+    h = jnp.where(pair, h_new, h)
+    first = -g * jnp.minimum(1.0, 1.0 / jnp.linalg.norm(g))
+    d = jnp.where(state.count > 0, -(h @ g), first)
+    return d, BFGSState(state.count + 1, params, g, h)
+
+  return optax.GradientTransformation(init, update)
+
+
 def _lane_init(opt, u_P, f, g_P):
   state = opt.init(u_P)
   d, state = opt.update(g_P, state, u_P)
@@ -90,10 +138,10 @@ def _lane_init(opt, u_P, f, g_P):
 def _lane_advance(opt, tol: Tol, c1, max_trials, lane, theta_t, f_t, g_t):
   """One linesearch trial of one lane, given the objective at its trial point.
 
-  An accepted trial (Armijo) moves the lane and asks optax.lbfgs for the next
+  An accepted trial (Armijo) moves the lane and asks `opt` (`bfgs`) for the next
   direction; a rejected one shrinks the step by safeguarded quadratic
   interpolation. When the curvature s.y of an accepted step is not positive, or
-  the linesearch fails, the L-BFGS memory is reset (scaled steepest descent); a
+  the linesearch fails, the curvature memory is reset (scaled steepest descent); a
   lane that cannot descend even from a fresh memory is finished.
   """
   theta, f, g, d, t = lane["theta"], lane["f"], lane["g"], lane["d"], lane["t"]
@@ -247,14 +295,13 @@ def _solve(u0_GxKxP, data, *, form_name: str, layout: str, screen: Tol, polish: 
   of each group polished.
 
   fast: the screen runs in float32 (1.5x cheaper per evaluation than float64
-  on XLA:CPU) in three rounds (`SPLIT`), each keeping the better half of each
-  group's lanes (successive halving, Jamieson & Talwalkar 2016: lanes run in
-  lockstep, so the worse half stops paying for the evaluations the better
-  half still needs); the polish continues the screened lanes (their L-BFGS
-  memory too) in float64, which decides the result.
+  on XLA:CPU), in rounds (`SPLIT`) that may each keep the better half of each
+  group's lanes (successive halving, Jamieson & Talwalkar 2016); the best
+  `keep` lanes continue, their BFGS memory too, in a float64 polish, which
+  decides the result.
   """
   form = forms_lib.get_form(form_name)
-  opt = optax.lbfgs(memory_size=10, linesearch=None)
+  opt = bfgs()
   make = {"dense": _dense, "blocks": _blocks}[layout]
   precise = make(form, data, u0_GxKxP.dtype)
   vg = make(form, data, jnp.float32) if fast else precise
@@ -338,7 +385,7 @@ def minimize(form: forms_lib.Form, theta0_GxKxP, weight_GxN, x, log_loss_GxN, *,
   parameter at its shift, see `fixing`). Returns numpy (theta_GxkxP,
   objective_Gxk, evals_Gxk, converged_Gxk) for the k = min(keep, K) polished
   starts of each group.
-  fast: a float32 screen by successive halving, then a float64 polish (see
+  fast: a float32 screen, then a float64 polish (see
   `_solve`). ragged: pack each group's own points into blocks instead of
   evaluating every group on all N points (worth it when groups use few of
   the points; curve forms are not supported).
