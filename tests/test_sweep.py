@@ -45,6 +45,21 @@ def test_sweep_rows_and_incremental(runs):
   assert list(csv.DictReader(open(out))) == rows
 
 
+def test_sweep_reads_a_runs_own_eval_instead_of_evaluating_again(runs):
+  from llmlab.scaling import sweep as sweep_lib
+  _, dirs = runs
+  ev = sweep_lib.RunEvaluator(dirs[1], 4096)  # TINY's train.eval_tokens
+  logged = ev.logged(12)  # the run evaluated at its end, not at step 6
+  assert logged is not None and ev.logged(6) is None
+  assert ev.evaluate(12)["loss"] == logged["eval_loss"]
+  ev.logged = lambda step: None  # restore the checkpoint and evaluate it
+  assert ev.evaluate(12)["loss"] == logged["eval_loss"]
+  ev.close()
+  other = sweep_lib.RunEvaluator(dirs[1], 2048)  # another budget: evaluated
+  assert other.logged(12) is None
+  other.close()
+
+
 def test_sweep_tensorboard(runs):
   from tensorboard.backend.event_processing import event_accumulator
   _, dirs = runs

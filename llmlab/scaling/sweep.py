@@ -8,7 +8,10 @@ Chinchilla's convention), params_nonembed, tokens (tokens seen), flops
 fields. The held-out token budget is identical for every run (the runs must
 share the data config and tokenizer: their corpus fingerprints are checked),
 so the losses are comparable. The sweep is incremental: rows already in the
-CSV are skipped, so it can run while training continues. Each run also gets
+CSV are skipped, so it can run while training continues. A checkpoint the
+run itself evaluated at that step on the same held-out budget (its
+metrics.jsonl) is not restored and evaluated again: the run's numbers are
+the ones the sweep would compute (same batches, same parameters). Each run also gets
 TensorBoard scalars `sweep/eval_loss` and `sweep/eval_bpb` in its own
 TensorBoard run (`WORKDIR/tensorboard`, beside `train/*` and `eval/*`),
 against the training step: one step axis per run, so TensorBoard never
@@ -72,6 +75,7 @@ class RunEvaluator:
     self.eval_tokens = eval_tokens
     self._batches = None
     self._tb = None
+    self._logged = None
 
   def fingerprint(self) -> str:
     info = self.raw.get("data_info", {})
@@ -91,11 +95,31 @@ class RunEvaluator:
   def steps(self) -> list[int]:
     return self.mgr.steps()
 
+  def logged(self, step: int) -> dict | None:
+    """The run's own eval at `step`, if it used this sweep's held-out budget
+    and every eval row of that step agrees (a guard's rollback may have
+    re-trained the step differently: then the checkpoint is evaluated)."""
+    if int(self.cfg.train.eval_tokens) != int(self.eval_tokens):
+      return None
+    if self._logged is None:
+      self._logged = {}
+      for r in runs.metrics_rows(self.workdir):
+        if "eval_loss" in r and "eval_bpb" in r:
+          self._logged.setdefault(int(r["step"]), set()).add(
+              (r["eval_loss"], r["eval_bpb"]))
+    seen = self._logged.get(step, set())
+    if len(seen) != 1:
+      return None
+    loss, bpb = next(iter(seen))
+    return {"eval_loss": loss, "eval_bpb": bpb}
+
   def evaluate(self, step: int) -> dict:
-    params, _ = self.mgr.restore_params(step,
-                                        self.setup.abstract_state["params"])
-    out = steps_lib.evaluate(self.setup, self.eval_step, params,
-                             self.batches())
+    out = self.logged(step)
+    if out is None:
+      params, _ = self.mgr.restore_params(step,
+                                          self.setup.abstract_state["params"])
+      out = steps_lib.evaluate(self.setup, self.eval_step, params,
+                               self.batches())
     info = self.raw["model_info"]
     m = self.cfg.model
     tokens = step * info["tokens_per_step"]
