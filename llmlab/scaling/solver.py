@@ -96,7 +96,7 @@ def bfgs() -> optax.GradientTransformation:
   """Dense BFGS directions (Nocedal & Wright 2006, eq. 6.17; the first pair
   scales the identity, eq. 6.20), with optax.lbfgs's interface and first step
   (-g, capped at unit length). Hand-written because optax has only the
-  limited-memory form: a law has 3-8 parameters, so the whole inverse Hessian
+  limited-memory form: a law has 3-10 parameters, so the whole inverse Hessian
   is a few dozen numbers, and updating it is a handful of fused ops per lane,
   where optax.lbfgs's ring buffer of 10 pairs cost ~1.6 CPU-us per lane and
   step, a third of a backtest's screen. Curvature pairs with s.y <= 0 are the
