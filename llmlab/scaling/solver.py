@@ -47,15 +47,6 @@ TINY = 1e-12  # floor of the objective scale, so an exact (zero-loss) fit still 
 # benchmarks/backtest_speed.py's grid 64 x 4096 took 6 s where 16 x 1024 took
 # 10-11 s; 96 or 128 points per block gained nothing more.
 BLOCK = 64
-# Shares of the screen's evaluations in successive-halving rounds, each
-# keeping the better half of a group's lanes (one round: no halving). Three
-# equal rounds (64 -> 32 -> 16 -> keep) cost ~15% less on the benchmark's grid
-# at the same objectives, but dropped the best basin of the full cells of a
-# 10-parameter law (`data_repeat` on datablations_c4: objective 0.0317 vs
-# 0.0247, ARE 4.6% vs 1-1.5%); the geometric (1, 2, 4) of Jamieson &
-# Talwalkar dropped a borrowed-parameter fit's in tests/test_backtest.py. One
-# round also compiles faster (one screen loop, not three).
-SPLIT = (1,)
 CHUNK = 4096
 
 
@@ -295,10 +286,13 @@ def _solve(u0_GxKxP, data, *, form_name: str, layout: str, screen: Tol, polish: 
   of each group polished.
 
   fast: the screen runs in float32 (1.5x cheaper per evaluation than float64
-  on XLA:CPU), in rounds (`SPLIT`) that may each keep the better half of each
-  group's lanes (successive halving, Jamieson & Talwalkar 2016); the best
-  `keep` lanes continue, their BFGS memory too, in a float64 polish, which
-  decides the result.
+  on XLA:CPU); the best `keep` lanes continue, their BFGS memory too, in a
+  float64 polish, which decides the result. Every start runs the whole
+  screen: successive halving (Jamieson & Talwalkar 2016; three rounds
+  64 -> 32 -> 16) cost ~15% less on benchmarks/backtest_speed.py's grid, but
+  dropped the best basin of the full cells of a 10-parameter law
+  (`data_repeat` on datablations_c4: objective 0.0317 vs 0.0247), and its
+  geometric schedule a borrowed-parameter fit's in tests/test_backtest.py.
   """
   form = forms_lib.get_form(form_name)
   opt = bfgs()
@@ -309,14 +303,7 @@ def _solve(u0_GxKxP, data, *, form_name: str, layout: str, screen: Tol, polish: 
   f, g = vg(u0)
   lanes = _per_lane(functools.partial(_lane_init, opt))(u0, f, g)
   n_starts = u0.shape[1]
-  if keep < n_starts and fast:
-    total = sum(SPLIT)
-    for i, share in enumerate(SPLIT):
-      part = screen._replace(max_evals=max(1, screen.max_evals * share // total))
-      last = i == len(SPLIT) - 1
-      lanes = _best(_run(vg, opt, part, lanes),
-                    keep if last else max(keep, lanes["f"].shape[1] // 2))
-  elif keep < n_starts:
+  if keep < n_starts:
     lanes = _best(_run(vg, opt, screen, lanes), keep)
   if fast:  # the screened lanes, memory and all, continue in float64
     lanes = jax.tree.map(lambda a: a.astype(u0_GxKxP.dtype)
