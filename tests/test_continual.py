@@ -279,6 +279,48 @@ def test_each_source_held_out_against_its_nearest():
     assert h["are"] < 5e-3 < h["naive_are"], (s, h["are"], h["naive_are"])
 
 
+def test_replay_prediction_adds_the_cells_under_prediction():
+  """The replay ratio is chosen for the law's forgetting plus the largest
+  amount by which the law sat below the cell's own trained runs (at their
+  final evals): a law biased low at that cell then still meets the budget."""
+  law = forms_lib.get_form("cl_anchor")
+  truth = dict(e=0.2, a=-0.3, log_alpha=-1.7, b=2.2, log_beta=-1.5,
+               theta=2.5, log_tau=-2.5, f=7.0, log_gamma=-1.0)
+  theta = np.asarray([truth[k] for k in law.params])
+  rows = _anchor_design(sources=(2e4, 5e4))
+  x = continual_analysis.inputs(rows, "A", law)
+  loss = np.exp(fit_lib.predict_log(law, theta[None], x)[0])
+  names, bias = {2e4: "s1", 5e4: "s2"}, {0.0: 0.02, 0.1: 0.012, 0.3: -0.01}
+  records, sources = [], {}
+  for r, v in zip(rows, loss):
+    src = names[r["source_params"]]
+    sources[src] = {"params": r["source_params"],
+                    "loss_A": r["source_loss_A"]}
+    full = r["params"] == r["source_params"]
+    if src == "s2" and full and r["tokens"] == 1.28e5:
+      v += bias[r["replay"]]  # the law sits low at this cell's final evals
+    target = src if full else f"t{r['params']:g}"
+    records.append(dict(
+        r, loss_A=float(v), source=src, target=target, role="law",
+        method="full" if full else "activation", distill=False, seed=1,
+        run=f"{src}-{target}-r{r['replay']:g}"))
+  scfg = _config()
+  scfg.replay_at = "s2/full"
+  fitted = {"form": "cl_anchor", "theta": theta}
+  curve = continual_analysis.predict_replay(scfg, records, sources, fitted,
+                                            fitted)["curve"]
+  assert np.all(np.diff(curve["forgetting"]) < 0)  # replay cuts forgetting
+  scfg.forget_budget = float(curve["forgetting"][20])  # the bare law: r = 0.2
+  rep = continual_analysis.predict_replay(scfg, records, sources, fitted,
+                                          fitted)
+  assert rep["law_ratio"] == 0.2
+  np.testing.assert_allclose(rep["margin"], 0.02, atol=1e-9)
+  assert rep["predicted_ratio"] > 0.2
+  assert rep["predicted_bound"] <= scfg.forget_budget
+  np.testing.assert_allclose(
+      rep["predicted_bound"] - rep["predicted_forgetting"], 0.02, atol=1e-9)
+
+
 # --- end to end --------------------------------------------------------------
 
 

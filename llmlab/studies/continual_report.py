@@ -133,7 +133,10 @@ def markdown(result: dict) -> str:
           f"the continued run ({rep['source']} -> {rep['target']}). "]
   if rep.get("predicted_ratio") is not None:
     out[-1] += (f"The law predicts r = {rep['predicted_ratio']:g} "
-                f"(forgetting {_f(rep.get('predicted_forgetting'))}, L_B "
+                f"(forgetting {_f(rep.get('predicted_forgetting'))} plus a "
+                f"margin of {_f(rep.get('margin'))}, the law's largest "
+                f"under-prediction on this cell's trained runs; without it "
+                f"r = {_f(rep.get('law_ratio'), 'g')}; L_B "
                 f"{_f(rep.get('predicted_loss_B'))}); measured at that r: "
                 f"forgetting {_f(rep.get('measured_forgetting'))}, L_B "
                 f"{_f(rep.get('measured_loss_B'))}, "
