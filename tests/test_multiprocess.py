@@ -63,6 +63,7 @@ def test_two_processes_match_one(runs):
   assert a[-1] < a[0]
 
 
+@pytest.mark.integration  # 4 more processes, ~21 s
 def test_checkpoints_move_between_layouts(runs, tmp_path):
   # 1 process writes steps 1..8; 2 processes resume and finish 9..16.
   mixed = str(tmp_path / "mixed")
@@ -76,6 +77,7 @@ def test_checkpoints_move_between_layouts(runs, tmp_path):
   assert json.loads(out.stdout)["step"] == 16
 
 
+@pytest.mark.integration  # 2 more processes, ~17 s
 def test_dcn_data_axis_across_processes(runs, tmp_path):
   """Each process plays one slice (dcn_data=2): a data axis over the
   network with fsdp inside each process trains like the 1-process run."""

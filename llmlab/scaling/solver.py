@@ -378,6 +378,14 @@ def minimize(form: forms_lib.Form, theta0_GxKxP, weight_GxN, x, log_loss_GxN, *,
   the points; curve forms are not supported).
   """
   theta0_GxKxP = np.asarray(theta0_GxKxP, np.float64)
+  if ragged and theta0_GxKxP.shape[:2] == (1, 1):
+    # XLA:CPU fails a check (hlo_casting_utils: a reshape taken for a
+    # constant) compiling the blocks layout for one lane; two copies of the
+    # start, both polished, give that lane's result.
+    out = minimize(form, np.repeat(theta0_GxKxP, 2, axis=1), weight_GxN, x,
+                   log_loss_GxN, delta=delta, keep=2, screen=screen,
+                   polish=polish, affine=affine, fast=fast, ragged=True)
+    return tuple(o[:, :1] for o in out)
   p = theta0_GxKxP.shape[-1]
   shift_P, scale_PxP = (np.zeros(p), np.eye(p)) if affine is None else affine
   shift_P, scale_PxP = np.asarray(shift_P, np.float64), np.asarray(scale_PxP, np.float64)
