@@ -435,6 +435,37 @@ def _stamp(path: str) -> tuple:
   return (st.st_size, st.st_mtime_ns)
 
 
+SPOOL_PREFIX = "llmlab-spool-"  # + the owner's pid + "-" + a random suffix
+KEPT = ".llmlab-kept"  # in a spool whose last upload failed: the user's copy
+
+
+def sweep_spools(tmp: str | None = None) -> list[str]:
+  """Removes the spools of processes that are gone (kill -9 skips `close`),
+  except those kept after a failed upload; returns what it removed. A
+  spool whose owner still runs, or whose name carries no pid, is left."""
+  tmp = tmp or tempfile.gettempdir()
+  removed = []
+  for name in os.listdir(tmp):
+    pid = name[len(SPOOL_PREFIX):].split("-")[0]
+    path = os.path.join(tmp, name)
+    if (not name.startswith(SPOOL_PREFIX) or not pid.isdigit() or
+        _alive(int(pid)) or os.path.exists(os.path.join(path, KEPT))):
+      continue
+    shutil.rmtree(path, ignore_errors=True)
+    removed.append(path)
+  return removed
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
+
+
 class Spool:
   """Growing files of directory `target`, kept in a local directory.
 
@@ -448,8 +479,10 @@ class Spool:
   def __init__(self, target: str):
     self.target = target
     self.remote = is_remote(target)
-    self.local = tempfile.mkdtemp(prefix="llmlab-spool-") if self.remote \
-        else target
+    self.local = target
+    if self.remote:
+      sweep_spools()
+      self.local = tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-")
     self._synced: dict[str, tuple] = {}
 
   def path(self, name: str) -> str:
@@ -485,6 +518,8 @@ class Spool:
     try:
       self.sync()
     except StorageError as e:
+      with open(os.path.join(self.local, KEPT), "w") as f:
+        f.write(self.target + "\n")
       log.error("%s; the local copy stays in %s", e, self.local)
       return
     if self.remote:

@@ -313,3 +313,23 @@ def test_read_only_checkpoints_and_diverged_refits_say_nothing(tmp_path,
     assert len(boot.intervals()["A"]) == 2
     samples = np.array([[1.0, np.inf], [2.0, np.inf], [np.inf, 3.0]])
     assert fitting._interval(samples).shape == (2, 2)  # pylint: disable=protected-access
+
+
+def test_spools_of_killed_runs_are_swept_kept_ones_stay(tmp_path):
+  """A gs:// run killed with -9 leaves its local spool behind; the next
+  spool removes it, but not a live process's, nor one kept after a failed
+  upload (its path was named to the user), nor a name without a pid."""
+  from llmlab import storage
+  with open("/proc/sys/kernel/pid_max") as f:
+    dead = int(f.read()) + 1  # no process can have it
+  names = {"stale": f"{storage.SPOOL_PREFIX}{dead}-a1",
+           "live": f"{storage.SPOOL_PREFIX}{os.getpid()}-b2",
+           "kept": f"{storage.SPOOL_PREFIX}{dead}-c3",
+           "no_pid": f"{storage.SPOOL_PREFIX}x7k2",
+           "other": "not-a-spool"}
+  for name in names.values():
+    os.makedirs(tmp_path / name / "tensorboard")
+  (tmp_path / names["kept"] / storage.KEPT).write_text("gs://b/run\n")
+  assert storage.sweep_spools(str(tmp_path)) == [str(tmp_path / names["stale"])]
+  assert sorted(os.listdir(tmp_path)) == sorted(
+      v for k, v in names.items() if k != "stale")
