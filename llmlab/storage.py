@@ -439,21 +439,33 @@ SPOOL_PREFIX = "llmlab-spool-"  # + the owner's pid + "-" + a random suffix
 KEPT = ".llmlab-kept"  # in a spool whose last upload failed: the user's copy
 
 
-def sweep_spools(tmp: str | None = None) -> list[str]:
-  """Removes the spools of processes that are gone (kill -9 skips `close`),
-  except those kept after a failed upload; returns what it removed. A
-  spool whose owner still runs, or whose name carries no pid, is left."""
+def sweep_spools(tmp: str | None = None, idle_s: float = 3600) -> list[str]:
+  """Removes the spools of processes that are gone (kill -9 skips `close`)
+  and that nothing wrote to for `idle_s` (a process in another pid
+  namespace sharing this directory looks gone, but writes), except those
+  kept after a failed upload; returns what it removed. A spool whose owner
+  still runs, or whose name carries no pid, is left."""
   tmp = tmp or tempfile.gettempdir()
   removed = []
   for name in os.listdir(tmp):
     pid = name[len(SPOOL_PREFIX):].split("-")[0]
     path = os.path.join(tmp, name)
     if (not name.startswith(SPOOL_PREFIX) or not pid.isdigit() or
-        _alive(int(pid)) or os.path.exists(os.path.join(path, KEPT))):
+        _alive(int(pid)) or os.path.exists(os.path.join(path, KEPT)) or
+        time.time() - _newest_mtime(path) < idle_s):
       continue
     shutil.rmtree(path, ignore_errors=True)
     removed.append(path)
   return removed
+
+
+def _newest_mtime(path: str) -> float:
+  newest = os.path.getmtime(path)
+  for root, dirs, files in os.walk(path):
+    for n in dirs + files:
+      with contextlib.suppress(OSError):
+        newest = max(newest, os.path.getmtime(os.path.join(root, n)))
+  return newest
 
 
 def _alive(pid: int) -> bool:

@@ -5,6 +5,7 @@ and a study that is quiet by default."""
 
 import importlib.util
 import os
+import time
 
 import pytest
 
@@ -330,6 +331,13 @@ def test_spools_of_killed_runs_are_swept_kept_ones_stay(tmp_path):
   for name in names.values():
     os.makedirs(tmp_path / name / "tensorboard")
   (tmp_path / names["kept"] / storage.KEPT).write_text("gs://b/run\n")
+  (tmp_path / names["stale"] / "metrics.jsonl").write_text("{}\n")
+  # Written to a minute ago: maybe a live process in another pid namespace.
+  assert storage.sweep_spools(str(tmp_path)) == []
+  old = time.time() - 7200
+  for root, dirs, files in os.walk(tmp_path):
+    for n in dirs + files + [""]:
+      os.utime(os.path.join(root, n), (old, old))
   assert storage.sweep_spools(str(tmp_path)) == [str(tmp_path / names["stale"])]
   assert sorted(os.listdir(tmp_path)) == sorted(
       v for k, v in names.items() if k != "stale")
