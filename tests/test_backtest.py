@@ -91,6 +91,12 @@ def test_backtest_writes_the_grid_summary_heatmaps_and_report(two_families, caps
   assert "lonely" in " ".join(summary["skipped"])
   report = open(out / "report.md").read()
   assert "## fam_a" in report and "closest-in-scale" in report
+  # each check gives the median ARE of both sides beside the means
+  checks = [c for c in s["checks"].values() if c]
+  assert checks and all(c["median_first"] <= max(
+      float(r["are"]) for r in fam_a if r["are"]) for c in checks)
+  assert report.count("median ARE") == sum(
+      bool(c) for f in summary["families"].values() for c in f["checks"].values())
   assert os.path.getsize(out / "heatmap_fam_a.png") > 10_000
 
 

@@ -351,7 +351,9 @@ def checks(rows: Sequence[dict]) -> dict:
     d = np.array([a - b for a, b in diffs])
     return dict(pairs=len(d), wins=int(np.sum(d < 0)), median_diff=float(np.median(d)),
                 mean_first=float(np.mean([a for a, _ in diffs])),
-                mean_second=float(np.mean([b for _, b in diffs])))
+                mean_second=float(np.mean([b for _, b in diffs])),
+                median_first=float(np.median([a for a, _ in diffs])),
+                median_second=float(np.median([b for _, b in diffs])))
 
   def pairs(fn):
     out = []

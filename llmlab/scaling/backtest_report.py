@@ -102,8 +102,17 @@ def _check_line(question: str, c: dict | None, first: str, second: str) -> str:
             "smallest k = 2 are the same models).")
   verdict = "yes" if c["median_diff"] < 0 else "no"
   return (f"- {question} **{verdict}**: {first} wins {c['wins']} of {c['pairs']} "
-          f"matched cells (mean ARE {_pct(c['mean_first'])} vs {_pct(c['mean_second'])}"
-          f" for {second}; median difference {100 * c['median_diff']:+.2f} points).")
+          f"matched cells (median ARE {_pct(c.get('median_first'))} vs "
+          f"{_pct(c.get('median_second'))} for {second}, mean {_pct(c['mean_first'])} "
+          f"vs {_pct(c['mean_second'])}{_skew(c)}; median difference "
+          f"{100 * c['median_diff']:+.2f} points).")
+
+
+def _skew(c: dict) -> str:
+  """Why mean and median disagree, where they do by more than 2x."""
+  ratios = [c[f"mean_{k}"] / c[f"median_{k}"] for k in ("first", "second")
+            if c.get(f"median_{k}")]
+  return ": a few fits that blow up move the mean" if ratios and max(ratios) > 2 else ""
 
 
 def report(result: dict) -> str:
