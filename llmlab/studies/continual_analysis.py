@@ -494,16 +494,10 @@ def predict_replay(scfg, records, sources, law_a: dict, law_b: dict) -> dict:
 def _replay_margin(law_a: dict, like: list[dict]) -> tuple[float, dict]:
   """The largest under-prediction of L_A (measured - law, >= 0) over the
   replay cell's trained runs, each at its final eval; and each run's."""
-  final = {}
-  for x in like:
-    if x["tokens"] > final.get(x["run"], {"tokens": -1})["tokens"]:
-      final[x["run"]] = x
-  runs = sorted(final)
-  if not runs:
-    return 0.0, {}
-  la = predict(law_a, [final[k] for k in runs], "A")
-  under = {k: float(final[k]["loss_A"] - v) for k, v in zip(runs, la)}
-  return max(0.0, *under.values()), under
+  final = [x for x, last in zip(like, _late_mask(like, 1.0)) if last]
+  la = predict(law_a, final, "A")
+  under = {x["run"]: float(x["loss_A"] - v) for x, v in zip(final, la)}
+  return max([0.0, *under.values()]), under
 
 
 def measure_replay(result: dict, measured: list[dict], sources) -> None:
