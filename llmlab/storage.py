@@ -451,7 +451,7 @@ def sweep_spools(tmp: str | None = None, idle_s: float = 3600) -> list[str]:
     pid = name[len(SPOOL_PREFIX):].split("-")[0]
     path = os.path.join(tmp, name)
     if (not name.startswith(SPOOL_PREFIX) or not pid.isdigit() or
-        _alive(int(pid)) or os.path.exists(os.path.join(path, KEPT)) or
+        pid_alive(pid) or os.path.exists(os.path.join(path, KEPT)) or
         time.time() - _newest_mtime(path) < idle_s):
       continue
     shutil.rmtree(path, ignore_errors=True)
@@ -468,12 +468,14 @@ def _newest_mtime(path: str) -> float:
   return newest
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid) -> bool:
+  """Whether process `pid` of this machine may still run (another user's, or
+  a pid that cannot be checked, counts as running: nothing of it is taken)."""
   try:
-    os.kill(pid, 0)
+    os.kill(int(pid), 0)
   except ProcessLookupError:
     return False
-  except PermissionError:  # another user's process
+  except (PermissionError, TypeError, ValueError):
     return True
   return True
 

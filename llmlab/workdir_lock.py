@@ -142,16 +142,6 @@ def _parse(text: str) -> dict:
     return {"command": f"unreadable lock file: {text[:80]!r}"}
 
 
-def _pid_alive(pid) -> bool:
-  try:
-    os.kill(int(pid), 0)
-  except ProcessLookupError:
-    return False
-  except (PermissionError, TypeError, ValueError):
-    return True
-  return True
-
-
 class Lock:
   """Exclusive lock on a workdir; use as a context manager or acquire/release."""
 
@@ -241,7 +231,7 @@ class Lock:
     """Why `holder` no longer holds the lock, or None if it may."""
     if not holder:
       return "the lock file is empty"
-    if holder.get("host") == socket.gethostname() and not _pid_alive(
+    if holder.get("host") == socket.gethostname() and not storage.pid_alive(
         holder.get("pid")):
       return "that process is gone"
     age = time.time() - float(holder.get("heartbeat", 0))
