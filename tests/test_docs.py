@@ -29,7 +29,7 @@ README = os.path.join(ROOT, "README.md")
 DOCS = sorted([README, *glob.glob(os.path.join(ROOT, "docs", "*.md"))])
 MAIN_JOB = ("pip install -e . && llmlab study --config=configs/study_quick.py "
             "--workdir=/tmp/llmlab/study")
-TEST_JOB = 'pip install -e ".[test]" && pytest -q'
+TEST_JOB = 'pip install -e ".[test]" && pytest -q -n auto'
 README_MAX_LINES = 250
 
 # Where a command line ends inside a snippet.
