@@ -278,6 +278,10 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
            cfg.checkpoint.every_steps, "must be >= 0 (0 = final only)")
   _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep,
            "must be >= 1")
+  cache = str(cfg.data.get("cache_dir", "") or "")
+  _require("://" not in cache, "data.cache_dir", cache,
+           "must be a local directory: the token cache is memory-mapped (a "
+           "corpus in a bucket is read through data.files.paths or a token store)")
   if "guard" in cfg:
     _validate_guard(cfg.guard)
   _validate_context(cfg)

@@ -374,6 +374,8 @@ BAD_INPUTS = [  # (overrides, exception, expected text); D = the tmp dir
      "config.train.hang_timeout_s=0.5: must be -1 (auto: 1800 s on "
      "multi-process jobs or a remote workdir, else off), 0 (off) or a "
      "number of seconds >= 1"),
+    ({"data.cache_dir": "gs://bucket/cache"}, config_lib.ConfigError,
+     "config.data.cache_dir='gs://bucket/cache': must be a local directory"),
     ({"model.num_heads": 5}, config_lib.ConfigError,
      "config.model.num_heads=5: must divide model.d_model=32"),
     ({"train.microbatches": 3}, config_lib.ConfigError,

@@ -16,7 +16,8 @@ Keys (all in `default_config()`):
                 documents counted in info) or 'skip' (document dropped and
                 counted). The stdlib source always skips (see stdlib.py).
   cache_dir     where tokenized streams of non-byte tokenizers are cached;
-                '' means $LLMLAB_CACHE_DIR or ~/.cache/llmlab/data.
+                '' means $LLMLAB_CACHE_DIR or ~/.cache/llmlab/data. Local
+                only: the cache is memory-mapped.
   prefetch      batches `train_iter` keeps ready in the background.
   num_threads   grain threads producing those batches.
   stdlib.max_file_bytes   larger stdlib files are skipped (counted).
