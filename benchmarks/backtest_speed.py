@@ -109,6 +109,9 @@ def main():
   ap.add_argument("--scipy_cells", type=int, default=12)
   ap.add_argument("--workers", type=int, default=os.cpu_count(),
                   help="processes the scipy loop is spread over")
+  ap.add_argument("--keep", type=int, default=4, help="llmlab backtest --keep")
+  ap.add_argument("--polish_evals", type=int, default=backtest.POLISH.max_evals,
+                  help="llmlab backtest --polish_evals")
   ap.add_argument("--tight", action="store_true",
                   help="also run the loop with tight tolerances (slow)")
   args = ap.parse_args()
@@ -121,10 +124,12 @@ def main():
 
   clock = lambda: (time.perf_counter(), time.process_time())
   t0 = clock()
-  theta, obj, _ = backtest.fit_cells(form, pool, cells, weights, args.starts)
+  theta, obj, _ = backtest.fit_cells(form, pool, cells, weights, args.starts, keep=args.keep,
+                                  polish_evals=args.polish_evals)
   first = np.subtract(clock(), t0)
   t0 = clock()
-  backtest.fit_cells(form, pool, cells, weights, args.starts)
+  backtest.fit_cells(form, pool, cells, weights, args.starts, keep=args.keep,
+                                  polish_evals=args.polish_evals)
   again = np.subtract(clock(), t0)
   fitted = np.flatnonzero(np.isfinite(obj))
   n = len(fitted)

@@ -137,6 +137,25 @@ def test_a_cell_fit_equals_fitting_its_rows_alone():
   assert kept["tokens"].min() >= fam.min_tokens
 
 
+def test_more_polish_converges_more_fits():
+  """--keep / --polish_evals: more starts polished for longer end cells of
+  few noisy points lower (where the default polish stops crawling), and
+  none materially higher (a lane's path can fork at rounding level)."""
+  rec = records.as_records(_family_rows("f", LAWS["fam_a"], noise=0.005, seed=1,
+                                        sizes=np.geomspace(1e7, 3e9, 7)))
+  fam = backtest.families(rec)[0]
+  cells = [c for c in backtest.plan_cells(fam, None) if c.design == "closest"]
+  pool = backtest._pool(fam)  # pylint: disable=protected-access
+  w = backtest.cell_weights(pool, cells)
+  law = forms.get_form("chinchilla")
+  _, default, _ = backtest.fit_cells(law, pool, cells, w, 32)
+  _, more, _ = backtest.fit_cells(law, pool, cells, w, 32, keep=8, polish_evals=1000)
+  ok = np.isfinite(default)
+  assert ok.sum() >= 100 and np.array_equal(ok, np.isfinite(more))
+  assert np.sum(more[ok] < default[ok] * (1 - 1e-6)) >= 5
+  assert np.all(more[ok] <= default[ok] * (1 + 1e-3)) and more[ok].sum() < default[ok].sum()
+
+
 def test_min_tokens_is_scaled_to_short_families():
   assert backtest.min_tokens_cut([3e11, 3e11]) == 1e10
   assert backtest.min_tokens_cut([3e12]) == 1e10

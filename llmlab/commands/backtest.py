@@ -46,6 +46,13 @@ def define(fv: flags.FlagValues) -> None:
                        "grid with a fixed seed.", flag_values=fv)
   flags.DEFINE_float("delta", 1e-3, "Huber delta on log-loss residuals.",
                      flag_values=fv)
+  flags.DEFINE_integer("keep", 4, "Starts per fit polished in float64 after the "
+                       "float32 screen (more find more basins of fits to few points).",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("polish_evals", 400, "Evaluations per polished start at most "
+                       "(more converge more fits to few points; e.g. --keep=16 "
+                       "--polish_evals=2000, 2-3x the time).", lower_bound=1,
+                       flag_values=fv)
 
 
 def _records(fv):
@@ -70,7 +77,8 @@ def body(fv: flags.FlagValues) -> dict:
 
   result = backtest.run(records, fv.form, target, n_starts=fv.starts, delta=fv.delta,
                         log_skip=lambda m: print(f"llmlab {m}", file=sys.stderr),
-                        source=fv.records or fv.study)
+                        source=fv.records or fv.study, keep=fv.keep,
+                        polish_evals=fv.polish_evals)
   files = backtest_report.write(fv.out, result)
   print(f"llmlab backtest: wrote {', '.join(os.path.join(fv.out, f) for f in files)}",
         file=sys.stderr)

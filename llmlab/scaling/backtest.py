@@ -225,10 +225,12 @@ SCREEN = fit_lib.Tol(gtol=1e-5, ftol=1e-8, max_evals=150)
 
 def fit_cells(form: forms_lib.Form, pool: Mapping, cells: Sequence[Cell],
               weights: np.ndarray, n_starts: int = 64, keep: int = 4,
-              delta: float = fit_lib.DELTA):
+              delta: float = fit_lib.DELTA, polish_evals: int = POLISH.max_evals):
   """Fits every cell (its row weights: `cell_weights`) in one vmapped call:
   `n_starts` starts screened in float32, the best `keep` polished in float64
-  (fit.minimize's `fast` mode).
+  (fit.minimize's `fast` mode) for at most `polish_evals` evaluations
+  (`POLISH`: more keep and evaluations converge more cells of few points
+  and cost time; see docs/scaling-backtests.md's speed section).
   Returns (theta_GxP, objective_G, n_points_G); a cell with no more points
   than free parameters is not identified: its theta and objective are NaN."""
   x = fit_lib.log_inputs(pool, form)
@@ -247,7 +249,8 @@ def fit_cells(form: forms_lib.Form, pool: Mapping, cells: Sequence[Cell],
     th, f, _, _ = fit_lib.minimize(
         form, np.broadcast_to(s, (len(idx),) + s.shape), weights[idx], x,
         np.broadcast_to(log_loss, (len(idx), len(log_loss))), delta=delta, keep=keep,
-        affine=affine, screen=SCREEN, polish=POLISH, fast=True, ragged=True)
+        affine=affine, screen=SCREEN, polish=POLISH._replace(max_evals=polish_evals),
+        fast=True, ragged=True)
     best = np.argmin(np.where(np.isnan(f), np.inf, f), axis=1)
     theta[idx] = th[np.arange(len(idx)), best]
     objective[idx] = f[np.arange(len(idx)), best]
@@ -271,7 +274,7 @@ def score(form: forms_lib.Form, theta_GxP: np.ndarray, target: Mapping,
 
 
 def borrowed_values(form: forms_lib.Form, fams: Sequence[Family], n_starts: int,
-                    delta: float) -> dict[str, dict[str, dict[str, float]]]:
+                    delta: float, **solver) -> dict[str, dict[str, dict[str, float]]]:
   """family -> design -> {name: value}: the median over the *other* families
   of their full fit (every size but the target, all checkpoints above the
   family's cut). A table of one family borrows nothing."""
@@ -281,7 +284,7 @@ def borrowed_values(form: forms_lib.Form, fams: Sequence[Family], n_starts: int,
     cell = Cell("full", "all", len(fam.sizes), 1.0, fam.min_tokens,
                 tuple(records_lib.run_names(pool)))
     theta, _, _ = fit_cells(form, pool, [cell], cell_weights(pool, [cell]), n_starts,
-                            delta=delta)
+                            delta=delta, **solver)
     if np.all(np.isfinite(theta[0])):
       fits[fam.name] = dict(zip(form.params, theta[0].tolist()))
   out = {}
@@ -296,8 +299,9 @@ def borrowed_values(form: forms_lib.Form, fams: Sequence[Family], n_starts: int,
 
 
 def backtest_family(form: forms_lib.Form, fam: Family, borrowed, n_starts: int = 64,
-                    delta: float = fit_lib.DELTA, fractions=FRACTIONS) -> dict:
-  """The grid of one family: rows of grid.csv and the family's summary."""
+                    delta: float = fit_lib.DELTA, fractions=FRACTIONS, **solver) -> dict:
+  """The grid of one family: rows of grid.csv and the family's summary.
+  `solver`: fit_cells' keep and polish_evals."""
   cells = plan_cells(fam, borrowed, fractions)
   pool = _pool(fam)
   target = records_lib.take(fam.records, np.isin(fam.records["run"], fam.target_runs))
@@ -305,7 +309,8 @@ def backtest_family(form: forms_lib.Form, fam: Family, borrowed, n_starts: int =
   target_flops = 6.0 * target["params"][0] * t_final
   weights = cell_weights(pool, cells)
   t0 = time.perf_counter()
-  theta, _, n_points = fit_cells(form, pool, cells, weights, n_starts, delta=delta)
+  theta, _, n_points = fit_cells(form, pool, cells, weights, n_starts, delta=delta,
+                                 **solver)
   seconds = time.perf_counter() - t0
   ares = score(form, theta, target, fam.target_runs)
   final = records_lib.final_tokens(pool)
@@ -377,8 +382,9 @@ def checks(rows: Sequence[dict]) -> dict:
 
 def run(records: Mapping, form: str = "chinchilla", target: str | None = None,
         n_starts: int = 64, delta: float = fit_lib.DELTA, fractions=FRACTIONS,
-        log_skip=log.warning, source: str = "records") -> dict:
-  """Backtests every family of a records table (records.py, with `family`).
+        log_skip=log.warning, source: str = "records", **solver) -> dict:
+  """Backtests every family of a records table (records.py, with `family`);
+  `solver`: fit_cells' keep and polish_evals.
   Returns {"rows": grid rows, "families": {F: summary}, "n_fits", "seconds",
   "skipped"}."""
   law = forms_lib.get_form(form)
@@ -397,10 +403,11 @@ def run(records: Mapping, form: str = "chinchilla", target: str | None = None,
 
   t0 = time.perf_counter()
   fams = families(records, target, skip)
-  borrowed = borrowed_values(law, fams, n_starts, delta) if len(fams) > 1 else {}
+  borrowed = borrowed_values(law, fams, n_starts, delta, **solver) if len(fams) > 1 else {}
   out_rows, summary = [], {}
   for fam in fams:
-    res = backtest_family(law, fam, borrowed.get(fam.name), n_starts, delta, fractions)
+    res = backtest_family(law, fam, borrowed.get(fam.name), n_starts, delta, fractions,
+                          **solver)
     out_rows += res["rows"]
     summary[fam.name] = dict(
         target=",".join(fam.target_runs), sizes=len(fam.sizes) + 1,
