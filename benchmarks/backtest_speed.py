@@ -109,7 +109,7 @@ def main():
   ap.add_argument("--scipy_cells", type=int, default=12)
   ap.add_argument("--workers", type=int, default=os.cpu_count(),
                   help="processes the scipy loop is spread over")
-  ap.add_argument("--keep", type=int, default=4, help="llmlab backtest --keep")
+  ap.add_argument("--keep", type=int, default=backtest.KEEP, help="llmlab backtest --keep")
   ap.add_argument("--polish_evals", type=int, default=backtest.POLISH.max_evals,
                   help="llmlab backtest --polish_evals")
   ap.add_argument("--tight", action="store_true",
@@ -124,12 +124,12 @@ def main():
 
   clock = lambda: (time.perf_counter(), time.process_time())
   t0 = clock()
-  theta, obj, _ = backtest.fit_cells(form, pool, cells, weights, args.starts, keep=args.keep,
-                                  polish_evals=args.polish_evals)
+  theta, obj, _ = backtest.fit_cells(form, pool, cells, weights, args.starts,
+                                     keep=args.keep, polish_evals=args.polish_evals)
   first = np.subtract(clock(), t0)
   t0 = clock()
-  backtest.fit_cells(form, pool, cells, weights, args.starts, keep=args.keep,
-                                  polish_evals=args.polish_evals)
+  backtest.fit_cells(form, pool, cells, weights, args.starts,
+                     keep=args.keep, polish_evals=args.polish_evals)
   again = np.subtract(clock(), t0)
   fitted = np.flatnonzero(np.isfinite(obj))
   n = len(fitted)
@@ -144,7 +144,7 @@ def main():
   starts = backtest.starts(form, args.starts)
   lnn, lnd, logl = (np.log(pool[k]) for k in ("params", "tokens", "loss"))
   ours = np.array([obj[g] for g in sample])
-  target = records_lib.take(fam.records, np.isin(fam.records["run"], fam.target_runs))
+  target = fam.target()
   are_ours = backtest.score(form, theta[sample], target, fam.target_runs)
   runs = [("default tolerances", None)] + ([("tight tolerances", TIGHT)] if args.tight else [])
   for name, options in runs:

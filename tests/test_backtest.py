@@ -10,10 +10,12 @@ import os
 
 import numpy as np
 import pytest
+from absl import flags
 
 from llmlab import main as main_lib
 from llmlab.scaling import backtest
 from llmlab.scaling import fit as fit_lib
+from llmlab.commands import backtest as backtest_cmd
 from llmlab.commands import fit as fit_cmd
 from llmlab.scaling import forms, records
 from tests.helpers import TESTS
@@ -154,6 +156,10 @@ def test_more_polish_converges_more_fits():
   assert ok.sum() >= 100 and np.array_equal(ok, np.isfinite(more))
   assert np.sum(more[ok] < default[ok] * (1 - 1e-6)) >= 5
   assert np.all(more[ok] <= default[ok] * (1 + 1e-3)) and more[ok].sum() < default[ok].sum()
+  fv = flags.FlagValues()  # the command's defaults are the library's
+  backtest_cmd.define(fv)
+  assert (fv["keep"].default, fv["polish_evals"].default) == (
+      backtest.KEEP, backtest.POLISH.max_evals)
 
 
 def test_min_tokens_is_scaled_to_short_families():

@@ -76,6 +76,10 @@ class Family:
   runs_by_size: dict[float, list[str]]
   min_tokens: float       # the family's cut (see `min_tokens_cut`)
 
+  def target(self) -> dict:
+    """The target's rows (every checkpoint of every target run)."""
+    return records_lib.take(self.records, np.isin(self.records["run"], self.target_runs))
+
 
 def min_tokens_cut(final_tokens: Sequence[float]) -> float:
   """The guide's 1e10-token cut, scaled to the family: the guide drops the
@@ -221,10 +225,11 @@ POLISH = fit_lib.Tol(gtol=1e-8, ftol=1e-11, max_evals=400)
 # still reach their own. (100 is not enough: tests/test_backtest.py's
 # borrowed exponents then come from a poorer basin of a full fit.)
 SCREEN = fit_lib.Tol(gtol=1e-5, ftol=1e-8, max_evals=150)
+KEEP = 4  # starts per cell polished after the screen (`llmlab backtest --keep`)
 
 
 def fit_cells(form: forms_lib.Form, pool: Mapping, cells: Sequence[Cell],
-              weights: np.ndarray, n_starts: int = 64, keep: int = 4,
+              weights: np.ndarray, n_starts: int = 64, keep: int = KEEP,
               delta: float = fit_lib.DELTA, polish_evals: int = POLISH.max_evals):
   """Fits every cell (its row weights: `cell_weights`) in one vmapped call:
   `n_starts` starts screened in float32, the best `keep` polished in float64
@@ -304,7 +309,7 @@ def backtest_family(form: forms_lib.Form, fam: Family, borrowed, n_starts: int =
   `solver`: fit_cells' keep and polish_evals."""
   cells = plan_cells(fam, borrowed, fractions)
   pool = _pool(fam)
-  target = records_lib.take(fam.records, np.isin(fam.records["run"], fam.target_runs))
+  target = fam.target()
   t_final = max(target["tokens"][target["run"] == r].max() for r in fam.target_runs)
   target_flops = 6.0 * target["params"][0] * t_final
   weights = cell_weights(pool, cells)
