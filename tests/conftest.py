@@ -20,7 +20,8 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # by tests inherit it), empty at the start so every run of the suite
 # compiles each program once, and nothing is written to ~/.cache.
 # Every compile is kept (not only those over 0.5 s): tests re-run the same
-# small steps in-process and in subprocesses.
+# small steps in-process and in subprocesses. Under pytest-xdist (`-n auto`)
+# the controller sets it before starting its workers, so they share it too.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 if "LLMLAB_COMPILE_CACHE" not in os.environ:
   os.environ["LLMLAB_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="llmlab-xla-")
