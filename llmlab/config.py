@@ -278,6 +278,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
            cfg.checkpoint.every_steps, "must be >= 0 (0 = final only)")
   _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep,
            "must be >= 1")
+  # storage.is_remote's test, written here: config imports only the errors.
   cache = str(cfg.data.get("cache_dir", "") or "")
   _require("://" not in cache, "data.cache_dir", cache,
            "must be a local directory: the token cache is memory-mapped (a "
