@@ -49,9 +49,9 @@ def define(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("keep", 4, "Starts per fit polished in float64 after the "
                        "float32 screen (more find more basins of fits to few points).",
                        lower_bound=1, flag_values=fv)
-  flags.DEFINE_integer("polish_evals", 400, "Evaluations per polished start at most "
-                       "(more converge more fits to few points; e.g. --keep=16 "
-                       "--polish_evals=2000, 2-3x the time).", lower_bound=1,
+  flags.DEFINE_integer("polish_evals", 2000, "Evaluations per polished start at most "
+                       "(fewer, e.g. 400, stop fits to few points that are still "
+                       "crawling, ~10% sooner).", lower_bound=1,
                        flag_values=fv)
 
 

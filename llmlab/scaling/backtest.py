@@ -210,16 +210,16 @@ def starts(form: forms_lib.Form, n: int, seed: int = 0) -> np.ndarray:
 
 
 # The polish of a backtest's fits: tighter than scipy's L-BFGS-B defaults
-# (which stop at a relative decrease of 2.2e-9), looser than fit.POLISH:
-# lanes run in lockstep, and near the optimum a Huber objective in its
-# linear part (residuals > delta) makes BFGS crawl, holding every cell's
-# lanes for thousands of evaluations that move the objective by < 1e-10.
-# The cap binds on cells of final checkpoints only (6-17 points for 5
-# parameters): against the same 64 starts each polished for 3,000
-# evaluations, a cap of 400 leaves 190 of benchmarks/backtest_speed.py's 860
-# cells > 1e-6 above (108 > 1e-3), 800 leaves 139 (66) for +1 s of ~7 s,
-# 2,000 leaves 102 (57) for +6 s.
-POLISH = fit_lib.Tol(gtol=1e-8, ftol=1e-11, max_evals=400)
+# (which stop at a relative decrease of 2.2e-9), looser than fit.POLISH.
+# Near the optimum of a cell of few points (final checkpoints: 6-17 points
+# for 5 parameters) a Huber objective in its linear part (residuals >
+# delta) makes BFGS crawl, and the cap is what stops those lanes. Against a
+# scipy loop run to ftol 1e-15 from the same 64 starts
+# (benchmarks/backtest_speed.py --tight, 200 cells of its grid), a cap of
+# 400 left 13 of the 150 cells with a finite optimum > 1e-6 above it,
+# 2,000 left 6, for +1 s on the 860-cell call compiled; the solver's small
+# chunks (solver.SMALL) make the long tail cheap: it cost +3-4 s before.
+POLISH = fit_lib.Tol(gtol=1e-8, ftol=1e-11, max_evals=2000)
 # The float32 screen is cheaper per evaluation than the float64 polish, so it
 # runs longer: starts that need more than 60 steps to leave a poor basin
 # still reach their own. (100 is not enough: tests/test_backtest.py's
