@@ -169,13 +169,9 @@ def main():
           f"{np.median(rel):+.2e}, worst {rel.max():+.2e}")
     lower = rel > 1e-6
     # Cells where the loop's best start runs off along a valley (E -> 0, an
-    # exponent -> infinity): a parameter more than one grid span outside the
-    # form's grid of starts. There the law has no finite minimiser, and the
-    # longer an optimiser runs the lower it gets.
-    grid = form.grid_starts()
-    lo, hi = grid.min(0), grid.max(0)
-    theirs_theta = np.stack([o[3] for o in out])
-    finite = np.all((theirs_theta >= 2 * lo - hi) & (theirs_theta <= 2 * hi - lo), axis=1)
+    # exponent -> infinity; backtest.bounded): there the law has no finite
+    # minimiser, and the longer an optimiser runs the lower it gets.
+    finite = backtest.bounded(form, np.stack([o[3] for o in out]))
     print(f"  target ARE, |ours - scipy| per cell: median {np.median(are_diff):.2g}, "
           f"worst {are_diff.max():.2g} points; within 0.1 point in {np.sum(are_diff <= 0.1)} "
           f"of {len(rel)}; in the {lower.sum()} cells where the loop went lower: "

@@ -14,6 +14,7 @@ from absl import flags
 
 from llmlab import main as main_lib
 from llmlab.scaling import backtest
+from llmlab.scaling import backtest_report
 from llmlab.scaling import fit as fit_lib
 from llmlab.commands import backtest as backtest_cmd
 from llmlab.commands import fit as fit_cmd
@@ -76,11 +77,15 @@ def test_backtest_writes_the_grid_summary_heatmaps_and_report(two_families, caps
   full = [float(r["are"]) for r in fam_a if r["fraction"] == "1.0"
           and r["checkpoints"] == "all" and r["design"] in ("smallest", "closest")]
   assert min(full) < 1e-3
+  # Fits to the law's own noise-free points have a finite minimum: bounded.
+  assert {r["bounded"] for r in fam_a if r["are"] and r["checkpoints"] == "all"
+          and r["fraction"] == "1.0"} == {"1"}
   summary = json.loads(open(out / "summary.json").read())
   assert set(summary) >= {"families", "n_fits", "seconds"}
   assert set(summary["families"]) == {"fam_a", "fam_b"}
   s = summary["families"]["fam_a"]
-  assert set(s) >= {"target", "best", "cheapest", "n_fits", "fit_seconds"}
+  assert set(s) >= {"target", "best", "cheapest", "n_fits", "fit_seconds", "n_unbounded"}
+  assert s["n_unbounded"] == sum(r["are"] != "" and r["bounded"] == "0" for r in fam_a)
   assert set(s["cheapest"]) == {"0.04", "0.10", "0.20"}
   assert s["best"]["are"] == min(float(r["are"]) for r in fam_a if r["are"])
   cheap = s["cheapest"]["0.04"]
@@ -160,6 +165,27 @@ def test_more_polish_converges_more_fits():
   backtest_cmd.define(fv)
   assert (fv["keep"].default, fv["polish_evals"].default) == (
       backtest.KEEP, backtest.POLISH.max_evals)
+
+
+def test_bounded_flags_fits_that_ran_off_the_grid_of_starts():
+  """A fit with E -> 0 (e ~ -100) or an exponent of 13 lies outside the form's
+  grid of starts widened by its span; Hoffmann et al.'s values lie inside.
+  An axis the grid holds at one value (data_repeat's kappa) is widened by 1."""
+  law = forms.get_form("chinchilla")
+  hoffmann = [np.log(406.4), np.log(410.7), np.log(1.69), 0.34, 0.28]
+  theta = np.array([hoffmann, [5.7, 6.2, -95.0, 0.3, 0.3], [5.7, 256.7, 0.3, 0.26, 13.6],
+                    [np.nan] * 5])
+  assert backtest.bounded(law, theta).tolist() == [True, False, False, False]
+  repeat = forms.get_form("data_repeat")
+  mid = repeat.grid_starts().mean(0)
+  kappa = repeat.params.index("kappa")
+  assert backtest.bounded(repeat, np.stack([mid, mid + 0.9 * np.eye(len(mid))[kappa],
+                                            mid + 2 * np.eye(len(mid))[kappa]])
+                          ).tolist() == [True, True, False]
+  cell = dict(design="closest", n_models=2, fraction=0.5, min_tokens=0.0,
+              checkpoints="final", are=0.3, compute_fraction=0.01)
+  assert "not identified" in backtest_report._cell_line(dict(cell, bounded=0))
+  assert "not identified" not in backtest_report._cell_line(dict(cell, bounded=1))
 
 
 def test_min_tokens_is_scaled_to_short_families():

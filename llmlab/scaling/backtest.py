@@ -51,7 +51,7 @@ ARE_FRACTION = 0.7
 THRESHOLDS = (0.04, 0.10, 0.20)
 BORROW = {"borrow_exponents": ("alpha", "beta"), "borrow_a_alpha": ("a", "alpha")}
 GRID_COLUMNS = ("family", "target", "design", "checkpoints", "n_models", "fraction",
-                "min_tokens", "compute_fraction", "are", "n_points", "runs")
+                "min_tokens", "compute_fraction", "are", "n_points", "runs", "bounded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +262,20 @@ def fit_cells(form: forms_lib.Form, pool: Mapping, cells: Sequence[Cell],
   return theta, objective, n_rows.astype(int)
 
 
+def bounded(form: forms_lib.Form, theta_GxP: np.ndarray) -> np.ndarray:
+  """Whether each fit lies within the form's grid of starts widened on each
+  side by the grid's span on that axis (at least 1; Chinchilla: E >= e^-3,
+  exponents <= 4). A fit outside has run off along a valley (E -> 0, an
+  exponent -> infinity that switches a term off): its points do not
+  identify that parameter, and its extrapolation can depend on where the
+  optimiser stopped (docs/scaling-backtests.md)."""
+  grid = form.grid_starts()
+  lo, hi = grid.min(0), grid.max(0)
+  margin = np.maximum(hi - lo, 1.0)
+  theta_GxP = np.asarray(theta_GxP, np.float64)
+  return np.all((theta_GxP >= lo - margin) & (theta_GxP <= hi + margin), axis=1)
+
+
 def score(form: forms_lib.Form, theta_GxP: np.ndarray, target: Mapping,
           target_runs: Sequence[str]) -> np.ndarray:
   """ARE of every cell: per target run, mean |L - L_hat| / L over its
@@ -318,17 +332,18 @@ def backtest_family(form: forms_lib.Form, fam: Family, borrowed, n_starts: int =
                                  **solver)
   seconds = time.perf_counter() - t0
   ares = score(form, theta, target, fam.target_runs)
+  inside = bounded(form, theta)
   final = records_lib.final_tokens(pool)
   rows = []
-  for c, a, n in zip(cells, ares, n_points):
+  for c, a, n, b in zip(cells, ares, n_points, inside):
     rows.append(dict(family=fam.name, target=",".join(fam.target_runs), design=c.design,
                      checkpoints=c.checkpoints, n_models=c.n_models, fraction=c.fraction,
                      min_tokens=c.min_tokens,
                      compute_fraction=float(compute_fraction(pool, final, c, target_flops)),
                      are=float(a), n_points=int(n), runs=" ".join(c.runs),
-                     fixed=dict(c.fixed)))
+                     bounded=int(b), fixed=dict(c.fixed)))
   return dict(rows=rows, fit_seconds=seconds, n_fits=int(np.sum(np.isfinite(ares))),
-              params=theta)
+              n_unbounded=int(np.sum(np.isfinite(ares) & ~inside)), params=theta)
 
 
 def summarise(rows: Sequence[dict], thresholds=THRESHOLDS) -> dict:
@@ -417,7 +432,8 @@ def run(records: Mapping, form: str = "chinchilla", target: str | None = None,
     summary[fam.name] = dict(
         target=",".join(fam.target_runs), sizes=len(fam.sizes) + 1,
         min_tokens_cut=fam.min_tokens, borrowed=borrowed.get(fam.name),
-        n_fits=res["n_fits"], fit_seconds=res["fit_seconds"],
+        n_fits=res["n_fits"], n_unbounded=res["n_unbounded"],
+        fit_seconds=res["fit_seconds"],
         **summarise(res["rows"]), checks=checks(res["rows"]))
   return dict(form=form, rows=out_rows, families=summary,
               n_fits=sum(s["n_fits"] for s in summary.values()),

@@ -92,7 +92,8 @@ def _cell_line(c) -> str:
     return "none reaches it"
   return (f"{c['design']}, k={c['n_models']}, p={c['fraction']:g}, min_tokens "
           f"{c['min_tokens']:.3g} ({c['checkpoints']} checkpoints): ARE "
-          f"{_pct(c['are'])}, compute {c['compute_fraction']:.3g} of the target's")
+          f"{_pct(c['are'])}, compute {c['compute_fraction']:.3g} of the target's"
+          + ("" if c.get("bounded", 1) else "; a parameter not identified (bounded = 0)"))
 
 
 def _check_line(question: str, c: dict | None, first: str, second: str) -> str:
@@ -130,6 +131,12 @@ def report(result: dict) -> str:
               f"Target {s['target']}; {s['sizes']} sizes; min_tokens cut "
               f"{s['min_tokens_cut']:.3g} (1e10, scaled to the family's run length); "
               f"{s['n_fits']} fits in {s['fit_seconds']:.1f} s.", ""]
+    if s.get("n_unbounded"):
+      lines += [f"{s['n_unbounded']} of the {s['n_fits']} fits put a parameter far "
+                "outside the form's grid of starts (grid.csv `bounded` = 0: E -> 0, "
+                "or an exponent so large that its term is switched off): their "
+                "points do not identify it, and their ARE can depend on where the "
+                "optimiser stopped.", ""]
     if s.get("borrowed"):
       lines += ["Borrowed (median of the other families' fits, log space): " +
                 "; ".join(f"{d}: " + ", ".join(f"{k} {v:.4g}" for k, v in p.items())
