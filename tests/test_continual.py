@@ -3,6 +3,7 @@ prose domain, per-domain evals, the replay mixture's order, the config
 checks (one line naming the key, nothing trained), the continual forms, and
 (integration) `llmlab continual` end to end on `:smoke`, resumed."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -155,6 +156,21 @@ def test_plan_is_a_design_without_duplicates():
   assert cfg.data.domains == "A=stdlib,B=prose"
   assert cfg.init_from == "/w/starts/s1-t1-activation"
   assert continual.mixture(scfg, 0.0) == "prose:1"
+
+
+def test_law_seeds_rerun_every_law_cell_and_score_the_seed_mean():
+  scfg = _config()
+  scfg.law_seeds = (7,)
+  planned = continual.check(scfg)
+  law = [r for r in planned if r.role == "law" and r.method != "scratch"]
+  again = {r.name for r in planned if r.role == "seed" and r.seed == 7}
+  assert again == {dataclasses.replace(r, seed=7, role="seed").name for r in law}
+  row = lambda seed, loss, tokens=100.0, target="t1": dict(
+      source="s1", target=target, method="activation", replay=0.1, distill=False,
+      seed=seed, tokens=tokens, loss_B=loss)
+  records = [row(1, 2.0), row(7, 2.2), row(1, 1.8, 200.0), row(1, 3.0, target="t2")]
+  mean = continual_analysis._seed_mean(records, [records[0], records[2], records[3]], "B")
+  assert np.allclose(mean, [2.1, 1.8, 3.0])
 
 
 # --- forms -------------------------------------------------------------------

@@ -211,6 +211,23 @@ def _curve_at(rows, run: str, tokens: float, domain: str) -> float | None:
                          _col(mine, f"loss_{domain}")))
 
 
+def _cell(r) -> tuple:
+  """A run's cell: everything but its seed."""
+  return (r["source"], r["target"], r["method"], r["replay"], r["distill"])
+
+
+def _seed_mean(records, rows, domain: str) -> np.ndarray:
+  """Each row's loss averaged over the seeds its cell was trained with, at
+  the row's tokens (a law predicts the expected curve; one seed's carries
+  its own noise)."""
+  by = {}
+  for o in records:
+    if o["tokens"] > 0:
+      by.setdefault((_cell(o), o["tokens"]), []).append(o[f"loss_{domain}"])
+  return np.asarray([np.mean(by.get((_cell(r), r["tokens"]), [r[f"loss_{domain}"]]))
+                     for r in rows])
+
+
 def _match(rows, r, source: str) -> str:
   """Name of the run like `r` but from `source` (the naive forecast)."""
   for o in rows:
@@ -264,14 +281,22 @@ def holdout(scfg, records, sources: dict, fitted: dict, domain: str,
   if not train_rows or not test:
     return dict(out, are=None, naive_are=None, skill=None)
   pred = predict(fitted, test, domain)
-  actual = _col(test, f"loss_{domain}")
+  averaged = bool(scfg.get("law_seeds"))
+  actual = _seed_mean(records, test, domain) if averaged else _col(test, f"loss_{domain}")
   late = _late_mask(test, float(scfg.holdout_min_fraction))
   err = np.abs(pred - actual) / actual
   naive = []
   for r in test:
     other = _match(records, r, second)
-    naive.append(_curve_at(records, other, r["tokens"], domain)
-                 if other else None)
+    if other and averaged:
+      mine = sorted((o for o in records if o["run"] == other and o["tokens"] > 0),
+                    key=lambda o: o["tokens"])
+      ts = _col(mine, "tokens")
+      curve = _seed_mean(records, mine, domain)
+      naive.append(float(np.interp(math.log(r["tokens"]), np.log(ts), curve)))
+    else:
+      naive.append(_curve_at(records, other, r["tokens"], domain)
+                   if other else None)
   have = np.asarray([v is not None for v in naive]) & late
   naive_err = (np.abs(np.asarray([v if v is not None else np.nan
                                   for v in naive]) - actual) / actual)

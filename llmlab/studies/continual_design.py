@@ -128,6 +128,10 @@ def plan(scfg) -> list[Run]:
     for m in scfg.distill_methods:
       out.append(cell_run(scfg, src, tgt, float(scfg.replay), m, seed,
                            "method", distill=True))
+  for s in scfg.get("law_seeds", ()):  # every law cell's start method again
+    for cell in scfg.grid:
+      src, tgt, r = parse_cell(scfg, cell, "grid", True)
+      out.append(cell_run(scfg, src, tgt, r, str(scfg.law_method), int(s), "seed"))
   if scfg.method_at:
     src, tgt, _ = parse_cell(scfg, scfg.method_at[0], "method_at", False)
     for s in scfg.extra_seeds:
