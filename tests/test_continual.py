@@ -169,8 +169,8 @@ def test_law_seeds_rerun_every_law_cell_and_score_the_seed_mean():
       source="s1", target=target, method="activation", replay=0.1, distill=False,
       seed=seed, tokens=tokens, loss_B=loss)
   records = [row(1, 2.0), row(7, 2.2), row(1, 1.8, 200.0), row(1, 3.0, target="t2")]
-  mean = continual_analysis._seed_mean(records, [records[0], records[2], records[3]], "B")
-  assert np.allclose(mean, [2.1, 1.8, 3.0])
+  loss_of = continual_analysis._seed_means(records, "B")
+  assert np.allclose([loss_of(r) for r in records], [2.1, 2.1, 1.8, 3.0])
 
 
 # --- forms -------------------------------------------------------------------

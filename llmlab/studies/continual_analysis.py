@@ -201,14 +201,16 @@ def _late_mask(rows, min_fraction: float) -> np.ndarray:
                      for r in rows])
 
 
-def _curve_at(rows, run: str, tokens: float, domain: str) -> float | None:
+def _curve_at(rows, run: str, tokens: float, domain: str,
+              loss_of=None) -> float | None:
+  """`run`'s loss at `tokens`, interpolated in log tokens; `loss_of(row)`
+  replaces each row's own loss (see `_seed_means`)."""
   mine = sorted((r for r in rows if r["run"] == run),
                 key=lambda r: r["tokens"])
   if not mine:
     return None
-  return float(np.interp(math.log(tokens),
-                         np.log(_col(mine, "tokens")),
-                         _col(mine, f"loss_{domain}")))
+  loss = [loss_of(r) for r in mine] if loss_of else _col(mine, f"loss_{domain}")
+  return float(np.interp(math.log(tokens), np.log(_col(mine, "tokens")), loss))
 
 
 def _cell(r) -> tuple:
@@ -216,16 +218,15 @@ def _cell(r) -> tuple:
   return (r["source"], r["target"], r["method"], r["replay"], r["distill"])
 
 
-def _seed_mean(records, rows, domain: str) -> np.ndarray:
-  """Each row's loss averaged over the seeds its cell was trained with, at
+def _seed_means(records, domain: str):
+  """row -> its loss averaged over the seeds its cell was trained with, at
   the row's tokens (a law predicts the expected curve; one seed's carries
   its own noise)."""
   by = {}
   for o in records:
-    if o["tokens"] > 0:
-      by.setdefault((_cell(o), o["tokens"]), []).append(o[f"loss_{domain}"])
-  return np.asarray([np.mean(by.get((_cell(r), r["tokens"]), [r[f"loss_{domain}"]]))
-                     for r in rows])
+    by.setdefault((_cell(o), o["tokens"]), []).append(o[f"loss_{domain}"])
+  means = {k: float(np.mean(v)) for k, v in by.items()}
+  return lambda r: means[(_cell(r), r["tokens"])]
 
 
 def _match(rows, r, source: str) -> str:
@@ -281,22 +282,16 @@ def holdout(scfg, records, sources: dict, fitted: dict, domain: str,
   if not train_rows or not test:
     return dict(out, are=None, naive_are=None, skill=None)
   pred = predict(fitted, test, domain)
-  averaged = bool(scfg.get("law_seeds"))
-  actual = _seed_mean(records, test, domain) if averaged else _col(test, f"loss_{domain}")
+  loss_of = _seed_means(records, domain) if scfg.get("law_seeds") else None
+  actual = (np.asarray([loss_of(r) for r in test]) if loss_of
+            else _col(test, f"loss_{domain}"))
   late = _late_mask(test, float(scfg.holdout_min_fraction))
   err = np.abs(pred - actual) / actual
   naive = []
   for r in test:
     other = _match(records, r, second)
-    if other and averaged:
-      mine = sorted((o for o in records if o["run"] == other and o["tokens"] > 0),
-                    key=lambda o: o["tokens"])
-      ts = _col(mine, "tokens")
-      curve = _seed_mean(records, mine, domain)
-      naive.append(float(np.interp(math.log(r["tokens"]), np.log(ts), curve)))
-    else:
-      naive.append(_curve_at(records, other, r["tokens"], domain)
-                   if other else None)
+    naive.append(_curve_at(records, other, r["tokens"], domain, loss_of)
+                 if other else None)
   have = np.asarray([v is not None for v in naive]) & late
   naive_err = (np.abs(np.asarray([v if v is not None else np.nan
                                   for v in naive]) - actual) / actual)
