@@ -118,6 +118,7 @@ def _bad(**changes):
      r"config.base.data: source 'prose' \(1 documents\): validation split"),
     ({"methods": ("activation+melt",)}, r"config.methods\[0\]="),
     ({"grid": ("s9/t1/0.1",)}, r"config.grid: 's9/t1/0.1': unknown source"),
+    ({"law_seeds": (2, "x")}, r"config.law_seeds\[1\]='x': must be a seed"),
 ])
 def test_bad_input_fails_before_training(tmp_path, monkeypatch, changes,
                                          match):

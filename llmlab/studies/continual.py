@@ -132,6 +132,11 @@ def check(scfg) -> list[design.Run]:
     for i, m in enumerate(names):
       _check_method(m, f"config.{key}" + ("" if key == "law_method"
                                           else f"[{i}]"))
+  for key in ("extra_seeds", "law_seeds"):
+    for i, seed in enumerate(scfg.get(key, ())):
+      if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise config_lib.ConfigError(f"config.{key}[{i}]={seed!r}: must be a "
+                                     "seed, an integer >= 0")
   if len(design.source_names(scfg)) < 2:
     raise config_lib.ConfigError(
         f"config.sources: {len(design.source_names(scfg))} source(s); the held-out "
