@@ -158,8 +158,9 @@ def main():
     loop = np.array([sum(o[1] for o in out) / args.workers,
                      sum(o[2] for o in out)]) * 1000 / len(sample)
     rel = (ours - theirs) / theirs
-    are_diff = 100 * np.abs(are_ours - backtest.score(
-        form, np.stack([o[3] for o in out]), target, fam.target_runs))
+    theirs_theta = np.stack([o[3] for o in out])
+    are_diff = 100 * np.abs(are_ours - backtest.score(form, theirs_theta, target,
+                                                      fam.target_runs))
     print(f"scipy L-BFGS-B loop, {name}, {args.workers} processes: {loop[0]:.0f} s per 1,000 fits "
           f"({loop[1]:.0f} CPU-s); speed-up {loop[0] / (1000 * first[0] / n):.0f}x "
           f"(compile included), {loop[0] / (1000 * again[0] / n):.0f}x compiled; in CPU "
@@ -171,7 +172,7 @@ def main():
     # Cells where the loop's best start runs off along a valley (E -> 0, an
     # exponent -> infinity; backtest.bounded): there the law has no finite
     # minimiser, and the longer an optimiser runs the lower it gets.
-    finite = backtest.bounded(form, np.stack([o[3] for o in out]))
+    finite = backtest.bounded(form, theirs_theta)
     print(f"  target ARE, |ours - scipy| per cell: median {np.median(are_diff):.2g}, "
           f"worst {are_diff.max():.2g} points; within 0.1 point in {np.sum(are_diff <= 0.1)} "
           f"of {len(rel)}; in the {lower.sum()} cells where the loop went lower: "
