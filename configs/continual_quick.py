@@ -81,7 +81,8 @@ def get_config(arg: str | None = None):
       steps=100, batch_size=8, learning_rate=1e-3, mask_lr=0.1,
       lambda_lr=0.5, init_log_alpha=2.0, target_warmup=0.5, seed=0,
       log_every=25))
-  s.forms = ("cl_transfer", "cl_p2", "cl_dcpt", "cl_anchor_static", "cl_anchor")
+  s.forms = ("cl_transfer", "cl_p2", "cl_dcpt", "cl_anchor_static", "cl_anchor",
+             "cl_anchor_lr")
   s.holdout_min_fraction = 0.5
   # The replay check: the smallest r whose predicted forgetting (L_A - the
   # source's L_A after the continued run) is within the budget, for the

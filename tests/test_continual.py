@@ -218,13 +218,14 @@ def _anchor_design(sources=(2e4, 5e4, 1e5)):
   return rows
 
 
-@pytest.mark.parametrize("name", ["cl_anchor", "cl_anchor_static"])
+@pytest.mark.parametrize("name", ["cl_anchor", "cl_anchor_static",
+                                  "cl_anchor_lr"])
 def test_anchored_form_starts_at_the_source_loss(name):
   """A whole source (N_t = N_s) continued for ~0 tokens is at its own loss,
   on either domain: the anchor is the law's own curve through it."""
   law = forms_lib.get_form(name)
   rows = [r for r in _anchor_design() if r["params"] == r["source_params"]]
-  rows = [dict(r, tokens=1e-9) for r in rows]
+  rows = [dict(r, tokens=1e-9, lr_tokens=1e-9) for r in rows]
   for theta in law.grid_starts()[:: 37]:
     for domain in ("A", "B"):
       x = continual_analysis.inputs(rows, domain, law)
@@ -235,6 +236,42 @@ def test_anchored_form_starts_at_the_source_loss(name):
                                      np.log(forms_lib.CL_N_REF))))
       ok = want > floor + 1e-6  # a source above the law's floor
       np.testing.assert_allclose(loss[ok], want[ok], rtol=1e-4)
+
+
+def test_rate_weighted_tokens_follow_the_runs_schedule():
+  """lr_tokens counts each update's tokens at its rate over the peak: a
+  20-step linear warmup then a constant rate (the quick study's continued
+  runs) makes the first 15 updates worth 5.25 at the peak, and loses 10.5
+  of all 300; a
+  cosine decay loses more of the run's end."""
+  raw = config_lib.to_dict(config_lib.base())
+  raw["train"].update(steps=300, learning_rate=3e-3)
+  raw["optim"].update(schedule="constant", warmup_steps=20)
+  weighted = continual_analysis.rate_weighted_tokens(raw, "")
+  np.testing.assert_allclose(weighted(15, 15 * 512.0), 5.25 * 512,
+                             rtol=1e-6)
+  np.testing.assert_allclose(weighted(300, 300 * 512.0), (300 - 10.5) * 512,
+                             rtol=1e-6)
+  assert weighted(0, 0.0) == 0.0
+  raw["optim"]["schedule"] = "cosine"
+  cosine = continual_analysis.rate_weighted_tokens(raw, "")
+  assert cosine(15, 15 * 512.0) == pytest.approx(weighted(15, 15 * 512.0))
+  assert cosine(300, 300 * 512.0) < 0.7 * weighted(300, 300 * 512.0)
+
+
+def test_rate_weighted_anchor_is_cl_anchor_at_the_same_tokens():
+  """cl_anchor_lr with lr_tokens = tokens (a constant rate, no warmup) is
+  cl_anchor, parameter for parameter."""
+  rows = [dict(r, lr_tokens=r["tokens"]) for r in _anchor_design()]
+  plain, lr = (forms_lib.get_form(n) for n in ("cl_anchor", "cl_anchor_lr"))
+  assert plain.params == lr.params
+  for theta in plain.grid_starts()[:: 29]:
+    for domain in ("A", "B"):
+      want = fit_lib.predict_log(plain, theta[None], continual_analysis.inputs(
+          rows, domain, plain))[0]
+      got = fit_lib.predict_log(lr, theta[None], continual_analysis.inputs(
+          rows, domain, lr))[0]
+      np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 def test_anchored_form_predicts_a_held_out_source():

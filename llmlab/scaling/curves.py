@@ -363,7 +363,7 @@ def _metric_rows(path: str, key: str) -> list[dict]:
   return [rows[s] for s in sorted(rows)]
 
 
-def _run_schedule(cfg: dict, wd: str | None = None) -> tuple[np.ndarray, int]:
+def run_schedule(cfg: dict, wd: str | None = None) -> tuple[np.ndarray, int]:
   """(rates of updates 1..steps, warmup steps), the rates as the train step
   computes them: update s uses optax's count s - 1, and the schedule's numbers
   are traced arguments of a compiled function (evaluated op by op, a rate can
@@ -404,7 +404,7 @@ def curves_from_runs(workdirs: Iterable[str], loss: str = "eval",
   for wd in workdirs:
     run = sweep_lib.run_name(wd)
     cfg = storage.read_json(storage.join(wd, "config.json"))
-    eta[run], warmup_steps = _run_schedule(cfg, wd)
+    eta[run], warmup_steps = run_schedule(cfg, wd)
     rows += [dict(r, params=cfg["model_info"][params_key], warmup_steps=warmup_steps)
              for r in _run_rows(wd, run, eta[run], loss)]
   table = {k: [r[k] for r in rows] for k in rows[0]}

@@ -39,8 +39,10 @@ INPUTS = ("params", "tokens", "compute", "unique_tokens", "curve",
           # starts from), and, NOT logs, "share" (the domain's share of the
           # continued data, in [0, 1]) and "start" (1: started from the
           # source, 0: from scratch); "source_loss" (log of the source's
-          # final loss on the fitted domain: measured before continuing).
-          "source_params", "share", "start", "source_loss")
+          # final loss on the fitted domain: measured before continuing);
+          # "lr_tokens" (log of the tokens weighted by each update's rate
+          # over the peak).
+          "source_params", "share", "start", "source_loss", "lr_tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,8 +426,9 @@ _CL_ANCHOR_GRID = dict(e=(0.0, 0.5), a=(-1.0, 0.0), log_alpha=(-1.2,),
 _CL_ANCHOR_IN = ("params", "tokens", "source_params", "share", "source_loss")
 
 
-def _cl_anchor(p, x, decay: bool):
-  """log L of cl_anchor (decay) or cl_anchor_static; see cl_anchor."""
+def _cl_anchor(p, x, decay: bool, tokens=None):
+  """log L of cl_anchor (decay) or cl_anchor_static; see cl_anchor.
+  `tokens` (log) replaces x["tokens"] (cl_anchor_lr: the rate-weighted)."""
   alpha, beta = jnp.exp(p["log_alpha"]), jnp.exp(p["log_beta"])
   u_s = x["source_params"] - np.log(CL_N_REF)
   u_t = x["params"] - np.log(CL_N_REF)
@@ -436,7 +439,7 @@ def _cl_anchor(p, x, decay: bool):
   gap = jnp.maximum(jnp.exp(x["source_loss"]) - floor_s, 1e-9)
   log_d0 = (p["b"] - jnp.log(gap)) / beta + p["theta"] * (
       x["params"] - x["source_params"])
-  d = jnp.exp(x["tokens"])
+  d = jnp.exp(x["tokens"] if tokens is None else tokens)
   other = (1.0 - x["share"]) * d  # the continued tokens of the other domain
   if decay:
     log_d0 = log_d0 - jnp.exp(p["log_gamma"]) * jnp.log1p(
@@ -474,3 +477,22 @@ def cl_anchor_static(p, x):
   """cl_anchor without forgetting (D_0 constant as the run goes on): the
   ablation that shows what the decay is for."""
   return _cl_anchor(p, x, decay=False)
+
+
+@register_form("cl_anchor_lr",
+               params=tuple(_CL_ANCHOR_GRID) + ("f", "log_gamma"),
+               inputs=tuple(k for k in _CL_ANCHOR_IN if k != "tokens") +
+               ("lr_tokens",),
+               grid=dict(_CL_ANCHOR_GRID, f=(8.0, 11.0),
+                         log_gamma=(-1.0, 0.5)))
+def cl_anchor_lr(p, x):
+  """cl_anchor with D counted in learning-rate area: each update's tokens
+  weighted by its rate over the peak (the multi-power law's S1, Luo et al.
+  2025, arXiv:2503.12811, in tokens). Why: every continued run re-warms
+  from rate 0, and the updates of the warmup move the model less than
+  their token count says (the quick study's first eval, at step 15 of a
+  20-step warmup, has read 7,680 tokens but 2,688 at the peak rate). At a
+  constant rate it is cl_anchor past the warmup; it has no annealing term
+  (the quick study's continued runs keep their rate, which cannot
+  identify one)."""
+  return _cl_anchor(p, x, decay=True, tokens=x["lr_tokens"])

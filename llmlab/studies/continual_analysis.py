@@ -30,13 +30,15 @@ import numpy as np
 
 from llmlab import runs
 from llmlab.compress import report as compress_report
+from llmlab.scaling import curves as curves_lib
 from llmlab.scaling import fit as fit_lib
 from llmlab.scaling import forms as forms_lib
 from llmlab.studies import continual_design as design
 
 COLUMNS = ("run", "role", "source", "target", "method", "distill", "replay",
            "seed", "params", "source_params", "start", "step", "tokens",
-           "loss_A", "loss_B", "loss", "source_loss_A", "source_loss_B")
+           "loss_A", "loss_B", "loss", "source_loss_A", "source_loss_B",
+           "lr_tokens")
 
 
 # ---------------------------------------------------------------- records
@@ -61,10 +63,12 @@ def run_records(r, workdir: str, model: dict, source: dict | None) -> list:
   del model
   _, raw = runs.read_config(workdir)
   n_t = float(raw["model_info"]["params_nonembed"])
+  lr_tokens = rate_weighted_tokens(raw, workdir)
   out = []
   for row in runs.metrics_rows(workdir):
     if "eval_loss_A" not in row or "eval_loss_B" not in row:
       continue
+    step = int(row["step"])
     out.append(dict(
         run=r.name, role=r.role, source=r.source, target=r.target,
         method=r.method, distill=bool(r.distill), replay=float(r.replay),
@@ -76,8 +80,23 @@ def run_records(r, workdir: str, model: dict, source: dict | None) -> list:
         # the source's own final losses (what a start knows before it
         # continues; a scratch run's are its own size's: unused)
         source_loss_A=float(source["loss_A"]) if source else math.nan,
-        source_loss_B=float(source["loss_B"]) if source else math.nan))
+        source_loss_B=float(source["loss_B"]) if source else math.nan,
+        lr_tokens=lr_tokens(step, float(row["tokens"]))))
   return out
+
+
+def rate_weighted_tokens(raw: dict, workdir: str):
+  """lr_tokens(step, tokens) of a run: its tokens weighted by each update's
+  rate over the peak (curves.run_schedule gives the rates its updates
+  used); cl_anchor_lr reads it."""
+  eta_S, _ = curves_lib.run_schedule(raw, workdir)
+  area = np.concatenate([[0.0], np.cumsum(eta_S)]) / (
+      float(eta_S.max(initial=0.0)) or 1.0)
+
+  def weighted(step, tokens):
+    step = min(step, len(eta_S))
+    return tokens * area[step] / step if step else 0.0
+  return weighted
 
 
 # -------------------------------------------------------------- re-inits
@@ -137,7 +156,9 @@ def inputs(rows: list[dict], domain: str, form) -> dict:
                           if "source_loss" in form.inputs else None),
           "tokens": np.log(_col(rows, "tokens")),
           "source_params": np.log(_col(rows, "source_params")),
-          "share": share, "start": _col(rows, "start")}
+          "share": share, "start": _col(rows, "start"),
+          "lr_tokens": (np.log(_col(rows, "lr_tokens"))
+                        if "lr_tokens" in form.inputs else None)}
   return {k: cols[k] for k in form.inputs}
 
 
@@ -488,8 +509,9 @@ def predict_replay(scfg, records, sources, law_a: dict, law_b: dict) -> dict:
                  int(scfg.base.train.batch_size) *
                  int(scfg.base.train.seq_len))
   ratios = np.round(np.arange(0, 101) / 100.0, 2)
-  rows = [dict(like[0], replay=float(q), tokens=tokens, start=1)
-          for q in ratios]
+  # (the last eval's row: its rate-weighted tokens are the whole run's)
+  end = max(like, key=lambda x: x["tokens"])
+  rows = [dict(end, replay=float(q), tokens=tokens, start=1) for q in ratios]
   la = predict(law_a, rows, "A")
   lb = predict(law_b, rows, "B")
   forget = la - sources[src]["loss_A"]
