@@ -21,6 +21,12 @@ llmlab, torch, ...), and reports the median of the per-round ratios: on a
 machine shared with other jobs the load drifts within minutes, and only
 measurements taken side by side compare.
 
+`import llmlab` has glibc keep the memory XLA:CPU frees each step
+(llmlab/runtime.py, `keep_freed_memory`); `LLMLAB_MALLOC=default` in the
+environment measures llmlab without it. The PyTorch reference runs with
+glibc's defaults, as a PyTorch user runs it; `--torch_malloc=keep` gives it
+the same settings (GLIBC_TUNABLES), to see whether they help it too.
+
 `--matmul_dtype=bfloat16` rounds the operands of every product to bf16 and
 sums in float32 (`model.matmul_dtype`; what TPUs do with float32 matmuls by
 default); MFU is then measured against a bf16 matmul probe.
@@ -73,6 +79,8 @@ def main():
                  help="then run the PyTorch reference and print the ratio")
   p.add_argument("--torch_precision", default="",
                  help='torch float32 matmul precision; "" = match llmlab')
+  p.add_argument("--torch_malloc", default="default", choices=("default", "keep"),
+                 help="keep: the PyTorch reference with llmlab's glibc malloc settings")
   p.add_argument("--rounds", type=int, default=1,
                  help="interleaved llmlab/torch measurements; ratio = median")
   a = p.parse_args()
@@ -83,7 +91,7 @@ def main():
     for run in runs:
       run.measure(a.steps)
       if a.baseline:
-        torch_tps[run].append(_torch_baseline(run.torch_precision))
+        torch_tps[run].append(_torch_baseline(run.torch_precision, a.torch_malloc))
   for run in runs:
     run.report()
     if a.baseline:
@@ -91,6 +99,7 @@ def main():
       mine = np.array([run.b * run.l / np.median(r) for r in run.rounds])
       print(f"torch.compile  {np.median(t):,.0f} tokens/s (fp32 params, "
             f'float32_matmul_precision="{run.torch_precision}"'
+            + f", glibc malloc {a.torch_malloc}"
             + (f"; rounds {', '.join(f'{v:,.0f}' for v in t)})" if a.rounds > 1
                else ")"))
       ratios = mine / t
@@ -161,9 +170,11 @@ class _Run:
     print(f"MFU            {100 * achieved / peak:.1f}%")
 
 
-def _torch_baseline(precision: str) -> float:
+def _torch_baseline(precision: str, malloc: str = "default") -> float:
   """tokens/s of the PyTorch reference trainer, run in a fresh process with
-  `torch.set_float32_matmul_precision(precision)`."""
+  `torch.set_float32_matmul_precision(precision)`; malloc="keep": with the
+  glibc settings `import llmlab` makes (runtime.keep_freed_memory), set
+  the only way a process that does not import llmlab can take them."""
   here = os.path.dirname(os.path.abspath(__file__))
   script = os.path.join(here, "..", "..", "shared", "bench",
                         "torch_gpt_baseline.py")
@@ -173,7 +184,12 @@ def _torch_baseline(precision: str) -> float:
          f"torch.set_float32_matmul_precision({precision!r}); "
          f"sys.argv = [{script!r}, '--compile']; "
          f"runpy.run_path({script!r}, run_name='__main__')")
-  out = subprocess.run([sys.executable, "-c", run], check=True,
+  env = dict(os.environ)
+  if malloc == "keep":
+    env["GLIBC_TUNABLES"] = ("glibc.malloc.mmap_threshold=33554432:"
+                             "glibc.malloc.trim_threshold=2147483647:"
+                             "glibc.malloc.top_pad=67108864")
+  out = subprocess.run([sys.executable, "-c", run], check=True, env=env,
                        capture_output=True, text=True).stdout
   match = re.search(r"tokens_per_s=(\d+)", out)
   if not match:
