@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 
 from llmlab import config as config_lib  # noqa: E402
 from llmlab import perf  # noqa: E402
+from llmlab import runtime  # noqa: E402
 from llmlab import sharding as shd  # noqa: E402
 from llmlab import steps as steps_lib  # noqa: E402
 from llmlab import train as train_lib  # noqa: E402
@@ -186,9 +187,7 @@ def _torch_baseline(precision: str, malloc: str = "default") -> float:
          f"runpy.run_path({script!r}, run_name='__main__')")
   env = dict(os.environ)
   if malloc == "keep":
-    env["GLIBC_TUNABLES"] = ("glibc.malloc.mmap_threshold=33554432:"
-                             "glibc.malloc.trim_threshold=2147483647:"
-                             "glibc.malloc.top_pad=67108864")
+    env["GLIBC_TUNABLES"] = runtime.glibc_tunables()
   out = subprocess.run([sys.executable, "-c", run], check=True, env=env,
                        capture_output=True, text=True).stdout
   match = re.search(r"tokens_per_s=(\d+)", out)

@@ -146,8 +146,17 @@ def setup_compile_cache() -> str | None:
   return path
 
 
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+# What keep_freed_memory sets: glibc's name -> (mallopt's parameter number,
+# malloc.h; value). 32 MiB is the largest mmap threshold glibc accepts.
+MALLOC_SETTINGS = {"mmap_threshold": (-3, 32 << 20),
+                   "trim_threshold": (-1, (1 << 31) - 1),
+                   "top_pad": (-2, 64 << 20)}
+
+
+def glibc_tunables() -> str:
+  """MALLOC_SETTINGS as GLIBC_TUNABLES, for a process that does not import
+  llmlab (benchmarks/train_throughput.py --torch_malloc=keep)."""
+  return ":".join(f"glibc.malloc.{k}={v}" for k, (_, v) in MALLOC_SETTINGS.items())
 
 
 def keep_freed_memory() -> bool:
@@ -165,8 +174,8 @@ def keep_freed_memory() -> bool:
   threshold, to the kernel, so every step pays page faults and page
   clearing for the same memory again: measured on the quick study's
   largest member (n74k, 600 steps, 2-core AMD EPYC), 6.0M minor faults and
-  13.2 s of system time against 32 s of user time; with these settings
-  0.2M faults, 1.5 s and 23% less wall time, the same losses. The cost: the
+  14.1 s of system time against 34 s of user time; with these settings
+  0.2M faults, 1.9 s and 18% less training time, the same losses. The cost: the
   process keeps its peak heap (the training step's temporaries) rather
   than returning it between steps. Blocks of 32 MiB and more (glibc's
   largest mmap threshold) still come and go by mmap. `LLMLAB_MALLOC=default`
@@ -185,8 +194,6 @@ def keep_freed_memory() -> bool:
       mallopt = None  # not glibc
     if mallopt is not None:
       mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-      on = all((mallopt(_M_MMAP_THRESHOLD, 32 << 20),
-                mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1),
-                mallopt(_M_TOP_PAD, 64 << 20)))
+      on = all([mallopt(*kv) for kv in MALLOC_SETTINGS.values()])
   _STATE["malloc"] = on
   return on
