@@ -9,7 +9,7 @@ branches in the README: a tie here, ARE 1.11% vs 1.18% in 7.1 vs 6.8 min,
 so branches, which also give the compute-optimal allocation, stay the
 default; the default run makes the curve law's analysis beside it).
 Variants:
-  configs/study_quick.py         the full quick study (~6 min, 2 cores)
+  configs/study_quick.py         the full quick study (~6.5 min, 2 cores)
   configs/study_quick.py:smoke   same pipeline, tiny budgets (~3 min)
 
     llmlab study --config=configs/study_quick.py --workdir=/tmp/llmlab/study

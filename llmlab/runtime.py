@@ -89,23 +89,15 @@ def simulated_cpu_devices(n: int):
   inside (a command does: `jax.devices()`); accelerators are not affected.
   Why: a study on a CPU packs runs side by side on devices (`parallel`),
   and every simulated device computes on all the machine's cores, so a
-  lone run is as fast as before (docs/studies.md).
-
-  With n > 1 it also turns off Eigen's threading inside an op
-  (--xla_cpu_multi_thread_eigen=false, unless XLA_FLAGS names it): runs
-  side by side already fill the cores, and splitting their small
-  element-wise ops across threads only adds hand-offs. The products keep
-  their own thread pool, so a run alone still uses every core. Measured on
-  the quick study (2-core AMD EPYC, empty compilation cache): 6.0 instead
-  of 6.4 min, identical results; one run of its n74k member alone, 16.4
-  instead of 18.3 s for 400 steps, identical losses; the reference shape
-  of benchmarks/train_throughput.py within noise either way."""
-  flags = {"--xla_force_host_platform_device_count": str(int(n)),
-           "--xla_cpu_multi_thread_eigen": "false"}
+  lone run is as fast as before (docs/studies.md). (Turning off Eigen's
+  threading inside an op as well, --xla_cpu_multi_thread_eigen=false, made
+  the quick study 6.4 -> 6.0 min, but it changes some runs' losses at
+  float32 rounding: packed runs would no longer match runs one after
+  another. Not set.)"""
+  flag = "--xla_force_host_platform_device_count"
   old = os.environ.get("XLA_FLAGS")
-  if n > 1:
-    extra = [f"{k}={v}" for k, v in flags.items() if k not in (old or "")]
-    os.environ["XLA_FLAGS"] = " ".join([old or "", *extra]).strip()
+  if n > 1 and flag not in (old or ""):
+    os.environ["XLA_FLAGS"] = f"{old or ''} {flag}={int(n)}".strip()
   try:
     yield
   finally:

@@ -342,23 +342,3 @@ def test_spools_of_killed_runs_are_swept_kept_ones_stay(tmp_path):
   assert sorted(os.listdir(tmp_path)) == sorted(
       v for k, v in names.items() if k != "stale")
 
-
-def test_simulated_devices_set_their_flags_and_restore_them(monkeypatch):
-  """`llmlab study` with parallel = K asks XLA for K CPU devices and turns
-  off Eigen's threading inside an op (the runs side by side fill the
-  cores); flags the user set win, and XLA_FLAGS is restored on the way
-  out."""
-  from llmlab import runtime  # noqa: PLC0415
-  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/x")
-  with runtime.simulated_cpu_devices(2):
-    flags = os.environ["XLA_FLAGS"].split()
-  assert flags == ["--xla_dump_to=/x", "--xla_force_host_platform_device_count=2",
-                   "--xla_cpu_multi_thread_eigen=false"]
-  assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/x"
-  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
-  with runtime.simulated_cpu_devices(2):
-    assert os.environ["XLA_FLAGS"].split() == [
-        "--xla_cpu_multi_thread_eigen=true",
-        "--xla_force_host_platform_device_count=2"]
-  with runtime.simulated_cpu_devices(1):
-    assert os.environ["XLA_FLAGS"] == "--xla_cpu_multi_thread_eigen=true"
