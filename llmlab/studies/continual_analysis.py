@@ -74,7 +74,7 @@ def run_records(r, workdir: str, model: dict, source: dict | None) -> list:
         method=r.method, distill=bool(r.distill), replay=float(r.replay),
         seed=int(r.seed), params=n_t,
         source_params=float(source["params"]) if source else n_t,
-        start=0 if r.method == "scratch" else 1, step=int(row["step"]),
+        start=0 if r.method == "scratch" else 1, step=step,
         tokens=float(row["tokens"]), loss_A=float(row["eval_loss_A"]),
         loss_B=float(row["eval_loss_B"]), loss=float(row["eval_loss"]),
         # the source's own final losses (what a start knows before it
