@@ -47,10 +47,6 @@ class WorkdirLocked(WorkdirError):
   """Another process holds the workdir's lock."""
 
 
-def _is_remote(path: str) -> bool:
-  return "://" in path
-
-
 def _nearest_existing(path: str) -> str:
   path = os.path.abspath(path)
   while not os.path.exists(path) and os.path.dirname(path) != path:
@@ -61,7 +57,7 @@ def _nearest_existing(path: str) -> str:
 def check_writable(workdir: str) -> None:
   """Create `workdir` if needed and prove that files can be written there
   (and in its checkpoints/ if that exists); raise WorkdirError if not."""
-  if _is_remote(workdir):
+  if storage.is_remote(workdir):
     _probe_remote(workdir)
     return
   try:
@@ -148,10 +144,10 @@ class Lock:
   def __init__(self, workdir: str, stale_after_s: float = 300.0,
                use_flock: bool | None = None):
     self.workdir = workdir
-    self.path = (f"{workdir.rstrip('/')}/{LOCK_NAME}" if _is_remote(workdir)
+    self.path = (f"{workdir.rstrip('/')}/{LOCK_NAME}" if storage.is_remote(workdir)
                  else os.path.join(workdir, LOCK_NAME))
     self.stale_after_s = stale_after_s
-    self.use_flock = (not _is_remote(workdir)) if use_flock is None else use_flock
+    self.use_flock = (not storage.is_remote(workdir)) if use_flock is None else use_flock
     self.token = uuid.uuid4().hex
     self._fd = None
     self._beat = None
@@ -307,7 +303,7 @@ class Start:
 
   def __init__(self, workdir: str):
     self.workdir = workdir
-    self.local = not _is_remote(workdir)
+    self.local = not storage.is_remote(workdir)
     self.had = {name: os.path.exists(os.path.join(workdir, name))
                 for name in ("", LOCK_NAME, "checkpoints")
                 } if self.local else {}

@@ -318,6 +318,17 @@ def test_mixture_interleaves_by_weight():
 
 # --- tokenizers --------------------------------------------------------------
 
+def test_a_bucket_cache_dir_is_refused_before_anything_is_made(tmp_path, monkeypatch):
+  # The token cache is memory-mapped: a gs:// cache_dir would otherwise
+  # become a local directory named "gs:" under the working directory.
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "a.txt").write_text("some text " * 50)
+  cfg = _files_cfg(str(tmp_path / "a.txt"), cache_dir="gs://bkt/cache")
+  with pytest.raises(data.DataError, match=r"data.cache_dir='gs://bkt/cache'"):
+    data.build(cfg, seq_len=32, global_batch=2, seed=0)
+  assert not (tmp_path / "gs:").exists()
+
+
 def test_hf_tokenizer_trained_by_cli_round_trips(tmp_path):
   texts = _texts(60)
   corpus_dir = tmp_path / "corpus"

@@ -113,6 +113,12 @@ def _save(path: str, stream: TokenStream) -> None:
 
 
 def default_cache_dir(configured: str) -> str:
+  """The token cache's directory. Local only: the cache is memory-mapped,
+  and a bucket URI here would become a local directory named "gs:"."""
+  if "://" in configured:
+    raise DataError(f"data.cache_dir={configured!r}: must be a local directory "
+                    "(the token cache is memory-mapped); corpora may be remote, "
+                    "their cache may not")
   if configured:
     return os.path.expanduser(configured)
   return os.environ.get("LLMLAB_CACHE_DIR",

@@ -144,9 +144,9 @@ def build(data_cfg, *, seq_len: int, global_batch: int, seed: int,
                             process_count=process_count,
                             read_options=_read_options(data_cfg),
                             unique_tokens=unique)
+  cache_dir = corpus.default_cache_dir(str(data_cfg.cache_dir or ""))
   tokenizer = tokenizer_lib.load(str(data_cfg.tokenizer))
   val_fraction = float(data_cfg.val_fraction)
-  cache_dir = corpus.default_cache_dir(str(data_cfg.cache_dir or ""))
   parts = [_build_part(name, weight, data_cfg, tokenizer, val_fraction,
                        cache_dir, seq_len)
            for name, weight in config_lib.mixture(data_cfg)]
