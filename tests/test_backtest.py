@@ -107,6 +107,45 @@ def test_backtest_writes_the_grid_summary_heatmaps_and_report(two_families, caps
   assert os.path.getsize(out / "heatmap_fam_a.png") > 10_000
 
 
+def test_a_fit_with_a_runaway_or_negative_exponent_is_not_lent():
+  # fam_c's loss rises with training (heavy repetition, say): a Chinchilla
+  # fit can only follow it with beta <= 0 or by running off, and a law that
+  # borrowed that would predict losses growing with data. The others borrow
+  # from fam_b alone; fam_c still borrows the others' median.
+  rows = _family_rows("fam_a", LAWS["fam_a"]) + _family_rows("fam_b", LAWS["fam_b"])
+  law = LAWS["fam_a"]
+  rows += [dict(family="fam_c", run=f"c{n:.0e}", params=n, tokens=d,
+                loss=law["E"] + law["A"] / n ** law["alpha"] + 0.05 * np.log(d / 1e9))
+           for n in np.geomspace(2e7, 2e9, 5) for d in np.geomspace(1e9, 3e10, 8)]
+  fams = backtest.families(records.as_records({k: [r[k] for r in rows] for k in rows[0]}))
+  form = forms.get_form("chinchilla")
+  c = next(f for f in fams if f.name == "fam_c")
+  pool = backtest._pool(c)
+  cell = backtest.Cell("full", "all", len(c.sizes), 1.0, c.min_tokens,
+                       tuple(records.run_names(pool)))
+  theta, _, _ = backtest.fit_cells(form, pool, [cell], backtest.cell_weights(pool, [cell]),
+                                   32, polish_evals=400)
+  beta = theta[0][form.params.index("beta")]
+  assert beta <= 0 or not backtest.bounded(form, theta)[0]  # so: not lent
+  lent = backtest.borrowed_values(form, fams, 32, fit_lib.DELTA, polish_evals=400)
+  b = lent["fam_a"]["borrow_exponents"]
+  assert abs(b["alpha"] - LAWS["fam_b"]["alpha"]) < 0.02  # fam_b's, no median with fam_c
+  assert abs(b["beta"] - LAWS["fam_b"]["beta"]) < 0.02
+  assert set(lent["fam_c"]) == {"borrow_exponents", "borrow_a_alpha"}
+
+
+def test_a_family_of_final_losses_only_says_why_nothing_was_fitted(tmp_path):
+  # 5 sizes, one point each: every cell has fewer points than the law's 5
+  # parameters. The report says so instead of "none reaches" a threshold.
+  rows = [r for r in _family_rows("fam_a", LAWS["fam_a"]) if r["tokens"] == 3e10]
+  out = tmp_path / "out"
+  assert main_lib.main(["backtest", f"--records={_write(tmp_path / 'f.csv', rows)}",
+                        f"--out={out}"]) == 0
+  report = open(out / "report.md").read()
+  assert "No cell is identified" in report and "Best:" not in report
+  assert json.loads(open(out / "summary.json").read())["families"]["fam_a"]["n_fits"] == 0
+
+
 def test_family_with_one_size_is_skipped_with_one_line(tmp_path, capsys):
   rows = _family_rows("fam_a", LAWS["fam_a"], sizes=(2e7, 6e7, 2e8), checkpoints=6)
   rows += [dict(family="lonely", run="one", params=1e8, tokens=t, loss=3.0)

@@ -50,6 +50,7 @@ REFERENCE_RUN = 3e11   # tokens of the guide's typical run (Pythia: 300B)
 ARE_FRACTION = 0.7
 THRESHOLDS = (0.04, 0.10, 0.20)
 BORROW = {"borrow_exponents": ("alpha", "beta"), "borrow_a_alpha": ("a", "alpha")}
+EXPONENTS = ("alpha", "beta")  # lent only when > 0 (`borrowed_values`)
 GRID_COLUMNS = ("family", "target", "design", "checkpoints", "n_models", "fraction",
                 "min_tokens", "compute_fraction", "are", "n_points", "runs", "bounded")
 
@@ -296,7 +297,11 @@ def borrowed_values(form: forms_lib.Form, fams: Sequence[Family], n_starts: int,
                     delta: float, **solver) -> dict[str, dict[str, dict[str, float]]]:
   """family -> design -> {name: value}: the median over the *other* families
   of their full fit (every size but the target, all checkpoints above the
-  family's cut). A table of one family borrows nothing."""
+  family's cut). A table of one family borrows nothing. A fit is lent only
+  where it is identified: `bounded`, and the exponents it lends positive (a
+  family of final losses at one token count, say, fits beta <= 0: its
+  points say nothing about data, and a law borrowing that predicts a loss
+  that grows with training)."""
   fits = {}
   for fam in fams:
     pool = _pool(fam)
@@ -304,16 +309,20 @@ def borrowed_values(form: forms_lib.Form, fams: Sequence[Family], n_starts: int,
                 tuple(records_lib.run_names(pool)))
     theta, _, _ = fit_cells(form, pool, [cell], cell_weights(pool, [cell]), n_starts,
                             delta=delta, **solver)
-    if np.all(np.isfinite(theta[0])):
+    if np.all(np.isfinite(theta[0])) and bounded(form, theta)[0]:
       fits[fam.name] = dict(zip(form.params, theta[0].tolist()))
   out = {}
   for fam in fams:
-    others = [v for k, v in fits.items() if k != fam.name]
-    if not others:
-      continue
-    out[fam.name] = {
-        design: {n: float(np.median([o[n] for o in others])) for n in names}
-        for design, names in BORROW.items() if all(n in form.params for n in names)}
+    lend = {}
+    for design, names in BORROW.items():
+      if not all(n in form.params for n in names):
+        continue
+      others = [v for k, v in fits.items() if k != fam.name and
+                all(v[n] > 0 for n in names if n in EXPONENTS)]
+      if others:
+        lend[design] = {n: float(np.median([o[n] for o in others])) for n in names}
+    if lend:
+      out[fam.name] = lend
   return out
 
 

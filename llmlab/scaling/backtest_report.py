@@ -98,9 +98,9 @@ def _cell_line(c) -> str:
 
 def _check_line(question: str, c: dict | None, first: str, second: str) -> str:
   if c is None:
-    return (f"- {question} Not measurable here: no matched pair of cells (a fit "
-            "needs more points than parameters; with 3 sizes the closest and the "
-            "smallest k = 2 are the same models).")
+    return (f"- {question} Not measurable here: no matched pair of identified "
+            "cells (a fit needs more distinct points than free parameters; and with "
+            "3 sizes the closest and the smallest k = 2 are the same models).")
   verdict = "yes" if c["median_diff"] < 0 else "no"
   return (f"- {question} **{verdict}**: {first} wins {c['wins']} of {c['pairs']} "
           f"matched cells (median ARE {_pct(c.get('median_first'))} vs "
@@ -141,9 +141,16 @@ def report(result: dict) -> str:
       lines += ["Borrowed (median of the other families' fits, log space): " +
                 "; ".join(f"{d}: " + ", ".join(f"{k} {v:.4g}" for k, v in p.items())
                           for d, p in s["borrowed"].items()), ""]
-    lines += [f"- Best: {_cell_line(s['best'])}"]
-    for t, c in s["cheapest"].items():
-      lines += [f"- Cheapest with ARE <= {float(t):.0%}: {_cell_line(c)}"]
+    if not s["n_fits"]:
+      lines += [f"No cell is identified: none has more distinct points than the "
+                f"{result['form']} law's free parameters (final losses only, or too "
+                "few checkpoints per model, give each model a point or two). Give "
+                "intermediate checkpoints, or borrow parameters from other "
+                "families (more families in the table).", ""]
+    else:
+      lines += [f"- Best: {_cell_line(s['best'])}"]
+      for t, c in s["cheapest"].items():
+        lines += [f"- Cheapest with ARE <= {float(t):.0%}: {_cell_line(c)}"]
     ch = s["checks"]
     lines += ["", "The guide's checks (matched cells: same design, k, fraction):",
               _check_line("Do intermediate checkpoints beat final losses only?",
