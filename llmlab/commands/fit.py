@@ -114,7 +114,7 @@ def body(fv: flags.FlagValues) -> dict:
   return {"form": result["form"], "n_points": result["n_points"],
           "converged": result["converged"], "params": result["params"],
           **{k: result.get(k) for k in ("are", "skill", "mean_rel_error",
-                                        "coverage") if k in result},
+                                        "coverage", "predict_are") if k in result},
           "out": fv.out, "wrote": wrote}
 
 

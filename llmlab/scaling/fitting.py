@@ -231,6 +231,9 @@ def run_fit(records, form: str = "chinchilla", target=None, out_dir: str | None 
   if points is not None:
     result["predict"] = predict
     result["n_predicted"] = len(points[1])
+    scored = _predict_are(fit, predict, points, law, are_min_fraction, are_final_only)
+    if scored is not None:
+      result["predict_are"] = scored
   if out_dir is not None:
     from llmlab.scaling import plots
 
@@ -242,6 +245,26 @@ def run_fit(records, form: str = "chinchilla", target=None, out_dir: str | None 
     storage.write_text(storage.join(out_dir, "fit.json"),
                        storage.dumps(result, indent=2))
   return storage.json_safe(result)
+
+
+def _predict_are(fit, path, points, law, min_fraction, final_only) -> dict | None:
+  """ARE of each run of a --predict file that has `run` and `loss` columns
+  (held-out runs: each scored on its checkpoints at >= min_fraction of its
+  final tokens, as a target is), their mean and the worst; None without them."""
+  header = points[0]
+  if "loss" not in header or "run" not in header:
+    return None
+  cols = records_lib.read_points(path, _point_columns(law) + ("loss",))[2]
+  mid = _at(fit, cols)
+  run = np.array([r["run"] for r in points[1]])
+  runs = {}
+  for name in dict.fromkeys(run.tolist()):
+    m = run == name
+    runs[name] = fit_lib.are(cols["loss"][m], mid[m], cols["tokens"][m],
+                             min_fraction, final_only)
+  worst = max(runs, key=runs.get)
+  return dict(runs=runs, mean=float(np.mean(list(runs.values()))), worst=runs[worst],
+              worst_run=worst, rule=dict(min_fraction=min_fraction, final_only=final_only))
 
 
 def _point_columns(law) -> tuple[str, ...]:
@@ -491,6 +514,10 @@ def summary(result: dict) -> str:
     skill = f", skill {result['skill']:.3f}" if result["skill"] is not None else ""
     lines.append(f"  target {result['target']['run']}: ARE {result['are']:.4f} "
                  f"(naive {result['naive_are']:.4f}{skill})")
+  if result.get("predict_are"):
+    pa = result["predict_are"]
+    lines.append(f"  predicted runs ({result['predict']}): mean ARE {pa['mean']:.4f} over "
+                 f"{len(pa['runs'])} runs, worst {pa['worst']:.4f} ({pa['worst_run']})")
   for s in result["saturation"]["runs"]:
     sat = s["saturation_tokens"]  # None: the run's L(D) never saturates
     lines.append(f"  saturation {s['run']} (N {s['params']:.3g}): "
