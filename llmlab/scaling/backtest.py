@@ -299,9 +299,9 @@ def borrowed_values(form: forms_lib.Form, fams: Sequence[Family], n_starts: int,
   of their full fit (every size but the target, all checkpoints above the
   family's cut). A table of one family borrows nothing. A fit is lent only
   where it is identified: `bounded`, and the exponents it lends positive (a
-  family of final losses at one token count, say, fits beta <= 0: its
-  points say nothing about data, and a law borrowing that predicts a loss
-  that grows with training)."""
+  family whose loss rises with training, as under heavy repetition, fits
+  beta <= 0, and a law borrowing that predicts a loss that grows with
+  data)."""
   fits = {}
   for fam in fams:
     pool = _pool(fam)

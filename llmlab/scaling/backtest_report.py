@@ -145,8 +145,7 @@ def report(result: dict) -> str:
       lines += [f"No cell is identified: none has more distinct points than the "
                 f"{result['form']} law's free parameters (final losses only, or too "
                 "few checkpoints per model, give each model a point or two). Give "
-                "intermediate checkpoints, or borrow parameters from other "
-                "families (more families in the table).", ""]
+                "intermediate checkpoints: the guide's first advice.", ""]
     else:
       lines += [f"- Best: {_cell_line(s['best'])}"]
       for t, c in s["cheapest"].items():
