@@ -134,6 +134,37 @@ def test_a_fit_with_a_runaway_or_negative_exponent_is_not_lent():
   assert set(lent["fam_c"]) == {"borrow_exponents", "borrow_a_alpha"}
 
 
+def test_a_fit_its_points_do_not_pin_is_not_lent():
+  # fam_d: final losses, every size at the same 1e10 tokens: its points see
+  # only b - beta ln D, so beta stays wherever the fit started. It stays
+  # bounded with beta > 0; the Jacobian's rank is what says so.
+  law = LAWS["fam_a"]
+  rows = _family_rows("fam_b", LAWS["fam_b"])
+  rows += [dict(family="fam_d", run=f"d{n:.0e}", params=n, tokens=1e10,
+                loss=law["E"] + law["A"] / n ** law["alpha"] + law["B"] / 1e10 ** law["beta"])
+           for n in np.geomspace(2e7, 2e9, 9)]
+  fams = backtest.families(records.as_records({k: [r[k] for r in rows] for k in rows[0]}))
+  form = forms.get_form("chinchilla")
+  d = next(f for f in fams if f.name == "fam_d")
+  pool = backtest._pool(d)
+  cell = backtest.Cell("full", "all", len(d.sizes), 1.0, d.min_tokens,
+                       tuple(records.run_names(pool)))
+  theta, _, _ = backtest.fit_cells(form, pool, [cell], backtest.cell_weights(pool, [cell]),
+                                   32, polish_evals=400)
+  x = fit_lib.log_inputs(pool, form)
+  assert backtest.bounded(form, theta)[0] and not fit_lib.identified(form, theta[0], x)
+  b = next(f for f in fams if f.name == "fam_b")
+  pool_b = backtest._pool(b)
+  cell_b = backtest.Cell("full", "all", len(b.sizes), 1.0, 0.0,
+                         tuple(records.run_names(pool_b)))
+  theta_b, _, _ = backtest.fit_cells(form, pool_b, [cell_b],
+                                     backtest.cell_weights(pool_b, [cell_b]), 32,
+                                     polish_evals=400)
+  assert fit_lib.identified(form, theta_b[0], fit_lib.log_inputs(pool_b, form))
+  lent = backtest.borrowed_values(form, fams, 32, fit_lib.DELTA, polish_evals=400)
+  assert "fam_b" not in lent and set(lent["fam_d"]) == {"borrow_exponents", "borrow_a_alpha"}
+
+
 def test_a_family_of_final_losses_only_says_why_nothing_was_fitted(tmp_path):
   # 5 sizes, one point each: every cell has fewer points than the law's 5
   # parameters. The report says so instead of "none reaches" a threshold.

@@ -298,18 +298,23 @@ def borrowed_values(form: forms_lib.Form, fams: Sequence[Family], n_starts: int,
   """family -> design -> {name: value}: the median over the *other* families
   of their full fit (every size but the target, all checkpoints above the
   family's cut). A table of one family borrows nothing. A fit is lent only
-  where it is identified: `bounded`, and the exponents it lends positive (a
-  family whose loss rises with training, as under heavy repetition, fits
-  beta <= 0, and a law borrowing that predicts a loss that grows with
-  data)."""
+  where its points pin it: `bounded` (not run off along a valley),
+  `fit.identified` (no direction its points cannot see: final losses all
+  at one token count leave beta wherever the fit started), and the
+  exponents it lends positive (a family whose loss rises with training, as
+  under heavy repetition, fits beta <= 0, and a law borrowing that predicts
+  a loss that grows with data)."""
   fits = {}
   for fam in fams:
     pool = _pool(fam)
     cell = Cell("full", "all", len(fam.sizes), 1.0, fam.min_tokens,
                 tuple(records_lib.run_names(pool)))
-    theta, _, _ = fit_cells(form, pool, [cell], cell_weights(pool, [cell]), n_starts,
-                            delta=delta, **solver)
-    if np.all(np.isfinite(theta[0])) and bounded(form, theta)[0]:
+    weights = cell_weights(pool, [cell])
+    theta, _, _ = fit_cells(form, pool, [cell], weights, n_starts, delta=delta, **solver)
+    if not (np.all(np.isfinite(theta[0])) and bounded(form, theta)[0]):
+      continue
+    x = {k: v[weights[0] > 0] for k, v in fit_lib.log_inputs(pool, form).items()}
+    if fit_lib.identified(form, theta[0], x):
       fits[fam.name] = dict(zip(form.params, theta[0].tolist()))
   out = {}
   for fam in fams:

@@ -480,6 +480,23 @@ def centring(form: forms_lib.Form, x: Mapping[str, np.ndarray], weight_GxN,
   return shift, free @ centre @ free
 
 
+def identified(form: forms_lib.Form, theta_P, x_N, rtol: float = 1e-7) -> bool:
+  """Whether the points x_N pin every parameter at theta_P: the Jacobian
+  d log L_hat / d theta, its columns scaled to unit length, has full rank
+  (smallest singular value > rtol of the largest). False where a direction
+  leaves every prediction unchanged, e.g. b and beta when all points share
+  one token count (only b - beta ln D is seen). It does not see a fit that
+  ran off along a valley (E -> 0): `backtest.bounded` does."""
+  with jax.enable_x64(True):
+    jac = jax.jacfwd(lambda th: form.log_loss(form.named(th), x_N))
+    j_NxP = np.asarray(jac(jnp.asarray(theta_P, jnp.float64)))
+  norm = np.linalg.norm(j_NxP, axis=0)
+  if not np.all(np.isfinite(j_NxP)) or np.any(norm <= 0):
+    return False
+  sv = np.linalg.svd(j_NxP / norm, compute_uv=False)
+  return bool(sv[-1] > rtol * sv[0])
+
+
 def whitening(form: forms_lib.Form, theta_P, x_N) -> tuple[np.ndarray, np.ndarray]:
   """(theta, S) with S^T J^T J S = I for J = d log L_hat / d theta at theta.
 
