@@ -107,27 +107,38 @@ def test_backtest_writes_the_grid_summary_heatmaps_and_report(two_families, caps
   assert os.path.getsize(out / "heatmap_fam_a.png") > 10_000
 
 
+def _families_with(rows):
+  return {f.name: f for f in backtest.families(
+      records.as_records({k: [r[k] for r in rows] for k in rows[0]}))}
+
+
+def _full_fit(fam, form):
+  """A family's full fit, as `borrowed_values` makes it: (theta_1xP, its x)."""
+  pool = backtest._pool(fam)
+  cell = backtest.Cell("full", "all", len(fam.sizes), 1.0, fam.min_tokens,
+                       tuple(records.run_names(pool)))
+  weights = backtest.cell_weights(pool, [cell])
+  theta, _, _ = backtest.fit_cells(form, pool, [cell], weights, 32, polish_evals=400)
+  return theta, {k: v[weights[0] > 0] for k, v in fit_lib.log_inputs(pool, form).items()}
+
+
 def test_a_fit_with_a_runaway_or_negative_exponent_is_not_lent():
   # fam_c's loss rises with training (heavy repetition, say): a Chinchilla
   # fit can only follow it with beta <= 0 or by running off, and a law that
   # borrowed that would predict losses growing with data. The others borrow
   # from fam_b alone; fam_c still borrows the others' median.
-  rows = _family_rows("fam_a", LAWS["fam_a"]) + _family_rows("fam_b", LAWS["fam_b"])
   law = LAWS["fam_a"]
-  rows += [dict(family="fam_c", run=f"c{n:.0e}", params=n, tokens=d,
-                loss=law["E"] + law["A"] / n ** law["alpha"] + 0.05 * np.log(d / 1e9))
-           for n in np.geomspace(2e7, 2e9, 5) for d in np.geomspace(1e9, 3e10, 8)]
-  fams = backtest.families(records.as_records({k: [r[k] for r in rows] for k in rows[0]}))
+  fams = _families_with(
+      _family_rows("fam_a", law) + _family_rows("fam_b", LAWS["fam_b"]) +
+      [dict(family="fam_c", run=f"c{n:.0e}", params=n, tokens=d,
+            loss=law["E"] + law["A"] / n ** law["alpha"] + 0.05 * np.log(d / 1e9))
+       for n in np.geomspace(2e7, 2e9, 5) for d in np.geomspace(1e9, 3e10, 8)])
   form = forms.get_form("chinchilla")
-  c = next(f for f in fams if f.name == "fam_c")
-  pool = backtest._pool(c)
-  cell = backtest.Cell("full", "all", len(c.sizes), 1.0, c.min_tokens,
-                       tuple(records.run_names(pool)))
-  theta, _, _ = backtest.fit_cells(form, pool, [cell], backtest.cell_weights(pool, [cell]),
-                                   32, polish_evals=400)
+  theta, _ = _full_fit(fams["fam_c"], form)
   beta = theta[0][form.params.index("beta")]
   assert beta <= 0 or not backtest.bounded(form, theta)[0]  # so: not lent
-  lent = backtest.borrowed_values(form, fams, 32, fit_lib.DELTA, polish_evals=400)
+  lent = backtest.borrowed_values(form, list(fams.values()), 32, fit_lib.DELTA,
+                                  polish_evals=400)
   b = lent["fam_a"]["borrow_exponents"]
   assert abs(b["alpha"] - LAWS["fam_b"]["alpha"]) < 0.02  # fam_b's, no median with fam_c
   assert abs(b["beta"] - LAWS["fam_b"]["beta"]) < 0.02
@@ -139,29 +150,18 @@ def test_a_fit_its_points_do_not_pin_is_not_lent():
   # only b - beta ln D, so beta stays wherever the fit started. It stays
   # bounded with beta > 0; the Jacobian's rank is what says so.
   law = LAWS["fam_a"]
-  rows = _family_rows("fam_b", LAWS["fam_b"])
-  rows += [dict(family="fam_d", run=f"d{n:.0e}", params=n, tokens=1e10,
-                loss=law["E"] + law["A"] / n ** law["alpha"] + law["B"] / 1e10 ** law["beta"])
-           for n in np.geomspace(2e7, 2e9, 9)]
-  fams = backtest.families(records.as_records({k: [r[k] for r in rows] for k in rows[0]}))
+  fams = _families_with(
+      _family_rows("fam_b", LAWS["fam_b"]) +
+      [dict(family="fam_d", run=f"d{n:.0e}", params=n, tokens=1e10,
+            loss=law["E"] + law["A"] / n ** law["alpha"] + law["B"] / 1e10 ** law["beta"])
+       for n in np.geomspace(2e7, 2e9, 9)])
   form = forms.get_form("chinchilla")
-  d = next(f for f in fams if f.name == "fam_d")
-  pool = backtest._pool(d)
-  cell = backtest.Cell("full", "all", len(d.sizes), 1.0, d.min_tokens,
-                       tuple(records.run_names(pool)))
-  theta, _, _ = backtest.fit_cells(form, pool, [cell], backtest.cell_weights(pool, [cell]),
-                                   32, polish_evals=400)
-  x = fit_lib.log_inputs(pool, form)
+  theta, x = _full_fit(fams["fam_d"], form)
   assert backtest.bounded(form, theta)[0] and not fit_lib.identified(form, theta[0], x)
-  b = next(f for f in fams if f.name == "fam_b")
-  pool_b = backtest._pool(b)
-  cell_b = backtest.Cell("full", "all", len(b.sizes), 1.0, 0.0,
-                         tuple(records.run_names(pool_b)))
-  theta_b, _, _ = backtest.fit_cells(form, pool_b, [cell_b],
-                                     backtest.cell_weights(pool_b, [cell_b]), 32,
-                                     polish_evals=400)
-  assert fit_lib.identified(form, theta_b[0], fit_lib.log_inputs(pool_b, form))
-  lent = backtest.borrowed_values(form, fams, 32, fit_lib.DELTA, polish_evals=400)
+  theta_b, x_b = _full_fit(fams["fam_b"], form)
+  assert fit_lib.identified(form, theta_b[0], x_b)
+  lent = backtest.borrowed_values(form, list(fams.values()), 32, fit_lib.DELTA,
+                                  polish_evals=400)
   assert "fam_b" not in lent and set(lent["fam_d"]) == {"borrow_exponents", "borrow_a_alpha"}
 
 
