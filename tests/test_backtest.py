@@ -424,17 +424,19 @@ def test_fit_predict_scores_held_out_runs_that_have_losses(tmp_path):
   rows = _family_rows("f", law, sizes=(2e7, 6e7, 2e8), checkpoints=6)
   held = [dict(r, loss=r["loss"] * (1.02 if r["params"] == 6e9 else 1.0))
           for r in _family_rows("f", law, sizes=(2e9, 6e9), checkpoints=5)]
+  held.append(dict(held[-1], run="not_yet_run", loss=""))  # a point to predict only
   out = tmp_path / "out"
   assert fit_cmd.main([f"--records={_write(tmp_path / 'fit.csv', rows)}",
                        f"--predict={_write(tmp_path / 'held.csv', held)}", f"--out={out}",
                        "--bootstrap=0"]) == 0
   pa = json.loads(open(out / "fit.json").read())["predict_are"]
-  assert set(pa["runs"]) == {"f_n2e+09", "f_n6e+09"}
+  assert set(pa["runs"]) == {"f_n2e+09", "f_n6e+09"}  # not the run without a loss
   assert pa["runs"]["f_n2e+09"] < 1e-3  # the law's own points
   assert abs(pa["runs"]["f_n6e+09"] - 0.02 / 1.02) < 2e-3  # 2% above the law
   assert pa["worst_run"] == "f_n6e+09" and pa["mean"] == pytest.approx(
       np.mean(list(pa["runs"].values())))
   got = list(csv.DictReader(open(out / "predictions.csv")))
+  assert got[-1]["run"] == "not_yet_run" and float(got[-1]["loss_hat"]) > 0
   late = [r for r in got if r["run"] == "f_n6e+09" and float(r["tokens"]) >= 0.7 * 3e10]
   assert pa["runs"]["f_n6e+09"] == pytest.approx(np.mean(
       [abs(float(r["loss"]) - float(r["loss_hat"])) / float(r["loss"]) for r in late]))

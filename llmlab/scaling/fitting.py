@@ -180,7 +180,7 @@ def run_fit(records, form: str = "chinchilla", target=None, out_dir: str | None 
   law = forms_lib.get_form(form)
   records_lib.require(records, [k for k in law.inputs if k == "unique_tokens"],
                       source or "records", f"--form={form}")
-  points = (records_lib.read_points(predict, _point_columns(law))
+  points = (records_lib.read_points(predict, _point_columns(law), optional=("loss",))
             if predict is not None else None)
   tgt = parse_target(target, records)
   target_run = tgt[1] if tgt and tgt[0] == "run" else None
@@ -231,7 +231,7 @@ def run_fit(records, form: str = "chinchilla", target=None, out_dir: str | None 
   if points is not None:
     result["predict"] = predict
     result["n_predicted"] = len(points[1])
-    scored = _predict_are(fit, predict, points, law, are_min_fraction, are_final_only)
+    scored = _predict_are(fit, points, are_min_fraction, are_final_only)
     if scored is not None:
       result["predict_are"] = scored
   if out_dir is not None:
@@ -247,21 +247,23 @@ def run_fit(records, form: str = "chinchilla", target=None, out_dir: str | None 
   return storage.json_safe(result)
 
 
-def _predict_are(fit, path, points, law, min_fraction, final_only) -> dict | None:
+def _predict_are(fit, points, min_fraction, final_only) -> dict | None:
   """ARE of each run of a --predict file that has `run` and `loss` columns
   (held-out runs: each scored on its checkpoints at >= min_fraction of its
   final tokens, as a target is), their mean and the worst; None without them."""
-  header = points[0]
-  if "loss" not in header or "run" not in header:
+  header, rows, cols = points
+  if "loss" not in cols or "run" not in header:
     return None
-  cols = records_lib.read_points(path, _point_columns(law) + ("loss",))[2]
   mid = _at(fit, cols)
-  run = np.array([r["run"] for r in points[1]])
+  run = np.array([r["run"] for r in rows])
+  known = np.isfinite(cols["loss"])  # rows with a blank loss are points to predict
   runs = {}
-  for name in dict.fromkeys(run.tolist()):
-    m = run == name
+  for name in dict.fromkeys(run[known].tolist()):
+    m = known & (run == name)
     runs[name] = fit_lib.are(cols["loss"][m], mid[m], cols["tokens"][m],
                              min_fraction, final_only)
+  if not runs:
+    return None
   worst = max(runs, key=runs.get)
   return dict(runs=runs, mean=float(np.mean(list(runs.values()))), worst=runs[worst],
               worst_run=worst, rule=dict(min_fraction=min_fraction, final_only=final_only))

@@ -132,16 +132,22 @@ def read_records(path, params_column: str = "params") -> dict:
   return _columns(where, str(path), set(header), {"params": params_column})
 
 
-def read_points(path, columns) -> tuple[list[str], list[dict], dict]:
+def read_points(path, columns, optional=()) -> tuple[list[str], list[dict], dict]:
   """Points to predict at: (header, rows as read, {column: float64 array})
-  for the numeric `columns` a law needs (params, tokens, ...); every other
-  column, a loss too, is kept as it is. Errors name the file, line, column."""
+  for the numeric `columns` a law needs (params, tokens, ...) and those of
+  `optional` the file has (a held-out run's loss; a blank cell is NaN);
+  every other column is kept as it is. Errors name the file, line, column."""
   header, rows = read_csv(path, tuple(columns))
   if not rows:
     raise RecordsError(f"{path}: no data rows")
   cols = {c: np.array([_number(row.get(c), f"{path}, line {n}", c,
                                "positive" if c in POSITIVE else None)
                        for n, row in rows]) for c in columns}
+  for c in (c for c in optional if c in header):  # blank: not known (NaN)
+    cols[c] = np.array([np.nan if not str(row.get(c) or "").strip() else
+                        _number(row[c], f"{path}, line {n}", c,
+                                "positive" if c in POSITIVE else None)
+                        for n, row in rows])
   return header, [row for _, row in rows], cols
 
 

@@ -480,6 +480,13 @@ def centring(form: forms_lib.Form, x: Mapping[str, np.ndarray], weight_GxN,
   return shift, free @ centre @ free
 
 
+def _jacobian(form: forms_lib.Form, theta_P, x_N) -> np.ndarray:
+  """d log L_hat / d theta at theta_P, N x P, in float64."""
+  with jax.enable_x64(True):
+    jac = jax.jacfwd(lambda th: form.log_loss(form.named(th), x_N))
+    return np.asarray(jac(jnp.asarray(theta_P, jnp.float64)))
+
+
 def identified(form: forms_lib.Form, theta_P, x_N, rtol: float = 1e-7) -> bool:
   """Whether the points x_N pin every parameter at theta_P: the Jacobian
   d log L_hat / d theta, its columns scaled to unit length, has full rank
@@ -487,9 +494,7 @@ def identified(form: forms_lib.Form, theta_P, x_N, rtol: float = 1e-7) -> bool:
   leaves every prediction unchanged, e.g. b and beta when all points share
   one token count (only b - beta ln D is seen). It does not see a fit that
   ran off along a valley (E -> 0): `backtest.bounded` does."""
-  with jax.enable_x64(True):
-    jac = jax.jacfwd(lambda th: form.log_loss(form.named(th), x_N))
-    j_NxP = np.asarray(jac(jnp.asarray(theta_P, jnp.float64)))
+  j_NxP = _jacobian(form, theta_P, x_N)
   norm = np.linalg.norm(j_NxP, axis=0)
   if not np.all(np.isfinite(j_NxP)) or np.any(norm <= 0):
     return False
@@ -505,9 +510,7 @@ def whitening(form: forms_lib.Form, theta_P, x_N) -> tuple[np.ndarray, np.ndarra
   run in u = S^-1 (theta' - theta), where those are gone: bootstrap refits then
   need ~15 instead of ~70 evaluations. Tiny eigenvalues are floored.
   """
-  with jax.enable_x64(True):
-    jac = jax.jacfwd(lambda th: form.log_loss(form.named(th), x_N))
-    j_NxP = np.asarray(jac(jnp.asarray(theta_P, jnp.float64)))
+  j_NxP = _jacobian(form, theta_P, x_N)
   eig, vec = np.linalg.eigh(j_NxP.T @ j_NxP)
   eig = np.maximum(eig, max(eig.max(), TINY) * 1e-12)
   return np.asarray(theta_P, np.float64), vec / np.sqrt(eig)
