@@ -80,12 +80,19 @@ def test_backtest_writes_the_grid_summary_heatmaps_and_report(two_families, caps
   # Fits to the law's own noise-free points have a finite minimum: bounded.
   assert {r["bounded"] for r in fam_a if r["are"] and r["checkpoints"] == "all"
           and r["fraction"] == "1.0"} == {"1"}
+  # Pinned by their points: never with 2 sizes (E + A/N^alpha seen at two N),
+  # always with all 4 and every checkpoint.
+  assert {r["identified"] for r in fam_a if r["are"] and r["n_models"] == "2"
+          and r["design"] in ("smallest", "closest")} == {"0"}
+  assert {r["identified"] for r in fam_a if r["are"] and r["n_models"] == "4"
+          and r["checkpoints"] == "all"} == {"1"}
   summary = json.loads(open(out / "summary.json").read())
   assert set(summary) >= {"families", "n_fits", "seconds"}
   assert set(summary["families"]) == {"fam_a", "fam_b"}
   s = summary["families"]["fam_a"]
   assert set(s) >= {"target", "best", "cheapest", "n_fits", "fit_seconds", "n_unbounded"}
   assert s["n_unbounded"] == sum(r["are"] != "" and r["bounded"] == "0" for r in fam_a)
+  assert s["n_unidentified"] == sum(r["are"] != "" and r["identified"] == "0" for r in fam_a)
   assert set(s["cheapest"]) == {"0.04", "0.10", "0.20"}
   assert s["best"]["are"] == min(float(r["are"]) for r in fam_a if r["are"])
   cheap = s["cheapest"]["0.04"]

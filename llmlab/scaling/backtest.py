@@ -52,7 +52,8 @@ THRESHOLDS = (0.04, 0.10, 0.20)
 BORROW = {"borrow_exponents": ("alpha", "beta"), "borrow_a_alpha": ("a", "alpha")}
 EXPONENTS = ("alpha", "beta")  # lent only when > 0 (`borrowed_values`)
 GRID_COLUMNS = ("family", "target", "design", "checkpoints", "n_models", "fraction",
-                "min_tokens", "compute_fraction", "are", "n_points", "runs", "bounded")
+                "min_tokens", "compute_fraction", "are", "n_points", "runs", "bounded",
+                "identified")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,17 +348,23 @@ def backtest_family(form: forms_lib.Form, fam: Family, borrowed, n_starts: int =
   seconds = time.perf_counter() - t0
   ares = score(form, theta, target, fam.target_runs)
   inside = bounded(form, theta)
+  # Pinned by its points: the Jacobian of the cell's predictions has full
+  # rank in its free parameters (fit.identified; e.g. never with 2 sizes).
+  pinned = fit_lib.identified_each(
+      form, theta, fit_lib.log_inputs(pool, form), weights,
+      [[n not in dict(c.fixed) for n in form.params] for c in cells])
   final = records_lib.final_tokens(pool)
   rows = []
-  for c, a, n, b in zip(cells, ares, n_points, inside):
+  for c, a, n, b, i in zip(cells, ares, n_points, inside, pinned):
     rows.append(dict(family=fam.name, target=",".join(fam.target_runs), design=c.design,
                      checkpoints=c.checkpoints, n_models=c.n_models, fraction=c.fraction,
                      min_tokens=c.min_tokens,
                      compute_fraction=float(compute_fraction(pool, final, c, target_flops)),
                      are=float(a), n_points=int(n), runs=" ".join(c.runs),
-                     bounded=int(b), fixed=dict(c.fixed)))
+                     bounded=int(b), identified=int(i), fixed=dict(c.fixed)))
   return dict(rows=rows, fit_seconds=seconds, n_fits=int(np.sum(np.isfinite(ares))),
-              n_unbounded=int(np.sum(np.isfinite(ares) & ~inside)), params=theta)
+              n_unbounded=int(np.sum(np.isfinite(ares) & ~inside)),
+              n_unidentified=int(np.sum(np.isfinite(ares) & ~pinned)), params=theta)
 
 
 def summarise(rows: Sequence[dict], thresholds=THRESHOLDS) -> dict:
@@ -447,6 +454,7 @@ def run(records: Mapping, form: str = "chinchilla", target: str | None = None,
         target=",".join(fam.target_runs), sizes=len(fam.sizes) + 1,
         min_tokens_cut=fam.min_tokens, borrowed=borrowed.get(fam.name),
         n_fits=res["n_fits"], n_unbounded=res["n_unbounded"],
+        n_unidentified=res["n_unidentified"],
         fit_seconds=res["fit_seconds"],
         **summarise(res["rows"]), checks=checks(res["rows"]))
   return dict(form=form, rows=out_rows, families=summary,

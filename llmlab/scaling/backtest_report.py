@@ -137,6 +137,12 @@ def report(result: dict) -> str:
                 "or an exponent so large that its term is switched off): their "
                 "points do not identify it, and their ARE can depend on where the "
                 "optimiser stopped.", ""]
+    if s.get("n_unidentified"):
+      lines += [f"{s['n_unidentified']} of the {s['n_fits']} fits are not pinned by "
+                "their points (grid.csv `identified` = 0: the Jacobian of the cell's "
+                "predictions is rank-deficient in its free parameters; every cell of "
+                "2 sizes for the Chinchilla law): another fit with the same objective "
+                "predicts otherwise, so read their ARE as one of a range.", ""]
     if s.get("borrowed"):
       lines += ["Borrowed (median of the other families' fits, log space): " +
                 "; ".join(f"{d}: " + ", ".join(f"{k} {v:.4g}" for k, v in p.items())

@@ -18,8 +18,8 @@ from llmlab.scaling import records as records_lib
 from llmlab import errors
 # The solver's names, for callers that fit records through this module.
 from llmlab.scaling.solver import (DELTA, POLISH, SCREEN, TINY, Tol, bucket,  # noqa: F401
-                                   centring, fixing, huber, identified, minimize,
-                                   objective, whitening)
+                                   centring, fixing, huber, identified,
+                                   identified_each, minimize, objective, whitening)
 
 
 def log_inputs(records: Mapping, form: forms_lib.Form) -> dict[str, np.ndarray]:

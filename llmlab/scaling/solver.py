@@ -494,12 +494,38 @@ def identified(form: forms_lib.Form, theta_P, x_N, rtol: float = 1e-7) -> bool:
   leaves every prediction unchanged, e.g. b and beta when all points share
   one token count (only b - beta ln D is seen). It does not see a fit that
   ran off along a valley (E -> 0): `backtest.bounded` does."""
-  j_NxP = _jacobian(form, theta_P, x_N)
-  norm = np.linalg.norm(j_NxP, axis=0)
-  if not np.all(np.isfinite(j_NxP)) or np.any(norm <= 0):
-    return False
-  sv = np.linalg.svd(j_NxP / norm, compute_uv=False)
-  return bool(sv[-1] > rtol * sv[0])
+  n = len(next(iter(x_N.values())))
+  return bool(identified_each(form, np.asarray(theta_P)[None], x_N, np.ones((1, n)),
+                              np.ones((1, len(form.params)), bool), rtol)[0])
+
+
+def identified_each(form: forms_lib.Form, theta_GxP, x_N, weight_GxN, free_GxP,
+                    rtol: float = 1e-7) -> np.ndarray:
+  """`identified` for G fits at once, each on its own points (weight > 0) and
+  its own free parameters (free_GxP: False for a parameter held fixed)."""
+  theta_GxP = np.asarray(theta_GxP, np.float64)
+  out = np.zeros(len(theta_GxP), bool)
+  ok = np.all(np.isfinite(theta_GxP), axis=1)
+  if not ok.any():
+    return out
+  with jax.enable_x64(True):
+    jac = jax.vmap(jax.jacfwd(lambda th, x: form.log_loss(form.named(th), x)),
+                   in_axes=(0, None))
+    j_GxNxP = np.asarray(jac(jnp.asarray(theta_GxP[ok]),
+                             {k: jnp.asarray(v, jnp.float64) for k, v in x_N.items()}))
+  j_GxNxP = j_GxNxP * (np.asarray(weight_GxN)[ok] > 0)[..., None]
+  free = np.asarray(free_GxP, bool)[ok]
+  result = np.zeros(len(j_GxNxP), bool)
+  for pattern in {tuple(f) for f in free}:  # one batched SVD per set of free parameters
+    rows = np.flatnonzero((free == pattern).all(axis=1))
+    j = j_GxNxP[rows][..., np.asarray(pattern)]
+    norm = np.linalg.norm(j, axis=1, keepdims=True)
+    good = np.all(np.isfinite(j), axis=(1, 2)) & np.all(norm[:, 0] > 0, axis=1)
+    sv = np.linalg.svd(np.where(norm > 0, j / np.where(norm > 0, norm, 1.0), 0.0),
+                       compute_uv=False)
+    result[rows] = good & (sv[:, -1] > rtol * sv[:, 0])
+  out[ok] = result
+  return out
 
 
 def whitening(form: forms_lib.Form, theta_P, x_N) -> tuple[np.ndarray, np.ndarray]:
