@@ -33,9 +33,12 @@ only the latest `checkpoint.keep`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -209,6 +212,27 @@ def _all_true(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
+
+# Orbax numbers each async save with a process-global operation id and its
+# background threads read "the current id" (orbax/checkpoint/_src/futures/
+# synchronization.py, OperationIdGenerator): two managers of one process
+# saving at once (runs packed on sub-meshes in threads) can wait on each
+# other's id and time out after 300 s. So a save starts only when no other
+# manager of this process has one in flight.
+_SAVES = threading.Lock()
+_MANAGERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def _one_save_at_a_time(mgr):
+  with _SAVES:
+    for other in list(_MANAGERS):
+      while other is not mgr and other.is_saving_in_progress():
+        time.sleep(0.01)
+    _MANAGERS.add(mgr)
+    yield
+
+
 class Manager:
   """Checkpoint policy and integrity over one `ocp.CheckpointManager`."""
 
@@ -330,8 +354,9 @@ class Manager:
     meta = dict(meta, checksums=checksums(state),
                 keep_forever=step in self.protected)
     try:
-      saved = self.mgr.save(step, force=True, args=ocp.args.Composite(
-          state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)))
+      with _one_save_at_a_time(self.mgr):
+        saved = self.mgr.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)))
     except Exception as e:  # noqa: BLE001 - any storage error: name it
       self._failed(step, e)
     self._unconfirmed = step if saved and self._async else None
