@@ -212,7 +212,6 @@ def _all_true(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
-
 # Orbax numbers each async save with a process-global operation id and its
 # background threads read "the current id" (orbax/checkpoint/_src/futures/
 # synchronization.py, OperationIdGenerator): two managers of one process
