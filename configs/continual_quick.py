@@ -2,7 +2,7 @@
 
 Domain A (old): the standard library's Python code (`stdlib`); domain B
 (new): its English, the docstrings and comments (`prose`,
-llmlab/data/prose.py). Three byte-level sources trained on A; three target
+llmlab/data/prose.py). Five byte-level sources trained on A; three target
 shapes pruned from them (activation pruning for the law grid), the sources
 continued whole (`full`), and every target from scratch, all continued on B
 with a replay ratio r of A; start methods (three prunings, shrink-and-
@@ -39,8 +39,14 @@ def get_config(arg: str | None = None):
   s.variant = arg or ""
   s.domain_a = "stdlib"
   s.domain_b = "prose"
-  s.sources = (("s1", _m(2, 32, 2, 128)), ("s2", _m(3, 48, 3, 192)),
-               ("s3", _m(4, 64, 4, 256)))
+  # Five sources, 9k-238k non-embedding params. The largest is held out;
+  # the law is fitted on the other four. With three sources (the first
+  # design: today's s3-s5) the fit could not pin the compression exponent
+  # theta or the rate tau of the other domain's tokens, and the held-out
+  # error was their bias (docs/continual.md).
+  s.sources = (("s1", _m(1, 24, 2, 96)), ("s2", _m(2, 24, 2, 96)),
+               ("s3", _m(2, 32, 2, 128)), ("s4", _m(3, 48, 3, 192)),
+               ("s5", _m(4, 64, 4, 256)))
   s.source_steps = 600
   s.targets = (("t1", _m(1, 16, 1, 64)), ("t2", _m(2, 24, 1, 96)),
                ("t3", _m(3, 40, 2, 160)))
@@ -50,21 +56,21 @@ def get_config(arg: str | None = None):
   s.first_eval_fraction = 0.05
   s.replay = 0.1  # r of the method runs and of most of the grid
   # The law grid (source/target/replay; target 'full' = the source itself):
-  # every source x target that is a pruning at r = 0.1, and the replay
-  # ratios 0 / 0.1 / 0.3 at t2 of every source and for every source
-  # continued whole.
-  s.grid = ("s1/t1/0.1", "s1/t2/0.1", "s2/t1/0.1", "s2/t2/0.1", "s2/t3/0.1",
-            "s3/t1/0.1", "s3/t2/0.1", "s3/t3/0.1",
-            "s1/t2/0", "s1/t2/0.3", "s2/t2/0", "s2/t2/0.3", "s3/t2/0",
-            "s3/t2/0.3",
-            "s1/full/0", "s1/full/0.1", "s1/full/0.3", "s2/full/0",
-            "s2/full/0.1", "s2/full/0.3", "s3/full/0", "s3/full/0.1",
-            "s3/full/0.3")
+  # every source x target that is a pruning at r = 0.1, the replay ratios
+  # 0 / 0.1 / 0.3 at t2 of every source with two layers or more (t1 of s1),
+  # and every source continued whole at each ratio.
+  s.grid = ("s1/t1/0.1", "s2/t1/0.1", "s2/t2/0.1", "s3/t1/0.1", "s3/t2/0.1",
+            "s4/t1/0.1", "s4/t2/0.1", "s4/t3/0.1",
+            "s5/t1/0.1", "s5/t2/0.1", "s5/t3/0.1",
+            "s1/t1/0", "s1/t1/0.3", "s2/t2/0", "s2/t2/0.3",
+            "s3/t2/0", "s3/t2/0.3", "s4/t2/0", "s4/t2/0.3", "s5/t2/0",
+            "s5/t2/0.3") + tuple(
+                f"s{i}/full/{r}" for i in range(1, 6) for r in (0, 0.1, 0.3))
   s.law_method = "activation"
   s.methods = ("full", "magnitude", "activation", "learned",
                "activation+shrink_perturb", "activation+reinit_top",
                "activation+reinit_bottom", "scratch")
-  s.method_at = ("s2/t2", "s3/t2")
+  s.method_at = ("s4/t2", "s5/t2")
   s.distill_methods = ("activation",)
   s.distill = ml_collections.ConfigDict(dict(alpha=0.5, temperature=1.0,
                                              kl="forward"))
@@ -89,7 +95,7 @@ def get_config(arg: str | None = None):
   # largest source continued whole (a pruned start has lost more of A to
   # the pruning than any budget of forgetting would allow).
   s.forget_budget = 0.07
-  s.replay_at = "s3/full"
+  s.replay_at = "s5/full"
   if arg == "smoke":
     s.base.train.update(batch_size=4, seq_len=32, eval_tokens=512,
                         log_every=5)
