@@ -98,6 +98,14 @@ def test_backtest_writes_the_grid_summary_heatmaps_and_report(two_families, caps
   cheap = s["cheapest"]["0.04"]
   assert cheap["are"] <= 0.04 and cheap["compute_fraction"] == min(
       float(r["compute_fraction"]) for r in fam_a if r["are"] and float(r["are"]) <= 0.04)
+  # The same answers among the fits their points pin: every 2-size cell
+  # is out, so the best pinned cell is one of more sizes.
+  pinned = [r for r in fam_a if r["are"] and r["identified"] == "1" and r["bounded"] == "1"]
+  assert s["best_identified"]["are"] == min(float(r["are"]) for r in pinned)
+  assert s["best_identified"]["identified"] == 1 and s["best_identified"]["n_models"] > 2
+  for t, c in s["cheapest_identified"].items():
+    ok = [float(r["compute_fraction"]) for r in pinned if float(r["are"]) <= float(t)]
+    assert (c is None) == (not ok) and (c is None or c["compute_fraction"] == min(ok))
   # Borrowed exponents are the other family's (the only other one).
   b = s["borrowed"]["borrow_exponents"]
   assert abs(b["alpha"] - LAWS["fam_b"]["alpha"]) < 0.02

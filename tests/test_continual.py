@@ -373,6 +373,21 @@ def test_replay_prediction_adds_the_cells_under_prediction():
   assert rep["predicted_bound"] <= scfg.forget_budget
   np.testing.assert_allclose(
       rep["predicted_bound"] - rep["predicted_forgetting"], 0.02, atol=1e-9)
+  # With seed re-runs (law_seeds) each ratio counts by its seed mean, not
+  # by its worst seed: a second seed 0.1 nats higher at r = 0 moves the
+  # margin to (0.02 + 0.12) / 2, where the worst run alone says 0.12.
+  cell = [r for r in records if r["source"] == "s2" and r["target"] == "s2"
+          and r["replay"] == 0.0]
+  last = max(r["tokens"] for r in cell)
+  records += [dict(r, seed=2, role="seed", run=r["run"] + "-seed2",
+                   loss_A=r["loss_A"] + (0.1 if r["tokens"] == last else 0.0))
+              for r in cell]
+  margin = lambda: continual_analysis.predict_replay(
+      scfg, records, sources, fitted, fitted)["margin"]
+  scfg.law_seeds = ()
+  np.testing.assert_allclose(margin(), 0.12, atol=1e-9)
+  scfg.law_seeds = (2,)
+  np.testing.assert_allclose(margin(), 0.07, atol=1e-9)
 
 
 # --- end to end --------------------------------------------------------------

@@ -369,16 +369,28 @@ def backtest_family(form: forms_lib.Form, fam: Family, borrowed, n_starts: int =
 
 def summarise(rows: Sequence[dict], thresholds=THRESHOLDS) -> dict:
   """best: the lowest-ARE cell; cheapest[t]: the lowest compute_fraction cell
-  with ARE <= t (None where no cell reaches t)."""
+  with ARE <= t (None where no cell reaches t). best_identified and
+  cheapest_identified: the same among the cells whose fits their points pin
+  (`identified` and `bounded`): a fit that is not pinned lands anywhere in
+  a flat valley, and its ARE can be luck (docs/scaling-backtests.md,
+  "fragile cells"), so the robust answer is the pinned one."""
   scored = [r for r in rows if math.isfinite(r["are"])]
   cell = lambda r: {k: r[k] for k in GRID_COLUMNS if k not in ("family", "target")}
-  best = min(scored, key=lambda r: r["are"]) if scored else None
-  cheapest = {}
-  for t in thresholds:
-    ok = [r for r in scored if r["are"] <= t]
-    cheapest[f"{t:.2f}"] = cell(min(ok, key=lambda r: (r["compute_fraction"], r["are"]))) \
-        if ok else None
-  return dict(best=cell(best) if best else None, cheapest=cheapest)
+
+  def pick(pool):
+    best = min(pool, key=lambda r: r["are"]) if pool else None
+    cheapest = {}
+    for t in thresholds:
+      ok = [r for r in pool if r["are"] <= t]
+      cheapest[f"{t:.2f}"] = cell(min(ok, key=lambda r: (r["compute_fraction"], r["are"]))) \
+          if ok else None
+    return (cell(best) if best else None), cheapest
+
+  best, cheapest = pick(scored)
+  best_pinned, cheapest_pinned = pick([r for r in scored if r.get("identified", 1)
+                                       and r.get("bounded", 1)])
+  return dict(best=best, cheapest=cheapest, best_identified=best_pinned,
+              cheapest_identified=cheapest_pinned)
 
 
 def checks(rows: Sequence[dict]) -> dict:

@@ -93,7 +93,8 @@ def _cell_line(c) -> str:
   return (f"{c['design']}, k={c['n_models']}, p={c['fraction']:g}, min_tokens "
           f"{c['min_tokens']:.3g} ({c['checkpoints']} checkpoints): ARE "
           f"{_pct(c['are'])}, compute {c['compute_fraction']:.3g} of the target's"
-          + ("" if c.get("bounded", 1) else "; a parameter not identified (bounded = 0)"))
+          + ("" if c.get("bounded", 1) else "; a parameter not identified (bounded = 0)")
+          + ("" if c.get("identified", 1) else "; not pinned by its points (identified = 0)"))
 
 
 def _check_line(question: str, c: dict | None, first: str, second: str) -> str:
@@ -156,6 +157,17 @@ def report(result: dict) -> str:
       lines += [f"- Best: {_cell_line(s['best'])}"]
       for t, c in s["cheapest"].items():
         lines += [f"- Cheapest with ARE <= {float(t):.0%}: {_cell_line(c)}"]
+      pinned = s.get("cheapest_identified", {})
+      if s.get("best_identified") != s["best"] or pinned != s["cheapest"]:
+        lines += ["", "Among the fits their points pin (`identified` and `bounded`; "
+                  "the others' ARE can be luck):"]
+        if s.get("best_identified") is None:
+          lines += ["- none: no fit of this family is pinned by its points, so "
+                    "every ARE above is one of a range"]
+        else:
+          lines += [f"- Best: {_cell_line(s['best_identified'])}"]
+          for t, c in pinned.items():
+            lines += [f"- Cheapest with ARE <= {float(t):.0%}: {_cell_line(c)}"]
     ch = s["checks"]
     lines += ["", "The guide's checks (matched cells: same design, k, fraction):",
               _check_line("Do intermediate checkpoints beat final losses only?",
