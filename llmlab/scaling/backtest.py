@@ -387,8 +387,8 @@ def summarise(rows: Sequence[dict], thresholds=THRESHOLDS) -> dict:
     return (cell(best) if best else None), cheapest
 
   best, cheapest = pick(scored)
-  best_pinned, cheapest_pinned = pick([r for r in scored if r.get("identified", 1)
-                                       and r.get("bounded", 1)])
+  best_pinned, cheapest_pinned = pick([r for r in scored
+                                       if r["identified"] and r["bounded"]])
   return dict(best=best, cheapest=cheapest, best_identified=best_pinned,
               cheapest_identified=cheapest_pinned)
 

@@ -157,11 +157,11 @@ def report(result: dict) -> str:
       lines += [f"- Best: {_cell_line(s['best'])}"]
       for t, c in s["cheapest"].items():
         lines += [f"- Cheapest with ARE <= {float(t):.0%}: {_cell_line(c)}"]
-      pinned = s.get("cheapest_identified", {})
-      if s.get("best_identified") != s["best"] or pinned != s["cheapest"]:
+      pinned = s["cheapest_identified"]
+      if s["best_identified"] != s["best"] or pinned != s["cheapest"]:
         lines += ["", "Among the fits their points pin (`identified` and `bounded`; "
                   "the others' ARE can be luck):"]
-        if s.get("best_identified") is None:
+        if s["best_identified"] is None:
           lines += ["- none: no fit of this family is pinned by its points, so "
                     "every ARE above is one of a range"]
         else:

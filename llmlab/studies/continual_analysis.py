@@ -504,8 +504,9 @@ def predict_replay(scfg, records, sources, law_a: dict, law_b: dict) -> dict:
   if not like:
     out["why_none"] = f"no law run of {src}/{tgt} to take N_t from"
     return out
-  margin, under = _replay_margin(
-      law_a, like, _seed_means(records, "A") if scfg.get("law_seeds") else None)
+  seeded = bool(scfg.get("law_seeds"))
+  margin, under = _replay_margin(law_a, like,
+                                 _seed_means(records, "A") if seeded else None)
   tokens = float(int(scfg.continue_steps) *
                  int(scfg.base.train.batch_size) *
                  int(scfg.base.train.seq_len))
@@ -521,6 +522,7 @@ def predict_replay(scfg, records, sources, law_a: dict, law_b: dict) -> dict:
   out["curve"] = {"replay": ratios.tolist(), "forgetting": forget.tolist(),
                   "loss_B": lb.tolist()}
   out.update(margin=margin, margin_runs=under,
+             margin_of="seed means" if seeded else "runs",
              law_ratio=float(ratios[law_ok[0]]) if len(law_ok) else None)
   if len(ok):
     i = int(ok[0])
@@ -542,9 +544,11 @@ def _replay_margin(law_a: dict, like: list[dict], loss_of=None) -> tuple[float, 
   worst single seed would make the margin one run's noise (the quick
   study's s5 whole at r = 0: 0.019, 0.106, 0.014 nats under by seed)."""
   final = [x for x, last in zip(like, _late_mask(like, 1.0)) if last]
-  if loss_of:
-    final = list({_cell(x): x for x in sorted(final, key=lambda x: x["seed"],
-                                              reverse=True)}.values())
+  if loss_of:  # one run per ratio (its lowest seed) stands for its cell
+    by_cell = {}
+    for x in final:
+      by_cell.setdefault(_cell(x), []).append(x)
+    final = [min(runs, key=lambda x: x["seed"]) for runs in by_cell.values()]
   la = predict(law_a, final, "A")
   under = {x["run"]: float((loss_of(x) if loss_of else x["loss_A"]) - v)
            for x, v in zip(final, la)}
