@@ -66,3 +66,46 @@ def test_centring_keeps_fixed_parameters_and_the_optimum():
   th_c, f_c = out["centred"]
   np.testing.assert_allclose(th_c[1, 3:], [0.34, 0.28])  # held exactly
   np.testing.assert_allclose(f_c, out["plain"][1], rtol=1e-6)
+
+
+def _blocks_value_and_grad(law, x, ll, w, u):
+  """The blocks layout's objective and gradient at u (G x K x P), unjitted,
+  so the module's chunk sizes are read at the call."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  packed = solver._pack(w, x, np.broadcast_to(ll, w.shape))
+  p = len(law.params)
+  with jax.enable_x64(True):
+    f64 = lambda a: jnp.asarray(a, jnp.float64)
+    data = dict(points=({k: f64(v) for k, v in packed["x"].items()}, f64(packed["log_loss"]),
+                        f64(packed["weight"]), f64(solver.DELTA)),
+                group=jnp.asarray(packed["group"]), affine=(f64(np.zeros(p)), f64(np.eye(p))))
+    vg = solver._blocks(law, data, jnp.float64)
+    active = np.ones(u.shape[:2], bool)
+    active[0, 1] = False  # a stopped lane: its items are skipped
+    jaxpr = jax.make_jaxpr(vg)(f64(u), jnp.asarray(active))
+    f, g = vg(f64(u), jnp.asarray(active))
+    return np.asarray(f), np.asarray(g), str(jaxpr)
+
+
+def test_blocks_chunks_agree_and_small_layouts_skip_the_big_chunk(monkeypatch):
+  """Where every (block, lane) item fits in one CHUNK, no CHUNK-sized slice is
+  built: XLA makes a loop of at most one trip straight-line code and would
+  evaluate a whole CHUNK at every step, live items or not. With the chunks
+  shrunk so the same items take big and small chunks, the values agree."""
+  law = forms.get_form("chinchilla")
+  x, ll = _family()
+  w = np.zeros((3, len(ll)))
+  w[0, :40], w[1, 10:], w[2] = 1.0, 1.0, 0.5
+  u = law.grid_starts()[::11][:6]
+  u = np.broadcast_to(u, (3,) + u.shape)
+  f_small, g_small, jaxpr = _blocks_value_and_grad(law, x, ll, w, u)
+  assert f"slice_sizes=({solver.CHUNK},)" not in jaxpr
+  assert f"slice_sizes=({solver.SMALL},)" in jaxpr
+  monkeypatch.setattr(solver, "CHUNK", 8)
+  monkeypatch.setattr(solver, "SMALL", 2)
+  f_big, g_big, jaxpr = _blocks_value_and_grad(law, x, ll, w, u)
+  assert "slice_sizes=(8,)" in jaxpr
+  np.testing.assert_allclose(f_big, f_small, rtol=1e-12)
+  np.testing.assert_allclose(g_big, g_small, rtol=1e-12, atol=1e-300)
+  assert np.all(f_small[0, 1] == 0) and np.all(f_small[1] > 0)
