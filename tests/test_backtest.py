@@ -478,3 +478,27 @@ def test_fit_predict_data_constrained_needs_unique_tokens_in_the_predict_file(tm
   got = list(csv.DictReader(open(tmp_path / "o" / "predictions.csv")))
   # 25 repetitions of 4e9 tokens predict a higher loss than 1e11 fresh tokens.
   assert float(got[0]["loss_hat"]) > float(got[1]["loss_hat"])
+
+
+def test_families_fitted_in_one_call_fit_as_alone():
+  """fit_pools stacks the families' pools (one compile for a table): each
+  cell weights its own family's rows only, so its fit is the fit of the
+  family alone; the pinned cells land on the same optimum."""
+  law = forms.get_form("chinchilla")
+  jobs = []
+  for name, seed in (("fam_a", 3), ("fam_b", 4)):
+    fam = backtest.families(records.as_records(
+        _family_rows(name, LAWS[name], noise=0.005, seed=seed)))[0]
+    cells = [c for c in backtest.plan_cells(fam, None) if c.design == "closest"
+             and c.checkpoints == "all" and c.fraction in (0.5, 1.0)]
+    pool = backtest._pool(fam)  # pylint: disable=protected-access
+    jobs.append((pool, cells, backtest.cell_weights(pool, cells)))
+  together = backtest.fit_pools(law, jobs, 32)
+  for job, (theta, obj, n) in zip(jobs, together):
+    alone_theta, alone_obj, alone_n = backtest.fit_cells(law, *job, 32)
+    np.testing.assert_array_equal(n, alone_n)
+    pinned = np.isfinite(alone_obj) & backtest.bounded(law, alone_theta)
+    assert pinned.sum() >= 4
+    np.testing.assert_allclose(obj[pinned], alone_obj[pinned], rtol=1e-6)
+    # (theta itself may slide along a flat direction at equal objective)
+    assert np.all(np.isfinite(theta[pinned]))

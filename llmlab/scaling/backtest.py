@@ -264,6 +264,29 @@ def fit_cells(form: forms_lib.Form, pool: Mapping, cells: Sequence[Cell],
   return theta, objective, n_rows.astype(int)
 
 
+def fit_pools(form: forms_lib.Form, jobs: Sequence[tuple], n_starts: int = 64,
+              **kw) -> list[tuple]:
+  """`fit_cells` of several (pool, cells, weights) jobs, e.g. one per family,
+  in one call: their pools stacked, each cell weighting its own pool's rows.
+  Why: each call compiles the solver for its shapes (~2-3 s on 2 cores), and a
+  table's families differ in shape; one call compiles once. Cells are
+  independent lanes, so a cell's fit is its fit alone. Returns one (theta,
+  objective, n_points) per job."""
+  if len(jobs) == 1:
+    pool, cells, weights = jobs[0]
+    return [fit_cells(form, pool, cells, weights, n_starts, **kw)]
+  keys = [k for k in jobs[0][0] if all(k in pool for pool, _, _ in jobs)]
+  stacked = {k: np.concatenate([np.asarray(pool[k]) for pool, _, _ in jobs]) for k in keys}
+  rows = np.cumsum([0] + [len(pool["loss"]) for pool, _, _ in jobs])
+  weights = np.zeros((sum(len(w) for _, _, w in jobs), rows[-1]))
+  at = np.cumsum([0] + [len(w) for _, _, w in jobs])
+  for i, (_, _, w) in enumerate(jobs):
+    weights[at[i]:at[i + 1], rows[i]:rows[i + 1]] = w
+  cells = [c for _, job_cells, _ in jobs for c in job_cells]
+  out = fit_cells(form, stacked, cells, weights, n_starts, **kw)
+  return [tuple(o[at[i]:at[i + 1]] for o in out) for i in range(len(jobs))]
+
+
 def bounded(form: forms_lib.Form, theta_GxP: np.ndarray) -> np.ndarray:
   """Whether each fit lies within the form's grid of starts widened on each
   side by the grid's span on that axis (at least 1; Chinchilla: E >= e^-3,
@@ -306,12 +329,14 @@ def borrowed_values(form: forms_lib.Form, fams: Sequence[Family], n_starts: int,
   under heavy repetition, fits beta <= 0, and a law borrowing that predicts
   a loss that grows with data)."""
   fits = {}
+  jobs = []
   for fam in fams:
     pool = _pool(fam)
     cell = Cell("full", "all", len(fam.sizes), 1.0, fam.min_tokens,
                 tuple(records_lib.run_names(pool)))
-    weights = cell_weights(pool, [cell])
-    theta, _, _ = fit_cells(form, pool, [cell], weights, n_starts, delta=delta, **solver)
+    jobs.append((pool, [cell], cell_weights(pool, [cell])))
+  for fam, (pool, _, weights), (theta, _, _) in zip(
+      fams, jobs, fit_pools(form, jobs, n_starts, delta=delta, **solver)):
     if not (np.all(np.isfinite(theta[0])) and bounded(form, theta)[0]):
       continue
     x = {k: v[weights[0] > 0] for k, v in fit_lib.log_inputs(pool, form).items()}
@@ -332,20 +357,31 @@ def borrowed_values(form: forms_lib.Form, fams: Sequence[Family], n_starts: int,
   return out
 
 
-def backtest_family(form: forms_lib.Form, fam: Family, borrowed, n_starts: int = 64,
-                    delta: float = fit_lib.DELTA, fractions=FRACTIONS, **solver) -> dict:
-  """The grid of one family: rows of grid.csv and the family's summary.
-  `solver`: fit_cells' keep and polish_evals."""
+def grid_job(fam: Family, borrowed, fractions=FRACTIONS) -> tuple:
+  """(pool, cells, weights) of a family's grid: a `fit_pools` job."""
   cells = plan_cells(fam, borrowed, fractions)
   pool = _pool(fam)
+  return pool, cells, cell_weights(pool, cells)
+
+
+def backtest_family(form: forms_lib.Form, fam: Family, borrowed, n_starts: int = 64,
+                    delta: float = fit_lib.DELTA, fractions=FRACTIONS, fitted=None,
+                    **solver) -> dict:
+  """The grid of one family: rows of grid.csv and the family's summary.
+  `solver`: fit_cells' keep and polish_evals. fitted: (theta, objective,
+  n_points, seconds) of the family's `grid_job` where `run` fitted several
+  families in one call; else the grid is fitted here."""
+  pool, cells, weights = grid_job(fam, borrowed, fractions)
   target = fam.target()
   t_final = max(target["tokens"][target["run"] == r].max() for r in fam.target_runs)
   target_flops = 6.0 * target["params"][0] * t_final
-  weights = cell_weights(pool, cells)
-  t0 = time.perf_counter()
-  theta, _, n_points = fit_cells(form, pool, cells, weights, n_starts, delta=delta,
-                                 **solver)
-  seconds = time.perf_counter() - t0
+  if fitted is None:
+    t0 = time.perf_counter()
+    theta, _, n_points = fit_cells(form, pool, cells, weights, n_starts, delta=delta,
+                                   **solver)
+    seconds = time.perf_counter() - t0
+  else:
+    theta, _, n_points, seconds = fitted
   ares = score(form, theta, target, fam.target_runs)
   inside = bounded(form, theta)
   # Pinned by its points: the Jacobian of the cell's predictions has full
@@ -457,10 +493,17 @@ def run(records: Mapping, form: str = "chinchilla", target: str | None = None,
   t0 = time.perf_counter()
   fams = families(records, target, skip)
   borrowed = borrowed_values(law, fams, n_starts, delta, **solver) if len(fams) > 1 else {}
+  # Every family's grid in one solver call (one compile); each family is
+  # credited the call's seconds in proportion to its cells.
+  jobs = [grid_job(fam, borrowed.get(fam.name), fractions) for fam in fams]
+  t_fit = time.perf_counter()
+  fitted = fit_pools(law, jobs, n_starts, delta=delta, **solver) if jobs else []
+  t_fit = time.perf_counter() - t_fit
+  n_cells = max(1, sum(len(cells) for _, cells, _ in jobs))
   out_rows, summary = [], {}
-  for fam in fams:
+  for fam, (_, cells, _), fit in zip(fams, jobs, fitted):
     res = backtest_family(law, fam, borrowed.get(fam.name), n_starts, delta, fractions,
-                          **solver)
+                          fitted=(*fit, t_fit * len(cells) / n_cells), **solver)
     out_rows += res["rows"]
     summary[fam.name] = dict(
         target=",".join(fam.target_runs), sizes=len(fam.sizes) + 1,
