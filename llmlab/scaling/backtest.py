@@ -365,13 +365,14 @@ def grid_job(fam: Family, borrowed, fractions=FRACTIONS) -> tuple:
 
 
 def backtest_family(form: forms_lib.Form, fam: Family, borrowed, n_starts: int = 64,
-                    delta: float = fit_lib.DELTA, fractions=FRACTIONS, fitted=None,
-                    **solver) -> dict:
+                    delta: float = fit_lib.DELTA, fractions=FRACTIONS, job=None,
+                    fitted=None, **solver) -> dict:
   """The grid of one family: rows of grid.csv and the family's summary.
-  `solver`: fit_cells' keep and polish_evals. fitted: (theta, objective,
-  n_points, seconds) of the family's `grid_job` where `run` fitted several
-  families in one call; else the grid is fitted here."""
-  pool, cells, weights = grid_job(fam, borrowed, fractions)
+  `solver`: fit_cells' keep and polish_evals. job, fitted: the family's
+  `grid_job` and its (theta, objective, n_points, seconds) where `run`
+  fitted several families in one call; else the grid is planned and
+  fitted here."""
+  pool, cells, weights = job or grid_job(fam, borrowed, fractions)
   target = fam.target()
   t_final = max(target["tokens"][target["run"] == r].max() for r in fam.target_runs)
   target_flops = 6.0 * target["params"][0] * t_final
@@ -501,9 +502,9 @@ def run(records: Mapping, form: str = "chinchilla", target: str | None = None,
   t_fit = time.perf_counter() - t_fit
   n_cells = max(1, sum(len(cells) for _, cells, _ in jobs))
   out_rows, summary = [], {}
-  for fam, (_, cells, _), fit in zip(fams, jobs, fitted):
+  for fam, job, fit in zip(fams, jobs, fitted):
     res = backtest_family(law, fam, borrowed.get(fam.name), n_starts, delta, fractions,
-                          fitted=(*fit, t_fit * len(cells) / n_cells), **solver)
+                          job=job, fitted=(*fit, t_fit * len(job[1]) / n_cells), **solver)
     out_rows += res["rows"]
     summary[fam.name] = dict(
         target=",".join(fam.target_runs), sizes=len(fam.sizes) + 1,

@@ -30,6 +30,7 @@ Why this shape:
 """
 
 import functools
+import itertools
 from typing import Mapping, NamedTuple
 
 import jax
@@ -466,12 +467,10 @@ def coupled(form: forms_lib.Form, x: Mapping[str, np.ndarray], seed: int = 0,
     for theta in grid[rng.choice(len(grid), min(n_probes, len(grid)), replace=False)]:
       j_NxP = np.asarray(jac(jnp.asarray(theta), {k: jnp.asarray(v) for k, v in x_s.items()}))
       visible = np.abs(j_NxP).max(axis=0) > 1e-8 * max(np.abs(j_NxP).max(), TINY)
-      for i in np.flatnonzero(visible):
-        for j in range(j_NxP.shape[1]):
-          for k in names:
-            if i != j:
-              ok = np.allclose(j_NxP[:, j], -x_s[k] * j_NxP[:, i], rtol=1e-9, atol=1e-14)
-              (held if ok else failed).add((int(i), j, k))
+      for i, j, k in itertools.product(np.flatnonzero(visible), range(len(visible)), names):
+        if i != j:
+          ok = np.allclose(j_NxP[:, j], -x_s[k] * j_NxP[:, i], rtol=1e-9, atol=1e-14)
+          (held if ok else failed).add((int(i), j, k))
   return sorted(held - failed)
 
 
