@@ -333,6 +333,42 @@ def test_each_source_held_out_against_its_nearest():
     assert h["are"] < 5e-3 < h["naive_are"], (s, h["are"], h["naive_are"])
 
 
+def test_form_is_chosen_without_the_largest_source():
+  """With >= 4 sources the form is chosen on the others alone: each is
+  predicted from the rest with the largest left out of every fit, so the
+  held-out check on the largest scores a law it did not help choose (a
+  form best on the largest but worse elsewhere is not chosen)."""
+  sizes = (1e4, 2e4, 5e4, 1e5, 2e5)
+  names = {n: f"s{i + 1}" for i, n in enumerate(sizes)}
+  records = [dict(r, source=names[r["source_params"]], role="law", seed=1,
+                  loss_B=3.0, loss_A=2.5, method="activation", distill=False)
+             for r in _anchor_design(sources=sizes)]
+  sources = {names[n]: {"params": n} for n in sizes}
+  assert continual_analysis.selection_sources(sources) == ["s1", "s2", "s3", "s4"]
+  groups = continual_analysis.fit_groups(records, sources, "cl_anchor")
+  used = {k: {r["source"] for r in rows} for k, rows in groups.items()}
+  assert used[""] == set(sources)
+  for s in sources:
+    assert used[s] == set(sources) - {s}
+  for s in ("s1", "s2", "s3", "s4"):
+    assert used["select:" + s] == set(sources) - {s, "s5"}
+  assert "select:s5" not in used
+
+  def per(largest, inside):
+    return {d: {"holdout": {"are": largest},
+                "selection_are": {s: inside for s in ("s1", "s2", "s3", "s4")}}
+            for d in ("B", "A")}
+  forms = {"best_on_largest": per(0.001, 0.05), "best_inside": per(0.02, 0.01)}
+  chosen, scores = continual_analysis.choose_form(forms)
+  assert chosen == "best_inside" and scores["best_inside"] == pytest.approx(0.02)
+  for p in forms.values():  # fewer sources: the held-out check decides
+    for d in ("B", "A"):
+      p[d]["selection_are"] = {}
+  assert continual_analysis.choose_form(forms)[0] == "best_on_largest"
+  assert continual_analysis.selection_sources(
+      {k: v for k, v in sources.items() if k in ("s1", "s2", "s3")}) == []
+
+
 def test_replay_prediction_adds_the_cells_under_prediction():
   """The replay ratio is chosen for the law's forgetting plus the largest
   amount by which the law sat below the cell's own trained runs (at their

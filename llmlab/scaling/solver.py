@@ -272,10 +272,11 @@ def _blocks(form, data, dtype):
       b, k = at // k_count, at % k_count
       f, g = item(theta[group_nb[b], k], jax.tree.map(lambda a: a[b], x),
                   log_loss[b], weight[b])
-      at = jnp.where(valid, at, n_items)  # out of range: dropped
-      return (f_acc.at[at].set(f, mode="drop"), g_acc.at[at].set(g, mode="drop"))
+      lane = jnp.where(valid, group_nb[b] * k_count + k, n_lanes)  # out of range: dropped
+      return (f_acc.at[lane].add(f, mode="drop"), g_acc.at[lane].add(g, mode="drop"))
 
-    acc = (jnp.zeros(n_items, dtype), jnp.zeros((n_items, p_count), dtype))
+    n_lanes = g_count * k_count
+    acc = (jnp.zeros(n_lanes, dtype), jnp.zeros((n_lanes, p_count), dtype))
     n_full = 0
     if big == CHUNK:
       n_full = n_live // CHUNK
@@ -283,10 +284,8 @@ def _blocks(form, data, dtype):
     n_small = -(-(n_live - n_full * CHUNK) // SMALL)
     f_items, g_items = jax.lax.fori_loop(
         0, n_small, lambda c, a: chunk(SMALL, n_full * CHUNK + c * SMALL, a), acc)
-    total = lambda a: jax.ops.segment_sum(
-        a.reshape((-1, k_count) + a.shape[1:]), group_nb, num_segments=g_count,
-        indices_are_sorted=True)
-    return total(f_items), pullback(total(g_items))[0]
+    return (f_items.reshape(g_count, k_count),
+            pullback(g_items.reshape(g_count, k_count, p_count))[0])
 
   return value_and_grad
 

@@ -17,9 +17,12 @@ Held out: fit on every source but the largest, predict the largest
 source's runs; ARE over each run's evals at >= `holdout_min_fraction` of
 its tokens (Choshen et al.), naive = the largest fitted source's run of
 the same target, method and r at the same tokens (log-interpolated),
-skill = 1 - ARE / naive ARE. The law is the form with the smallest
-held-out ARE summed over both domains. Each other source is held out in
-turn too (`holdout_each`; naive = the nearest source's run).
+skill = 1 - ARE / naive ARE. The law is chosen without the largest
+source: with >= 4 sources, the form whose L_B + L_A ARE is smallest when
+each other source is predicted from the rest (the largest left out of
+every fit; `selection_are`); with fewer, the form with the smallest
+held-out ARE. Each other source is held out in turn too (`holdout_each`;
+naive = the nearest source's run).
 """
 
 from __future__ import annotations
@@ -200,10 +203,13 @@ def predict(fitted: dict, rows: list[dict], domain: str) -> np.ndarray:
                                     x)[0])
 
 
-def _fit_rows(records, form_name: str, exclude_source: str = "") -> list:
+def _fit_rows(records, form_name: str, exclude_source: str = "",
+              exclude_also: tuple = ()) -> list:
   """The law grid's rows, and the seed re-runs of its cells (the same
   start method, more measurements of the same curve: they average out
-  some of one run's noise)."""
+  some of one run's noise), but those of `exclude_source` and
+  `exclude_also`."""
+  out = set(exclude_also) | ({exclude_source} if exclude_source else set())
   law = forms_lib.get_form(form_name)
   cells = {(r["method"], r["distill"]) for r in records if r["role"] == "law"}
   return [r for r in records
@@ -211,7 +217,7 @@ def _fit_rows(records, form_name: str, exclude_source: str = "") -> list:
                                      (r["method"], r["distill"]) in cells))
           and r["tokens"] > 0
           and (r["start"] == 1 or "start" in law.inputs)
-          and (not exclude_source or r["source"] != exclude_source)]
+          and r["source"] not in out]
 
 
 def _late_mask(rows, min_fraction: float) -> np.ndarray:
@@ -278,13 +284,34 @@ def _nearest(sources: dict, held: str) -> str:
   return min(others, key=gap)
 
 
+def _test_rows(records, source: str) -> list:
+  """`source`'s law runs: the rows a held-out check predicts."""
+  return [r for r in records if r["role"] == "law" and r["start"] == 1 and
+          r["source"] == source and r["tokens"] > 0]
+
+
 def holdout_rows(records, sources: dict, form_name: str, held_out: str = ""):
   """(fit rows: every source but `held_out` (default: the largest), test
   rows: its law runs)."""
   held_out = held_out or _largest(sources)[1]
-  test = [r for r in records if r["role"] == "law" and r["start"] == 1 and
-          r["source"] == held_out and r["tokens"] > 0]
-  return _fit_rows(records, form_name, exclude_source=held_out), test
+  return (_fit_rows(records, form_name, exclude_source=held_out),
+          _test_rows(records, held_out))
+
+
+def _actual(scfg, records, test, domain: str) -> np.ndarray:
+  """The measured losses a prediction of `test` is scored against: each
+  cell's seed mean when the study re-runs law cells (`law_seeds`)."""
+  loss_of = _seed_means(records, domain) if scfg.get("law_seeds") else None
+  return (np.asarray([loss_of(r) for r in test]) if loss_of
+          else _col(test, f"loss_{domain}"))
+
+
+def late_are(scfg, records, fitted: dict, test, domain: str) -> float:
+  """ARE of `fitted` on `test`'s evals at >= holdout_min_fraction of each
+  run's tokens."""
+  actual = _actual(scfg, records, test, domain)
+  err = np.abs(predict(fitted, test, domain) - actual) / actual
+  return float(np.mean(err[_late_mask(test, float(scfg.holdout_min_fraction))]))
 
 
 def holdout(scfg, records, sources: dict, fitted: dict, domain: str,
@@ -304,8 +331,7 @@ def holdout(scfg, records, sources: dict, fitted: dict, domain: str,
     return dict(out, are=None, naive_are=None, skill=None)
   pred = predict(fitted, test, domain)
   loss_of = _seed_means(records, domain) if scfg.get("law_seeds") else None
-  actual = (np.asarray([loss_of(r) for r in test]) if loss_of
-            else _col(test, f"loss_{domain}"))
+  actual = _actual(scfg, records, test, domain)
   late = _late_mask(test, float(scfg.holdout_min_fraction))
   err = np.abs(pred - actual) / actual
   naive = []
@@ -573,37 +599,75 @@ def measure_replay(result: dict, measured: list[dict], sources) -> None:
 # ---------------------------------------------------------------- analyse
 
 
+def selection_sources(sources: dict) -> list:
+  """The sources the form is chosen on: every one but the largest, when
+  there are >= 3 of them (each is predicted from >= 2 others); else none
+  (the choice falls back to the held-out check)."""
+  order, largest = _largest(sources)
+  others = [s for s in order if s != largest]
+  return others if len(others) >= 3 else []
+
+
+def fit_groups(records, sources: dict, name: str) -> dict:
+  """The row sets form `name` is fitted to, keyed: "" = every source; a
+  source s = every source but s (the held-out checks: the largest, and
+  each other in turn, `holdout_each`, so that a form is not judged on one
+  source alone); "select:s" = every source but s and the largest (the
+  form's choice, `selection_sources`: the held-out check then scores a law
+  its source did not help choose)."""
+  order, largest = _largest(sources)
+  groups = {"": _fit_rows(records, name)}
+  for s in [largest] + ([s for s in order if s != largest] if len(order) > 2 else []):
+    rows = holdout_rows(records, sources, name, s)[0]
+    if rows:
+      groups[s] = rows
+  for s in selection_sources(sources):
+    groups["select:" + s] = _fit_rows(records, name, s, (largest,))
+  return groups
+
+
+def choose_form(forms: dict) -> tuple[str, dict]:
+  """(the chosen form, each form's score): the smallest L_B + L_A ARE,
+  averaged over the selection sources where there are any, else the
+  held-out ARE on the largest source. A form with a missing or non-finite
+  ARE scores inf."""
+  def score(per):
+    if any(per[d].get("selection_are") for d in ("B", "A")):
+      h = [np.mean(list(per[d]["selection_are"].values())) for d in ("B", "A")]
+    else:
+      h = [per[d]["holdout"]["are"] for d in ("B", "A")]
+    ok = all(v is not None and np.isfinite(v) for v in h)
+    return float(sum(h)) if ok else math.inf
+  scores = {n: score(per) for n, per in forms.items()}
+  return min(scores, key=scores.get), scores
+
+
 def analyse(scfg, records: list[dict], sources: dict) -> dict:
   forms = {}
-  order, largest = _largest(sources)
-  # Every other source left out in turn too (`holdout_each`): the chosen
-  # law is judged on the largest, but a form that only predicts one source
-  # is fitted to it, not identified.
-  others = [s for s in order if s != largest] if len(order) > 2 else []
+  largest = _largest(sources)[1]
+  inner = selection_sources(sources)
   for name in scfg.forms:
-    # The fitted row sets, keyed: "" = every source, else the source left out.
-    groups = {"": _fit_rows(records, name)}
-    for s in [largest] + others:
-      rows = holdout_rows(records, sources, name, s)[0]
-      if rows:
-        groups[s] = rows
+    groups = fit_groups(records, sources, name)
     keys = [(g, d) for g in groups for d in ("B", "A")]
     fits = dict(zip(keys, fit_many(name, [(groups[g], d) for g, d in keys])))
     per = {}
     for domain in ("B", "A"):
       by = {s: holdout(scfg, records, sources, fits[s, domain], domain, s)
-            for s in groups if s}
+            for s in groups if s and not s.startswith("select:")}
       h = by.get(largest, {"are": None, "naive_are": None, "skill": None})
+      select = {s: late_are(scfg, records, fits["select:" + s, domain],
+                            _test_rows(records, s), domain) for s in inner}
       per[domain] = {"fit": fits["", domain], "holdout": h,
-                     "holdout_each": {s: _short(v) for s, v in by.items()}}
+                     "holdout_each": {s: _short(v) for s, v in by.items()},
+                     "selection_are": select}
     forms[name] = per
-
-  def score(name):
-    h = [forms[name][d]["holdout"]["are"] for d in ("B", "A")]
-    return sum(h) if all(v is not None for v in h) else math.inf
-  chosen = min(scfg.forms, key=score)
+  chosen, scores = choose_form(forms)
   law = {"form": chosen,
-         "chosen_by": "smallest held-out ARE, L_B + L_A",
+         "chosen_by": (f"smallest ARE over L_B + L_A, each of {', '.join(inner)} "
+                       f"predicted from the others ({largest} left out of "
+                       "every fit), averaged" if inner else
+                       "smallest held-out ARE, L_B + L_A"),
+         "selection_score": scores,
          "params": {"B": forms[chosen]["B"]["fit"]["params"],
                     "A": forms[chosen]["A"]["fit"]["params"]},
          "theta": {"B": forms[chosen]["B"]["fit"]["theta"],
@@ -618,7 +682,8 @@ def analyse(scfg, records: list[dict], sources: dict) -> dict:
                         "converged": forms[n][d]["fit"]["converged"],
                         "n_points": forms[n][d]["fit"]["n_points"],
                         "holdout": forms[n][d]["holdout"],
-                        "holdout_each": forms[n][d]["holdout_each"]}
+                        "holdout_each": forms[n][d]["holdout_each"],
+                        "selection_are": forms[n][d]["selection_are"]}
                     for d in ("B", "A")} for n in forms},
       "law": law,
       "holdout": _short(forms[chosen]["B"]["holdout"]),

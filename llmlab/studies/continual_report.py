@@ -66,6 +66,19 @@ def markdown(result: dict) -> str:
         out.append(f"| {name} | L_{dom} | " + " | ".join(
             f"{cap(by[s]['are'])} ({_pct(by[s]['naive_are'])})"
             if s in by else "-" for s in each) + " |")
+  sel = [s for s in each if any(s in per[d].get("selection_are", {})
+                                for per in result["forms"].values() for d in "BA")]
+  if sel:
+    out += ["", "The choice, made without the largest source: each source "
+            "predicted from the others, the largest left out of every fit "
+            "(ARE; score = mean over sources, L_B + L_A):", "",
+            "| form | " + " | ".join(f"{s} L_B | {s} L_A" for s in sel) +
+            " | score |", "| --- |" + " ---: |" * (2 * len(sel) + 1)]
+    for name, per in result["forms"].items():
+      cells = [cap(per[d].get("selection_are", {}).get(s)) for s in sel
+               for d in ("B", "A")]
+      out.append(f"| {name} | " + " | ".join(cells) + " | "
+                 f"{cap(law.get('selection_score', {}).get(name))} |")
   out += ["", f"Chosen: **{law['form']}** ({law['chosen_by']}). Parameters "
           "fitted on every law run:", ""]
   for dom in ("B", "A"):
