@@ -369,10 +369,8 @@ def run_schedule(cfg: dict, wd: str | None = None) -> tuple[np.ndarray, int]:
   are traced arguments of a compiled function (evaluated op by op, a rate can
   differ in its last bit). A `file` schedule is read from the copy the run
   keeps in its directory (config.json's "schedule_file"), when there is one."""
-  import jax
   import jax.numpy as jnp
   from ml_collections import ConfigDict
-
 
   steps = int(cfg["train"]["steps"])
   optim_cfg = ConfigDict(cfg["optim"])
