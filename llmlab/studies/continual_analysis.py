@@ -298,10 +298,14 @@ def holdout_rows(records, sources: dict, form_name: str, held_out: str = ""):
           _test_rows(records, held_out))
 
 
-def _actual(scfg, records, test, domain: str) -> np.ndarray:
-  """The measured losses a prediction of `test` is scored against: each
-  cell's seed mean when the study re-runs law cells (`law_seeds`)."""
-  loss_of = _seed_means(records, domain) if scfg.get("law_seeds") else None
+def _scored_loss(scfg, records, domain: str):
+  """row -> the measured loss a prediction is scored against: its cell's
+  seed mean when the study re-runs law cells (`law_seeds`), else None
+  (the row's own loss)."""
+  return _seed_means(records, domain) if scfg.get("law_seeds") else None
+
+
+def _actual(test, domain: str, loss_of) -> np.ndarray:
   return (np.asarray([loss_of(r) for r in test]) if loss_of
           else _col(test, f"loss_{domain}"))
 
@@ -309,7 +313,7 @@ def _actual(scfg, records, test, domain: str) -> np.ndarray:
 def late_are(scfg, records, fitted: dict, test, domain: str) -> float:
   """ARE of `fitted` on `test`'s evals at >= holdout_min_fraction of each
   run's tokens."""
-  actual = _actual(scfg, records, test, domain)
+  actual = _actual(test, domain, _scored_loss(scfg, records, domain))
   err = np.abs(predict(fitted, test, domain) - actual) / actual
   return float(np.mean(err[_late_mask(test, float(scfg.holdout_min_fraction))]))
 
@@ -330,8 +334,8 @@ def holdout(scfg, records, sources: dict, fitted: dict, domain: str,
   if not train_rows or not test:
     return dict(out, are=None, naive_are=None, skill=None)
   pred = predict(fitted, test, domain)
-  loss_of = _seed_means(records, domain) if scfg.get("law_seeds") else None
-  actual = _actual(scfg, records, test, domain)
+  loss_of = _scored_loss(scfg, records, domain)
+  actual = _actual(test, domain, loss_of)
   late = _late_mask(test, float(scfg.holdout_min_fraction))
   err = np.abs(pred - actual) / actual
   naive = []
