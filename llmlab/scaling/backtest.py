@@ -364,25 +364,15 @@ def grid_job(fam: Family, borrowed, fractions=FRACTIONS) -> tuple:
   return pool, cells, cell_weights(pool, cells)
 
 
-def backtest_family(form: forms_lib.Form, fam: Family, borrowed, n_starts: int = 64,
-                    delta: float = fit_lib.DELTA, fractions=FRACTIONS, job=None,
-                    fitted=None, **solver) -> dict:
-  """The grid of one family: rows of grid.csv and the family's summary.
-  `solver`: fit_cells' keep and polish_evals. job, fitted: the family's
-  `grid_job` and its (theta, objective, n_points, seconds) where `run`
-  fitted several families in one call; else the grid is planned and
-  fitted here."""
-  pool, cells, weights = job or grid_job(fam, borrowed, fractions)
+def backtest_family(form: forms_lib.Form, fam: Family, job: tuple, fitted: tuple) -> dict:
+  """The grid of one family, scored: rows of grid.csv and the family's
+  summary. job: its `grid_job`; fitted: the job's (theta, objective,
+  n_points) from `fit_pools` and the seconds credited to it."""
+  pool, cells, weights = job
+  theta, _, n_points, seconds = fitted
   target = fam.target()
   t_final = max(target["tokens"][target["run"] == r].max() for r in fam.target_runs)
   target_flops = 6.0 * target["params"][0] * t_final
-  if fitted is None:
-    t0 = time.perf_counter()
-    theta, _, n_points = fit_cells(form, pool, cells, weights, n_starts, delta=delta,
-                                   **solver)
-    seconds = time.perf_counter() - t0
-  else:
-    theta, _, n_points, seconds = fitted
   ares = score(form, theta, target, fam.target_runs)
   inside = bounded(form, theta)
   # Pinned by its points: the Jacobian of the cell's predictions has full
@@ -503,8 +493,7 @@ def run(records: Mapping, form: str = "chinchilla", target: str | None = None,
   n_cells = max(1, sum(len(cells) for _, cells, _ in jobs))
   out_rows, summary = [], {}
   for fam, job, fit in zip(fams, jobs, fitted):
-    res = backtest_family(law, fam, borrowed.get(fam.name), n_starts, delta, fractions,
-                          job=job, fitted=(*fit, t_fit * len(job[1]) / n_cells), **solver)
+    res = backtest_family(law, fam, job, (*fit, t_fit * len(job[1]) / n_cells))
     out_rows += res["rows"]
     summary[fam.name] = dict(
         target=",".join(fam.target_runs), sizes=len(fam.sizes) + 1,
